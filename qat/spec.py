@@ -1,0 +1,257 @@
+"""Quantization specs: what to quantize, to how many bits, on which grid.
+
+A `QuantSpec` holds one `TensorSpec` per tensor kind (weight, activation, kv). The dataclasses are
+also the OmegaConf schema of the `quant` config section, so a recipe and the code share one
+definition. Short names ("w4a8kv8", "w4g64asym", "fp8") parse to specs and back.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Optional
+
+GRANULARITIES = ("tensor", "channel", "group", "token", "head")
+FORMATS = ("int", "fp8", "nf4")
+SCALE_METHODS = ("minmax", "mse", "percentile")
+LEARNABLE = ("none", "lsq", "lwc")
+
+
+
+class SpecError(ValueError):
+    """An invalid quantization spec; the message says what is wrong and how to fix it."""
+
+
+@dataclass
+class TensorSpec:
+    """How one kind of tensor is quantized.
+
+    granularity: one scale per `tensor`, per output `channel` (weights), per `group` of
+    `group_size` input columns (weights), per `token` (activations, kv), or per `head` and token (kv).
+    learnable: `lsq` learns the step size (LSQ); `lwc` learns sigmoid-bounded clipping factors
+    (OmniQuant); both are weight-only here, and `lsq` also works for static activation scales.
+    dynamic: activations/kv compute their scale from each batch; False uses a calibrated scale.
+    """
+
+    bits: int = field(default=8, metadata={"range": (2, 8)})
+    symmetric: bool = True
+    granularity: str = field(default="channel", metadata={"choices": GRANULARITIES})
+    group_size: Optional[int] = field(default=None, metadata={"range": (2, 1 << 20)})
+    format: str = field(default="int", metadata={"choices": FORMATS})
+    scale_method: str = field(default="minmax", metadata={"choices": SCALE_METHODS})
+    percentile: float = field(default=99.9, metadata={"range": (50.0, 100.0)})
+    learnable: str = field(default="none", metadata={"choices": LEARNABLE})
+    dynamic: bool = True
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def clips(self) -> bool:
+        """True when values can fall outside the quantization range (so the STE must mask them)."""
+        return self.scale_method != "minmax" or self.learnable != "none" or not self.dynamic
+
+    def check(self, kind: str) -> "TensorSpec":
+        """Raise SpecError for a combination that makes no sense for this tensor kind."""
+        where = f"quant.{kind}"
+        for f in fields(self):
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed:
+                raise SpecError(f"{where}.{f.name}={getattr(self, f.name)!r} is not one of {list(allowed)}")
+        lo, hi = 2, 8
+        if self.format == "int" and not lo <= self.bits <= hi:
+            raise SpecError(f"{where}.bits={self.bits}: integer formats take {lo}..{hi} bits")
+        if self.format == "fp8" and self.bits != 8:
+            raise SpecError(f"{where}: format fp8 (e4m3) has 8 bits, got bits={self.bits}; set bits=8")
+        if self.format == "nf4":
+            if kind != "weight":
+                raise SpecError(f"{where}.format=nf4 is a weight format; use int for {kind}")
+            if self.bits != 4:
+                raise SpecError(f"{where}: nf4 has 4 bits, got bits={self.bits}; set bits=4")
+        if self.format != "int" and not self.symmetric:
+            raise SpecError(f"{where}: format {self.format} is symmetric; set symmetric=true")
+        if (self.granularity == "group") != (self.group_size is not None):
+            raise SpecError(
+                f"{where}: group_size goes with granularity=group "
+                f"(got granularity={self.granularity}, group_size={self.group_size})"
+            )
+        if self.group_size is not None and self.group_size < 2:
+            raise SpecError(f"{where}.group_size={self.group_size}: must be >= 2")
+        allowed_gran = {
+            "weight": ("tensor", "channel", "group"),
+            "activation": ("tensor", "token"),
+            "kv": ("tensor", "token", "head"),
+        }[kind]
+        if self.granularity not in allowed_gran:
+            raise SpecError(
+                f"{where}.granularity={self.granularity} is not possible for {kind} tensors; "
+                f"use one of {list(allowed_gran)}"
+            )
+        if kind != "weight":
+            if self.scale_method != "minmax":
+                raise SpecError(f"{where}.scale_method={self.scale_method}: clipping search is for weights only")
+            if self.learnable == "lwc":
+                raise SpecError(f"{where}.learnable=lwc: learnable clipping is for weights only")
+            if self.learnable == "lsq" and self.dynamic:
+                raise SpecError(f"{where}.learnable=lsq needs a static scale; set dynamic=false")
+            if not self.dynamic and self.granularity not in ("tensor",):
+                raise SpecError(f"{where}: a static (calibrated) scale is per-tensor; set granularity=tensor")
+            if kind == "kv" and self.dynamic and self.granularity == "tensor":
+                # The cache is re-quantized as it grows; only per-token scales stay fixed per token.
+                raise SpecError(f"{where}: a dynamic kv scale must be per token or per head; set granularity=token")
+        elif not self.dynamic:
+            raise SpecError(f"{where}.dynamic=false: weights have no dynamic/static choice; leave it true")
+        return self
+
+    def short(self, prefix: str) -> str:
+        """This spec as a short-name component, e.g. 'w4g64asym'; SpecError if it has no short name."""
+        default = default_spec(prefix_kind(prefix), self.bits, self.group_size, self.symmetric, self.format)
+        if self != default:
+            raise SpecError(f"{asdict(self)} has no short name (only defaults of each short name do)")
+        if self.format == "fp8":
+            return f"{prefix}fp8"
+        if self.format == "nf4":
+            return f"{prefix}nf4" + (f"g{self.group_size}" if self.group_size else "")
+        s = f"{prefix}{self.bits}" + (f"g{self.group_size}" if self.group_size else "")
+        return s + ("" if self.symmetric else "asym")
+
+
+def prefix_kind(prefix: str) -> str:
+    return {"w": "weight", "a": "activation", "kv": "kv"}[prefix]
+
+
+def default_spec(kind: str, bits: int, group: Optional[int], symmetric: bool, fmt: str = "int") -> TensorSpec:
+    """The spec a short-name component stands for (LLM-QAT: per-channel weights, per-token rest)."""
+    if kind == "weight":
+        gran = "group" if group else "channel"
+    else:
+        gran = "token"
+    return TensorSpec(bits=bits, symmetric=symmetric, granularity=gran, group_size=group, format=fmt)
+
+
+@dataclass
+class QuantSpec:
+    """The quant config section: one spec per tensor kind, None meaning 'left in high precision'.
+
+    In a config, `scheme: w4a8kv8` stands for the weight/activation/kv specs of that short name;
+    keys given after it (in a later file or on the command line) adjust them.
+    """
+
+    scheme: Optional[str] = None
+    weight: Optional[TensorSpec] = field(default_factory=lambda: TensorSpec(bits=4))
+    activation: Optional[TensorSpec] = None
+    kv: Optional[TensorSpec] = None
+    # Module-name patterns (fnmatch) of linears to quantize / leave alone; lm_head stays fp by default.
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=lambda: ["lm_head", "*.lm_head"])
+    # Mixed precision: {pattern: short name}, e.g. {"*.down_proj": "w8a8"}; the first match wins.
+    overrides: dict[str, str] = field(default_factory=dict)
+
+    def check(self) -> "QuantSpec":
+        if self.scheme is not None:
+            parse(self.scheme)
+        for kind in ("weight", "activation", "kv"):
+            spec = getattr(self, kind)
+            if spec is not None:
+                spec.check(kind)
+        for pattern, name in self.overrides.items():
+            try:
+                parse(name)
+            except SpecError as e:
+                raise SpecError(f"quant.overrides[{pattern!r}]: {e}") from None
+        return self
+
+    @property
+    def name(self) -> str:
+        """The short name ('w4a8kv8'); SpecError when some part has no short name."""
+        if self.weight is None:
+            raise SpecError("a spec without weight quantization has no short name")
+        if self.weight.format == "fp8" and self.activation == default_spec("activation", 8, None, True, "fp8") \
+                and self.kv is None and self.weight == default_spec("weight", 8, None, True, "fp8"):
+            return "fp8"
+        out = self.weight.short("w")
+        out += self.activation.short("a") if self.activation else ""
+        out += self.kv.short("kv") if self.kv else ""
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantSpec":
+        kw = dict(d)
+        for kind in ("weight", "activation", "kv"):
+            if kw.get(kind) is not None:
+                kw[kind] = TensorSpec(**kw[kind])
+        return cls(**kw).check()
+
+
+_COMPONENT = r"(?:(\d+)|(fp8)|(nf4))(?:g(\d+))?(asym)?"
+_NAME = re.compile(rf"^w{_COMPONENT}(?:a{_COMPONENT})?(?:kv{_COMPONENT})?$")
+
+
+def parse(name: str) -> QuantSpec:
+    """Parse a short name: w<bits|fp8|nf4>[g<group>][asym] [a<bits>[asym]] [kv<bits>[asym]], or 'fp8'.
+
+    16 bits means 'not quantized' (w4a16 = weight-only). Examples: w4a8kv8, w4g128, w4g64asym,
+    w8a8, w2g64, w4a8kv4, wnf4g64, fp8.
+    """
+    text = name.strip().lower()
+    if text == "fp8":
+        return QuantSpec(
+            weight=default_spec("weight", 8, None, True, "fp8"),
+            activation=default_spec("activation", 8, None, True, "fp8"),
+        ).check()
+    m = _NAME.match(text)
+    if not m:
+        raise SpecError(
+            f"cannot parse quant scheme {name!r}; expected e.g. w4a8kv8, w4g128, w4g64asym, w8a8, wnf4g64 or fp8"
+        )
+    groups = m.groups()
+    parts: dict[str, Optional[TensorSpec]] = {}
+    for i, kind in enumerate(("weight", "activation", "kv")):
+        bits, fp8, nf4, group, asym = groups[5 * i : 5 * i + 5]
+        if bits is None and fp8 is None and nf4 is None:
+            parts[kind] = None
+            continue
+        if bits is not None and int(bits) == 16:
+            if group or asym:
+                raise SpecError(f"{name!r}: a 16-bit (unquantized) {kind} takes no group or asym")
+            parts[kind] = None
+            continue
+        if group and kind != "weight":
+            raise SpecError(f"{name!r}: groups apply to weights only")
+        fmt = "fp8" if fp8 else "nf4" if nf4 else "int"
+        nbits = 8 if fp8 else 4 if nf4 else int(bits)
+        parts[kind] = default_spec(kind, nbits, int(group) if group else None, not asym, fmt)
+    return QuantSpec(scheme=None, **parts).check()
+
+
+def resolve_for_layer(spec: QuantSpec, module_name: str) -> QuantSpec:
+    """The spec for one linear: the first matching override, else the spec itself."""
+    from fnmatch import fnmatchcase
+
+    for pattern, name in spec.overrides.items():
+        if fnmatchcase(module_name, pattern):
+            return replace(parse(name), include=spec.include, exclude=spec.exclude, overrides={})
+    return spec
+
+
+def check_layer(spec: TensorSpec, in_features: int, module_name: str) -> None:
+    """Shape checks that need the layer: a group size must divide the input width."""
+    if spec.granularity == "group" and in_features % spec.group_size:
+        divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
+        raise SpecError(
+            f"group_size={spec.group_size} does not divide in_features={in_features} of {module_name}; "
+            f"use one of {divisors or 'a divisor of ' + str(in_features)} or exclude the layer"
+        )
+
+
+__all__ = [
+    "TensorSpec", "QuantSpec", "SpecError", "parse", "resolve_for_layer", "check_layer",
+]

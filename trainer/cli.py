@@ -1,0 +1,99 @@
+"""`distqat <command> [config.yaml] [key=value ...]` (also `python -m trainer`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional
+
+from .config import ConfigError, RunConfig, describe_schema, load_config
+
+# Commands whose capability is not built yet say which issue tracks it, and exit 2.
+PENDING = {
+    "generate": "data-free self-generated training data (issue 4)",
+    "train": "QAT training with distillation (issue 5)",
+    "ptq": "PTQ baselines (issue 6)",
+    "convert": "conversion to packed integer checkpoints (issue 7)",
+    "bench": "the benchmark runner; run the scripts under bench/ directly meanwhile",
+}
+
+COMMANDS = {
+    "generate": "the teacher writes its own training text (LLM-QAT data-free)",
+    "train": "QAT: distill the full-precision teacher into the fake-quantized student",
+    "ptq": "post-training quantization baselines (RTN, GPTQ, AWQ, SmoothQuant, LLM.int8(), HQQ)",
+    "convert": "pack a trained or PTQ model into integer weights (compressed-tensors layout)",
+    "eval": "perplexity of the full-precision and the fake-quantized model, with a plot",
+    "bench": "speed benchmarks, each as a ratio to bf16",
+    "report": "collect the results of runs into one table and plot",
+}
+
+
+def _run_eval(cfg: RunConfig) -> int:
+    from .eval import run_eval
+
+    run_eval(cfg)
+    return 0
+
+
+def _run_report(cfg: RunConfig) -> int:
+    from .eval import run_report
+
+    run_report(cfg)
+    return 0
+
+
+HANDLERS: dict[str, Callable[[RunConfig], int]] = {"eval": _run_eval, "report": _run_report}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distqat",
+        description="Distributed quantization-aware training for LLMs.",
+        epilog="Each command takes an optional recipe YAML then key=value overrides, e.g.\n"
+        "  distqat eval configs/default.yaml quant.scheme=w4g64 eval.max_tokens=4096",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+    options = "config keys (key=default {allowed values}):\n" + "\n".join(describe_schema())
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(
+            name, help=help_text, description=help_text, epilog=options,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("config", nargs="?", help="recipe YAML (e.g. configs/default.yaml); omitted: defaults")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied last")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config, *overrides]  # no recipe, only overrides
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        print(f"distqat {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        from .config import to_yaml
+
+        print(to_yaml(cfg), end="")
+        return 0
+    if args.command in PENDING:
+        print(f"distqat {args.command}: not built yet: {PENDING[args.command]}", file=sys.stderr)
+        return 2
+    try:
+        return HANDLERS[args.command](cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        # Known bad input (model, data, spec): one line, no traceback.
+        print(f"distqat {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"distqat {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""The run configuration: dataclass schemas (OmegaConf structured configs), composition, validation.
+
+A recipe YAML may list `defaults:` (other YAML files, merged first, in order), then its own keys,
+then `key=value` overrides from the command line. Each source is checked against the schema on its
+own, so an error names the file (or the command line) it came from, the allowed values and the
+closest valid key. Nothing runs before the whole config is valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from qat.spec import QuantSpec, SpecError, parse
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "bundled:smollm2-135m"  # a local HF folder, or a bundled:<name>
+    # auto: bfloat16 on a GPU, float32 on CPU (where bf16 matmuls are slower, not faster)
+    dtype: str = field(default="auto", metadata={"choices": ("auto", "bfloat16", "float16", "float32")})
+    attn_implementation: str = field(default="sdpa", metadata={"choices": ("sdpa", "eager")})
+    trust_remote_code: bool = False  # off unless the user asks: it runs code shipped with the model
+
+
+@dataclass
+class DataConfig:
+    path: str = "bundled:wikitext"  # bundled text, or local text/json/jsonl/parquet/datasets folder
+    text_field: str = "text"
+    seq_len: int = field(default=1024, metadata={"range": (8, 1 << 20)})
+    chat_template: bool = False
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = field(default=1000, metadata={"range": (1, 1 << 40)})
+    micro_batch_size: int = field(default=1, metadata={"range": (1, 1 << 20)})
+    grad_accum: int = field(default=1, metadata={"range": (1, 1 << 20)})
+    lr: float = field(default=2e-5, metadata={"range": (0.0, 1.0)})
+    quantizer_lr: float = field(default=1e-4, metadata={"range": (0.0, 1.0)})
+    warmup_steps: int = field(default=0, metadata={"range": (0, 1 << 40)})
+    weight_decay: float = field(default=0.0, metadata={"range": (0.0, 1.0)})
+    grad_clip: float = field(default=1.0, metadata={"range": (0.0, 1e9)})
+    kd_temperature: float = field(default=1.0, metadata={"range": (1e-3, 1e3)})
+    ce_weight: float = field(default=0.0, metadata={"range": (0.0, 1e3)})
+    master_weights: str = field(default="bf16", metadata={"choices": ("bf16", "fp32")})
+    gradient_checkpointing: bool = False
+    save_every: int = field(default=200, metadata={"range": (1, 1 << 40)})
+    keep_last: int = field(default=2, metadata={"range": (1, 1000)})
+    resume: str = "auto"  # auto | never | a checkpoint path
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = field(default="auto", metadata={"choices": ("auto", "deepspeed", "ddp", "single")})
+    zero_stage: int = field(default=2, metadata={"choices": (2, 3)})
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+@dataclass
+class ExportConfig:
+    format: str = field(default="compressed-tensors", metadata={"choices": ("compressed-tensors",)})
+    out_dir: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    split: str = field(default="test", metadata={"choices": ("train", "test", "calib")})
+    max_tokens: int = field(default=8192, metadata={"range": (1, 1 << 40)})
+    seq_len: int = field(default=1024, metadata={"range": (8, 1 << 20)})
+    batch_size: int = field(default=1, metadata={"range": (1, 1 << 16)})
+    # What to score: "fp" (the model as loaded) and/or "quant" (fake-quantized with the quant section).
+    compare: list[str] = field(default_factory=lambda: ["fp", "quant"])
+    plot: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs/${name}"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    """An invalid config; one line naming the key, where it came from, and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema walking.
+
+
+def _unwrap(tp: Any) -> Any:
+    """Optional[X] -> X."""
+    if typing.get_origin(tp) is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (_unwrap(hints[f.name]), f) for f in fields(cls)}
+
+
+def _did_you_mean(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _check_source(node: Any, cls: type, prefix: str, origin: str) -> None:
+    """Unknown keys, allowed values and ranges of one source, against schema `cls`."""
+    if not isinstance(node, (dict, DictConfig)):
+        raise ConfigError(f"{prefix or 'config'} ({origin}) must be a mapping of keys, got {node!r}")
+    types = _field_types(cls)
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        if key not in types:
+            valid = list(types)
+            raise ConfigError(
+                f"unknown key '{full}' ({origin}){_did_you_mean(str(key), valid)} "
+                f"valid keys of {prefix.rstrip('.') or 'the config'}: {', '.join(valid)}"
+            )
+        tp, f = types[key]
+        value = node[key] if isinstance(node, dict) else OmegaConf.to_container(node, resolve=False)[key]
+        if is_dataclass(tp):
+            if value is not None:
+                _check_source(value, tp, f"{full}.", origin)
+            continue
+        if value is None:
+            continue
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(
+                f"{full}={value!r} ({origin}) is not allowed; allowed values: {', '.join(map(str, choices))}"
+            )
+        rng = f.metadata.get("range")
+        if rng and isinstance(value, (int, float)) and not isinstance(value, bool):
+            lo, hi = rng
+            if not lo <= value <= hi:
+                raise ConfigError(f"{full}={value!r} ({origin}) is out of range; allowed values: {lo} to {hi}")
+
+
+def _expand_scheme(src: dict, origin: str) -> dict:
+    """`quant.scheme: w4a8kv8` -> the explicit weight/activation/kv specs, so later keys can adjust them."""
+    quant = src.get("quant")
+    if not isinstance(quant, dict) or quant.get("scheme") is None:
+        return src
+    try:
+        spec = parse(str(quant["scheme"]))
+    except SpecError as e:
+        raise ConfigError(f"quant.scheme ({origin}): {e}") from None
+    expanded = OmegaConf.to_container(OmegaConf.structured(spec))
+    # Keys written next to the scheme in the same source refine it.
+    for kind in ("weight", "activation", "kv"):
+        if isinstance(quant.get(kind), dict) and expanded[kind] is not None:
+            expanded[kind].update(quant[kind])
+        elif kind in quant:
+            expanded[kind] = quant[kind]
+    for key in ("include", "exclude", "overrides"):
+        if key in quant:
+            expanded[key] = quant[key]
+        else:
+            expanded.pop(key)
+    expanded["scheme"] = None
+    return {**src, "quant": expanded}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources.
+
+
+def _configs_root(path: Path) -> Optional[Path]:
+    for parent in path.resolve().parents:
+        if parent.name == "configs":
+            return parent
+    return None
+
+
+def _read_yaml(path: Path, origin: str) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} ({origin}) does not exist")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as e:  # a YAML syntax error: say where, not a traceback
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"{path} is not valid YAML: {msg}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def _load_sources(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
+    """The file's defaults (recursively, in order), then the file itself."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path} includes itself through defaults: {' -> '.join(map(str, seen))}")
+    data = _read_yaml(path, "config file")
+    defaults = data.pop("defaults", []) or []
+    if not isinstance(defaults, list):
+        raise ConfigError(f"defaults in {path} must be a list of config files")
+    out: list[tuple[dict, str]] = []
+    for entry in defaults:
+        out += _load_sources(_find_default(str(entry), path), seen + (path,))
+    out.append((data, str(_display(path))))
+    return out
+
+
+def _find_default(entry: str, including: Path) -> Path:
+    name = entry if entry.endswith((".yaml", ".yml")) else entry + ".yaml"
+    candidates = [including.parent / name]
+    root = _configs_root(including)
+    if root is not None:
+        candidates.append(root / name)
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(
+        f"defaults entry '{entry}' in {_display(including)} not found; looked at "
+        + ", ".join(str(_display(c)) for c in candidates)
+    )
+
+
+def _display(path: Path) -> Path:
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
+def _parse_overrides(overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not key=value (e.g. quant.weight.bits=4)")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=False)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse overrides {overrides}: {' '.join(str(e).split())}") from None
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Compose, validate and return the run config (a RunConfig object with QuantSpec inside)."""
+    sources = _load_sources(Path(path)) if path is not None else []
+    if overrides:
+        sources.append((_parse_overrides(overrides), "command line"))
+    merged = OmegaConf.structured(RunConfig)
+    for data, origin in sources:
+        data = _expand_scheme(data, origin)
+        _check_source(data, RunConfig, "", origin)
+        try:
+            merged = OmegaConf.merge(merged, data)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or "?"
+            first = str(e).splitlines()[0]
+            raise ConfigError(f"{key} ({origin}): {first}") from None
+    try:
+        OmegaConf.resolve(merged)
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{getattr(e, 'full_key', '?')}: {str(e).splitlines()[0]}") from None
+    try:
+        cfg.quant.check()
+    except SpecError as e:
+        raise ConfigError(str(e)) from None
+    return cfg
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: RunConfig, out_dir: Union[str, Path], name: str = "config.yaml") -> Path:
+    """Write the fully resolved config next to a run's outputs (temp file, then rename)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(to_yaml(cfg))
+    os.replace(tmp, out / name)
+    return out / name
+
+
+def describe_schema(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """One line per key with its default and allowed values: the `--help` listing of options."""
+    lines = []
+    for name, (tp, f) in _field_types(cls).items():
+        full = f"{prefix}{name}"
+        if is_dataclass(tp):
+            lines += describe_schema(tp, f"{full}.")
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        extra = ""
+        if f.metadata.get("choices"):
+            extra = f"  {{{'|'.join(map(str, f.metadata['choices']))}}}"
+        lines.append(f"  {full}={default}{extra}")
+    return lines
+
+
+__all__ = ["RunConfig", "ConfigError", "load_config", "save_config", "to_yaml", "describe_schema"]

@@ -1,0 +1,153 @@
+"""Perplexity of the full-precision and the fake-quantized model; results as JSON, a table and a plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from .config import RunConfig, save_config
+
+
+@torch.no_grad()
+def perplexity(
+    model: torch.nn.Module, ids: list[int], seq_len: int = 1024, batch_size: int = 1,
+    desc: str = "ppl", progress: bool = True,
+) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of `seq_len` tokens (the last may be shorter)."""
+    device = next(model.parameters()).device
+    data = torch.tensor(ids, dtype=torch.long)
+    windows = [data[i : i + seq_len] for i in range(0, len(data), seq_len)]
+    full = [w for w in windows if len(w) == seq_len]
+    # A short tail goes alone rather than padded, so every token is scored exactly once.
+    batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
+    batches += [[w] for w in windows if 1 < len(w) < seq_len]
+    nll, count = 0.0, 0
+    bar = tqdm(total=len(ids), desc=desc, unit="tok", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    for group in batches:
+        batch = torch.stack(group).to(device)
+        logits = model(batch).logits.float()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        nll += float(loss)
+        count += batch[:, 1:].numel()
+        bar.update(batch.numel())
+    bar.close()
+    return math.exp(nll / count)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def plot_bars(results: dict[str, float], path: Path, title: str) -> Optional[Path]:
+    """A bar chart of perplexities (lower is better), written atomically; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(results) + 2), 3.5))
+    names, values = list(results), list(results.values())
+    bars = ax.bar(names, values, color=["#888888" if n == "fp" else "#3b7dd8" for n in names])
+    ax.bar_label(bars, fmt="%.2f")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def run_eval(cfg: RunConfig) -> dict:
+    """`distqat eval`: score each of cfg.eval.compare on the same tokens, save JSON + plot + config."""
+    from data.sources import load_texts, token_stream
+    from qat.apply import quantize_model
+
+    from .models import load_model, load_tokenizer
+
+    unknown = set(cfg.eval.compare) - {"fp", "quant"}
+    if unknown or not cfg.eval.compare:
+        raise ValueError(f"eval.compare={cfg.eval.compare}: allowed entries are 'fp' and 'quant'")
+    out_dir = Path(cfg.output_dir)
+    save_config(cfg, out_dir)
+    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    ids = token_stream(load_texts(cfg.data.path, cfg.eval.split, cfg.data.text_field), tok, cfg.eval.max_tokens)
+    results: dict[str, float] = {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for what in cfg.eval.compare:
+        model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation,
+                           cfg.model.trust_remote_code).to(device)
+        label = "fp"
+        if what == "quant":
+            report = quantize_model(model, cfg.quant)
+            print(report, file=sys.stderr)
+            label = _scheme_label(cfg)
+        t0 = time.perf_counter()
+        results[label] = perplexity(model, ids, cfg.eval.seq_len, cfg.eval.batch_size, desc=label)
+        secs = time.perf_counter() - t0
+        print(f"{label}: perplexity {results[label]:.3f} ({len(ids) / secs:.0f} tokens/s)", file=sys.stderr)
+        del model
+    record = {
+        "model": cfg.model.name_or_path, "split": cfg.eval.split, "tokens": len(ids),
+        "seq_len": cfg.eval.seq_len, "perplexity": results,
+    }
+    _write_json(out_dir / "eval.json", record)
+    if cfg.eval.plot:
+        plot_bars(results, out_dir / "eval.png", f"{cfg.model.name_or_path}, {len(ids)} tokens of {cfg.eval.split}")
+    print(format_table([(cfg.name, record)]))
+    print(f"results: {out_dir / 'eval.json'}", file=sys.stderr)
+    return record
+
+
+def _scheme_label(cfg: RunConfig) -> str:
+    try:
+        return cfg.quant.name
+    except ValueError:
+        return "quant"
+
+
+def format_table(rows: list[tuple[str, dict]]) -> str:
+    """A markdown table: run, model, tokens, then one column per scheme."""
+    schemes: list[str] = []
+    for _, rec in rows:
+        schemes += [s for s in rec["perplexity"] if s not in schemes]
+    head = "| run | model | tokens | " + " | ".join(schemes) + " |"
+    lines = [head, "|" + "---|" * (3 + len(schemes))]
+    for name, rec in rows:
+        cells = [f"{rec['perplexity'][s]:.2f}" if s in rec["perplexity"] else "" for s in schemes]
+        lines.append(f"| {name} | {rec['model']} | {rec['tokens']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_report(cfg: RunConfig) -> str:
+    """`distqat report`: every runs/*/eval.json under the parent of output_dir in one table and plot."""
+    root = Path(cfg.output_dir).parent
+    rows = []
+    for f in sorted(root.glob("*/eval.json")):
+        rows.append((f.parent.name, json.loads(f.read_text())))
+    if not rows:
+        raise FileNotFoundError(f"no */eval.json under {root}; run `distqat eval` first")
+    table = format_table(rows)
+    (root / "report.md").write_text(table + "\n")
+    merged = {f"{name}:{s}": v for name, rec in rows for s, v in rec["perplexity"].items()}
+    plot_bars(merged, root / "report.png", f"perplexity of {len(rows)} runs")
+    print(table)
+    return table
