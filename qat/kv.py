@@ -14,7 +14,8 @@ over a cache that stored quantized tokens — which is why dynamic per-tensor kv
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

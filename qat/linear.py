@@ -42,7 +42,7 @@ class QuantLinear(nn.Linear):
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, weight_spec: Optional[TensorSpec], act_spec: Optional[TensorSpec] = None
-    ) -> "QuantLinear":
+    ) -> QuantLinear:
         """Wrap an existing Linear, sharing its weight and bias Parameters."""
         q = cls.__new__(cls)
         nn.Module.__init__(q)

@@ -188,10 +188,11 @@ def fake_quant_values(rows: torch.Tensor, scale: torch.Tensor, zero: Optional[to
         y = (r / scale).clamp(-1.0, 1.0)
         idx = y.detach().unsqueeze(-1).sub(levels).abs().argmin(-1)
         return ((levels[idx] - y).detach() + y) * scale
-    q = _round_ste(r / scale)
+    # Clamp before rounding: a value half a step beyond the grid is clipped (zero gradient, LSQ's
+    # qmax - z scale gradient) even though rounding alone would bring it back onto the grid.
     if zero is None:
-        return q.clamp(spec.qmin, spec.qmax) * scale
-    return (q + zero).clamp(spec.qmin, spec.qmax).sub(zero) * scale
+        return _round_ste((r / scale).clamp(spec.qmin, spec.qmax)) * scale
+    return _round_ste(torch.clamp(r / scale, spec.qmin - zero, spec.qmax - zero)) * scale
 
 
 def fake_quant(

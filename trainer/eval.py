@@ -19,19 +19,19 @@ from .config import RunConfig, save_config
 
 @torch.no_grad()
 def perplexity(
-    model: torch.nn.Module, ids: list[int], seq_len: int = 1024, batch_size: int = 1,
-    desc: str = "ppl", progress: bool = True,
+    model: torch.nn.Module, windows: list[list[int]], batch_size: int = 1, desc: str = "ppl", progress: bool = True,
 ) -> float:
-    """exp(mean next-token NLL) over non-overlapping windows of `seq_len` tokens (the last may be shorter)."""
+    """exp(mean next-token NLL) over independent windows of token ids (each scored from its own start)."""
     device = next(model.parameters()).device
-    data = torch.tensor(ids, dtype=torch.long)
-    windows = [data[i : i + seq_len] for i in range(0, len(data), seq_len)]
-    full = [w for w in windows if len(w) == seq_len]
-    # A short tail goes alone rather than padded, so every token is scored exactly once.
-    batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
-    batches += [[w] for w in windows if 1 < len(w) < seq_len]
+    tensors = [torch.tensor(w, dtype=torch.long) for w in windows if len(w) > 1]
+    # Windows of one length batch together; a different (short) one goes alone rather than padded.
+    by_len: dict[int, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_len.setdefault(len(t), []).append(t)
+    batches = [group[i : i + batch_size] for group in by_len.values() for i in range(0, len(group), batch_size)]
     nll, count = 0.0, 0
-    bar = tqdm(total=len(ids), desc=desc, unit="tok", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    total = sum(len(t) for t in tensors)
+    bar = tqdm(total=total, desc=desc, unit="tok", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for group in batches:
         batch = torch.stack(group).to(device)
         logits = model(batch).logits.float()
@@ -78,7 +78,7 @@ def plot_bars(results: dict[str, float], path: Path, title: str) -> Optional[Pat
 
 def run_eval(cfg: RunConfig) -> dict:
     """`distqat eval`: score each of cfg.eval.compare on the same tokens, save JSON + plot + config."""
-    from data.sources import load_texts, token_stream
+    from data.sources import load_texts, spread_windows, token_stream
     from qat.apply import quantize_model
 
     from .models import load_model, load_tokenizer
@@ -89,7 +89,9 @@ def run_eval(cfg: RunConfig) -> dict:
     out_dir = Path(cfg.output_dir)
     save_config(cfg, out_dir)
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    ids = token_stream(load_texts(cfg.data.path, cfg.eval.split, cfg.data.text_field), tok, cfg.eval.max_tokens)
+    ids = token_stream(load_texts(cfg.data.path, cfg.eval.split, cfg.data.text_field), tok)
+    windows = spread_windows(ids, cfg.eval.seq_len, cfg.eval.max_tokens)
+    n_tokens = sum(len(w) for w in windows)
     results: dict[str, float] = {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for what in cfg.eval.compare:
@@ -101,17 +103,17 @@ def run_eval(cfg: RunConfig) -> dict:
             print(report, file=sys.stderr)
             label = _scheme_label(cfg)
         t0 = time.perf_counter()
-        results[label] = perplexity(model, ids, cfg.eval.seq_len, cfg.eval.batch_size, desc=label)
+        results[label] = perplexity(model, windows, cfg.eval.batch_size, desc=label)
         secs = time.perf_counter() - t0
-        print(f"{label}: perplexity {results[label]:.3f} ({len(ids) / secs:.0f} tokens/s)", file=sys.stderr)
+        print(f"{label}: perplexity {results[label]:.3f} ({n_tokens / secs:.0f} tokens/s)", file=sys.stderr)
         del model
     record = {
-        "model": cfg.model.name_or_path, "split": cfg.eval.split, "tokens": len(ids),
+        "model": cfg.model.name_or_path, "split": cfg.eval.split, "tokens": n_tokens,
         "seq_len": cfg.eval.seq_len, "perplexity": results,
     }
     _write_json(out_dir / "eval.json", record)
     if cfg.eval.plot:
-        plot_bars(results, out_dir / "eval.png", f"{cfg.model.name_or_path}, {len(ids)} tokens of {cfg.eval.split}")
+        plot_bars(results, out_dir / "eval.png", f"{cfg.model.name_or_path}, {n_tokens} tokens of {cfg.eval.split}")
     print(format_table([(cfg.name, record)]))
     print(f"results: {out_dir / 'eval.json'}", file=sys.stderr)
     return record

@@ -1,0 +1,72 @@
+import os
+import time
+
+import pytest
+import torch
+
+# Everything runs offline: a test that reaches for a hub fails instead of downloading.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def tiny_config(family: str):
+    """A random-init config of a few KB for each model family the numerics must support."""
+    import transformers as tf
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if family == "llama":
+        return tf.LlamaForCausalLM, tf.LlamaConfig(**common)
+    if family == "qwen2":
+        return tf.Qwen2ForCausalLM, tf.Qwen2Config(**common)
+    if family == "mistral":
+        return tf.MistralForCausalLM, tf.MistralConfig(**common)
+    if family == "gemma":
+        return tf.GemmaForCausalLM, tf.GemmaConfig(**common, head_dim=16)
+    if family == "gemma3":
+        return tf.Gemma3ForCausalLM, tf.Gemma3TextConfig(**common, head_dim=16)
+    raise ValueError(family)
+
+
+@pytest.fixture
+def tiny_model():
+    def make(family: str = "llama", attn: str = "sdpa", seed: int = 0):
+        cls, cfg = tiny_config(family)
+        cfg._attn_implementation = attn
+        torch.manual_seed(seed)
+        return cls(cfg).eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def bundled_path():
+    from trainer.models import bundled_model_path
+
+    return bundled_model_path()
+
+
+@pytest.fixture(scope="session")
+def bundled_tokenizer(bundled_path):
+    from trainer.models import load_tokenizer
+
+    return load_tokenizer("bundled:smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def wiki_test_ids(bundled_tokenizer):
+    """The first 8,192 tokens of the bundled Wikipedia test split."""
+    from data.sources import load_texts, token_stream
+
+    return token_stream(load_texts("bundled:wikitext", "test"), bundled_tokenizer, 8192)
+
+
+@pytest.fixture(scope="session")
+def fp_ppl(bundled_path, wiki_test_ids):
+    from trainer.eval import perplexity
+    from trainer.models import load_model
+
+    t0 = time.perf_counter()
+    model = load_model("bundled:smollm2-135m", dtype="float32")
+    return perplexity(model, wiki_test_ids, 1024, progress=False), time.perf_counter() - t0
