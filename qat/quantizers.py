@@ -89,7 +89,9 @@ def _round_to(scale: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor
     """Round scales to the dtype they will be stored in, so fake quant and export agree bit for bit."""
     if dtype is None or dtype == torch.float32:
         return scale
-    return scale.to(dtype).float()
+    # EPS underflows to 0 in fp16; the smallest positive value of the dtype keeps zero rows at zero.
+    tiny = torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)).float()
+    return scale.to(dtype).float().clamp_min(tiny)
 
 
 def range_qparams(

@@ -85,6 +85,16 @@ def _round_to(v, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _stored_scale(scale, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """The scale clamped at EPS and rounded to its storage dtype, as qat.quantizers.range_qparams does."""
+    # 1e-8: qat.quantizers.EPS, the smallest scale.
+    scale = _round_to(tl.maximum(scale, 1e-8, propagate_nan=tl.PropagateNan.ALL), DTYPE, EMULATE)
+    if DTYPE == 2:  # EPS underflows to 0 in fp16: keep the smallest fp16 subnormal instead
+        scale = tl.maximum(scale, 5.960464477539063e-08, propagate_nan=tl.PropagateNan.ALL)
+    return scale
+
+
+@triton.jit
 def _fake_quant_rows_kernel(
     x_ptr, out_ptr, R, N,
     q_range, inv_q_range,  # fp32: the scale divisor (qmax, or qmax - qmin) and its fp32 reciprocal
@@ -108,8 +118,7 @@ def _fake_quant_rows_kernel(
             scale = absmax * inv_q_range
         else:
             scale = tl.div_rn(absmax, tl.zeros_like(absmax) + q_range)
-        # 1e-8: qat.quantizers.EPS, the smallest scale.
-        scale = _round_to(tl.maximum(scale, 1e-8, propagate_nan=tl.PropagateNan.ALL), SCALE_DTYPE, EMULATE)
+        scale = _stored_scale(scale, SCALE_DTYPE, EMULATE)
         s = scale[:, None]
         y = tl.div_rn(x, tl.broadcast_to(s, (BLOCK_R, BLOCK_N)))
         q = (_rint(y) - y) + y
@@ -123,7 +132,7 @@ def _fake_quant_rows_kernel(
             scale = (hi - lo) * inv_q_range
         else:
             scale = tl.div_rn(hi - lo, tl.zeros_like(hi) + q_range)
-        scale = _round_to(tl.maximum(scale, 1e-8, propagate_nan=tl.PropagateNan.ALL), SCALE_DTYPE, EMULATE)
+        scale = _stored_scale(scale, SCALE_DTYPE, EMULATE)
         zero = _clamp(_rint(tl.div_rn(-lo, scale)), QMIN, QMAX)[:, None]
         s = scale[:, None]
         y = tl.div_rn(x, tl.broadcast_to(s, (BLOCK_R, BLOCK_N)))
