@@ -41,7 +41,8 @@ def test_surgery_gradients_generation_reload(family, tiny_model, tmp_path):
 
     # A backward pass reaches every trainable parameter.
     out.float().logsumexp(-1).mean().backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    missing = [n for n, p in model.named_parameters()
+               if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
     assert not missing, missing
 
     # Generation with KV quant on.
