@@ -55,18 +55,18 @@ def bundled_tokenizer(bundled_path):
 
 
 @pytest.fixture(scope="session")
-def wiki_test_ids(bundled_tokenizer):
-    """The first 8,192 tokens of the bundled Wikipedia test split."""
-    from data.sources import load_texts, token_stream
+def wiki_test_windows(bundled_tokenizer):
+    """8 windows of 1,024 tokens spread evenly over the bundled Wikipedia test split (what eval scores)."""
+    from data.sources import load_texts, spread_windows, token_stream
 
-    return token_stream(load_texts("bundled:wikitext", "test"), bundled_tokenizer, 8192)
+    return spread_windows(token_stream(load_texts("bundled:wikitext", "test"), bundled_tokenizer), 1024, 8192)
 
 
 @pytest.fixture(scope="session")
-def fp_ppl(bundled_path, wiki_test_ids):
+def fp_ppl(bundled_path, wiki_test_windows):
     from trainer.eval import perplexity
     from trainer.models import load_model
 
     t0 = time.perf_counter()
     model = load_model("bundled:smollm2-135m", dtype="float32")
-    return perplexity(model, wiki_test_ids, 1024, progress=False), time.perf_counter() - t0
+    return perplexity(model, wiki_test_windows, progress=False), time.perf_counter() - t0

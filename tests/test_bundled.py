@@ -46,23 +46,23 @@ def test_unknown_paths_are_clear_errors(tmp_path):
         resolve_model_path("bundled:nope")
 
 
-def test_fp_perplexity_in_expected_range(fp_ppl, wiki_test_ids):
+def test_fp_perplexity_in_expected_range(fp_ppl, wiki_test_windows):
     ppl, _ = fp_ppl
-    assert len(wiki_test_ids) == 8192
+    assert [len(w) for w in wiki_test_windows] == [1024] * 8
     print(f"\nbundled SmolLM2-135M fp32 perplexity, 8192 test tokens, ctx 1024: {ppl:.3f}")
     assert 15.0 < ppl < 35.0
 
 
-def _quant_ppl(scheme: str, ids) -> float:
+def _quant_ppl(scheme: str, windows) -> float:
     model = load_model("bundled:smollm2-135m", dtype="float32")
     quantize_model(model, scheme)
-    return perplexity(model, ids, 1024, progress=False)
+    return perplexity(model, windows, progress=False)
 
 
-def test_w8a8kv8_within_2_percent_and_w4_per_channel_hurts(fp_ppl, wiki_test_ids):
+def test_w8a8kv8_within_2_percent_and_w4_per_channel_hurts(fp_ppl, wiki_test_windows):
     fp, _ = fp_ppl
-    w8 = _quant_ppl("w8a8kv8", wiki_test_ids)
-    w4 = _quant_ppl("w4", wiki_test_ids)
+    w8 = _quant_ppl("w8a8kv8", wiki_test_windows)
+    w4 = _quant_ppl("w4", wiki_test_windows)
     print(f"\nperplexity fp {fp:.3f} | w8a8kv8 {w8:.3f} ({w8 / fp - 1:+.2%}) | w4 per-channel RTN {w4:.3f}"
           f" ({w4 / fp - 1:+.2%})")
     assert abs(w8 / fp - 1) < 0.02
