@@ -11,7 +11,6 @@ from .config import ConfigError, RunConfig, describe_schema, load_config
 
 # Commands whose capability is not built yet say which issue tracks it, and exit 2.
 PENDING = {
-    "generate": "data-free self-generated training data (issue 4)",
     "train": "QAT training with distillation (issue 5)",
     "ptq": "PTQ baselines (issue 6)",
     "convert": "conversion to packed integer checkpoints (issue 7)",
@@ -36,6 +35,21 @@ def _run_eval(cfg: RunConfig) -> int:
     return 0
 
 
+def _run_generate(cfg: RunConfig) -> int:
+    from data.generate import run_generate
+
+    out = run_generate(cfg)
+    manifest = out / "manifest.json"
+    if manifest.exists():
+        import json
+
+        m = json.loads(manifest.read_text())
+        print(f"{m['samples']} samples, {m['tokens']} tokens in {out}")
+    else:
+        print(f"this rank's shards are in {out}; the manifest follows when every rank is done")
+    return 0
+
+
 def _run_report(cfg: RunConfig) -> int:
     from .eval import run_report
 
@@ -43,7 +57,9 @@ def _run_report(cfg: RunConfig) -> int:
     return 0
 
 
-HANDLERS: dict[str, Callable[[RunConfig], int]] = {"eval": _run_eval, "report": _run_report}
+HANDLERS: dict[str, Callable[[RunConfig], int]] = {
+    "eval": _run_eval, "report": _run_report, "generate": _run_generate,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data.generate import GenerateConfig
 from qat.spec import QuantSpec, SpecError, parse
 
 
@@ -91,6 +92,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantSpec = field(default_factory=QuantSpec)
     data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     export: ExportConfig = field(default_factory=ExportConfig)

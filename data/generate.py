@@ -1,0 +1,322 @@
+"""Data-free training text (LLM-QAT): the full-precision teacher writes its own samples.
+
+Sample i starts from one vocabulary token (enumerated or drawn uniformly, special tokens skipped),
+continues greedily until it is 3, 4 or 5 tokens long (drawn per sample), then samples from the
+softmax up to `max_length` tokens.
+
+Determinism: every random choice of sample i comes from a counter-based hash of (seed, i, step),
+and samples are generated in fixed batches (b * batch_size ...) grouped in fixed shards, so the set
+of samples depends on neither the number of ranks nor which rank made which shard.
+
+Output folder: `shard-00000.parquet` ... (columns sample_id, input_ids, text, greedy_len), each written
+to a temp file and renamed, `settings.json` (what the samples were made with) and, once every shard
+exists, `manifest.json` (counts and token totals). A rerun skips finished shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+M32 = 0xFFFFFFFF
+
+
+@dataclass
+class GenerateConfig:
+    n_samples: int = field(default=1024, metadata={"range": (1, 1 << 40)})
+    max_length: int = field(default=1024, metadata={"range": (6, 1 << 20)})  # tokens per sample, all in
+    batch_size: int = field(default=32, metadata={"range": (1, 1 << 16)})
+    shard_size: int = field(default=256, metadata={"range": (1, 1 << 30)})  # samples per shard file
+    first_token: str = field(default="sample", metadata={"choices": ("sample", "enumerate")})
+    greedy_lengths: list[int] = field(default_factory=lambda: [3, 4, 5])
+    temperature: float = field(default=1.0, metadata={"range": (1e-4, 100.0)})
+    top_k: int = field(default=0, metadata={"range": (0, 1 << 30)})  # 0: the full softmax
+    top_p: float = field(default=1.0, metadata={"range": (1e-6, 1.0)})
+    on_eos: str = field(default="stop", metadata={"choices": ("stop", "continue")})
+    chat_template: bool = False  # samples start as an assistant turn of the teacher's chat template
+    out_dir: Optional[str] = None  # default: <output_dir>/generated
+    compile: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})  # CUDA graphs for decode
+
+
+class GenerateError(ValueError):
+    """Bad generation settings; raised before anything is written."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Counter-based randomness: a 32-bit integer hash, vectorised, with no int64 overflow.
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    x = x & M32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & M32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & M32
+    return (x >> 16) ^ x
+
+
+def counter_hash(seed: int, ids: torch.Tensor, step: int) -> torch.Tensor:
+    """A 32-bit hash of (seed, sample id, step) per sample id."""
+    h = _hash32(torch.full_like(ids, seed & M32) ^ _hash32(torch.full_like(ids, (seed >> 32) & M32)))
+    h = _hash32(h ^ (ids & M32))
+    return _hash32(h ^ (step & M32))
+
+
+def counter_uniform(seed: int, ids: torch.Tensor, step: int) -> torch.Tensor:
+    """One uniform in [0, 1) per sample, from two hashes (53 bits), as float64."""
+    hi = counter_hash(seed, ids, 2 * step + 1)
+    lo = counter_hash(seed, ids, 2 * step + 2) >> 11
+    return (hi.double() * 2.0**21 + lo.double()) / 2.0**53
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling.
+
+
+def sample_next(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Inverse-CDF sampling with the given uniforms: the token depends only on its row's logits and u."""
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest prefix whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    cdf = probs.double().cumsum(-1)
+    target = (u.to(cdf.device) * cdf[..., -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf, target).squeeze(-1)
+    return idx.clamp_max(logits.shape[-1] - 1)
+
+
+def candidate_first_tokens(tokenizer, vocab_size: int) -> torch.Tensor:
+    """Vocabulary ids a sample may start with: every id the tokenizer knows, special tokens skipped."""
+    special = set(tokenizer.all_special_ids)
+    # Added tokens flagged special (SmolLM2's <repo_name>, <filename> ...) are not always listed above.
+    special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+    n = min(vocab_size, len(tokenizer))
+    return torch.tensor([i for i in range(n) if i not in special], dtype=torch.long)
+
+
+def chat_prefix(tokenizer) -> list[int]:
+    """Tokens that open an assistant turn in the teacher's chat template (empty user turn before it)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise GenerateError("generate.chat_template=true but the teacher's tokenizer has no chat template")
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation of one batch.
+
+
+@torch.no_grad()
+def generate_batch(
+    model, sample_ids: torch.Tensor, first: torch.Tensor, greedy_len: torch.Tensor, prefix: list[int],
+    cfg: GenerateConfig, seed: int, eos_id: Optional[int], decoder: _Decoder,
+) -> list[list[int]]:
+    """Token ids of each sample (prefix included); one forward per position for the whole batch."""
+    device = next(model.parameters()).device
+    b = len(sample_ids)
+    prompt = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(b, len(prefix)), first[:, None]], 1).to(device)
+    p = len(prefix)
+    out = torch.full((b, cfg.max_length), eos_id if eos_id is not None else 0, dtype=torch.long, device=device)
+    out[:, : p + 1] = prompt
+    lengths = torch.full((b,), cfg.max_length, dtype=torch.long, device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    greedy_len, ids = greedy_len.to(device), sample_ids.to(device)
+    logits = decoder.prefill(prompt)
+    for pos in range(p + 1, cfg.max_length):
+        n_gen = pos - p  # tokens of the sample proper so far, the first one included
+        greedy = logits.argmax(-1)
+        sampled = sample_next(logits, counter_uniform(seed, ids, pos), cfg.temperature, cfg.top_k, cfg.top_p)
+        nxt = torch.where(n_gen < greedy_len, greedy, sampled.to(device))
+        if cfg.on_eos == "stop" and eos_id is not None:
+            nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
+            lengths = torch.where(~finished & (nxt == eos_id), torch.full_like(lengths, pos + 1), lengths)
+            finished |= nxt == eos_id
+        out[:, pos] = nxt
+        if pos + 1 == cfg.max_length or bool(finished.all()):
+            break
+        logits = decoder.step(nxt, pos)
+    return [row[:n].tolist() for row, n in zip(out.cpu(), lengths.cpu())]
+
+
+class _Decoder:
+    """Prefill + one-token decode steps over a KV cache: a static cache (and CUDA graphs) on CUDA."""
+
+    def __init__(self, model, max_length: int, device: torch.device, compiled=None) -> None:
+        from transformers import DynamicCache, StaticCache
+
+        self.model, self.static = model, device.type == "cuda"
+        # One static cache for the whole run: CUDA graphs replay over the same buffers every batch.
+        self.cache = StaticCache(config=model.config, max_cache_len=max_length) if self.static else None
+        self._dynamic = DynamicCache
+        self.forward = compiled or model
+
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        if self.static:
+            self.cache.reset()
+        else:
+            self.cache = self._dynamic(config=self.model.config)
+        pos = torch.arange(prompt.shape[1], device=prompt.device)
+        out = self.model(input_ids=prompt, past_key_values=self.cache, cache_position=pos, use_cache=True)
+        return out.logits[:, -1].float()
+
+    def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        cache_position = torch.tensor([pos], device=tokens.device)
+        out = self.forward(input_ids=tokens[:, None], past_key_values=self.cache, cache_position=cache_position,
+                           use_cache=True)
+        return out.logits[:, -1].float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards, ranks, resume.
+
+
+def shard_path(out_dir: Path, k: int) -> Path:
+    return out_dir / f"shard-{k:05d}.parquet"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _write_shard(path: Path, rows: dict) -> None:
+    import datasets
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".parquet")
+    os.close(fd)
+    try:
+        datasets.Dataset.from_dict(rows).to_parquet(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) from torchrun/launch.sh/SLURM variables; (0, 1) when run alone."""
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    return rank, world
+
+
+def settings_record(cfg: GenerateConfig, seed: int, teacher: str, prefix: list[int]) -> dict:
+    d = asdict(cfg)
+    d.pop("out_dir")
+    d.pop("compile")  # how fast, not what: a rerun may change it
+    return {"teacher": teacher, "seed": seed, "prefix": prefix, **d}
+
+
+def run_generate(cfg, rank: Optional[int] = None, world: Optional[int] = None, progress: bool = True) -> Path:
+    """`distqat generate`: this rank's shards of the dataset; the manifest once all shards exist."""
+    from trainer.models import load_model, load_tokenizer, resolve_model_path
+
+    g: GenerateConfig = cfg.generate
+    if rank is None or world is None:
+        rank, world = dist_info()
+    out_dir = Path(g.out_dir) if g.out_dir else Path(cfg.output_dir) / "generated"
+    if not g.greedy_lengths or min(g.greedy_lengths) < 1:
+        raise GenerateError(f"generate.greedy_lengths={g.greedy_lengths}: give lengths >= 1, e.g. [3, 4, 5]")
+    teacher_path = str(resolve_model_path(cfg.model.name_or_path))
+    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation,
+                       cfg.model.trust_remote_code)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and g.max_length > context:
+        raise GenerateError(f"generate.max_length={g.max_length} is above the teacher's context of {context} tokens")
+    prefix = chat_prefix(tok) if g.chat_template else []
+    if len(prefix) + max(g.greedy_lengths) >= g.max_length:
+        raise GenerateError(f"generate.max_length={g.max_length} leaves no room after the prompt and greedy prefix")
+    settings = settings_record(g, cfg.seed, cfg.model.name_or_path, prefix)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings_file = out_dir / "settings.json"
+    if settings_file.exists():
+        old = json.loads(settings_file.read_text())
+        if old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise GenerateError(f"{out_dir} holds samples made with other settings ({', '.join(diff)}); "
+                                "use another generate.out_dir or delete it")
+    elif rank == 0:
+        _write_atomic(settings_file, json.dumps(settings, indent=2))
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    model.to(device)
+    eos_id = tok.eos_token_id
+    firsts = candidate_first_tokens(tok, model.config.vocab_size)
+    shard_size = max(g.batch_size, g.shard_size // g.batch_size * g.batch_size)  # whole batches per shard
+    n_shards = -(-g.n_samples // shard_size)
+    mine = [k for k in range(n_shards) if k % world == rank and not shard_path(out_dir, k).exists()]
+    compiled = _compiled_forward(model, g, device)
+    todo = sum(min(shard_size, g.n_samples - k * shard_size) for k in mine)
+    bar = _progress(todo, progress and rank == 0)
+    t0, made_tokens = time.perf_counter(), 0
+    decoder = _Decoder(model, g.max_length, device, compiled)
+    for k in mine:
+        rows: dict[str, list] = {"sample_id": [], "input_ids": [], "text": [], "greedy_len": []}
+        for start in range(k * shard_size, min((k + 1) * shard_size, g.n_samples), g.batch_size):
+            # Always a full batch of consecutive ids (past the end: generated, then dropped), so each
+            # sample is computed with the same companions whatever the number of ranks.
+            ids = torch.arange(start, start + g.batch_size)
+            keep = int((ids < g.n_samples).sum())
+            if g.first_token == "enumerate":
+                first = firsts[ids % len(firsts)]
+            else:
+                first = firsts[counter_hash(cfg.seed, ids, 0) % len(firsts)]
+            lengths = torch.tensor(g.greedy_lengths)[counter_hash(cfg.seed, ids, 1) % len(g.greedy_lengths)]
+            samples = generate_batch(model, ids, first, lengths, prefix, g, cfg.seed, eos_id, decoder)[:keep]
+            rows["sample_id"] += ids[:keep].tolist()
+            rows["input_ids"] += samples
+            rows["text"] += tok.batch_decode(samples)
+            rows["greedy_len"] += lengths[:keep].tolist()
+            made_tokens += sum(len(x) for x in samples)
+            bar.update(keep)
+            bar.set_postfix_str(f"{made_tokens / (time.perf_counter() - t0):.0f} tok/s")
+        _write_shard(shard_path(out_dir, k), rows)
+    bar.close()
+    write_manifest(out_dir, n_shards, settings)
+    return out_dir
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="generate", unit="sample", disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def _compiled_forward(model, g: GenerateConfig, device: torch.device):
+    """On CUDA, the decode step as CUDA graphs (torch.compile, reduce-overhead); None elsewhere."""
+    if g.compile == "off" or (g.compile == "auto" and device.type != "cuda"):
+        return None
+    return torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+
+
+def write_manifest(out_dir: Path, n_shards: int, settings: dict) -> Optional[Path]:
+    """Once every shard exists: counts and token totals (written by whichever rank finishes last)."""
+    import pyarrow.parquet as pq
+
+    paths = [shard_path(out_dir, k) for k in range(n_shards)]
+    if not all(p.exists() for p in paths):
+        return None
+    shards, total, tokens = [], 0, 0
+    for p in paths:
+        t = pq.read_table(p, columns=["input_ids"])
+        n = t.num_rows
+        ntok = sum(len(x) for x in t.column("input_ids").to_pylist())
+        shards.append({"file": p.name, "samples": n, "tokens": ntok})
+        total, tokens = total + n, tokens + ntok
+    manifest = {"settings": settings, "samples": total, "tokens": tokens, "shards": shards}
+    _write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2))
+    return out_dir / "manifest.json"
