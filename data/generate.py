@@ -221,7 +221,7 @@ def settings_record(cfg: GenerateConfig, seed: int, teacher: str, prefix: list[i
 
 def run_generate(cfg, rank: Optional[int] = None, world: Optional[int] = None, progress: bool = True) -> Path:
     """`distqat generate`: this rank's shards of the dataset; the manifest once all shards exist."""
-    from trainer.models import load_model, load_tokenizer, resolve_model_path
+    from trainer.models import load_model, load_tokenizer
 
     g: GenerateConfig = cfg.generate
     if rank is None or world is None:
@@ -229,7 +229,6 @@ def run_generate(cfg, rank: Optional[int] = None, world: Optional[int] = None, p
     out_dir = Path(g.out_dir) if g.out_dir else Path(cfg.output_dir) / "generated"
     if not g.greedy_lengths or min(g.greedy_lengths) < 1:
         raise GenerateError(f"generate.greedy_lengths={g.greedy_lengths}: give lengths >= 1, e.g. [3, 4, 5]")
-    teacher_path = str(resolve_model_path(cfg.model.name_or_path))
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation,
                        cfg.model.trust_remote_code)
