@@ -52,7 +52,10 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"range": (0.0, 1e9)})
     kd_temperature: float = field(default=1.0, metadata={"range": (1e-3, 1e3)})
     ce_weight: float = field(default=0.0, metadata={"range": (0.0, 1e3)})
+    min_lr_ratio: float = field(default=0.0, metadata={"range": (0.0, 1.0)})
+    # bf16: parameters and Adam state in bf16 with a compensated update; fp32: classic mixed precision
     master_weights: str = field(default="bf16", metadata={"choices": ("bf16", "fp32")})
+    compensation: str = field(default="kahan", metadata={"choices": ("kahan", "stochastic", "none")})
     gradient_checkpointing: bool = False
     save_every: int = field(default=200, metadata={"range": (1, 1 << 40)})
     keep_last: int = field(default=2, metadata={"range": (1, 1000)})

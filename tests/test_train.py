@@ -1,0 +1,140 @@
+"""QAT training pieces: the KD loss, the BF16 compensated optimizer, the schedule, a tiny Lightning run."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qat.apply import quantize_model
+from trainer.config import load_config
+from trainer.losses import kd_loss, next_token_ce
+from trainer.module import QATModule
+from trainer.optim import AdamWBF16, param_groups, stochastic_round, warmup_cosine
+
+
+def test_kd_loss_matches_float64_kl_and_masks_padding():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    for temp in (1.0, 2.0):
+        ps, pt = F.log_softmax(s.double() / temp, -1), F.log_softmax(t.double() / temp, -1)
+        kl = (pt.exp() * (pt - ps)).sum(-1)
+        ref = (kl * mask).sum() / mask.sum() * temp**2
+        torch.testing.assert_close(kd_loss(s, t, mask, temp).double(), ref, rtol=1e-5, atol=1e-6)
+    assert kd_loss(t, t).abs() < 1e-6
+    # Masked positions do not matter.
+    s2 = s.clone()
+    s2[0, 3:] = 100.0
+    torch.testing.assert_close(kd_loss(s2, t, mask), kd_loss(s, t, mask))
+
+
+def test_next_token_ce_masks_padding():
+    torch.manual_seed(0)
+    logits, ids = torch.randn(1, 4, 7), torch.tensor([[1, 2, 3, 4]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    ref = F.cross_entropy(logits[0, :2], ids[0, 1:3])
+    torch.testing.assert_close(next_token_ce(logits, ids, mask), ref)
+
+
+def test_bf16_updates_below_resolution_move_only_with_compensation():
+    """lr * 1 = 1e-4 is below bf16's half-spacing at 1.0 (2^-8): uncompensated bf16 never moves."""
+    finals = {}
+    for comp in ("none", "kahan", "stochastic"):
+        p = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
+        opt = AdamWBF16([p], lr=1e-4, compensation=comp)
+        for _ in range(100):
+            p.grad = torch.full_like(p, -1.0)
+            opt.step()
+        finals[comp] = p.float().mean().item()
+    ref = torch.nn.Parameter(torch.ones(4096))
+    opt = torch.optim.AdamW([ref], lr=1e-4, weight_decay=0.0)
+    for _ in range(100):
+        ref.grad = torch.full_like(ref, -1.0)
+        opt.step()
+    exact = ref.mean().item()  # 1.01
+    assert finals["none"] == 1.0
+    assert abs(finals["stochastic"] - exact) < 5e-4
+    # Kahan: the bf16 weight plus its compensation buffer is the exact sum; the weight is its bf16 rounding.
+    assert abs(finals["kahan"] - exact) <= 2**-7
+
+
+def test_adamw_bf16_on_fp32_params_equals_torch_adamw():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(64))
+    b = torch.nn.Parameter(a.detach().clone())
+    oa = AdamWBF16([a], lr=1e-2, weight_decay=0.1)
+    ob = torch.optim.AdamW([b], lr=1e-2, weight_decay=0.1)
+    for i in range(5):
+        g = torch.randn(64)
+        a.grad, b.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_stochastic_round_is_unbiased():
+    x = torch.full((200_000,), 1.0 + 2**-10)  # a quarter of the way from 1 to the next bf16 (1 + 2^-7)... in ulps
+    g = torch.Generator().manual_seed(0)
+    r = stochastic_round(x, torch.bfloat16, g).float()
+    assert set(r.unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert abs(r.mean().item() - x[0].item()) < 2e-5
+
+
+def test_schedule_and_param_groups(tiny_model):
+    assert warmup_cosine(0, 10, 100) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine(55, 10, 100) == pytest.approx(0.5)
+    assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
+    model = tiny_model("llama")
+    quantize_model(model, "w4a8")
+    from qat.spec import QuantSpec, TensorSpec
+
+    model2 = tiny_model("llama")
+    quantize_model(model2, QuantSpec(weight=TensorSpec(bits=4, learnable="lsq")))
+    groups = {g["name"]: g for g in param_groups(model2, 1e-5, 0.1, 1e-3)}
+    assert groups["quantizer"]["lr"] == 1e-3 and groups["quantizer"]["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in groups["decay"]["params"])
+    n_norm = sum(1 for n, _ in model2.named_parameters() if "norm" in n)
+    assert len(groups["no_decay"]["params"]) == n_norm
+    n_scales = sum(1 for n, _ in model2.named_parameters() if n.endswith("weight_quantizer.scale"))
+    assert len(groups["quantizer"]["params"]) == n_scales > 0
+
+
+def peaked_llama():
+    """A tiny random Llama with larger weights, so its next-token distributions are peaked and 4-bit
+    quantization visibly hurts (a default-init one is near uniform: nothing to distil)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("master", ["bf16", "fp32"])
+def test_tiny_qat_run_lowers_kd_loss(master):
+    teacher, student = peaked_llama(), peaked_llama()
+    dtype = torch.bfloat16 if master == "bf16" else torch.float32
+    teacher.to(torch.bfloat16)
+    student.to(dtype)
+    quantize_model(student, "w4a8kv8")
+    cfg = load_config(None, [f"train.master_weights={master}", "train.lr=3e-4", "train.max_steps=30",
+                             "train.warmup_steps=3"]).train
+    module = QATModule(student, teacher, cfg)
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 128, (4, 32), generator=g),
+             "attention_mask": torch.ones(4, 32, dtype=torch.long)} for _ in range(6)]
+    with torch.no_grad():
+        before = sum(module.losses(b)["kd"].item() for b in data) / len(data)
+    trainer = L.Trainer(max_steps=30, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        precision="bf16-true" if master == "bf16" else "bf16-mixed", gradient_clip_val=1.0)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data * 5, batch_size=None))
+    assert teacher.training is False and all(not p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        after = sum(module.losses(b)["kd"].item() for b in data) / len(data)
+    print(f"\n{master} master weights: KD {before:.4f} -> {after:.4f}")
+    assert math.isfinite(after) and after < 0.7 * before
+    assert next(student.parameters()).dtype == dtype

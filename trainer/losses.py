@@ -1,0 +1,37 @@
+"""Distillation losses (LLM-QAT): KL from the teacher's next-token distribution to the student's."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Mean over unmasked positions of KL(p_teacher || p_student) at temperature T, times T^2.
+
+    The T^2 factor keeps gradient magnitudes comparable across temperatures (Hinton et al.).
+    """
+    t = temperature
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    if mask is None:
+        return kl.mean() * t * t
+    mask = mask.to(kl.dtype)
+    return (kl * mask).sum() / mask.sum().clamp_min(1) * t * t
+
+
+def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cross-entropy of predicting token i+1 at position i, padding excluded."""
+    target = input_ids[:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                           reduction="none").view_as(target)
+    if mask is None:
+        return loss.mean()
+    m = mask[:, 1:].to(loss.dtype)
+    return (loss * m).sum() / m.sum().clamp_min(1)

@@ -1,0 +1,135 @@
+"""AdamW for BF16 master weights, parameter groups, and the warmup + cosine schedule.
+
+BF16 master weights keep parameters (and Adam's moments) in bf16: 2 bytes each instead of 4. A bf16
+weight has 8 significant bits, so an update smaller than half its spacing (|w| * 2^-9) rounds away
+and training silently stalls. The compensated update keeps what rounding dropped:
+- kahan: a bf16 buffer per parameter carries the lost low bits into the next step (Kahan summation);
+- stochastic: round the fp32 result up or down at random, with the probability that makes the
+  rounding unbiased (no extra memory).
+
+Bytes per parameter, weights + gradient + optimizer state (ZeRO shards the last two across ranks):
+  fp32 master (mixed precision):  bf16 weight 2 + fp32 master 4 + grad 4 (DeepSpeed keeps fp32 grads
+                                   in the optimizer) + exp_avg 4 + exp_avg_sq 4 = 18 (16 without the
+                                   bf16 copy when the model itself is fp32)
+  bf16 master, kahan:             weight 2 + grad 2 + exp_avg 2 + exp_avg_sq 2 + compensation 2 = 10
+  bf16 master, stochastic:        weight 2 + grad 2 + exp_avg 2 + exp_avg_sq 2 = 8
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+COMPENSATION = ("kahan", "stochastic", "none")
+
+
+class AdamWBF16(torch.optim.Optimizer):
+    """AdamW whose state lives in the parameter's dtype, with a compensated update for bf16 parameters.
+
+    fp32 parameters are updated exactly as torch.optim.AdamW (no compensation needed).
+    """
+
+    def __init__(
+        self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+        weight_decay: float = 0.0, compensation: str = "kahan", seed: int = 0,
+    ) -> None:
+        if compensation not in COMPENSATION:
+            raise ValueError(f"compensation={compensation!r} is not one of {COMPENSATION}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.compensation = compensation
+        self._gen: dict[torch.device, torch.Generator] = {}
+        self.seed = seed
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._gen:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.seed)
+            self._gen[device] = g
+        return self._gen[device]
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                    if self.compensation == "kahan" and p.dtype != torch.float32:
+                        state["comp"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                g = p.grad.float()
+                m = state["exp_avg"].float().mul_(b1).add_(g, alpha=1 - b1)
+                v = state["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)
+                state["exp_avg"].copy_(m)
+                state["exp_avg_sq"].copy_(v)
+                denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
+                update = (m / (1 - b1**t)).div_(denom).mul_(-group["lr"])
+                w = p.float()
+                if group["weight_decay"]:
+                    update.add_(w, alpha=-group["lr"] * group["weight_decay"])
+                self._apply(p, w, update, state)
+        return loss
+
+    def _apply(self, p: torch.Tensor, w: torch.Tensor, update: torch.Tensor, state: dict) -> None:
+        if p.dtype == torch.float32 or self.compensation == "none":
+            p.copy_(w + update)
+        elif self.compensation == "kahan":
+            comp = state["comp"]
+            total = update + comp.float()  # this step's update plus what earlier roundings dropped
+            new = (w + total).to(p.dtype)
+            comp.copy_(total - (new.float() - w))
+            p.copy_(new)
+        else:
+            p.copy_(stochastic_round(w + update, p.dtype, self._generator(p.device)))
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Round fp32 to bf16 up or down with probability proportional to the distance (unbiased)."""
+    if dtype != torch.bfloat16:
+        return x.to(dtype)
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, device=x.device, dtype=torch.int32, generator=generator)
+    # Adding uniform noise below the kept 16 bits, then truncating, rounds up with the right probability.
+    return ((bits + noise) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, quantizer_lr: float) -> list[dict]:
+    """Three groups: weights with decay; norms, biases and embeddings-free 1-D tensors without; quantizer
+    parameters (LSQ scales, clipping logits) without decay at their own learning rate."""
+    decay, no_decay, quant = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if "_quantizer." in name:
+            quant.append(p)
+        elif p.ndim < 2 or "norm" in name.lower():
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "lr": lr, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "lr": lr, "name": "no_decay"},
+        {"params": quant, "weight_decay": 0.0, "lr": quantizer_lr, "name": "quantizer"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warmup from 0, then cosine decay to `min_ratio` at `total` steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
