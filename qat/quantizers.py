@@ -90,7 +90,7 @@ def _round_to(scale: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor
     if dtype is None or dtype == torch.float32:
         return scale
     # EPS underflows to 0 in fp16; the smallest positive value of the dtype keeps zero rows at zero.
-    tiny = torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)).float()
+    tiny = float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)))
     return scale.to(dtype).float().clamp_min(tiny)
 
 

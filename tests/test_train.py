@@ -66,7 +66,7 @@ def test_adamw_bf16_on_fp32_params_equals_torch_adamw():
     b = torch.nn.Parameter(a.detach().clone())
     oa = AdamWBF16([a], lr=1e-2, weight_decay=0.1)
     ob = torch.optim.AdamW([b], lr=1e-2, weight_decay=0.1)
-    for i in range(5):
+    for _ in range(5):
         g = torch.randn(64)
         a.grad, b.grad = g.clone(), g.clone()
         oa.step()
