@@ -1,0 +1,72 @@
+"""A tiny QAT run under DeepSpeed on CPU processes (gloo): `python ds_tiny.py STAGE DEVICES OUT`.
+
+Lightning re-executes this script once per rank. Each rank writes its view of the student after the
+run (gathered under ZeRO-3) and its losses to OUT/rank<r>.pt, so the test can check the ranks agree.
+"""
+
+import sys
+import warnings
+
+import lightning as L
+import torch
+import transformers as tf
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+warnings.filterwarnings("ignore")
+
+from qat.apply import quantize_model  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.module import QATModule  # noqa: E402
+from trainer.strategy import make_strategy  # noqa: E402
+
+
+class Record(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def main():
+    stage, devices, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    master = sys.argv[4] if len(sys.argv) > 4 else "fp32"
+    cfg = load_config(None, ["distributed.strategy=deepspeed", f"distributed.zero_stage={stage}",
+                             f"train.master_weights={master}", "train.lr=3e-4", "train.max_steps=4",
+                             "train.micro_batch_size=2"])
+
+    def llama():
+        torch.manual_seed(0)
+        return tf.LlamaForCausalLM(tf.LlamaConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, initializer_range=0.1)).eval()
+
+    teacher, student = llama().to(torch.bfloat16), llama()
+    quantize_model(student, "w4a8kv8")
+    module = QATModule(student, teacher, cfg.train)
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 128, (2, 16), generator=g),
+             "attention_mask": torch.ones(2, 16, dtype=torch.long)} for _ in range(8)]
+    rec = Record()
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=make_strategy(cfg.distributed, cfg.train, devices),
+                        precision="bf16-true" if master == "bf16" else "bf16-mixed", max_steps=4, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[rec], use_distributed_sampler=True)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    import contextlib
+
+    gather = contextlib.nullcontext()
+    if stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    with gather:
+        state = {k: v.detach().float().clone() for k, v in student.state_dict().items()}
+        teacher_numel = sum(p.numel() for p in teacher.parameters())
+    local_teacher = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in teacher.parameters())
+    torch.save({"state": state, "losses": rec.losses, "teacher_numel": teacher_numel,
+                "teacher_local_numel": local_teacher}, f"{out}/rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""`distqat train`: LLM-QAT distillation with Lightning (+ DeepSpeed ZeRO), then one consolidated HF folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import RunConfig, save_config
+
+PRECISION = {"bf16": "bf16-true", "fp32": "bf16-mixed"}
+
+
+def build_models(cfg: RunConfig):
+    """(student, teacher): the student fake-quantized by cfg.quant, the teacher frozen in bf16."""
+    from qat.apply import quantize_model
+
+    from .models import load_model
+
+    dtype = "bfloat16" if cfg.train.master_weights == "bf16" else "float32"
+    student = load_model(cfg.model.name_or_path, dtype, cfg.model.attn_implementation, cfg.model.trust_remote_code)
+    teacher = load_model(cfg.model.name_or_path, "bfloat16", cfg.model.attn_implementation,
+                         cfg.model.trust_remote_code)
+    report = quantize_model(student, cfg.quant)
+    if cfg.train.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.config.use_cache = False
+    return student, teacher, report
+
+
+def find_resume(ckpt_dir: Path, resume: str) -> Optional[str]:
+    """resume=auto: the newest checkpoint under ckpt_dir (None when there is none); never: None."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        if not Path(resume).exists():
+            raise FileNotFoundError(f"train.resume={resume!r} does not exist; use auto, never or a checkpoint path")
+        return resume
+    found = sorted(ckpt_dir.glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1].split("-")[0]))
+    return str(found[-1]) if found else None
+
+
+def consolidate(student: torch.nn.Module, tokenizer, out: Path, strategy) -> Optional[Path]:
+    """Write the trained student once (rank 0) as bf16 safetensors + spec, gathering ZeRO-3 shards."""
+    import contextlib
+
+    gather = contextlib.nullcontext()
+    if getattr(strategy, "zero_stage_3", False):
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None)
+    with gather:
+        if strategy.global_rank != 0:
+            return None
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+        try:
+            state = {k: v.detach().to(torch.bfloat16) if v.is_floating_point() and "_quantizer." not in k else v
+                     for k, v in student.state_dict().items()}
+            student.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[str] = None) -> Path:
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from data.datamodule import TextDataModule
+
+    from .models import load_tokenizer
+    from .module import QATModule
+    from .strategy import make_strategy
+
+    out_dir = Path(cfg.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    if devices is None:
+        devices = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
+    world = int(os.environ.get("WORLD_SIZE", devices))
+    num_nodes = max(1, world // max(devices, 1))
+    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    dm = TextDataModule(
+        path=cfg.data.path, text_field=cfg.data.text_field, seq_len=cfg.data.seq_len,
+        chat_template=cfg.data.chat_template, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.seed,
+        tokenizer=tok,
+    )
+    student, teacher, report = build_models(cfg)
+    module = QATModule(student, teacher, cfg.train, seed=cfg.seed)
+    strategy = make_strategy(cfg.distributed, cfg.train, devices * num_nodes)
+    ckpt_dir = out_dir / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step={step}", auto_insert_metric_name=False,
+                                 every_n_train_steps=cfg.train.save_every, save_top_k=cfg.train.keep_last,
+                                 monitor="step", mode="max", save_last=False)
+    trainer = L.Trainer(
+        accelerator="gpu" if torch.cuda.is_available() else "cpu",
+        devices=devices, num_nodes=num_nodes, strategy=strategy, precision=PRECISION[cfg.train.master_weights],
+        max_steps=cfg.train.max_steps, accumulate_grad_batches=cfg.train.grad_accum,
+        gradient_clip_val=None if "deepspeed" in type(strategy).__name__.lower() else cfg.train.grad_clip,
+        logger=[CSVLogger(out_dir, name="logs"), TensorBoardLogger(out_dir, name="tb")],
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+        log_every_n_steps=1, max_time=max_time, deterministic=False,
+        enable_progress_bar=sys.stderr.isatty() or os.environ.get("DISTQAT_PROGRESS") == "1",
+    )
+    if trainer.global_rank == 0:
+        save_config(cfg, out_dir)
+        print(report, file=sys.stderr)
+    trainer.fit(module, datamodule=dm, ckpt_path=find_resume(ckpt_dir, cfg.train.resume))
+    trainer.save_checkpoint(ckpt_dir / f"step={trainer.global_step}.ckpt")  # collective under DeepSpeed
+    final = consolidate(student, tok, out_dir / "model", trainer.strategy)
+    trainer.strategy.barrier()
+    return final or out_dir / "model"
