@@ -101,7 +101,31 @@ main() {
     cd "$ROOT"
     exec "$PY" -m pytest -q "$@"
   fi
-  exec "$PY" -m trainer "$@"
+  case "$1" in
+    train|generate) launch_distributed "$PY" "$@" ;;
+    *) exec "$PY" -m trainer "$@" ;;
+  esac
+}
+
+# One process per GPU on this node; several nodes with NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT;
+# inside a SLURM allocation one task per GPU through srun; one process when there is no GPU.
+launch_distributed() {
+  local py=$1; shift
+  local ngpu=0
+  if have_gpu; then ngpu=$(nvidia-smi -L | wc -l); fi
+  if [[ -n "${SLURM_JOB_ID:-}" && -z "${SLURM_STEP_ID:-}" && "${SLURM_NTASKS:-1}" -gt 1 ]]; then
+    say "SLURM job $SLURM_JOB_ID: srun with $SLURM_NTASKS tasks"
+    exec srun --kill-on-bad-exit=1 "$py" -m trainer "$@"
+  fi
+  local nnodes=${NNODES:-1}
+  if [[ "$ngpu" -gt 1 || "$nnodes" -gt 1 ]]; then
+    local nproc=$(( ngpu > 0 ? ngpu : 1 ))
+    say "torchrun: $nnodes node(s) x $nproc process(es), node rank ${NODE_RANK:-0}"
+    exec "$py" -m torch.distributed.run --nproc_per_node="$nproc" --nnodes="$nnodes" \
+      --node_rank="${NODE_RANK:-0}" --master_addr="${MASTER_ADDR:-127.0.0.1}" \
+      --master_port="${MASTER_PORT:-29500}" -m trainer "$@"
+  fi
+  exec "$py" -m trainer "$@"
 }
 
 main "$@"

@@ -138,3 +138,42 @@ def test_tiny_qat_run_lowers_kd_loss(master):
     print(f"\n{master} master weights: KD {before:.4f} -> {after:.4f}")
     assert math.isfinite(after) and after < 0.7 * before
     assert next(student.parameters()).dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_consolidated_folder_reloads_the_student(tmp_path, dtype, bundled_tokenizer):
+    from types import SimpleNamespace
+
+    from qat.apply import load_quantized_model
+    from qat.spec import QuantSpec, TensorSpec
+    from trainer.train import consolidate
+
+    from transformers import AutoModelForCausalLM
+
+    # Loaded as training loads it: `.to(bf16)` would also round the rotary inv_freq buffer, from_pretrained not.
+    peaked_llama().save_pretrained(tmp_path / "base")
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=dtype)
+    quantize_model(student, QuantSpec(weight=TensorSpec(bits=4, learnable="lsq"),
+                                      activation=TensorSpec(bits=8, symmetric=False, granularity="token"),
+                                      kv=TensorSpec(bits=8, granularity="token")))
+    with torch.no_grad():  # a "trained" quantizer: scales off their initial values
+        for m in student.modules():
+            if hasattr(m, "weight_quantizer") and m.weight_quantizer is not None:
+                m.weight_quantizer.scale.mul_(0.9)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    out = consolidate(student, bundled_tokenizer, tmp_path / "model", SimpleNamespace(global_rank=0))
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.up_proj.weight").dtype == torch.bfloat16
+        assert f.get_tensor("model.layers.0.mlp.up_proj.weight_quantizer.scale").dtype == torch.float32
+    again = load_quantized_model(out, dtype=dtype)
+    if dtype == torch.float32:
+        # The folder stores weights in bf16 (quantizer tensors in fp32): the fp32 student with its weights
+        # rounded to bf16 is exactly what ships.
+        with torch.no_grad():
+            for name, p in student.named_parameters():
+                if "_quantizer." not in name:
+                    p.copy_(p.to(torch.bfloat16).float())
+    assert torch.equal(student(ids).logits, again(ids).logits)
