@@ -38,6 +38,38 @@ def load_texts(path: str, split: str = "test", text_field: str = "text") -> list
     return [t for t in ds[text_field] if t]
 
 
+def is_generated(path: Path) -> bool:
+    """A folder written by `distqat generate` (already tokenized by the teacher)."""
+    return path.is_dir() and (path / "settings.json").exists() and any(path.glob("shard-*.parquet"))
+
+
+def load_documents(
+    path: str, tokenizer, split: str = "train", text_field: str = "text", chat_template: bool = False
+) -> list[list[int]]:
+    """Token ids per document: self-generated samples as written, chat `messages` through the chat
+    template (when data.chat_template is on), text fields through the tokenizer."""
+    import datasets
+
+    from .packing import tokenize_texts
+
+    p = Path(path).expanduser()
+    if path != BUNDLED_TEXT and is_generated(p):
+        ds = datasets.load_dataset("parquet", data_files=sorted(str(f) for f in p.glob("shard-*.parquet")),
+                                   split="train")
+        return [list(x) for x in ds["input_ids"]]
+    if path != BUNDLED_TEXT and p.is_file() and p.suffix.lower() in (".json", ".jsonl"):
+        ds = datasets.load_dataset("json", data_files=str(p), split="train")
+        if "messages" in ds.column_names and text_field not in ds.column_names:
+            if not chat_template:
+                raise ValueError(f"{p} holds chat `messages`; set data.chat_template=true to render them")
+            texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in ds["messages"]]
+            return tokenize_texts(texts, tokenizer)
+    texts = load_texts(path, split, text_field)
+    if not texts:
+        raise ValueError(f"data.path={path!r} holds no text")
+    return tokenize_texts(texts, tokenizer)
+
+
 def token_stream(texts: list[str], tokenizer, max_tokens: int | None = None, separator: str = "\n\n") -> list[int]:
     """The documents joined by `separator` as token ids (no special tokens), the first `max_tokens` if given."""
     ids: list[int] = []
