@@ -11,7 +11,6 @@ from .config import ConfigError, RunConfig, describe_schema, load_config
 
 # Commands whose capability is not built yet say which issue tracks it, and exit 2.
 PENDING = {
-    "train": "QAT training with distillation (issue 5)",
     "ptq": "PTQ baselines (issue 6)",
     "convert": "conversion to packed integer checkpoints (issue 7)",
     "bench": "the benchmark runner; run the scripts under bench/ directly meanwhile",
@@ -50,6 +49,14 @@ def _run_generate(cfg: RunConfig) -> int:
     return 0
 
 
+def _run_train(cfg: RunConfig) -> int:
+    from .train import run_train
+
+    out = run_train(cfg)
+    print(f"trained model: {out}")
+    return 0
+
+
 def _run_report(cfg: RunConfig) -> int:
     from .eval import run_report
 
@@ -58,7 +65,7 @@ def _run_report(cfg: RunConfig) -> int:
 
 
 HANDLERS: dict[str, Callable[[RunConfig], int]] = {
-    "eval": _run_eval, "report": _run_report, "generate": _run_generate,
+    "eval": _run_eval, "report": _run_report, "generate": _run_generate, "train": _run_train,
 }
 
 

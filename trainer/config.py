@@ -38,6 +38,7 @@ class DataConfig:
     text_field: str = "text"
     seq_len: int = field(default=1024, metadata={"range": (8, 1 << 20)})
     chat_template: bool = False
+    val_fraction: float = field(default=0.05, metadata={"range": (0.0, 0.5)})
 
 
 @dataclass
@@ -58,6 +59,8 @@ class TrainConfig:
     compensation: str = field(default="kahan", metadata={"choices": ("kahan", "stochastic", "none")})
     gradient_checkpointing: bool = False
     save_every: int = field(default=200, metadata={"range": (1, 1 << 40)})
+    val_every: int = field(default=200, metadata={"range": (1, 1 << 40)})  # steps between validations
+    val_batches: int = field(default=8, metadata={"range": (0, 1 << 30)})
     keep_last: int = field(default=2, metadata={"range": (1, 1000)})
     resume: str = "auto"  # auto | never | a checkpoint path
 

@@ -93,7 +93,8 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
     dm = TextDataModule(
         path=cfg.data.path, text_field=cfg.data.text_field, seq_len=cfg.data.seq_len,
         chat_template=cfg.data.chat_template, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.seed,
-        tokenizer=tok,
+        tokenizer=tok, val_fraction=cfg.data.val_fraction,
+        total_samples=cfg.train.max_steps * cfg.train.grad_accum * cfg.train.micro_batch_size * world,
     )
     student, teacher, report = build_models(cfg)
     module = QATModule(student, teacher, cfg.train, seed=cfg.seed)
@@ -109,13 +110,15 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
         gradient_clip_val=None if "deepspeed" in type(strategy).__name__.lower() else cfg.train.grad_clip,
         logger=[CSVLogger(out_dir, name="logs"), TensorBoardLogger(out_dir, name="tb")],
         callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
-        log_every_n_steps=1, max_time=max_time, deterministic=False,
+        log_every_n_steps=1, max_time=max_time, deterministic=False, use_distributed_sampler=False,
+        limit_val_batches=cfg.train.val_batches, val_check_interval=cfg.train.val_every,
+        check_val_every_n_epoch=None, num_sanity_val_steps=0,
         enable_progress_bar=sys.stderr.isatty() or os.environ.get("DISTQAT_PROGRESS") == "1",
     )
     if trainer.global_rank == 0:
         save_config(cfg, out_dir)
         print(report, file=sys.stderr)
-    trainer.fit(module, datamodule=dm, ckpt_path=find_resume(ckpt_dir, cfg.train.resume))
+    trainer.fit(module, datamodule=dm, ckpt_path=find_resume(ckpt_dir, cfg.train.resume), weights_only=True)
     trainer.save_checkpoint(ckpt_dir / f"step={trainer.global_step}.ckpt")  # collective under DeepSpeed
     final = consolidate(student, tok, out_dir / "model", trainer.strategy)
     trainer.strategy.barrier()

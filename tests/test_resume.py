@@ -1,0 +1,81 @@
+"""`distqat train` end to end on a tiny teacher: checkpoints, kill + resume=auto, the consolidated folder."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup_dirs(tmp_path_factory, bundled_tokenizer):
+    import transformers as tf
+
+    root = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=len(bundled_tokenizer), hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, initializer_range=0.1,
+                         eos_token_id=bundled_tokenizer.eos_token_id)
+    tf.LlamaForCausalLM(cfg).save_pretrained(root / "teacher")
+    bundled_tokenizer.save_pretrained(root / "teacher")
+    (root / "corpus.txt").write_text("\n".join(f"Line {i} of a small corpus, for a tiny run." for i in range(400)))
+    return root
+
+
+def args(root: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "trainer", "train", f"model.name_or_path={root / 'teacher'}",
+            f"data.path={root / 'corpus.txt'}", "data.seq_len=32", "train.max_steps=16", "train.save_every=4",
+            "train.keep_last=10", "train.val_every=1000", "train.lr=3e-4", "train.warmup_steps=2",
+            "train.micro_batch_size=2", "distributed.strategy=single", f"output_dir={out}",
+            "data.val_fraction=0.05", *extra]
+
+
+def losses(out: Path) -> dict[int, float]:
+    found = {}
+    for f in sorted(out.glob("logs/version_*/metrics.csv")):
+        for row in csv.DictReader(f.open()):
+            if row.get("train/loss"):
+                found[int(row["step"])] = float(row["train/loss"])
+    return found
+
+
+def test_kill_and_resume_gives_the_same_losses(setup_dirs, tmp_path):
+    ref = tmp_path / "ref"
+    r = subprocess.run(args(setup_dirs, ref), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    expected = losses(ref)
+    assert sorted(expected) == list(range(16))
+    assert (ref / "model" / "model.safetensors").is_file()
+
+    out = tmp_path / "killed"
+    p = subprocess.Popen(args(setup_dirs, out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "checkpoints" / "step=8.ckpt").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (out / "model").exists(), "killed before the end"
+    r = subprocess.run(args(setup_dirs, out), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = losses(out)
+    resumed = {s: v for s, v in got.items() if s >= 8}
+    assert sorted(resumed) == list(range(8, 16))
+    for s in range(8, 16):
+        assert got[s] == pytest.approx(expected[s], rel=1e-5, abs=1e-7), f"step {s}"
+
+    from qat.apply import load_quantized_model
+
+    a = load_quantized_model(ref / "model", dtype=torch.bfloat16)
+    b = load_quantized_model(out / "model", dtype=torch.bfloat16)
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a(ids).logits, b(ids).logits)
