@@ -144,11 +144,11 @@ def test_tiny_qat_run_lowers_kd_loss(master):
 def test_consolidated_folder_reloads_the_student(tmp_path, dtype, bundled_tokenizer):
     from types import SimpleNamespace
 
+    from transformers import AutoModelForCausalLM
+
     from qat.apply import load_quantized_model
     from qat.spec import QuantSpec, TensorSpec
     from trainer.train import consolidate
-
-    from transformers import AutoModelForCausalLM
 
     # Loaded as training loads it: `.to(bf16)` would also round the rotary inv_freq buffer, from_pretrained not.
     peaked_llama().save_pretrained(tmp_path / "base")
@@ -177,3 +177,20 @@ def test_consolidated_folder_reloads_the_student(tmp_path, dtype, bundled_tokeni
                 if "_quantizer." not in name:
                     p.copy_(p.to(torch.bfloat16).float())
     assert torch.equal(student(ids).logits, again(ids).logits)
+
+
+def test_quant_stats_scale_range_and_clipped_fraction():
+    from qat.linear import QuantLinear
+    from qat.spec import TensorSpec
+    from trainer.callbacks import weight_quant_stats
+
+    lin = torch.nn.Linear(8, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, -2.0, 3.0, 7.0, 0.5, 0.0, -1.0, 2.0],
+                                       [10.0, 1.0, 1.0, 1.0, -1.0, 0.5, 0.0, 2.0]]))
+    q = QuantLinear.from_linear(lin, TensorSpec(bits=4, learnable="lsq"))
+    with torch.no_grad():
+        q.weight_quantizer.scale.copy_(torch.tensor([[1.0], [0.5]]))
+    stats = weight_quant_stats(q)
+    # Row 0 fits in [-8, 7] steps of 1.0; row 1 has 10 / 0.5 = 20 > 7.5: one of 16 weights clipped.
+    assert stats == {"scale_min": 0.5, "scale_max": 1.0, "clipped": 1 / 16}

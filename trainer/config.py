@@ -61,6 +61,7 @@ class TrainConfig:
     save_every: int = field(default=200, metadata={"range": (1, 1 << 40)})
     val_every: int = field(default=200, metadata={"range": (1, 1 << 40)})  # steps between validations
     val_batches: int = field(default=8, metadata={"range": (0, 1 << 30)})
+    stats_every: int = field(default=100, metadata={"range": (1, 1 << 40)})  # per-layer quantizer statistics
     keep_last: int = field(default=2, metadata={"range": (1, 1000)})
     resume: str = "auto"  # auto | never | a checkpoint path
 

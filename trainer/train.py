@@ -79,6 +79,7 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
 
     from data.datamodule import TextDataModule
 
+    from .callbacks import QuantStats
     from .models import load_tokenizer
     from .module import QATModule
     from .strategy import make_strategy
@@ -109,7 +110,7 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
         max_steps=cfg.train.max_steps, accumulate_grad_batches=cfg.train.grad_accum,
         gradient_clip_val=None if "deepspeed" in type(strategy).__name__.lower() else cfg.train.grad_clip,
         logger=[CSVLogger(out_dir, name="logs"), TensorBoardLogger(out_dir, name="tb")],
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), QuantStats(cfg.train.stats_every)],
         log_every_n_steps=1, max_time=max_time, deterministic=False, use_distributed_sampler=False,
         limit_val_batches=cfg.train.val_batches, val_check_interval=cfg.train.val_every,
         check_val_every_n_epoch=None, num_sanity_val_steps=0,
