@@ -157,3 +157,19 @@ def test_bundled_teacher_writes_english_quickly(tmp_path):
     ascii_share = sum(c.isascii() for t in texts for c in t) / sum(len(t) for t in texts)
     print(f"\n16 x 64 tokens in {secs:.1f} s; {english}/16 samples with English function words\n" + texts[0][:200])
     assert english >= 12 and ascii_share > 0.95
+
+
+def test_two_processes_make_the_same_set_as_one(tiny_teacher, tmp_path):
+    """Two real processes (as launch.sh/torchrun start them: RANK, WORLD_SIZE) share one folder."""
+    one = read(run_generate(cfg_for(tiny_teacher, tmp_path / "one"), progress=False))
+    cmd = [sys.executable, "-m", "trainer", "generate", f"model.name_or_path={tiny_teacher}", "model.dtype=float32",
+           f"generate.out_dir={tmp_path / 'two'}", "generate.n_samples=10", "generate.max_length=24",
+           "generate.batch_size=4", "generate.shard_size=4"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    assert read(tmp_path / "two") == one
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["samples"] == 10
