@@ -70,3 +70,16 @@ def fp_ppl(bundled_path, wiki_test_windows):
     t0 = time.perf_counter()
     model = load_model("bundled:smollm2-135m", dtype="float32")
     return perplexity(model, wiki_test_windows, progress=False), time.perf_counter() - t0
+
+
+def save_tiny_teacher(path, tokenizer, max_positions: int = 128, init_range: float = 0.02):
+    """A random 2-layer Llama with the bundled tokenizer's vocabulary, saved (with it) as an HF folder."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         initializer_range=init_range, eos_token_id=tokenizer.eos_token_id)
+    tf.LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

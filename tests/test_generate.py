@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import save_tiny_teacher
 
 from data.generate import GenerateError, counter_uniform, run_generate, sample_next
 from trainer.config import ConfigError, load_config
@@ -20,17 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory, bundled_tokenizer):
-    """A random 2-layer Llama with the bundled tokenizer, saved as an HF folder."""
-    import transformers as tf
-
-    path = tmp_path_factory.mktemp("teacher")
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(bundled_tokenizer), hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, eos_token_id=bundled_tokenizer.eos_token_id)
-    tf.LlamaForCausalLM(cfg).save_pretrained(path)
-    bundled_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher"), bundled_tokenizer)
 
 
 def cfg_for(teacher, out, *extra):

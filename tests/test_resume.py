@@ -10,22 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def setup_dirs(tmp_path_factory, bundled_tokenizer):
-    import transformers as tf
-
     root = tmp_path_factory.mktemp("train")
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(bundled_tokenizer), hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, initializer_range=0.1,
-                         eos_token_id=bundled_tokenizer.eos_token_id)
-    tf.LlamaForCausalLM(cfg).save_pretrained(root / "teacher")
-    bundled_tokenizer.save_pretrained(root / "teacher")
+    save_tiny_teacher(root / "teacher", bundled_tokenizer, max_positions=256, init_range=0.1)
     (root / "corpus.txt").write_text("\n".join(f"Line {i} of a small corpus, for a tiny run." for i in range(400)))
     return root
 
