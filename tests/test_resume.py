@@ -72,3 +72,14 @@ def test_kill_and_resume_gives_the_same_losses(setup_dirs, tmp_path):
     b = load_quantized_model(out / "model", dtype=torch.bfloat16)
     ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     assert torch.equal(a(ids).logits, b(ids).logits)
+
+    # `distqat eval` reads the consolidated folder as the trained, fake-quantized model it is.
+    import json
+
+    r = subprocess.run([sys.executable, "-m", "trainer", "eval", f"model.name_or_path={ref / 'model'}",
+                        f"data.path={setup_dirs / 'corpus.txt'}", "eval.max_tokens=64", "eval.seq_len=32",
+                        "model.dtype=bfloat16", f"output_dir={tmp_path / 'ev'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ppl = json.loads((tmp_path / "ev" / "eval.json").read_text())["perplexity"]
+    assert list(ppl) == ["w4 (trained)"] and ppl["w4 (trained)"] > 1.0

@@ -94,14 +94,23 @@ def run_eval(cfg: RunConfig) -> dict:
     n_tokens = sum(len(w) for w in windows)
     results: dict[str, float] = {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for what in cfg.eval.compare:
-        model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation,
-                           cfg.model.trust_remote_code).to(device)
-        label = "fp"
-        if what == "quant":
-            report = quantize_model(model, cfg.quant)
-            print(report, file=sys.stderr)
-            label = _scheme_label(cfg)
+    trained = is_quantized_folder(cfg.model.name_or_path)
+    for what in (["trained"] if trained else cfg.eval.compare):
+        if trained:
+            from qat.apply import load_quantized_model, quant_spec_of
+
+            from .models import DTYPES, resolve_dtype
+
+            model = load_quantized_model(cfg.model.name_or_path, dtype=DTYPES[resolve_dtype(cfg.model.dtype)])
+            label = f"{_spec_label(quant_spec_of(model))} (trained)"
+        else:
+            model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation,
+                               cfg.model.trust_remote_code)
+            label = "fp"
+            if what == "quant":
+                print(quantize_model(model, cfg.quant), file=sys.stderr)
+                label = _spec_label(cfg.quant)
+        model.to(device)
         t0 = time.perf_counter()
         results[label] = perplexity(model, windows, cfg.eval.batch_size, desc=label)
         secs = time.perf_counter() - t0
@@ -119,9 +128,15 @@ def run_eval(cfg: RunConfig) -> dict:
     return record
 
 
-def _scheme_label(cfg: RunConfig) -> str:
+def is_quantized_folder(name_or_path: str) -> bool:
+    """A folder written by `distqat train` / `distqat ptq` (its config records the quant spec)."""
+    cfg = Path(name_or_path).expanduser() / "config.json"
+    return cfg.is_file() and "distqat_quant" in json.loads(cfg.read_text())
+
+
+def _spec_label(spec) -> str:
     try:
-        return cfg.quant.name
+        return spec.name
     except ValueError:
         return "quant"
 
