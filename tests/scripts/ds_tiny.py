@@ -53,6 +53,7 @@ def main():
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[rec], use_distributed_sampler=True)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    assert len(rec.losses) == 4 and all(loss == loss for loss in rec.losses), rec.losses  # ran, no NaN
     import contextlib
 
     gather = contextlib.nullcontext()
