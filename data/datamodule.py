@@ -1,9 +1,19 @@
-"""The LightningDataModule: documents -> packed blocks (cached) -> train/val split -> resumable loaders.
+"""The LightningDataModule: documents -> packed blocks (cached) -> train/val split -> rank-sharded loaders.
 
-Data order is a function of (seed, samples already consumed): the sampler walks seeded permutations
-of the training blocks, each rank taking every world-th index, starting after what the restored
-global step has consumed. So `resume=auto` continues with exactly the batches an uninterrupted run
-would have seen, and Lightning's own distributed sampler is not used (use_distributed_sampler=False).
+Sampling. The training loader always carries our own `ResumableSampler`, a `DistributedSampler`
+subclass. Lightning never replaces a DistributedSampler, so the order is ours whether the Trainer has
+`use_distributed_sampler` on or off (`distqat train` turns it off); Lightning's injected sampler would
+be seeded by the global seed rather than ours and would restart the epoch on resume. Without
+Lightning, `dataloader(rank, world_size)` gives one rank's loader (default: the torch.distributed
+process group when initialized, else a single process).
+
+Order. With `total_samples` (what `distqat train` passes: max_steps x global batch) the run reads one
+stream of block indices: position k is block perm_e[k % n], e = k // n, where perm_e is a permutation
+of the n training blocks seeded by (seed, e); rank r reads positions r, r + world, ... . Each iteration
+starts after the samples the restored global step has consumed, so a resumed run sees exactly the
+batches an uninterrupted one would have, and one Lightning epoch is the whole run. Without
+`total_samples`, each Lightning epoch is one pass (perm_epoch, via `set_epoch`), cut to a multiple of
+the world size so every rank gets as many batches; a run resumed mid-epoch restarts that epoch.
 """
 
 from __future__ import annotations
@@ -12,17 +22,21 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .packing import pack
 from .sources import BUNDLED_TEXT, load_documents
 from .text import distqat_home
+
+CACHE_VERSION = 1  # bump when packing changes what a cached file holds
 
 
 class BlockDataset(Dataset):
@@ -33,117 +47,190 @@ class BlockDataset(Dataset):
         return len(self.blocks)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = self.blocks[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        ids = self.blocks[i].long()
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-class ResumableSampler(Sampler[int]):
-    """Indices of epoch-wise seeded permutations, this rank's share, from a start offset.
+class ResumableSampler(DistributedSampler):
+    """This rank's share of the seeded block order, from `consumed()` samples (over all ranks) on."""
 
-    `consumed()` says how many samples (over all ranks) were used before this iteration begins.
-    """
-
-    def __init__(self, n: int, seed: int, rank: int, world: int, total: int,
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, total: Optional[int] = None,
                  consumed: Callable[[], int] = lambda: 0) -> None:
-        self.n, self.seed, self.rank, self.world, self.total, self.consumed = n, seed, rank, world, total, consumed
+        super().__init__(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.n, self.total, self.consumed = n, total, consumed
+
+    def _positions(self) -> range:
+        if self.total is None:
+            lo, hi = self.epoch * self.n, (self.epoch + 1) * self.n
+        else:
+            lo, hi = self.consumed(), self.total
+        # Equal counts on every rank: one rank with an extra batch would hang the others' collectives.
+        w = self.num_replicas
+        return range(lo + self.rank, lo + max(0, hi - lo) // w * w, w)
 
     def __iter__(self) -> Iterator[int]:
-        start = self.consumed()
-        perm_epoch, perm = -1, None
-        for k in range(start + self.rank, self.total, self.world):
-            epoch, i = divmod(k, self.n)
-            if epoch != perm_epoch:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                perm, perm_epoch = torch.randperm(self.n, generator=g), epoch
+        perm_pass, perm = -1, torch.empty(0, dtype=torch.long)
+        for k in self._positions():
+            e, i = divmod(k, self.n)
+            if e != perm_pass:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+                perm_pass, perm = e, torch.randperm(self.n, generator=g)
             yield int(perm[i])
 
     def __len__(self) -> int:
-        return max(0, len(range(self.consumed() + self.rank, self.total, self.world)))
+        return len(self._positions())
+
+
+def _rank_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class TextDataModule(L.LightningDataModule):
+    """Packed blocks of `seq_len` tokens from `data.path`, split into train/val by `seed`.
+
+    `stats` (after setup) counts documents, blocks and tokens for logging.
+    """
+
     def __init__(
         self, path: str = BUNDLED_TEXT, text_field: str = "text", seq_len: int = 1024, chat_template: bool = False,
-        micro_batch_size: int = 1, val_fraction: float = 0.05, seed: int = 0, tokenizer=None, split: str = "train",
+        micro_batch_size: int = 1, val_fraction: float = 0.05, seed: int = 0, tokenizer=None,
+        model_path: Optional[str] = None, split: str = "train", num_workers: int = 0,
         total_samples: Optional[int] = None, cache_dir: Optional[Path] = None,
     ) -> None:
         super().__init__()
-        self.path, self.text_field, self.seq_len = path, text_field, seq_len
-        self.chat_template, self.micro_batch_size, self.val_fraction = chat_template, micro_batch_size, val_fraction
-        self.seed, self.tokenizer, self.split = seed, tokenizer, split
-        self.total_samples = total_samples
+        self.path, self.text_field, self.seq_len, self.chat_template = path, text_field, seq_len, chat_template
+        self.micro_batch_size, self.val_fraction, self.seed = micro_batch_size, val_fraction, seed
+        self._tokenizer, self.model_path, self.split = tokenizer, model_path, split
+        self.num_workers, self.total_samples = num_workers, total_samples
         self.cache_dir = Path(cache_dir) if cache_dir else distqat_home() / "cache" / "packed"
         self.stats: dict[str, int] = {}
         self.train_blocks: Optional[torch.Tensor] = None
         self.val_blocks: Optional[torch.Tensor] = None
 
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if self.model_path is None:
+                raise ValueError("TextDataModule needs the model's tokenizer: pass tokenizer= or model_path=")
+            from trainer.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.model_path)
+        return self._tokenizer
+
     # -- packing, cached ------------------------------------------------------------------------
 
-    def _cache_key(self) -> str:
-        p = Path(self.path).expanduser()
-        files = sorted(p.rglob("*")) if p.is_dir() else [p] if p.exists() else []
-        sig = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    def cache_file(self) -> Path:
+        """Where the packed blocks of this (data, tokenizer, packing settings) live."""
+        sig: list = []
+        where = self.path
+        if self.path != BUNDLED_TEXT:
+            p = Path(self.path).expanduser().resolve()
+            where = str(p)
+            files = sorted(p.rglob("*")) if p.is_dir() else [p] if p.exists() else []
+            for f in files:
+                rel = f.relative_to(p) if p.is_dir() else Path(f.name)
+                if f.is_file() and not any(part.startswith(".") for part in rel.parts):  # temp files of writers
+                    st = f.stat()
+                    sig.append((str(rel), st.st_size, st.st_mtime_ns))
         tok = self.tokenizer
-        key = json.dumps([self.path, self.split, sig, getattr(tok, "name_or_path", ""), len(tok), tok.eos_token_id,
-                          self.seq_len, self.chat_template, self.text_field])
-        return hashlib.sha256(key.encode()).hexdigest()[:24]
+        template = getattr(tok, "chat_template", None) if self.chat_template else None
+        key = json.dumps([CACHE_VERSION, where, self.split, sig, getattr(tok, "name_or_path", ""), len(tok),
+                          tok.eos_token_id, str(template), self.seq_len, self.chat_template, self.text_field])
+        return self.cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
 
-    def packed_blocks(self) -> torch.Tensor:
-        from safetensors.torch import load_file, save_file
+    def packed(self) -> tuple[torch.Tensor, dict[str, int]]:
+        """All blocks (int32) and their counts: read from the cache, else tokenized, packed and cached."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
 
-        if self.tokenizer is None:
-            raise ValueError("TextDataModule needs the model's tokenizer")
-        path = self.cache_dir / f"{self._cache_key()}.safetensors"
+        path = self.cache_file()
         if path.exists():
-            return load_file(str(path))["blocks"]
-        docs = load_documents(self.path, self.tokenizer, self.split, self.text_field, self.chat_template)
-        blocks, dropped = pack(docs, self.seq_len, self.tokenizer.eos_token_id)
-        if len(blocks) < 2:
-            raise ValueError(f"data.path={self.path!r} gives {len(blocks)} block(s) of data.seq_len={self.seq_len} "
-                             "tokens; give more text or a shorter data.seq_len")
+            try:
+                with safe_open(str(path), "pt") as f:
+                    return f.get_tensor("blocks"), {k: int(v) for k, v in f.metadata().items()}
+            except Exception as e:  # unreadable (disk trouble): packing again is always safe
+                warnings.warn(f"packing again: cannot read {path}: {e}", stacklevel=2)
+        tok = self.tokenizer
+        if tok.eos_token_id is None:
+            raise ValueError("the model's tokenizer has no EOS token to separate packed documents")
+        docs = load_documents(self.path, tok, self.split, self.text_field, self.chat_template)
+        blocks, dropped = pack(docs, self.seq_len, tok.eos_token_id)
+        if blocks.numel() and int(blocks.max()) >= len(tok):
+            raise ValueError(f"data.path={self.path!r} holds token id {int(blocks.max())}, beyond the model's "
+                             f"vocabulary of {len(tok)}: it was tokenized for another model")
+        blocks = blocks.to(torch.int32)  # half the bytes of int64; every vocabulary fits
+        meta = {"documents": len(docs), "dropped_tokens": dropped}
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        # Written whole, then renamed: a killed writer or a concurrent rank never leaves a torn file.
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".packed-", suffix=".safetensors")
         os.close(fd)
         try:
-            save_file({"blocks": blocks.contiguous()}, tmp, metadata={"dropped": str(dropped)})
+            save_file({"blocks": blocks}, tmp, metadata={k: str(v) for k, v in meta.items()})
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        return blocks
+        return blocks, meta
+
+    def prepare_data(self) -> None:
+        # Lightning runs this on one process per node first, so the other ranks only read the cache.
+        self.packed()
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_blocks is not None:
             return
-        blocks = self.packed_blocks()
-        n_val = max(1, int(round(len(blocks) * self.val_fraction))) if self.val_fraction > 0 else 0
-        order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(self.seed))
+        blocks, meta = self.packed()
+        n = len(blocks)
+        if n == 0:
+            raise ValueError(f"data.path={self.path!r} gives fewer than data.seq_len={self.seq_len} tokens; "
+                             "give more text or a shorter data.seq_len")
+        n_val = 0 if self.val_fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * self.val_fraction)))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         self.val_blocks, self.train_blocks = blocks[order[:n_val]], blocks[order[n_val:]]
-        self.stats = {"blocks": len(blocks), "train_blocks": len(self.train_blocks), "val_blocks": n_val,
-                      "tokens": blocks.numel()}
+        self.stats = {**meta, "blocks": n, "train_blocks": n - n_val, "val_blocks": n_val,
+                      "tokens": blocks.numel(), "train_tokens": (n - n_val) * self.seq_len}
 
     # -- loaders --------------------------------------------------------------------------------
 
-    def _consumed(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0
-        return trainer.global_step * trainer.accumulate_grad_batches * self.micro_batch_size * trainer.world_size
+    def _loader(self, blocks: torch.Tensor, sampler, drop_last: bool) -> DataLoader:
+        return DataLoader(BlockDataset(blocks), batch_size=self.micro_batch_size, sampler=sampler,
+                          drop_last=drop_last, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=self.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.seed))  # seeds the workers
 
-    def dataloader(self, rank: int = 0, world_size: int = 1, consumed: Callable[[], int] = lambda: 0) -> DataLoader:
-        """The training loader of one rank; usable without Lightning."""
+    def dataloader(self, rank: Optional[int] = None, world_size: Optional[int] = None,
+                   consumed: Callable[[], int] = lambda: 0) -> DataLoader:
+        """One rank's training loader; usable without Lightning. `consumed()`: samples (over all ranks)
+        already used, read when iteration starts (only with total_samples)."""
         assert self.train_blocks is not None, "call setup() first"
-        total = self.total_samples or len(self.train_blocks)
-        sampler = ResumableSampler(len(self.train_blocks), self.seed, rank, world_size, total, consumed)
-        return DataLoader(BlockDataset(self.train_blocks), batch_size=self.micro_batch_size, sampler=sampler,
-                          drop_last=True)
+        rank, world_size = _rank_world(rank, world_size)
+        n, unit = len(self.train_blocks), world_size * self.micro_batch_size
+        total = None if self.total_samples is None else self.total_samples // unit * unit
+        if (total if total is not None else n - n % world_size) < unit:
+            raise ValueError(f"{n} training blocks make no batch of {self.micro_batch_size} on each of "
+                             f"{world_size} ranks; give more text, a shorter data.seq_len or a smaller batch")
+        sampler = ResumableSampler(n, self.seed, rank, world_size, total, consumed)
+        return self._loader(self.train_blocks, sampler, drop_last=True)
+
+    def _consumed(self) -> int:
+        t = self.trainer
+        return t.global_step * t.accumulate_grad_batches * self.micro_batch_size * t.world_size
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer
+        if t is None:
+            return self.dataloader()
         return self.dataloader(t.global_rank, t.world_size, self._consumed)
 
     def val_dataloader(self) -> DataLoader:
-        assert self.val_blocks is not None
+        assert self.val_blocks is not None, "call setup() first"
         t = self.trainer
-        mine = self.val_blocks[t.global_rank :: t.world_size] if t is not None else self.val_blocks
-        return DataLoader(BlockDataset(mine), batch_size=self.micro_batch_size)
+        rank, world_size = (t.global_rank, t.world_size) if t is not None else _rank_world(None, None)
+        # Padded to equal counts per rank (a few blocks seen twice) so no rank waits in a collective.
+        sampler = (DistributedSampler(range(len(self.val_blocks)), world_size, rank, shuffle=False)
+                   if world_size > 1 else None)
+        return self._loader(self.val_blocks, sampler, drop_last=False)

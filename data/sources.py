@@ -1,15 +1,43 @@
-"""Text sources by `data.path`: the bundled text, or local text/json/jsonl/parquet files or a saved dataset."""
+"""Documents by `data.path`: the bundled text, local text/json/jsonl/parquet files, a saved `datasets`
+folder, or a `distqat generate` folder (already tokenized by the teacher).
+
+Formats: `.txt` is one document per line (blank lines skipped); `.json` (a list of records) and `.jsonl`
+hold a text field (`data.text_field`) or chat `messages`; `.parquet` and saved datasets hold a text field.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 BUNDLED_TEXT = "bundled:wikitext"
 LOCAL_FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def load_texts(path: str, split: str = "test", text_field: str = "text") -> list[str]:
-    """The documents of one split as strings (no tokenization)."""
+def is_generated(path: Path) -> bool:
+    """A folder written by `distqat generate`: shards plus its manifest (or, while unfinished, its settings)."""
+    return (path.is_dir() and any(path.glob("shard-*.parquet"))
+            and ((path / "manifest.json").exists() or (path / "settings.json").exists()))
+
+
+def generated_shards(path: Path) -> list[Path]:
+    """The shard files a finished `distqat generate` folder lists in its manifest."""
+    manifest = path / "manifest.json"
+    if not manifest.exists():
+        # Training on a partial set would silently differ from what was asked for.
+        raise ValueError(f"data.path={str(path)!r} is an unfinished `distqat generate` folder (no manifest.json); "
+                         "rerun the same generate command to finish it")
+    listed = json.loads(manifest.read_text()).get("shards")
+    files = [path / s["file"] for s in listed] if listed else sorted(path.glob("shard-*.parquet"))
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise ValueError(f"{manifest} lists shards that are missing ({', '.join(missing[:3])}); rerun generate")
+    return files
+
+
+def load_records(path: str, split: str = "train"):
+    """The records of `data.path` as a `datasets.Dataset` (local files have one split; `split` picks one of
+    the bundled text or of a saved DatasetDict)."""
     import datasets
 
     if path == BUNDLED_TEXT:
@@ -18,12 +46,19 @@ def load_texts(path: str, split: str = "test", text_field: str = "text") -> list
         dd = load_bundled_text()
         if split not in dd:
             raise ValueError(f"the bundled text has splits {list(dd)}, not {split!r}")
-        return list(dd[split]["text"])
+        return dd[split]
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"data.path={path!r} does not exist; give a local file/folder or {BUNDLED_TEXT}")
-    if p.is_dir():
-        ds = datasets.load_from_disk(str(p))
+    if is_generated(p):
+        files = [str(f) for f in generated_shards(p)]
+        ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    elif p.is_dir():
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except FileNotFoundError:
+            raise ValueError(f"data.path={path!r} is a folder but neither a saved `datasets` folder (save_to_disk) "
+                             "nor a `distqat generate` output; point it at a file or such a folder") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise ValueError(f"{p} has splits {list(ds)}, not {split!r}")
@@ -32,42 +67,64 @@ def load_texts(path: str, split: str = "test", text_field: str = "text") -> list
         fmt = LOCAL_FORMATS.get(p.suffix.lower())
         if fmt is None:
             raise ValueError(f"data.path={path!r}: unsupported file type {p.suffix!r}; use {sorted(LOCAL_FORMATS)}")
-        ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
+        if p.stat().st_size == 0:
+            raise ValueError(f"data.path={path!r} is empty; give a file with some text")
+        try:
+            ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
+        except Exception as e:  # datasets wraps parse errors in long chains; keep one line that names the file
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"data.path={path!r} cannot be read as {fmt}: {reason}") from e
+    if len(ds) == 0:
+        raise ValueError(f"data.path={path!r} holds no records; give a file with some text")
+    return ds
+
+
+def _missing_field(path: str, text_field: str, columns: list[str]) -> ValueError:
+    return ValueError(f"data.path={path!r} has no field {text_field!r} (fields: {columns}); set data.text_field")
+
+
+def load_texts(path: str, split: str = "test", text_field: str = "text") -> list[str]:
+    """The non-empty documents of one split as strings (no tokenization)."""
+    ds = load_records(path, split)
     if text_field not in ds.column_names:
-        raise ValueError(f"{p} has no field {text_field!r} (fields: {ds.column_names}); set data.text_field")
+        raise _missing_field(path, text_field, ds.column_names)
     return [t for t in ds[text_field] if t]
 
 
-def is_generated(path: Path) -> bool:
-    """A folder written by `distqat generate` (already tokenized by the teacher)."""
-    return path.is_dir() and (path / "settings.json").exists() and any(path.glob("shard-*.parquet"))
+def render_chats(chats, tokenizer) -> list[str]:
+    """Each conversation (a list of {role, content}) through the tokenizer's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("data.chat_template=true but the model's tokenizer has no chat template; "
+                         "give a text field instead (data.text_field)")
+    # Arrow gives every turn the union of keys over the file; keys a turn lacked come back as None.
+    return [tokenizer.apply_chat_template([{k: v for k, v in turn.items() if v is not None} for turn in chat],
+                                          tokenize=False) for chat in chats]
 
 
 def load_documents(
     path: str, tokenizer, split: str = "train", text_field: str = "text", chat_template: bool = False
 ) -> list[list[int]]:
-    """Token ids per document: self-generated samples as written, chat `messages` through the chat
-    template (when data.chat_template is on), text fields through the tokenizer."""
-    import datasets
-
+    """Token ids per non-empty document, no special tokens added: self-generated samples as written (the
+    teacher's ids), chat `messages` through the chat template (when data.chat_template is on), text as is."""
     from .packing import tokenize_texts
 
-    p = Path(path).expanduser()
-    if path != BUNDLED_TEXT and is_generated(p):
-        ds = datasets.load_dataset("parquet", data_files=sorted(str(f) for f in p.glob("shard-*.parquet")),
-                                   split="train")
-        return [list(x) for x in ds["input_ids"]]
-    if path != BUNDLED_TEXT and p.is_file() and p.suffix.lower() in (".json", ".jsonl"):
-        ds = datasets.load_dataset("json", data_files=str(p), split="train")
-        if "messages" in ds.column_names and text_field not in ds.column_names:
-            if not chat_template:
-                raise ValueError(f"{p} holds chat `messages`; set data.chat_template=true to render them")
-            texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in ds["messages"]]
-            return tokenize_texts(texts, tokenizer)
-    texts = load_texts(path, split, text_field)
+    ds = load_records(path, split)
+    columns = ds.column_names
+    if path != BUNDLED_TEXT and is_generated(Path(path).expanduser()):
+        if "input_ids" not in columns:
+            raise ValueError(f"data.path={path!r}: the generated shards have no input_ids (fields: {columns})")
+        return [list(ids) for ids in ds["input_ids"] if len(ids)]
+    if chat_template and "messages" in columns:
+        texts = render_chats(ds["messages"], tokenizer)
+    elif text_field in columns:
+        texts = [t for t in ds[text_field] if t]
+    elif "messages" in columns:
+        raise ValueError(f"data.path={path!r} holds chat `messages`; set data.chat_template=true to render them")
+    else:
+        raise _missing_field(path, text_field, columns)
     if not texts:
-        raise ValueError(f"data.path={path!r} holds no text")
-    return tokenize_texts(texts, tokenizer)
+        raise ValueError(f"data.path={path!r} holds no text in field {text_field!r}")
+    return [ids for ids in tokenize_texts(texts, tokenizer) if ids]
 
 
 def token_stream(texts: list[str], tokenizer, max_tokens: int | None = None, separator: str = "\n\n") -> list[int]:

@@ -42,3 +42,15 @@ def test_local_files(tmp_path):
     (tmp_path / "x.csv").write_text("a\n")
     with pytest.raises(ValueError, match="unsupported file type"):
         load_texts(str(tmp_path / "x.csv"))
+
+
+def test_json_list_parquet_and_generated_text(tmp_path):
+    import datasets
+
+    (tmp_path / "a.json").write_text(json.dumps([{"text": "one"}, {"text": ""}, {"text": "two"}]))
+    assert load_texts(str(tmp_path / "a.json")) == ["one", "two"]
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    datasets.Dataset.from_dict({"input_ids": [[1, 2]], "text": ["hello"]}).to_parquet(str(gen / "shard-00000.parquet"))
+    (gen / "manifest.json").write_text(json.dumps({"shards": [{"file": "shard-00000.parquet"}]}))
+    assert load_texts(str(gen)) == ["hello"], "eval can read the teacher's samples as text"
