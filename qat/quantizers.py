@@ -40,8 +40,9 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
-    """x in forward; gradient multiplied by g in backward (LSQ's step-size gradient scaling)."""
-    return (x - x * g).detach() + x * g
+    """x in forward (bit for bit); gradient multiplied by g in backward (LSQ's step-size gradient scaling)."""
+    y = x * g
+    return x.detach() + (y - y.detach())
 
 
 class _STE(torch.autograd.Function):

@@ -82,4 +82,4 @@ def test_kill_and_resume_gives_the_same_losses(setup_dirs, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     ppl = json.loads((tmp_path / "ev" / "eval.json").read_text())["perplexity"]
-    assert list(ppl) == ["w4 (trained)"] and ppl["w4 (trained)"] > 1.0
+    assert list(ppl) == ["w4 (saved)"] and ppl["w4 (saved)"] > 1.0

@@ -11,7 +11,6 @@ from .config import ConfigError, RunConfig, describe_schema, load_config
 
 # Commands whose capability is not built yet say which issue tracks it, and exit 2.
 PENDING = {
-    "ptq": "PTQ baselines (issue 6)",
     "convert": "conversion to packed integer checkpoints (issue 7)",
     "bench": "the benchmark runner; run the scripts under bench/ directly meanwhile",
 }
@@ -57,6 +56,17 @@ def _run_train(cfg: RunConfig) -> int:
     return 0
 
 
+def _run_ptq(cfg: RunConfig) -> int:
+    from qat.ptq import ptq_command
+
+    from .config import save_config
+
+    save_config(cfg, cfg.output_dir)
+    result = ptq_command(cfg)
+    print(f"quantized model: {result.get('model_dir', cfg.output_dir)}")
+    return 0
+
+
 def _run_report(cfg: RunConfig) -> int:
     from .eval import run_report
 
@@ -66,6 +76,7 @@ def _run_report(cfg: RunConfig) -> int:
 
 HANDLERS: dict[str, Callable[[RunConfig], int]] = {
     "eval": _run_eval, "report": _run_report, "generate": _run_generate, "train": _run_train,
+    "ptq": _run_ptq,
 }
 
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.generate import GenerateConfig
+from qat.ptq.config import PTQConfig
 from qat.spec import QuantSpec, SpecError, parse
 
 
@@ -101,6 +102,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ptq: PTQConfig = field(default_factory=PTQConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -97,12 +97,14 @@ def run_eval(cfg: RunConfig) -> dict:
     trained = is_quantized_folder(cfg.model.name_or_path)
     for what in (["trained"] if trained else cfg.eval.compare):
         if trained:
-            from qat.apply import load_quantized_model, quant_spec_of
+            from qat.apply import quant_spec_of
+            from qat.ptq import load_ptq_model
 
             from .models import DTYPES, resolve_dtype
 
-            model = load_quantized_model(cfg.model.name_or_path, dtype=DTYPES[resolve_dtype(cfg.model.dtype)])
-            label = f"{_spec_label(quant_spec_of(model))} (trained)"
+            model = load_ptq_model(cfg.model.name_or_path, dtype=DTYPES[resolve_dtype(cfg.model.dtype)])
+            spec = quant_spec_of(model)
+            label = f"{_spec_label(spec) if spec else 'llm_int8'} (saved)"
         else:
             model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation,
                                cfg.model.trust_remote_code)
@@ -131,7 +133,10 @@ def run_eval(cfg: RunConfig) -> dict:
 def is_quantized_folder(name_or_path: str) -> bool:
     """A folder written by `distqat train` / `distqat ptq` (its config records the quant spec)."""
     cfg = Path(name_or_path).expanduser() / "config.json"
-    return cfg.is_file() and "distqat_quant" in json.loads(cfg.read_text())
+    if not cfg.is_file():
+        return False
+    record = json.loads(cfg.read_text())
+    return "distqat_quant" in record or "distqat_ptq" in record
 
 
 def _spec_label(spec) -> str:

@@ -1,0 +1,73 @@
+"""The integer grid PTQ rounds onto, and how a PTQ result is frozen into a QuantLinear.
+
+Every method ends in `freeze(qlinear, weight, scale, zero)`: the weight is written back already on
+the grid (dequantized codes) and the layer's `lsq` weight quantizer gets the chosen scales and zero
+points as its (saved) parameters, so fake quant of the stored weight gives back exactly the codes
+the algorithm chose — at every forward, after save/load, and in export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional
+
+import torch
+
+from ..linear import QuantLinear
+from ..quantizers import QPARAMS, dequantize_codes, fake_quant_values, quantize_codes, weight_rows
+from ..spec import QuantSpec, TensorSpec
+
+
+def frozen_spec(spec: QuantSpec) -> QuantSpec:
+    """The spec a PTQ model is saved with: weight scales (and zero points) as stored `lsq` parameters."""
+    if spec.overrides:
+        raise ValueError("ptq does not support quant.overrides (mixed precision) yet; quantize with one scheme")
+    if spec.weight is None:
+        return spec
+    return replace(spec, weight=replace(spec.weight, learnable="lsq"))
+
+
+def qparams(rows: torch.Tensor, spec: TensorSpec, scale_dtype: Optional[torch.dtype]):
+    """Scale (and zero) per row by the spec's scale method, rounded to the dtype the weight is stored in."""
+    return QPARAMS[spec.scale_method](rows, spec, scale_dtype)
+
+
+def quant_rows(rows: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], spec: TensorSpec):
+    """(dequantized rows in rows' dtype, int32 codes or None for fp8)."""
+    if spec.format == "fp8":
+        return fake_quant_values(rows, scale, zero, spec).to(rows.dtype), None
+    codes = quantize_codes(rows, scale, zero, spec)
+    return dequantize_codes(codes, scale, zero, spec).to(rows.dtype), codes
+
+
+def rtn(w: torch.Tensor, spec: TensorSpec, scale_dtype: Optional[torch.dtype] = None):
+    """Round-to-nearest: (dequantized weight, codes, scale rows, zero rows)."""
+    rows = weight_rows(w.detach().float(), spec)
+    scale, zero = qparams(rows, spec, scale_dtype)
+    deq, codes = quant_rows(rows, scale, zero, spec)
+    return deq.reshape(w.shape), None if codes is None else codes.reshape(w.shape), scale, zero
+
+
+def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
+    """tr((W - Wq) H (W - Wq)^T): the squared output error of a linear over the inputs H = X^T X came from."""
+    d = (wq - w).to(h.dtype)
+    return float(((d @ h) * d).sum())
+
+
+@torch.no_grad()
+def freeze(q: QuantLinear, weight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) -> None:
+    """Store a PTQ result in q: the on-grid weight and the scales/zeros as the lsq quantizer's parameters."""
+    wq = q.weight_quantizer
+    if wq is None or wq.spec.learnable != "lsq":
+        raise RuntimeError("freeze needs a QuantLinear with an lsq weight quantizer (see frozen_spec)")
+    q.weight.copy_(weight.to(q.weight.dtype))
+    wq.scale.data = scale.detach().reshape(-1, 1).float().to(q.weight.device).clone()
+    if wq.zero is not None:
+        wq.zero.data = zero.detach().reshape(-1, 1).float().to(q.weight.device).clone()
+
+
+def freeze_rtn(q: QuantLinear) -> torch.Tensor:
+    """RTN-freeze q in place; returns the codes."""
+    deq, codes, scale, zero = rtn(q.weight, q.weight_quantizer.spec, q.weight.dtype)
+    freeze(q, deq, scale, zero)
+    return codes

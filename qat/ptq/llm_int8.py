@@ -1,0 +1,132 @@
+"""LLM.int8() (Dettmers et al. 2022): vector-wise int8 matmul with fp16 outlier decomposition.
+
+Input columns (features) whose magnitude exceeds `threshold` in any row run in high precision
+(fp16 on CUDA, fp32 on CPU) against the weight's original columns; the rest are quantized to int8
+with one absmax scale per row of the input and one per output channel of the weight, multiplied
+with integer accumulation, and rescaled. The CPU reference accumulates exactly (int8 products
+summed in float64, exact below 2^53); the CUDA path uses torch._int_mm (int32 accumulation) when
+the shapes allow it. No calibration: the decomposition is decided per batch at run time.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Optional
+
+import torch
+from torch import nn
+
+EPS = 1e-8
+
+
+def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax int8 per row: (codes as int8, fp32 scale (rows, 1))."""
+    xf = x.float()
+    scale = (xf.abs().amax(-1, keepdim=True) / 127.0).clamp_min(EPS)
+    return torch.round(xf / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (m, k) int8 @ b (n, k)^T int8 with exact integer accumulation, as float64 (CPU) or int32 (CUDA)."""
+    if a.is_cuda and hasattr(torch, "_int_mm") and a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[0] % 8 == 0:
+        try:
+            return torch._int_mm(a.contiguous(), b.t())
+        except RuntimeError:
+            pass
+    if a.is_cuda:
+        return (a.double() @ b.double().t())
+    return a.double() @ b.double().t()
+
+
+class Int8OutlierLinear(nn.Linear):
+    """nn.Linear whose forward is LLM.int8(): int8 vector-wise matmul plus a high-precision outlier part.
+
+    The fp weight stays the Parameter (state_dict as nn.Linear); its int8 codes are cached per weight version.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = 6.0,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.threshold = float(threshold)
+        self._cache: Optional[tuple] = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, threshold: float = 6.0) -> Int8OutlierLinear:
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.in_features, m.out_features = linear.in_features, linear.out_features
+        m.weight, m.bias = linear.weight, linear.bias
+        m.threshold, m._cache = float(threshold), None
+        return m
+
+    def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.device)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, *int8_rows(self.weight.detach()))
+        return self._cache[1], self._cache[2]
+
+    def outlier_columns(self, x2: torch.Tensor) -> torch.Tensor:
+        return (x2.abs() > self.threshold).any(0)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        cols = self.outlier_columns(x2)
+        wq, ws = self.int8_weight()
+        xq, xs = int8_rows(x2.masked_fill(cols, 0))
+        acc = torch.float32 if x.is_cuda else torch.float64
+        y = int_matmul(xq, wq).to(acc) * xs.to(acc) * ws.t().to(acc)
+        if bool(cols.any()):
+            # High-precision part: fp16 on CUDA (as the paper), the input's precision (>= fp32) on CPU.
+            hp = torch.float16 if x.is_cuda else (torch.float64 if x.dtype == torch.float64 else torch.float32)
+            y = y + (x2[:, cols].to(hp) @ self.weight[:, cols].to(hp).t()).to(acc)
+        if self.bias is not None:
+            y = y + self.bias.to(acc)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, int8 vector-wise, outlier threshold={self.threshold}"
+
+
+def reference_llm_int8(x: torch.Tensor, w: torch.Tensor, threshold: float, bias: Optional[torch.Tensor] = None):
+    """Float64 reference of the same computation (for tests)."""
+    x2 = x.reshape(-1, x.shape[-1]).double()
+    w = w.double()
+    cols = (x2.abs() > threshold).any(0)
+    xr = x2.masked_fill(cols, 0)
+    xs = (xr.abs().amax(-1, keepdim=True) / 127).clamp_min(EPS)
+    ws = (w.abs().amax(-1, keepdim=True) / 127).clamp_min(EPS)
+    xq = torch.round(xr / xs).clamp(-127, 127)
+    wq = torch.round(w / ws).clamp(-127, 127)
+    y = (xq @ wq.t()) * xs * ws.t() + x2[:, cols] @ w[:, cols].t()
+    if bias is not None:
+        y = y + bias.double()
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def convert_llm_int8(model: nn.Module, spec=None, threshold: float = 6.0) -> list[str]:
+    """Swap the model's linears (by the spec's include/exclude) for Int8OutlierLinear; returns their names."""
+    include = getattr(spec, "include", None) or ["*"]
+    exclude = getattr(spec, "exclude", None) or ["lm_head", "*.lm_head"]
+    w = getattr(spec, "weight", None)
+    if w is not None and (w.bits != 8 or w.format != "int" or not w.symmetric or w.granularity != "channel"):
+        raise ValueError(
+            "ptq.method=llm_int8 is int8 symmetric per output channel (vector-wise); set quant.scheme=w8a8 or w8"
+        )
+    if getattr(spec, "kv", None) is not None:
+        raise ValueError("ptq.method=llm_int8 does not quantize the KV cache; set quant.kv=null")
+    names = []
+    for name, lin in [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]:
+        if not any(fnmatchcase(name, p) for p in include) or any(fnmatchcase(name, p) for p in exclude):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Int8OutlierLinear.from_linear(lin, threshold))
+        names.append(name)
+    if not names:
+        raise ValueError("ptq.method=llm_int8: no linear matched quant.include/exclude")
+    if hasattr(model, "config"):
+        model.config.distqat_ptq = {"method": "llm_int8", "threshold": float(threshold),
+                                    "include": list(include), "exclude": list(exclude)}
+    return names
