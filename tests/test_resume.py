@@ -46,6 +46,10 @@ def test_kill_and_resume_gives_the_same_losses(setup_dirs, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     expected = losses(ref)
     assert sorted(expected) == list(range(16))
+    logged = list(csv.DictReader(next(ref.glob("logs/version_*/metrics.csv")).open()))
+    norms = [float(r["train/grad_norm"]) for r in logged if r.get("train/grad_norm")]
+    assert len(norms) == 16 and all(n > 0 for n in norms), "gradient norm logged every step"
+    assert any(r.get("train/lr") for r in logged) and any(r.get("train/tokens_per_s") for r in logged)
     assert (ref / "model" / "model.safetensors").is_file()
 
     out = tmp_path / "killed"

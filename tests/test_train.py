@@ -194,3 +194,18 @@ def test_quant_stats_scale_range_and_clipped_fraction():
     stats = weight_quant_stats(q)
     # Row 0 fits in [-8, 7] steps of 1.0; row 1 has 10 / 0.5 = 20 > 7.5: one of 16 weights clipped.
     assert stats == {"scale_min": 0.5, "scale_max": 1.0, "clipped": 1 / 16}
+
+
+def test_loggers_fall_back_to_csv_without_tensorboard(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from trainer import train
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("tensorboard") else real(name, *a))
+    loggers = train._loggers(tmp_path)
+    assert [type(lg) for lg in loggers] == [CSVLogger]
+    assert "tensorboard not installed" in capsys.readouterr().err

@@ -68,6 +68,13 @@ class QATModule(L.LightningModule):
         self.log("kd", out.get("kd", out["loss"]).detach(), prog_bar=True, on_step=True, logger=False)
         return out["loss"]
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Under ZeRO the gradients live partitioned in DeepSpeed's optimizer: nothing to read here.
+        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            self.log("train/grad_norm", norm, on_step=True, prog_bar=False)
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self.losses(batch)
         self.log_dict({f"val/{k}": v for k, v in out.items()}, on_epoch=True, sync_dist=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -72,10 +73,22 @@ def consolidate(student: torch.nn.Module, tokenizer, out: Path, strategy) -> Opt
     return out
 
 
+def _loggers(out_dir: Path) -> list:
+    """CSV always; TensorBoard as well where it is installed (some cluster images lack it)."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = [CSVLogger(out_dir, name="logs")]
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        loggers.append(TensorBoardLogger(out_dir, name="tb"))
+    else:
+        print("distqat: tensorboard not installed; logging CSV only (pip install tensorboard for curves)",
+              file=sys.stderr)
+    return loggers
+
+
 def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[str] = None) -> Path:
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from data.datamodule import TextDataModule
 
@@ -109,7 +122,7 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
         devices=devices, num_nodes=num_nodes, strategy=strategy, precision=PRECISION[cfg.train.master_weights],
         max_steps=cfg.train.max_steps, accumulate_grad_batches=cfg.train.grad_accum,
         gradient_clip_val=None if "deepspeed" in type(strategy).__name__.lower() else cfg.train.grad_clip,
-        logger=[CSVLogger(out_dir, name="logs"), TensorBoardLogger(out_dir, name="tb")],
+        logger=_loggers(out_dir),
         callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), QuantStats(cfg.train.stats_every)],
         log_every_n_steps=1, max_time=max_time, deterministic=False, use_distributed_sampler=False,
         limit_val_batches=cfg.train.val_batches, val_check_interval=cfg.train.val_every,
