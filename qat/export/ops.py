@@ -1,0 +1,354 @@
+"""Integer runtime ops of a converted checkpoint: dequantization, W*A16 and W*A8 linears.
+
+Layout of one converted weight (out N, in K, group size g, G = K // g groups; g == K is per channel):
+
+- bits != 8: `qweight` int32 (N, ceil(K * bits / 32)), the unsigned codes u in [0, 2**bits) packed by
+  `qat.export.pack.pack_int32`; `zero` None (symmetric: z = 2**(bits-1)) or unsigned zeros (N, G).
+- bits == 8: `qweight` int8 (N, K), the signed codes q = u - 128; `zero` None (z = 0) or the signed
+  zeros z_u - 128 (N, G).
+- `scale` (N, G) in bf16/fp16/fp32, exact in its dtype; the weight is (code - zero) * scale.
+
+Every path computes (code - zero) as an exact integer and multiplies by the scale in fp32, which is
+what `qat.quantizers.fake_quant_values` does (round(w/s) * s in fp32), so a dequantized weight is the
+trained fake-quant weight bit for bit. The 8-bit activation path quantizes each token exactly as the
+fake-quant activation quantizer would, then accumulates integer products exactly (int32 on the GPU,
+float64 on the CPU, where every partial sum is an integer below 2**53) and applies the scales in fp32.
+
+On CPU tensors the torch reference runs. On CUDA the Triton kernels of `qat.export.triton_ops` run,
+chosen per path and number of tokens M from `DISPATCH`; DISTQAT_INT_KERNELS=0 forces the reference.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..quantizers import range_qparams
+from ..spec import TensorSpec
+from .pack import packed_cols, unpack_int32
+
+__all__ = [
+    "dequantize_weight", "linear_a16", "linear_a8", "quantize_act_int8", "choose_impl", "path_name",
+    "kernels_enabled", "DISPATCH", "IMPLS",
+]
+
+KERNELS_ENV = "DISTQAT_INT_KERNELS"
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# Which implementation runs on CUDA, per path and number of tokens M: the first (max_m, impl) entry
+# with M <= max_m wins. Implementations:
+#   triton   the fused Triton GEMM of qat.export.triton_ops (int codes unpacked in the main loop; for a8
+#            int8 tensor-core dots with scales, zero points and bias in the epilogue)
+#   dequant  a16: the Triton dequantization kernel writes the weight once in x.dtype, then cuBLAS
+#            (F.linear). a8: the activation is quantized (fused kernel) and dequantized to x.dtype, the
+#            weight likewise, then cuBLAS: the fake-quant model's own computation, bit for bit in its
+#            inputs, for shapes where a bf16 GEMM beats the integer kernel.
+#   int_mm   w8a8 per-channel only: torch._int_mm (cuBLAS int8, M > 16, K and N multiples of 8) with
+#            the scales applied by torch ops afterwards.
+# These defaults are guesses from the arithmetic (small M is bound by weight bytes, where unpacking int4
+# in the GEMM main loop wins; at large M the GEMM is compute bound and a one-off dequantization is a few
+# per cent of it). TO BE SET from `python bench/kernels.py` on an H100: it times every implementation
+# of every path against bf16 F.linear and prints which one this table picks.
+_INF = 1 << 62
+DISPATCH: dict[str, tuple[tuple[int, str], ...]] = {
+    "w4a16": ((64, "triton"), (_INF, "dequant")),
+    "w8a16": ((32, "triton"), (_INF, "dequant")),
+    "w8a8": ((_INF, "triton"),),
+    "w4a8": ((_INF, "triton"),),
+}
+IMPLS: dict[str, tuple[str, ...]] = {
+    "w4a16": ("triton", "dequant", "reference"),
+    "w8a16": ("triton", "dequant", "reference"),
+    "w8a8": ("triton", "int_mm", "dequant", "reference"),
+    "w4a8": ("triton", "dequant", "reference"),
+}
+
+
+def kernels_enabled() -> bool:
+    """False when DISTQAT_INT_KERNELS=0 (or false/off/no): every op then runs the torch reference."""
+    return os.environ.get(KERNELS_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def path_name(bits: int, a8: bool) -> str:
+    """The DISPATCH key: 8-bit weights have their own kernels, every packed width runs the w4 ones."""
+    return f"w{8 if bits == 8 else 4}a{8 if a8 else 16}"
+
+
+def choose_impl(path: str, m: int) -> str:
+    """The DISPATCH entry for this path at M tokens (before checking that the kernel supports the shape)."""
+    for max_m, impl in DISPATCH[path]:
+        if m <= max_m:
+            return impl
+    return DISPATCH[path][-1][1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout checks and the integer codes.
+
+
+def _check_layout(qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], bits: int,
+                  group_size: int, in_features: int) -> tuple[int, int, int]:
+    """(N, K, G), or a ValueError naming the mismatch: a wrong layout would give silently wrong numbers."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits={bits}: integer weights have 2..8 bits")
+    k = int(in_features)
+    if group_size <= 0 or k % group_size:
+        raise ValueError(f"group_size={group_size} does not divide in_features={k}")
+    n, g = qweight.shape[0], k // group_size
+    if bits == 8:
+        if qweight.dtype != torch.int8 or tuple(qweight.shape) != (n, k):
+            raise ValueError(f"8-bit qweight must be int8 ({n}, {k}), got {qweight.dtype} {tuple(qweight.shape)}")
+    elif qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[1] != packed_cols(k, bits):
+        raise ValueError(f"{bits}-bit qweight must be int32 ({n}, {packed_cols(k, bits)}), got "
+                         f"{qweight.dtype} {tuple(qweight.shape)}")
+    if tuple(scale.shape) != (n, g) or scale.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"scale must be ({n}, {g}) bf16/fp16/fp32, got {scale.dtype} {tuple(scale.shape)}")
+    if zero is not None and (tuple(zero.shape) != (n, g) or zero.dtype.is_floating_point):
+        raise ValueError(f"zero must be an integer tensor ({n}, {g}), got {zero.dtype} {tuple(zero.shape)}")
+    return n, k, g
+
+
+def signed_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """(N, K) int32 codes centred like the symmetric grid (u - 2**(bits-1)); int8 weights are already so."""
+    if bits == 8:
+        return qweight.to(torch.int32)
+    return unpack_int32(qweight, bits, in_features).to(torch.int32) - (1 << (bits - 1))
+
+
+def signed_zero(zero: Optional[torch.Tensor], bits: int) -> Optional[torch.Tensor]:
+    """(N, G) int32 zero points in the domain of `signed_codes`; None means 0 (symmetric)."""
+    if zero is None:
+        return None
+    z = zero.to(torch.int32)
+    return z if bits == 8 else z - (1 << (bits - 1))
+
+
+def _centred(qweight, zero, bits, group_size, in_features) -> torch.Tensor:
+    """(N, G, g) int32: code - zero, the exact integer each weight is a multiple of its scale by."""
+    q = signed_codes(qweight, bits, in_features)
+    q = q.reshape(q.shape[0], -1, group_size)
+    z = signed_zero(zero, bits)
+    return q if z is None else q - z.unsqueeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dequantization and the 16-bit-activation linear.
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    if not kernels_enabled():
+        return False
+    from ..kernels import interpret_mode, triton_available
+
+    return (t.is_cuda or interpret_mode()) and triton_available()
+
+
+def _dequantize_reference(qweight, scale, zero, bits, group_size, in_features, dtype) -> torch.Tensor:
+    c = _centred(qweight, zero, bits, group_size, in_features)
+    w = c.float() * scale.float().unsqueeze(-1)  # exact integer times the stored scale, in fp32 as fake quant
+    return w.reshape(c.shape[0], in_features).to(dtype)
+
+
+def dequantize_weight(
+    qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], bits: int, group_size: int,
+    in_features: int, dtype: torch.dtype,
+) -> torch.Tensor:
+    """(N, K) weight in `dtype`, equal bit for bit to the fake-quant weight the model was trained with.
+
+    On CUDA a Triton kernel writes it in one pass (bits 2, 4, 8), which is what makes the dequantize-then-
+    cuBLAS path cheap at large M; elsewhere the torch reference runs.
+    """
+    _check_layout(qweight, scale, zero, bits, group_size, in_features)
+    if _use_triton(qweight):
+        from . import triton_ops
+
+        if triton_ops.dequant_supported(bits, dtype):
+            return triton_ops.dequantize(qweight, scale, zero, bits, group_size, in_features, dtype)
+    return _dequantize_reference(qweight, scale, zero, bits, group_size, in_features, dtype)
+
+
+def _flat(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    if x.shape[-1] != in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, the layer takes {in_features}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"input dtype {x.dtype}: integer linears take bf16, fp16 or fp32 activations")
+    return x.reshape(-1, in_features)
+
+
+def linear_a16(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], bits: int,
+    group_size: int, in_features: int, bias: Optional[torch.Tensor] = None, impl: Optional[str] = None,
+) -> torch.Tensor:
+    """y = x @ W^T + bias with W dequantized to x.dtype; (..., K) -> (..., N) in x.dtype.
+
+    `impl` overrides the dispatcher ("triton", "dequant", "reference"; benchmarks and tests use it).
+    """
+    n, k, _ = _check_layout(qweight, scale, zero, bits, group_size, in_features)
+    x2 = _flat(x, k)
+    out_shape = (*x.shape[:-1], n)
+    if impl is None:
+        impl = choose_impl(path_name(bits, False), x2.shape[0]) if _use_triton(x) else "reference"
+    if impl == "triton":
+        from . import triton_ops
+
+        if triton_ops.a16_supported(bits, group_size, x.dtype):
+            return triton_ops.linear_a16(x2, qweight, scale, zero, bits, group_size, bias).reshape(out_shape)
+        impl = "dequant"
+    if impl == "dequant":
+        w = dequantize_weight(qweight, scale, zero, bits, group_size, k, x.dtype)
+    elif impl == "reference":
+        w = _dequantize_reference(qweight, scale, zero, bits, group_size, k, x.dtype)
+    else:
+        raise ValueError(f"linear_a16: unknown impl {impl!r}")
+    b = None if bias is None else bias.to(x.dtype)
+    return F.linear(x2, w, b).reshape(out_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8-bit activations.
+
+
+def _act_spec(symmetric: bool) -> TensorSpec:
+    return TensorSpec(bits=8, symmetric=bool(symmetric), granularity="token")
+
+
+def _quantize_act_reference(x2d: torch.Tensor, symmetric: bool):
+    spec = _act_spec(symmetric)
+    r = x2d.float()
+    scale, zero = range_qparams(r.amin(-1, keepdim=True), r.amax(-1, keepdim=True), spec)
+    # As fake_quant_values: clamp before rounding; with integer bounds that is clamp(round(x / s)).
+    y = r / scale
+    if zero is None:
+        q = y.clamp(spec.qmin, spec.qmax).round()
+        return q.to(torch.int8), scale, None
+    c = torch.clamp(y, spec.qmin - zero, spec.qmax - zero).round() + zero  # unsigned code in [0, 255]
+    return (c - 128).to(torch.int8), scale, (zero - 128).to(torch.int32)
+
+
+def quantize_act_int8(
+    x2d: torch.Tensor, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Dynamic per-token int8 codes of a (M, K) activation: (xq int8, xscale fp32 (M, 1), xzero int32 (M, 1)).
+
+    (xq - xzero) * xscale, cast to x.dtype, is the fake-quant activation of the trained model bit for bit
+    (min/max scale of each row, no scale rounding, clamp then round). Asymmetric codes c in [0, 255] are
+    stored shifted to int8 (c - 128, zero z - 128), so both cases feed one signed int8 GEMM; xzero is
+    None when symmetric.
+    """
+    if x2d.dim() != 2 or x2d.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"quantize_act_int8 takes a 2-D bf16/fp16/fp32 tensor, got {x2d.dtype} {tuple(x2d.shape)}")
+    if x2d.shape[0] and _use_triton(x2d):
+        from . import triton_ops
+
+        if triton_ops.act_quant_supported(x2d.shape[1]):
+            return triton_ops.quantize_act_int8(x2d, bool(symmetric))
+    return _quantize_act_reference(x2d, bool(symmetric))
+
+
+def group_accumulate_reference(
+    xq: torch.Tensor, xzero: Optional[torch.Tensor], qweight: torch.Tensor, zero: Optional[torch.Tensor],
+    bits: int, group_size: int, in_features: int,
+) -> torch.Tensor:
+    """(G, M, N) float64: per group, sum_k (xq - xzero)[m, k] * (code - zero)[n, k], exactly.
+
+    Products are at most 255 * 255 and K is far below 2**53 / 65025, so every partial sum of a float64
+    matmul is an exact integer whatever the summation order: an exact integer GEMM at BLAS speed.
+    """
+    xi = xq.double()
+    if xzero is not None:
+        xi = xi - xzero.double()
+    c = _centred(qweight, zero, bits, group_size, in_features).double()  # (N, G, g)
+    m, (n, ng, g) = xi.shape[0], c.shape
+    out = torch.empty(ng, m, n, dtype=torch.float64, device=xi.device)
+    for j in range(ng):
+        torch.matmul(xi[:, j * g:(j + 1) * g], c[:, j].t(), out=out[j])
+    return out
+
+
+def a8_epilogue_reference(
+    acc: torch.Tensor, xscale: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype
+) -> torch.Tensor:
+    """y = xscale[m] * sum_g scale[n, g] * float32(acc_g) (+ bias), summed over groups in order, in fp32.
+
+    float32(acc_g) is the rounding an int32 accumulator's conversion does, so kernels match this
+    up to the order of their fp32 additions.
+    """
+    s = scale.float()
+    y = torch.zeros(acc.shape[1:], dtype=torch.float32, device=acc.device)
+    for j in range(acc.shape[0]):
+        y = y + acc[j].float() * s[:, j]
+    y = y * xscale
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(dtype)
+
+
+def linear_a8(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], bits: int,
+    group_size: int, in_features: int, act_symmetric: bool, bias: Optional[torch.Tensor] = None,
+    impl: Optional[str] = None,
+) -> torch.Tensor:
+    """y = x @ W^T + bias with x quantized per token to int8 and an exact integer GEMM per weight group.
+
+    (..., K) -> (..., N) in x.dtype. `impl` overrides the dispatcher ("triton", "int_mm", "dequant",
+    "reference").
+    """
+    n, k, ng = _check_layout(qweight, scale, zero, bits, group_size, in_features)
+    x2 = _flat(x, k)
+    out_shape = (*x.shape[:-1], n)
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(out_shape)
+    path = path_name(bits, True)
+    if impl is None:
+        impl = choose_impl(path, m) if _use_triton(x) else "reference"
+    if impl == "triton":
+        from . import triton_ops
+
+        if triton_ops.a8_supported(bits, group_size, k):
+            xq, xs, xz = quantize_act_int8(x2, act_symmetric)
+            return triton_ops.linear_a8(xq, xs, xz, qweight, scale, zero, bits, group_size, bias,
+                                        x.dtype).reshape(out_shape)
+        impl = "reference"
+    if impl == "int_mm":
+        if bits == 8 and ng == 1 and m > 16 and k % 8 == 0 and n % 8 == 0 and x.is_cuda:
+            xq, xs, xz = quantize_act_int8(x2, act_symmetric)
+            return _linear_a8_int_mm(xq, xs, xz, qweight, scale, zero, bias, x.dtype).reshape(out_shape)
+        impl = "reference"
+    if impl == "dequant":
+        # The fake-quant model's computation: quantized activation and weight, both in x.dtype, cuBLAS.
+        xq, xs, xz = quantize_act_int8(x2, act_symmetric)
+        xi = xq.float() if xz is None else xq.float() - xz.float()
+        xf = (xi * xs).to(x.dtype)
+        w = dequantize_weight(qweight, scale, zero, bits, group_size, k, x.dtype)
+        return F.linear(xf, w, None if bias is None else bias.to(x.dtype)).reshape(out_shape)
+    if impl != "reference":
+        raise ValueError(f"linear_a8: unknown impl {impl!r}")
+    xq, xs, xz = quantize_act_int8(x2, act_symmetric)
+    acc = group_accumulate_reference(xq, xz, qweight, zero, bits, group_size, k)
+    return a8_epilogue_reference(acc, xs, scale, bias, x.dtype).reshape(out_shape)
+
+
+def _linear_a8_int_mm(xq, xs, xz, qweight, scale, zero, bias, dtype) -> torch.Tensor:
+    """Per-channel int8 weights: cuBLAS int8 GEMM, then the zero-point corrections as exact int32 ops."""
+    acc = torch._int_mm(xq, qweight.t())  # (M, N) int32
+    if xz is not None:
+        acc = acc - xz * qweight.sum(1, dtype=torch.int32)
+    if zero is not None:
+        z = zero.to(torch.int32).reshape(1, -1)
+        acc = acc - xq.sum(1, keepdim=True, dtype=torch.int32) * z
+        if xz is not None:
+            acc = acc + xq.shape[1] * xz * z
+    y = acc.float() * scale.float().reshape(1, -1) * xs
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(dtype)
+
+
+def roofline_weight_bytes(n: int, k: int, bits: int, group_size: int, scale_bytes: int = 2) -> int:
+    """Bytes a linear must read at least for its weight: packed codes plus scales (benchmarks' roofline)."""
+    return n * math.ceil(k * bits / 8) + n * (k // group_size) * scale_bytes
