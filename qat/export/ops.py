@@ -32,7 +32,7 @@ from ..spec import TensorSpec
 from .pack import packed_cols, unpack_int32
 
 __all__ = [
-    "dequantize_weight", "linear_a16", "linear_a8", "quantize_act_int8", "choose_impl", "path_name",
+    "dequantize_weight", "linear_a16", "linear_a8", "quantize_act_int8", "choose_impl", "resolve_impl", "path_name",
     "kernels_enabled", "DISPATCH", "IMPLS",
 ]
 
@@ -147,6 +147,30 @@ def _use_triton(t: torch.Tensor) -> bool:
     return (t.is_cuda or interpret_mode()) and triton_available()
 
 
+def resolve_impl(
+    impl: Optional[str], bits: int, a8: bool, m: int, n: int, k: int, group_size: int, x: torch.Tensor
+) -> str:
+    """The implementation that runs: `impl` (None: the DISPATCH choice), or its fallback where the kernel
+    does not take the shape (bits 3/5/6/7, odd group sizes, int_mm's size rules)."""
+    if impl is None:
+        if not _use_triton(x):
+            return "reference"
+        impl = choose_impl(path_name(bits, a8), m)
+    if impl == "int_mm" and not (a8 and bits == 8 and group_size == k and m > 16 and k % 8 == 0 and n % 8 == 0
+                                 and x.is_cuda):
+        impl = "triton"
+    if impl == "triton":
+        from . import triton_ops
+
+        ok = triton_ops.a8_supported(bits, group_size, k) if a8 else triton_ops.a16_supported(bits, group_size, x.dtype)
+        if not ok:
+            # The dequantize-then-GEMM path runs any width; on CPU the exact reference is as fast.
+            impl = "dequant" if x.is_cuda else "reference"
+    if impl not in IMPLS[path_name(bits, a8)]:
+        raise ValueError(f"unknown impl {impl!r} for {path_name(bits, a8)}; one of {IMPLS[path_name(bits, a8)]}")
+    return impl
+
+
 def _dequantize_reference(qweight, scale, zero, bits, group_size, in_features, dtype) -> torch.Tensor:
     c = _centred(qweight, zero, bits, group_size, in_features)
     w = c.float() * scale.float().unsqueeze(-1)  # exact integer times the stored scale, in fp32 as fake quant
@@ -190,20 +214,15 @@ def linear_a16(
     n, k, _ = _check_layout(qweight, scale, zero, bits, group_size, in_features)
     x2 = _flat(x, k)
     out_shape = (*x.shape[:-1], n)
-    if impl is None:
-        impl = choose_impl(path_name(bits, False), x2.shape[0]) if _use_triton(x) else "reference"
+    impl = resolve_impl(impl, bits, False, x2.shape[0], n, k, group_size, x)
     if impl == "triton":
         from . import triton_ops
 
-        if triton_ops.a16_supported(bits, group_size, x.dtype):
-            return triton_ops.linear_a16(x2, qweight, scale, zero, bits, group_size, bias).reshape(out_shape)
-        impl = "dequant"
+        return triton_ops.linear_a16(x2, qweight, scale, zero, bits, group_size, bias).reshape(out_shape)
     if impl == "dequant":
         w = dequantize_weight(qweight, scale, zero, bits, group_size, k, x.dtype)
-    elif impl == "reference":
-        w = _dequantize_reference(qweight, scale, zero, bits, group_size, k, x.dtype)
     else:
-        raise ValueError(f"linear_a16: unknown impl {impl!r}")
+        w = _dequantize_reference(qweight, scale, zero, bits, group_size, k, x.dtype)
     b = None if bias is None else bias.to(x.dtype)
     return F.linear(x2, w, b).reshape(out_shape)
 
@@ -303,22 +322,16 @@ def linear_a8(
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(out_shape)
-    path = path_name(bits, True)
-    if impl is None:
-        impl = choose_impl(path, m) if _use_triton(x) else "reference"
+    impl = resolve_impl(impl, bits, True, m, n, k, group_size, x)
     if impl == "triton":
         from . import triton_ops
 
-        if triton_ops.a8_supported(bits, group_size, k):
-            xq, xs, xz = quantize_act_int8(x2, act_symmetric)
-            return triton_ops.linear_a8(xq, xs, xz, qweight, scale, zero, bits, group_size, bias,
-                                        x.dtype).reshape(out_shape)
-        impl = "reference"
+        xq, xs, xz = quantize_act_int8(x2, act_symmetric)
+        return triton_ops.linear_a8(xq, xs, xz, qweight, scale, zero, bits, group_size, bias,
+                                    x.dtype).reshape(out_shape)
     if impl == "int_mm":
-        if bits == 8 and ng == 1 and m > 16 and k % 8 == 0 and n % 8 == 0 and x.is_cuda:
-            xq, xs, xz = quantize_act_int8(x2, act_symmetric)
-            return _linear_a8_int_mm(xq, xs, xz, qweight, scale, zero, bias, x.dtype).reshape(out_shape)
-        impl = "reference"
+        xq, xs, xz = quantize_act_int8(x2, act_symmetric)
+        return _linear_a8_int_mm(xq, xs, xz, qweight, scale, zero, bias, x.dtype).reshape(out_shape)
     if impl == "dequant":
         # The fake-quant model's computation: quantized activation and weight, both in x.dtype, cuBLAS.
         xq, xs, xz = quantize_act_int8(x2, act_symmetric)
@@ -326,8 +339,6 @@ def linear_a8(
         xf = (xi * xs).to(x.dtype)
         w = dequantize_weight(qweight, scale, zero, bits, group_size, k, x.dtype)
         return F.linear(xf, w, None if bias is None else bias.to(x.dtype)).reshape(out_shape)
-    if impl != "reference":
-        raise ValueError(f"linear_a8: unknown impl {impl!r}")
     xq, xs, xz = quantize_act_int8(x2, act_symmetric)
     acc = group_accumulate_reference(xq, xz, qweight, zero, bits, group_size, k)
     return a8_epilogue_reference(acc, xs, scale, bias, x.dtype).reshape(out_shape)
