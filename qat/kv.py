@@ -24,6 +24,9 @@ from .quantizers import ActQuantizer
 from .spec import TensorSpec
 
 PREFIX = "distqat_kv_"
+# Set on K/V tensors that an integer cache (qat.export.cache) returns: already quantized, bit for bit
+# what fake quant would give, so quantizing them again would only add rounding noise.
+QUANTIZED_MARK = "_distqat_kv_quantized"
 
 
 def kv_rows(x: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
@@ -65,8 +68,10 @@ def _make_wrapper(base: str) -> Callable:
                 f"{type(module).__name__} runs KV-quantized attention but has no k/v quantizers; "
                 "apply qat.apply.quantize_model to the whole model"
             )
-        key = fake_quant_kv(kq, key)
-        value = fake_quant_kv(vq, value)
+        if not getattr(key, QUANTIZED_MARK, False):
+            key = fake_quant_kv(kq, key)
+        if not getattr(value, QUANTIZED_MARK, False):
+            value = fake_quant_kv(vq, value)
         return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"{PREFIX}{base}"

@@ -11,7 +11,6 @@ from .config import ConfigError, RunConfig, describe_schema, load_config
 
 # Commands whose capability is not built yet say which issue tracks it, and exit 2.
 PENDING = {
-    "convert": "conversion to packed integer checkpoints (issue 7)",
     "bench": "the benchmark runner; run the scripts under bench/ directly meanwhile",
 }
 
@@ -67,6 +66,20 @@ def _run_ptq(cfg: RunConfig) -> int:
     return 0
 
 
+def _run_convert(cfg: RunConfig) -> int:
+    from pathlib import Path
+
+    from qat.export import convert_folder
+
+    src = cfg.export.input
+    if not src:
+        raise ValueError("no model folder to convert: distqat convert <model folder> --out <folder>")
+    out = cfg.export.out_dir or f"{str(src).rstrip('/')}-int"
+    path = convert_folder(Path(src), Path(out))
+    print(f"integer checkpoint: {path}")
+    return 0
+
+
 def _run_report(cfg: RunConfig) -> int:
     from .eval import run_report
 
@@ -76,7 +89,7 @@ def _run_report(cfg: RunConfig) -> int:
 
 HANDLERS: dict[str, Callable[[RunConfig], int]] = {
     "eval": _run_eval, "report": _run_report, "generate": _run_generate, "train": _run_train,
-    "ptq": _run_ptq,
+    "ptq": _run_ptq, "convert": _run_convert,
 }
 
 
@@ -98,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", nargs="?", help="recipe YAML (e.g. configs/default.yaml); omitted: defaults")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied last")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        if name == "convert":
+            p.usage = "distqat convert <model folder> [--out <folder>] [key=value ...]"
+            p.add_argument("--out", help="output folder of the integer checkpoint (export.out_dir)")
     return parser
 
 
@@ -106,6 +122,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
         config, overrides = None, [config, *overrides]  # no recipe, only overrides
+    if args.command == "convert":
+        # `convert <folder>`: the positional is the model to convert, not a recipe.
+        if config is not None and not config.endswith((".yaml", ".yml")):
+            config, overrides = None, [f"export.input={config}", *overrides]
+        if args.out:
+            overrides.append(f"export.out_dir={args.out}")
     try:
         cfg = load_config(config, overrides)
     except ConfigError as e:
@@ -121,7 +143,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         return HANDLERS[args.command](cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
         # Known bad input (model, data, spec): one line, no traceback.
         print(f"distqat {args.command}: error: {e}", file=sys.stderr)
         return 2

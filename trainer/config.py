@@ -78,6 +78,9 @@ class DistributedConfig:
 @dataclass
 class ExportConfig:
     format: str = field(default="compressed-tensors", metadata={"choices": ("compressed-tensors",)})
+    # `distqat convert`: the quantized folder to convert (a train run's model/ or a ptq output) and
+    # where the integer checkpoint goes (default: <input>-<format>).
+    input: Optional[str] = None
     out_dir: Optional[str] = None
 
 

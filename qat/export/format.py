@@ -1,0 +1,89 @@
+"""The compressed-tensors description of a distqat quantization, both ways.
+
+A converted folder's config.json carries a standard `quantization_config` (quant_method
+"compressed-tensors"), so vLLM and transformers can read it, plus a small `distqat_export` record:
+the format version, a SHA-256 per weight file (a truncated or edited file is refused, not loaded
+silently wrong) and the few details compressed-tensors has no words for (per-head KV scales).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+from ..spec import TensorSpec
+
+QUANT_KEY = "quantization_config"
+EXPORT_KEY = "distqat_export"
+FORMAT_VERSION = 1
+
+
+class FormatError(ValueError):
+    """A checkpoint or a spec that the integer format cannot represent; the message names the fix."""
+
+
+def _int_args(spec: TensorSpec, strategy: str, dynamic: bool) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric, "strategy": strategy,
+        "dynamic": dynamic, "group_size": spec.group_size if spec.granularity == "group" else None,
+        "observer": None if dynamic else "minmax",
+    }
+    return args
+
+
+def weight_args(spec: TensorSpec, name: str) -> dict[str, Any]:
+    if spec.format != "int":
+        raise FormatError(f"{name}: {spec.format} weights have no integer packing here; "
+                          "convert integer specs (e.g. w4g128, w8) or keep the fake-quant folder")
+    strategy = {"tensor": "tensor", "channel": "channel", "group": "group"}[spec.granularity]
+    return _int_args(spec, strategy, dynamic=False)
+
+
+def act_args(spec: Optional[TensorSpec], name: str) -> Optional[dict[str, Any]]:
+    if spec is None:
+        return None
+    if spec.format != "int" or spec.bits != 8 or not spec.dynamic or spec.granularity != "token":
+        raise FormatError(
+            f"{name}: activations {spec.bits}-bit {spec.format} {spec.granularity}"
+            f"{'' if spec.dynamic else ' static'} have no integer kernel; the runtime runs dynamic per-token "
+            "int8 activations (a8) or none (a16); re-train or re-quantize with a8 or a16"
+        )
+    return _int_args(spec, "token", dynamic=True)
+
+
+def kv_args(spec: Optional[TensorSpec]) -> Optional[dict[str, Any]]:
+    if spec is None:
+        return None
+    if spec.format != "int" or not spec.dynamic or spec.granularity not in ("token", "head"):
+        raise FormatError(f"quant.kv: {spec.format} {spec.granularity} kv has no integer cache here; "
+                          "use dynamic int kv per token or per head (e.g. kv8, kv4)")
+    # compressed-tensors names no per-(head, token) dynamic scale; the exact granularity is in
+    # distqat_export.kv, and readers that only know the standard field see per-token int kv.
+    return _int_args(spec, "token", dynamic=True)
+
+
+def layer_format(weight: TensorSpec, act: Optional[TensorSpec]) -> str:
+    """int8 weights with int8 activations stay unpacked int8 (int-quantized); the rest packs into int32."""
+    return "int-quantized" if weight.bits == 8 and act is not None else "pack-quantized"
+
+
+def spec_from_args(args: dict[str, Any], kind: str) -> TensorSpec:
+    """A TensorSpec from a compressed-tensors QuantizationArgs dict (ours or another tool's)."""
+    if args.get("type", "int") != "int":
+        raise FormatError(f"{kind}: {args.get('type')} quantization is not an integer format this runtime runs")
+    strategy = args.get("strategy") or ("group" if args.get("group_size") else "tensor")
+    gran = {"tensor": "tensor", "channel": "channel", "group": "group", "token": "token"}.get(strategy)
+    if gran is None:
+        raise FormatError(f"{kind}: strategy {strategy!r} is not supported (tensor, channel, group, token are)")
+    return TensorSpec(
+        bits=int(args.get("num_bits", 8)), symmetric=bool(args.get("symmetric", True)), granularity=gran,
+        group_size=args.get("group_size") if gran == "group" else None,
+        dynamic=bool(args.get("dynamic", False)) if kind != "weight" else True,
+    )
+
+
+def matches(target: str, name: str, module_class: str) -> bool:
+    """compressed-tensors target matching: `re:` regex over the module name, else a name or class name."""
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target in (name, module_class)

@@ -1,0 +1,170 @@
+"""`load_quantized(folder)`: a converted checkpoint as a model of IntLinear layers and an integer KV cache."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from .. import kv as kv_quant
+from ..spec import TensorSpec
+from .convert import _sha256
+from .format import EXPORT_KEY, FORMAT_VERSION, QUANT_KEY, FormatError, matches, spec_from_args
+from .runtime import IntLinear
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} is not a converted model folder (no config.json); "
+                                "create one with: distqat convert <model folder> --out <folder>")
+    cfg = json.loads(cfg_file.read_text())
+    q = cfg.get(QUANT_KEY) or {}
+    if q.get("quant_method") != "compressed-tensors":
+        raise FormatError(f"{path}/config.json has no compressed-tensors quantization_config; "
+                          "create one with: distqat convert <model folder> --out <folder>")
+    if q.get("quantization_status", "compressed") != "compressed":
+        raise FormatError(f"{path}: quantization_status={q.get('quantization_status')!r}; only compressed "
+                          "checkpoints hold integer weights")
+    return cfg
+
+
+def _verify_files(path: Path, cfg: dict[str, Any]) -> list[Path]:
+    meta = cfg.get(EXPORT_KEY) or {}
+    if meta and meta.get("version") != FORMAT_VERSION:
+        raise FormatError(f"{path} was written by format version {meta.get('version')}; this distqat reads "
+                          f"version {FORMAT_VERSION}: convert the model again")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} holds no .safetensors weight files")
+    digests = meta.get("sha256")
+    if digests:
+        missing = sorted(set(digests) - {f.name for f in files})
+        if missing:
+            raise FormatError(f"{path} lacks weight file(s) {missing}; the checkpoint is incomplete")
+        for f in files:
+            if f.name in digests and _sha256(f) != digests[f.name]:
+                raise FormatError(f"{f} does not match the checksum written at conversion: it was truncated or "
+                                  "modified; convert the model again")
+    return files
+
+
+def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            out.update(load_file(str(f)))
+        except SafetensorError as e:
+            raise FormatError(f"{f} is not a readable safetensors file ({e}); it is truncated or corrupt: "
+                              "convert the model again") from None
+    return out
+
+
+LayerSpecs = dict[str, tuple[TensorSpec, Optional[TensorSpec]]]
+
+
+def _layer_specs(q: dict[str, Any], linears: dict[str, nn.Linear]) -> LayerSpecs:
+    specs: LayerSpecs = {}
+    ignore = q.get("ignore") or []
+    for gname, group in (q.get("config_groups") or {}).items():
+        if not group.get("weights"):
+            raise FormatError(f"config group {gname} quantizes no weights; the integer runtime needs them")
+        w = spec_from_args(group["weights"], "weight")
+        a = group.get("input_activations")
+        a = spec_from_args(a, "activation") if a else None
+        if a is not None and (a.bits != 8 or a.granularity != "token" or not a.dynamic):
+            raise FormatError(f"config group {gname}: activations {a.bits}-bit {a.granularity} "
+                              f"{'dynamic' if a.dynamic else 'static'} have no kernel; the runtime runs "
+                              "dynamic per-token int8 activations")
+        for name, mod in linears.items():
+            if name in specs or any(matches(t, name, type(mod).__name__) for t in ignore):
+                continue
+            if any(matches(t, name, type(mod).__name__) for t in group.get("targets", [])):
+                specs[name] = (w, a)
+    return specs
+
+
+def load_quantized(
+    path: Union[str, Path], device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
+    int_kv_cache: bool = True,
+) -> nn.Module:
+    """Build the model of a converted folder with IntLinear layers (integer weights kept packed).
+
+    The KV cache settings are applied as in training: K/V are quantized in attention, and `generate`
+    stores them in an IntKVCache (int8 or packed int4 codes) unless `int_kv_cache=False`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    path = Path(path)
+    cfg = _read_config(path)
+    files = _verify_files(path, cfg)
+    q = cfg[QUANT_KEY]
+    meta = cfg.get(EXPORT_KEY) or {}
+    clean = {k: v for k, v in cfg.items() if k not in (QUANT_KEY, EXPORT_KEY)}
+    config = AutoConfig.for_model(**clean)
+    if dtype is None:
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
+            str(clean.get("dtype") or clean.get("torch_dtype") or "bfloat16"), torch.bfloat16)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    specs = _layer_specs(q, linears)
+    if not specs:
+        raise FormatError(f"{path}: no linear layer of {type(model).__name__} matches the config's targets")
+    tensors = _read_tensors(files)
+    for name, (w, a) in specs.items():
+        lin = linears[name]
+        mod = IntLinear(lin.in_features, lin.out_features, w, a, bias=lin.bias is not None, dtype=dtype)
+        prefix = name + "."
+        mod.load_compressed({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, name)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, mod)
+    rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in specs}
+    result = model.load_state_dict(rest, strict=False)
+    owned = {f"{n}.{b}" for n in specs for b in ("qweight", "scale", "zero", "bias")}
+    missing = [k for k in result.missing_keys if k not in owned
+               and not (k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))]
+    if missing or result.unexpected_keys:
+        raise FormatError(f"{path}: weights do not fit {type(model).__name__}: missing {missing[:4]}, "
+                          f"unexpected {result.unexpected_keys[:4]}; the checkpoint is incomplete or for "
+                          "another architecture")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+
+    kv_args = q.get("kv_cache_scheme")
+    if kv_args:
+        kv = spec_from_args(kv_args, "kv")
+        kv.granularity = meta.get("kv_granularity") or kv.granularity
+        kv.check("kv")
+        kv_quant.install(model, kv)
+        if int_kv_cache:
+            _use_int_cache(model, kv)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def _use_int_cache(model: nn.Module, kv: TensorSpec) -> None:
+    """Make `model.generate` store its cache as integers unless the caller passes its own cache."""
+    from .cache import IntKVCache
+
+    n_layers = model.config.get_text_config().num_hidden_layers
+    generate = model.generate
+
+    @functools.wraps(generate)
+    def generate_with_int_cache(*args: Any, **kwargs: Any):
+        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+            kwargs["past_key_values"] = IntKVCache(kv, n_layers)
+        return generate(*args, **kwargs)
+
+    model.generate = generate_with_int_cache
+    model.kv_spec = kv
