@@ -244,3 +244,20 @@ def test_bundled_model_converted_logits_match_fake_quant(tmp_path, bundled_token
     assert rel(got, fq16) < rel(fq16, fq32), (rel(got, fq16), rel(fq16, fq32))
     assert rel(got, fq32) < 1.1 * rel(fq16, fq32)
     assert (got.argmax(-1) == fq16.argmax(-1)).float().mean() >= 0.85
+
+
+def test_quantized_tied_lm_head_is_untied_in_the_checkpoint(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_model("llama").config
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    quantize_model(model, "w4g32", exclude=[], overrides={"lm_head": "w8"})
+    rt = load_quantized(convert_model(model, tmp_path / "int"))
+    assert isinstance(rt.lm_head, IntLinear) and rt.lm_head.bits == 8
+    assert not rt.config.tie_word_embeddings
+    assert torch.equal(rt.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(rt(ids).logits, model(ids).logits)

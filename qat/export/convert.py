@@ -183,6 +183,8 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
     for k in [k for k in cfg if k.startswith("_attn_implementation")] + [CONFIG_KEY]:
         cfg.pop(k, None)
     cfg[QUANT_KEY] = quant_config
+    if tied and "lm_head" in quantized:
+        cfg["tie_word_embeddings"] = False  # the head is now integer codes, the embedding stays float
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

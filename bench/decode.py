@@ -1,0 +1,161 @@
+"""Benchmark: decode tokens/s of a converted (integer) model against its bf16 original, on one GPU.
+
+    python bench/decode.py [--shapes smollm2-135m,llama-1b] [--batches 1,16] [--scheme w4g128] [--json out.json]
+
+Both models run the same decode step — one token per sequence against a static KV cache (bf16 for
+both, so the comparison is about the linear layers) — captured once as a CUDA graph and replayed,
+so Python and launch overhead are out of both numbers. Models are random-init with the named
+shapes (speed does not depend on the weights); the integer model is the bf16 one quantized with
+RTN by `--scheme`, converted with qat.export.convert_model and loaded with load_quantized. The table
+also gives the time a step would take if it only read the weights at `--bandwidth` bytes/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+SHAPES = {
+    # The bundled model's shape (576-wide: groups of 64).
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+    # Llama-3.2-1B's shape.
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="smollm2-135m,llama-1b")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--scheme", default="w4g128", help="RTN scheme of the integer model (g64 for 576-wide)")
+    p.add_argument("--lm-heads", default="bf16,w8",
+                   help="lm_head of the integer model: bf16 (left out, as PTQ usually does) and/or w8 (int8)")
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--bandwidth", type=float, default=3.0e12)
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def build(shape: str, scheme: str, lm_heads: list[str], tmp: Path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from qat.apply import quantize_model
+    from qat.export import convert_model, load_quantized
+
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    bf16 = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    if shape == "smollm2-135m":
+        scheme = scheme.replace("g128", "g64")
+    ints = {}
+    for head in lm_heads:
+        q = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+        q.load_state_dict(bf16.state_dict())
+        if head == "bf16":
+            quantize_model(q, scheme)
+        else:  # the 1B shape's tied 128k-vocabulary head is a third of what a decode step reads
+            quantize_model(q, scheme, exclude=[], overrides={"lm_head": head})
+        ints[head] = load_quantized(convert_model(q, tmp / f"{shape}-{scheme}-{head}"), device="cuda")
+        del q
+    return bf16.cuda(), ints, scheme
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step must read: every linear's weights (the embedding lookup reads one row)."""
+    from qat.export.runtime import IntLinear
+
+    seen, n = set(), 0
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, IntLinear)):
+            for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+                if t is not None and t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    n += t.numel() * t.element_size()
+    return n
+
+
+@torch.no_grad()
+def decode_time(model, batch: int, prompt: int, steps: int) -> tuple[float, bool]:
+    """Seconds per decode step (CUDA graph replay; eager if capture fails) and whether a graph ran."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 8)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
+    model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt, device="cuda"),
+          use_cache=True)
+    tok = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
+    pos = torch.tensor([prompt], device="cuda")
+
+    def step():
+        return model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+        run, graphed = graph.replay, True
+    except Exception as e:  # noqa: BLE001 - report eager timing rather than nothing
+        print(f"  CUDA graph capture failed ({type(e).__name__}: {e}); timing eager steps", file=sys.stderr)
+        run, graphed = step, False
+    for _ in range(5):
+        run()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        pos.fill_(prompt + (i % 8))  # the written slot moves; the cost per step does not depend on it
+        run()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps, graphed
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/decode.py needs a CUDA GPU (integer kernels and CUDA graphs); none found", file=sys.stderr)
+        return 2
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in args.shapes.split(","):
+            bf16, ints, scheme = build(shape, args.scheme, args.lm_heads.split(","), Path(tmp))
+            for b in [int(x) for x in args.batches.split(",")]:
+                t_bf, g1 = decode_time(bf16, b, args.prompt, args.steps)
+                for head, intm in ints.items():
+                    t_int, g2 = decode_time(intm, b, args.prompt, args.steps)
+                    rows.append(dict(shape=shape, scheme=scheme, lm_head=head, batch=b, bf16_tok_s=b / t_bf,
+                                     int_tok_s=b / t_int, speedup=t_bf / t_int, bf16_ms=t_bf * 1e3,
+                                     int_ms=t_int * 1e3, roofline_bf16_ms=weight_bytes(bf16) / args.bandwidth * 1e3,
+                                     roofline_int_ms=weight_bytes(intm) / args.bandwidth * 1e3, graphs=g1 and g2))
+            del bf16, ints
+            torch.cuda.empty_cache()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"{'shape':<14}{'scheme':<8}{'lm_head':<8}{'batch':>6}{'bf16 tok/s':>12}{'int tok/s':>12}{'int/bf16':>10}"
+          f"{'bf16 ms':>9}{'int ms':>8}{'roof bf16':>10}{'roof int':>9}  graphs")
+    for r in rows:
+        print(f"{r['shape']:<14}{r['scheme']:<8}{r['lm_head']:<8}{r['batch']:>6}{r['bf16_tok_s']:>12.0f}{r['int_tok_s']:>12.0f}"
+              f"{r['speedup']:>10.2f}{r['bf16_ms']:>9.3f}{r['int_ms']:>8.3f}{r['roofline_bf16_ms']:>10.3f}"
+              f"{r['roofline_int_ms']:>9.3f}  {r['graphs']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
