@@ -265,6 +265,7 @@ KERNEL_CASES = [
     (5, 128, 48, 64, 4, False, True, torch.float16, False),
     (1, 256, 32, None, 8, True, False, torch.bfloat16, True),  # a8 split-K inside one group
     (3, 256, 32, None, 4, False, True, torch.float32, False),
+    (1, 384, 32, None, 4, True, True, torch.bfloat16, False),  # a group split into 3 parts
 ]
 
 

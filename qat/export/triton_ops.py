@@ -388,9 +388,10 @@ def linear_a8(xq, xs, xz, qweight, scale, zero, bits: int, group_size: int, bias
     subs = 1  # parts per group: only when there are too few groups to split K by whole groups
     if m <= 64:
         tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-        target = triton.cdiv(2 * _num_sms(_device_index(xq)), tiles)
-        while ng * subs < target and group_size % (2 * subs * cfg["BLOCK_K"]) == 0:
-            subs *= 2
+        target = (2 * _num_sms(_device_index(xq))) // tiles
+        k_tiles = group_size // cfg["BLOCK_K"]
+        if ng < target:  # the fewest equal parts (whole K tiles each) that give enough units
+            subs = next((d for d in range(1, k_tiles + 1) if k_tiles % d == 0 and ng * d >= target), k_tiles)
     split, per = split_k(m, n, cfg, ng * subs, _num_sms(_device_index(xq)))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
     out = (torch.zeros(m, n, dtype=torch.float32, device=xq.device) if split > 1
