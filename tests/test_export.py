@@ -261,3 +261,28 @@ def test_quantized_tied_lm_head_is_untied_in_the_checkpoint(tiny_model, tmp_path
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(rt(ids).logits, model(ids).logits)
+
+
+def test_eval_scores_a_converted_folder_like_its_fake_quant_source(tmp_path, bundled_tokenizer):
+    from conftest import save_tiny_teacher
+    from transformers import AutoModelForCausalLM
+
+    from qat.export import convert_folder
+    from trainer.cli import main
+
+    teacher = save_tiny_teacher(tmp_path / "teacher", bundled_tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.bfloat16)
+    quantize_model(model, "w4g32")
+    model.save_pretrained(tmp_path / "fq")
+    bundled_tokenizer.save_pretrained(tmp_path / "fq")
+    convert_folder(tmp_path / "fq", tmp_path / "int")
+    assert (tmp_path / "int" / "tokenizer.json").is_file()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    ppl = {}
+    for name in ("fq", "int"):
+        assert main(["eval", f"model.name_or_path={tmp_path / name}", f"data.path={corpus}", "eval.max_tokens=96",
+                     "eval.seq_len=32", "model.dtype=bfloat16", f"output_dir={tmp_path / ('ev' + name)}"]) == 0
+        ppl.update(json.loads((tmp_path / ("ev" + name) / "eval.json").read_text())["perplexity"])
+    assert set(ppl) == {"w4g32 (saved)", "w4g32 (int)"}
+    assert ppl["w4g32 (int)"] == ppl["w4g32 (saved)"]  # weight-only: the same logits bit for bit

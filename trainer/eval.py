@@ -102,9 +102,16 @@ def run_eval(cfg: RunConfig) -> dict:
 
             from .models import DTYPES, resolve_dtype
 
-            model = load_ptq_model(cfg.model.name_or_path, dtype=DTYPES[resolve_dtype(cfg.model.dtype)])
-            spec = quant_spec_of(model)
-            label = f"{_spec_label(spec) if spec else 'llm_int8'} (saved)"
+            if is_converted_folder(cfg.model.name_or_path):
+                from qat.export import load_quantized
+
+                model = load_quantized(cfg.model.name_or_path)
+                spec = _converted_spec(cfg.model.name_or_path)
+                label = f"{_spec_label(spec) if spec else 'int'} (int)"
+            else:
+                model = load_ptq_model(cfg.model.name_or_path, dtype=DTYPES[resolve_dtype(cfg.model.dtype)])
+                spec = quant_spec_of(model)
+                label = f"{_spec_label(spec) if spec else 'llm_int8'} (saved)"
         else:
             model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation,
                                cfg.model.trust_remote_code)
@@ -136,7 +143,20 @@ def is_quantized_folder(name_or_path: str) -> bool:
     if not cfg.is_file():
         return False
     record = json.loads(cfg.read_text())
-    return "distqat_quant" in record or "distqat_ptq" in record
+    return "distqat_quant" in record or "distqat_ptq" in record or "distqat_export" in record
+
+
+def is_converted_folder(name_or_path: str) -> bool:
+    """A folder written by `distqat convert` (integer weights, run by qat.export.load_quantized)."""
+    cfg = Path(name_or_path).expanduser() / "config.json"
+    return cfg.is_file() and "distqat_export" in json.loads(cfg.read_text())
+
+
+def _converted_spec(name_or_path: str):
+    from qat.spec import QuantSpec
+
+    d = json.loads((Path(name_or_path).expanduser() / "config.json").read_text())["distqat_export"].get("spec")
+    return QuantSpec.from_dict(d) if d else None
 
 
 def _spec_label(spec) -> str:
