@@ -13,6 +13,7 @@ also gives the time a step would take if it only read the weights at `--bandwidt
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -61,7 +62,7 @@ def build(shape: str, scheme: str, lm_heads: list[str], tmp: Path):
         scheme = scheme.replace("g128", "g64")
     ints = {}
     for head in lm_heads:
-        q = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+        q = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), dtype=torch.bfloat16).eval()
         q.load_state_dict(bf16.state_dict())
         if head == "bf16":
             quantize_model(q, scheme)
