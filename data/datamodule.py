@@ -40,15 +40,22 @@ CACHE_VERSION = 1  # bump when packing changes what a cached file holds
 
 
 class BlockDataset(Dataset):
-    def __init__(self, blocks: torch.Tensor) -> None:
+    """Packed blocks, each with the teacher's cached top-k logits when those are given."""
+
+    def __init__(self, blocks: torch.Tensor, topk: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
         self.blocks = blocks
+        self.topk = topk
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = self.blocks[i].long()
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        item = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        if self.topk is not None:
+            item["teacher_topk_values"] = self.topk[0][i]
+            item["teacher_topk_indices"] = self.topk[1][i]
+        return item
 
 
 class ResumableSampler(DistributedSampler):
@@ -100,6 +107,8 @@ class TextDataModule(L.LightningDataModule):
         micro_batch_size: int = 1, val_fraction: float = 0.05, seed: int = 0, tokenizer=None,
         model_path: Optional[str] = None, split: str = "train", num_workers: int = 0,
         total_samples: Optional[int] = None, cache_dir: Optional[Path] = None,
+        teacher_topk: int = 0, teacher: Optional[str] = None,
+        load_teacher: Optional[Callable[[], torch.nn.Module]] = None, topk_batch_size: int = 4,
     ) -> None:
         super().__init__()
         self.path, self.text_field, self.seq_len, self.chat_template = path, text_field, seq_len, chat_template
@@ -110,6 +119,13 @@ class TextDataModule(L.LightningDataModule):
         self.stats: dict[str, int] = {}
         self.train_blocks: Optional[torch.Tensor] = None
         self.val_blocks: Optional[torch.Tensor] = None
+        # Cached teacher logits (data.teacher_cache): k > 0 needs the teacher's folder and a loader for it.
+        self.teacher_topk, self.teacher, self.load_teacher = teacher_topk, teacher, load_teacher
+        self.topk_batch_size = topk_batch_size
+        self.train_topk: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.val_topk: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        if teacher_topk and (teacher is None or load_teacher is None):
+            raise ValueError("teacher_topk > 0 needs teacher= (its folder) and load_teacher=")
 
     @property
     def tokenizer(self):
@@ -176,9 +192,18 @@ class TextDataModule(L.LightningDataModule):
                 os.unlink(tmp)
         return blocks, meta
 
+    def topk_file(self) -> Optional[Path]:
+        from .teacher_cache import topk_cache_file
+
+        return topk_cache_file(self.cache_file(), self.teacher, self.teacher_topk) if self.teacher_topk else None
+
     def prepare_data(self) -> None:
-        # Lightning runs this on one process per node first, so the other ranks only read the cache.
-        self.packed()
+        # Lightning runs this on one process per node first, so the other ranks only read the caches.
+        blocks, _ = self.packed()
+        if self.teacher_topk:
+            from .teacher_cache import build_topk_cache
+
+            build_topk_cache(self.topk_file(), blocks, self.teacher_topk, self.load_teacher, self.topk_batch_size)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_blocks is not None:
@@ -191,13 +216,22 @@ class TextDataModule(L.LightningDataModule):
         n_val = 0 if self.val_fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * self.val_fraction)))
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         self.val_blocks, self.train_blocks = blocks[order[:n_val]], blocks[order[n_val:]]
+        if self.teacher_topk:
+            from .teacher_cache import load_topk_cache
+
+            path = self.topk_file()
+            if not path.exists():
+                raise FileNotFoundError(f"the teacher's top-k cache {path} is missing; run prepare_data() first")
+            values, indices = load_topk_cache(path, blocks)
+            self.val_topk = (values[order[:n_val]], indices[order[:n_val]])
+            self.train_topk = (values[order[n_val:]], indices[order[n_val:]])
         self.stats = {**meta, "blocks": n, "train_blocks": n - n_val, "val_blocks": n_val,
                       "tokens": blocks.numel(), "train_tokens": (n - n_val) * self.seq_len}
 
     # -- loaders --------------------------------------------------------------------------------
 
-    def _loader(self, blocks: torch.Tensor, sampler, drop_last: bool) -> DataLoader:
-        return DataLoader(BlockDataset(blocks), batch_size=self.micro_batch_size, sampler=sampler,
+    def _loader(self, blocks: torch.Tensor, sampler, drop_last: bool, topk=None) -> DataLoader:
+        return DataLoader(BlockDataset(blocks, topk), batch_size=self.micro_batch_size, sampler=sampler,
                           drop_last=drop_last, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=self.num_workers > 0,
                           generator=torch.Generator().manual_seed(self.seed))  # seeds the workers
@@ -214,7 +248,7 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"{n} training blocks make no batch of {self.micro_batch_size} on each of "
                              f"{world_size} ranks; give more text, a shorter data.seq_len or a smaller batch")
         sampler = ResumableSampler(n, self.seed, rank, world_size, total, consumed)
-        return self._loader(self.train_blocks, sampler, drop_last=True)
+        return self._loader(self.train_blocks, sampler, drop_last=True, topk=self.train_topk)
 
     def _consumed(self) -> int:
         t = self.trainer
@@ -233,4 +267,4 @@ class TextDataModule(L.LightningDataModule):
         # Padded to equal counts per rank (a few blocks seen twice) so no rank waits in a collective.
         sampler = (DistributedSampler(range(len(self.val_blocks)), world_size, rank, shuffle=False)
                    if world_size > 1 else None)
-        return self._loader(self.val_blocks, sampler, drop_last=False)
+        return self._loader(self.val_blocks, sampler, drop_last=False, topk=self.val_topk)

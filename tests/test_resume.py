@@ -87,3 +87,17 @@ def test_kill_and_resume_gives_the_same_losses(setup_dirs, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     ppl = json.loads((tmp_path / "ev" / "eval.json").read_text())["perplexity"]
     assert list(ppl) == ["w4 (saved)"] and ppl["w4 (saved)"] > 1.0
+
+
+def test_train_from_cached_teacher_topk(setup_dirs, tmp_path):
+    out = tmp_path / "topk"
+    cache = tmp_path / "home"
+    env = {**os.environ, "DISTQAT_HOME": str(cache)}
+    r = subprocess.run(args(setup_dirs, out, "train.teacher_topk=8", "train.max_steps=6", "train.save_every=100"),
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "teacher top-8" in r.stderr  # progress of the one teacher pass
+    assert len(list(cache.rglob("topk-*.safetensors"))) == 1
+    logged = losses(out)
+    assert sorted(logged) == list(range(6)) and all(0 < v < 20 for v in logged.values())
+    assert (out / "model" / "model.safetensors").is_file()

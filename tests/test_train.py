@@ -209,3 +209,85 @@ def test_loggers_fall_back_to_csv_without_tensorboard(tmp_path, monkeypatch, cap
     loggers = train._loggers(tmp_path)
     assert [type(lg) for lg in loggers] == [CSVLogger]
     assert "tensorboard not installed" in capsys.readouterr().err
+
+
+def test_kd_loss_topk_is_the_full_kl_at_full_k_and_the_renormalised_kl_below():
+    from trainer.losses import kd_loss_topk
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 40, generator=g) * 3, torch.randn(2, 5, 40, generator=g) * 3
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    for temp in (1.0, 2.0):
+        full = t.topk(40, dim=-1)
+        a = kd_loss_topk(s, full.values, full.indices, mask, temp)
+        assert torch.allclose(a, kd_loss(s, t, mask, temp), rtol=1e-5, atol=1e-6)
+        top = t.topk(7, dim=-1)
+        got = kd_loss_topk(s, top.values, top.indices, mask, temp)
+        # float64 reference: teacher softmax over its 7 largest logits against the student's full softmax
+        p_t = torch.softmax(top.values.double() / temp, -1)
+        log_s = torch.log_softmax(s.double() / temp, -1).gather(-1, top.indices)
+        kl = (p_t * (p_t.log() - log_s)).sum(-1)
+        ref = (kl * mask).sum() / mask.sum() * temp * temp
+        assert abs(got.item() - ref.item()) < 1e-5
+
+
+def test_datamodule_carries_the_teachers_topk_aligned_with_each_block(tmp_path, bundled_tokenizer):
+    from conftest import save_tiny_teacher
+    from transformers import AutoModelForCausalLM
+
+    from data.datamodule import TextDataModule
+
+    teacher_dir = save_tiny_teacher(tmp_path / "teacher", bundled_tokenizer)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Document {i}: " + "some words here and there " * (3 + i % 5) for i in range(30)))
+    loads = []
+
+    def load():
+        loads.append(1)
+        return AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.bfloat16).eval()
+
+    kw = dict(path=str(corpus), seq_len=16, tokenizer=bundled_tokenizer, micro_batch_size=3, seed=1,
+              cache_dir=tmp_path / "cache", teacher_topk=5, teacher=str(teacher_dir), load_teacher=load)
+    dm = TextDataModule(**kw)
+    dm.prepare_data()
+    dm.setup()
+    teacher = load()
+    for loader in (dm.dataloader(), dm.val_dataloader()):
+        batch = next(iter(loader))
+        with torch.no_grad():
+            ref = teacher(input_ids=batch["input_ids"]).logits.float().topk(5, dim=-1)
+        assert torch.equal(batch["teacher_topk_indices"].long(), ref.indices)
+        assert torch.equal(batch["teacher_topk_values"], ref.values.to(torch.bfloat16))
+    dm2 = TextDataModule(**kw)
+    dm2.prepare_data()  # cached: the teacher is not loaded again
+    assert len(loads) == 2
+    assert TextDataModule(**{**kw, "teacher_topk": 6}).topk_file() != dm.topk_file()
+
+
+def test_tiny_qat_run_from_cached_topk_lowers_the_full_kd_loss():
+    teacher, student = peaked_llama(), peaked_llama()
+    teacher.to(torch.bfloat16)
+    quantize_model(student, "w4a8kv8")
+    cfg = load_config(None, ["train.lr=3e-4", "train.max_steps=30", "train.warmup_steps=3",
+                             "train.master_weights=fp32"]).train
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(6):
+        ids = torch.randint(0, 128, (4, 32), generator=g)
+        with torch.no_grad():
+            top = teacher(input_ids=ids).logits.float().topk(48, dim=-1)
+        data.append({"input_ids": ids, "attention_mask": torch.ones(4, 32, dtype=torch.long),
+                     "teacher_topk_values": top.values.to(torch.bfloat16), "teacher_topk_indices": top.indices})
+    live = QATModule(student, teacher, cfg)  # scores the full KL with the live teacher
+    strip = [{k: v for k, v in b.items() if not k.startswith("teacher_")} for b in data]
+    with torch.no_grad():
+        before = sum(live.losses(b)["kd"].item() for b in strip) / len(strip)
+    module = QATModule(student, None, cfg)  # no teacher: trains from the cache only
+    trainer = L.Trainer(max_steps=30, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, precision="bf16-mixed",
+                        gradient_clip_val=1.0)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data * 5, batch_size=None))
+    with torch.no_grad():
+        after = sum(live.losses(b)["kd"].item() for b in strip) / len(strip)
+    print(f"\ncached top-48 of 128: full KD {before:.4f} -> {after:.4f}")
+    assert math.isfinite(after) and after < 0.7 * before

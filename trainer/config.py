@@ -54,6 +54,9 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"range": (0.0, 1e9)})
     kd_temperature: float = field(default=1.0, metadata={"range": (1e-3, 1e3)})
     ce_weight: float = field(default=0.0, metadata={"range": (0.0, 1e3)})
+    # > 0: run the teacher once before training and distil from its cached top-k logits per position
+    # (stored beside the packed data); no teacher in memory while training. 0: live teacher forward.
+    teacher_topk: int = field(default=0, metadata={"range": (0, 1 << 24)})
     min_lr_ratio: float = field(default=0.0, metadata={"range": (0.0, 1.0)})
     # bf16: parameters and Adam state in bf16 with a compensated update; fp32: classic mixed precision
     master_weights: str = field(default="bf16", metadata={"choices": ("bf16", "fp32")})

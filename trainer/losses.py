@@ -26,6 +26,25 @@ def kd_loss(
     return (kl * mask).sum() / mask.sum().clamp_min(1) * t * t
 
 
+def kd_loss_topk(
+    student_logits: torch.Tensor, topk_values: torch.Tensor, topk_indices: torch.Tensor,
+    mask: Optional[torch.Tensor] = None, temperature: float = 1.0,
+) -> torch.Tensor:
+    """kd_loss against a cached teacher: its top-k logits (renormalised over those k) per position.
+
+    KL(p_T || p_S) = sum_k p_T,k (log p_T,k - log p_S[idx_k]) with the student's full softmax, so with
+    k = vocabulary size this is kd_loss exactly; smaller k ignores the teacher's tail mass.
+    """
+    t = temperature
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1).gather(-1, topk_indices.long())
+    log_p_t = F.log_softmax(topk_values.float() / t, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    if mask is None:
+        return kl.mean() * t * t
+    mask = mask.to(kl.dtype)
+    return (kl * mask).sum() / mask.sum().clamp_min(1) * t * t
+
+
 def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Cross-entropy of predicting token i+1 at position i, padding excluded."""
     target = input_ids[:, 1:]

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from .losses import kd_loss, next_token_ce
+from .losses import kd_loss, kd_loss_topk, next_token_ce
 from .optim import AdamWBF16, param_groups, warmup_cosine
 
 
@@ -44,14 +44,20 @@ class QATModule(L.LightningModule):
         student = self.student(input_ids=ids, attention_mask=mask).logits
         out: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), device=student.device)
-        if self.teacher is not None:
+        cached = "teacher_topk_values" in batch
+        if cached:  # the teacher's logits were computed once, before training (data.teacher_cache)
+            out["kd"] = kd_loss_topk(student, batch["teacher_topk_values"], batch["teacher_topk_indices"], mask,
+                                     self.cfg.kd_temperature)
+            loss = loss + out["kd"]
+        elif self.teacher is not None:
             with torch.no_grad():
                 teacher = self.teacher(input_ids=ids, attention_mask=mask).logits
             out["kd"] = kd_loss(student, teacher, mask, self.cfg.kd_temperature)
             loss = loss + out["kd"]
-        if self.cfg.ce_weight > 0 or self.teacher is None:
+        has_teacher = cached or self.teacher is not None
+        if self.cfg.ce_weight > 0 or not has_teacher:
             out["ce"] = next_token_ce(student, ids, mask)
-            loss = loss + (self.cfg.ce_weight if self.teacher is not None else 1.0) * out["ce"]
+            loss = loss + (self.cfg.ce_weight if has_teacher else 1.0) * out["ce"]
         out["loss"] = loss
         return out
 

@@ -25,13 +25,20 @@ def build_models(cfg: RunConfig):
 
     dtype = "bfloat16" if cfg.train.master_weights == "bf16" else "float32"
     student = load_model(cfg.model.name_or_path, dtype, cfg.model.attn_implementation, cfg.model.trust_remote_code)
-    teacher = load_model(cfg.model.name_or_path, "bfloat16", cfg.model.attn_implementation,
-                         cfg.model.trust_remote_code)
+    teacher = None if cfg.train.teacher_topk else _load_teacher(cfg)
     report = quantize_model(student, cfg.quant)
     if cfg.train.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.config.use_cache = False
     return student, teacher, report
+
+
+def _load_teacher(cfg: RunConfig, device: Optional[str] = None) -> torch.nn.Module:
+    from .models import load_model
+
+    teacher = load_model(cfg.model.name_or_path, "bfloat16", cfg.model.attn_implementation,
+                         cfg.model.trust_remote_code)
+    return teacher.eval().to(device) if device else teacher.eval()
 
 
 def find_resume(ckpt_dir: Path, resume: str) -> Optional[str]:
@@ -109,6 +116,10 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
         chat_template=cfg.data.chat_template, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.seed,
         tokenizer=tok, val_fraction=cfg.data.val_fraction,
         total_samples=cfg.train.max_steps * cfg.train.grad_accum * cfg.train.micro_batch_size * world,
+        teacher_topk=cfg.train.teacher_topk, teacher=cfg.model.name_or_path,
+        load_teacher=lambda: _load_teacher(
+            cfg, f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else None),
+        topk_batch_size=cfg.train.micro_batch_size,
     )
     student, teacher, report = build_models(cfg)
     module = QATModule(student, teacher, cfg.train, seed=cfg.seed)
