@@ -37,3 +37,31 @@ def test_two_process_zero(stage, master, tmp_path):
         num_key_value_heads=2, initializer_range=0.1)).state_dict()
     moved = max((a["state"][k] - v.float()).abs().max().item() for k, v in init.items() if k in a["state"])
     assert moved > 1e-4, "the student did not train"
+
+
+@pytest.mark.parametrize("stage,offload", [(2, "optimizer"), (3, "params")])
+def test_zero_offload_trains(stage, offload, tmp_path):
+    r = subprocess.run([sys.executable, str(SCRIPT), str(stage), "1", str(tmp_path), "fp32", offload],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rank = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    assert len(rank["losses"]) == 4 and all(math.isfinite(x) for x in rank["losses"])
+    import transformers as tf
+
+    torch.manual_seed(0)
+    init = tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.1)).state_dict()
+    moved = max((rank["state"][k] - v.float()).abs().max().item() for k, v in init.items() if k in rank["state"])
+    assert moved > 1e-4, "the student did not train"
+
+
+def test_offload_with_bf16_masters_is_refused_before_any_work():
+    from trainer.config import load_config
+    from trainer.strategy import deepspeed_config
+
+    cfg = load_config(None, ["distributed.offload_optimizer=true", "train.master_weights=bf16"])
+    with pytest.raises(ValueError, match="master_weights=fp32"):
+        deepspeed_config(cfg.distributed, cfg.train)
+    cfg = load_config(None, ["distributed.offload_optimizer=true", "train.master_weights=fp32"])
+    assert deepspeed_config(cfg.distributed, cfg.train)["zero_force_ds_cpu_optimizer"] is False

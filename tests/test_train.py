@@ -291,3 +291,25 @@ def test_tiny_qat_run_from_cached_topk_lowers_the_full_kd_loss():
         after = sum(live.losses(b)["kd"].item() for b in strip) / len(strip)
     print(f"\ncached top-48 of 128: full KD {before:.4f} -> {after:.4f}")
     assert math.isfinite(after) and after < 0.7 * before
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    teacher = peaked_llama().to(torch.bfloat16)
+    grads = []
+    for ckpt in (False, True):
+        student = peaked_llama()
+        quantize_model(student, "w4a8kv8")
+        if ckpt:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.train()
+        cfg = load_config(None, []).train
+        module = QATModule(student, teacher, cfg)
+        ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+        loss = module.losses({"input_ids": ids, "attention_mask": torch.ones_like(ids)})["loss"]
+        loss.backward()
+        assert student.model.gradient_checkpointing == ckpt
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = grads
+    assert l0 == l1 and g0.keys() == g1.keys()
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-7), n

@@ -46,6 +46,13 @@ def deepspeed_config(dist_cfg: Any, train_cfg: Any) -> dict:
     """The DeepSpeed config for a run: ZeRO stage, offload, precision; the optimizer stays ours."""
     zero: dict[str, Any] = {"stage": dist_cfg.zero_stage, "overlap_comm": torch.cuda.is_available(),
                             "contiguous_gradients": True}
+    if (dist_cfg.offload_optimizer or dist_cfg.offload_params) and train_cfg.master_weights == "bf16":
+        # DeepSpeed's bf16-master mode with offload accepts only its own CPU Adam, which has no
+        # compensated update; offloading therefore goes with classic fp32 masters.
+        raise ValueError("distributed.offload_optimizer/offload_params need train.master_weights=fp32 "
+                         "(DeepSpeed offloads bf16 master weights only with its own CPU Adam)")
+    if dist_cfg.offload_params and not dist_cfg.offload_optimizer:
+        raise ValueError("distributed.offload_params needs distributed.offload_optimizer=true as well")
     if dist_cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if dist_cfg.offload_params:
@@ -60,7 +67,7 @@ def deepspeed_config(dist_cfg: Any, train_cfg: Any) -> dict:
         # ZeRO keeps bf16 partitions as the master copy and our optimizer (AdamWBF16) updates them
         # with its compensated step; otherwise DeepSpeed would keep fp32 masters.
         bf16.update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
-    return {
+    config: dict[str, Any] = {
         "zero_optimization": zero,
         "bf16": bf16,
         "gradient_clipping": train_cfg.grad_clip,
@@ -68,6 +75,11 @@ def deepspeed_config(dist_cfg: Any, train_cfg: Any) -> dict:
         "zero_allow_untested_optimizer": True,
         "wall_clock_breakdown": False,
     }
+    if dist_cfg.offload_optimizer:
+        # Our optimizer (AdamWBF16: compensated bf16 updates) steps the CPU partitions; DeepSpeed would
+        # otherwise insist on its own CPU Adam, which has no bf16-master mode and needs a C++ build.
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
 
 
 def make_strategy(dist_cfg: Any, train_cfg: Any, devices: int) -> Strategy | str:

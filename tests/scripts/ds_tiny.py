@@ -1,4 +1,4 @@
-"""A tiny QAT run under DeepSpeed on CPU processes (gloo): `python ds_tiny.py STAGE DEVICES OUT`.
+"""A tiny QAT run under DeepSpeed on CPU processes (gloo): `python ds_tiny.py STAGE DEVICES OUT [MASTER [OFFLOAD]]`.
 
 Lightning re-executes this script once per rank. Each rank writes its view of the student after the
 run (gathered under ZeRO-3) and its losses to OUT/rank<r>.pt, so the test can check the ranks agree.
@@ -31,7 +31,10 @@ class Record(L.Callback):
 def main():
     stage, devices, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     master = sys.argv[4] if len(sys.argv) > 4 else "fp32"
-    cfg = load_config(None, ["distributed.strategy=deepspeed", f"distributed.zero_stage={stage}",
+    offload = sys.argv[5] if len(sys.argv) > 5 else "none"
+    extra = {"none": [], "optimizer": ["distributed.offload_optimizer=true"],
+             "params": ["distributed.offload_optimizer=true", "distributed.offload_params=true"]}[offload]
+    cfg = load_config(None, [*extra, "distributed.strategy=deepspeed", f"distributed.zero_stage={stage}",
                              f"train.master_weights={master}", "train.lr=3e-4", "train.max_steps=4",
                              "train.micro_batch_size=2"])
 
