@@ -286,3 +286,21 @@ def test_eval_scores_a_converted_folder_like_its_fake_quant_source(tmp_path, bun
         ppl.update(json.loads((tmp_path / ("ev" + name) / "eval.json").read_text())["perplexity"])
     assert set(ppl) == {"w4g32 (saved)", "w4g32 (int)"}
     assert ppl["w4g32 (int)"] == ppl["w4g32 (saved)"]  # weight-only: the same logits bit for bit
+
+
+@pytest.mark.parametrize("scheme", ["w4g32", "w4g32asym", "w8a8"])
+def test_transformers_loads_the_checkpoint_through_compressed_tensors(tiny_model, tmp_path, scheme):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model = _quantized(tiny_model, scheme)
+    out = convert_model(model, tmp_path / "int")
+    hf = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(run_compressed=False),
+                                              dtype=torch.bfloat16)
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            assert torch.equal(hf.get_submodule(name).weight, mod.quantized_weight()), name
+    if scheme.startswith("w4"):  # weight-only: the same model, so the same logits
+        ids = _ids()
+        with torch.no_grad():
+            assert torch.equal(hf(ids).logits, model(ids).logits)
