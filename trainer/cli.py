@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError, RunConfig, describe_schema, load_config
 
 # Commands whose capability is not built yet say which issue tracks it, and exit 2.
-PENDING = {
-    "bench": "the benchmark runner; run the scripts under bench/ directly meanwhile",
-}
+PENDING: dict[str, str] = {}
 
 COMMANDS = {
     "generate": "the teacher writes its own training text (LLM-QAT data-free)",
@@ -117,7 +116,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+def run_bench(argv: list[str]) -> int:
+    """`distqat bench <name> [args]`: run bench/<name>.py with its own arguments (each prints its table)."""
+    import runpy
+
+    names = sorted(p.stem for p in BENCH_DIR.glob("*.py")) if BENCH_DIR.is_dir() else []
+    if not names:
+        print("distqat bench: error: the benchmarks live in the source checkout's bench/ folder, which this "
+              "installation lacks; run from a clone of the repository", file=sys.stderr)
+        return 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: distqat bench <name> [args]   (names: {', '.join(names)}; "
+              "`distqat bench <name> --help` for its options)")
+        return 0 if argv else 2
+    name = argv[0]
+    if name not in names:
+        print(f"distqat bench: error: no benchmark {name!r}; choose one of {names}", file=sys.stderr)
+        return 2
+    sys.argv = [str(BENCH_DIR / f"{name}.py"), *argv[1:]]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as e:  # the scripts end with SystemExit(main())
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":  # the scripts take their own arguments, not config overrides
+        return run_bench(argv[1:])
     args = build_parser().parse_args(argv)
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
