@@ -18,7 +18,7 @@ PRECISION = {"bf16": "bf16-true", "fp32": "bf16-mixed"}
 
 
 def build_models(cfg: RunConfig):
-    """(student, teacher): the student fake-quantized by cfg.quant, the teacher frozen in bf16."""
+    """(student, teacher): the student fake-quantized by cfg.quant, the teacher frozen (bf16 on GPU)."""
     from qat.apply import quantize_model
 
     from .models import load_model
@@ -36,7 +36,8 @@ def build_models(cfg: RunConfig):
 def _load_teacher(cfg: RunConfig, device: Optional[str] = None) -> torch.nn.Module:
     from .models import load_model
 
-    teacher = load_model(cfg.model.name_or_path, "bfloat16", cfg.model.attn_implementation,
+    # bf16 on GPUs (memory); fp32 on CPU, where it is also the faster dtype. ("auto")
+    teacher = load_model(cfg.model.name_or_path, "auto", cfg.model.attn_implementation,
                          cfg.model.trust_remote_code)
     return teacher.eval().to(device) if device else teacher.eval()
 
