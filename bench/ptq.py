@@ -35,8 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--eval-seq-len", type=int, default=1024)
-    p.add_argument("--act-order", action="store_true", help="GPTQ with act-order (static groups)")
-    p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping (fraction of mean diag H)")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ act-order (static groups); default: PTQConfig's (on)")
+    p.add_argument("--damp", type=float, default=None,
+                   help="GPTQ damping (fraction of mean diag H); default: PTQConfig's (0.1)")
     p.add_argument("--no-fp", action="store_true", help="skip the FP evaluation")
     p.add_argument("--json", metavar="PATH", help="write the results to this JSON file (after every run)")
     return p.parse_args(argv)
@@ -59,7 +61,10 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M"), "device": f"{platform.processor() or platform.machine()} CPU, "
         f"{torch.get_num_threads()} threads" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "command": "python " + " ".join(sys.argv), "calib_tokens": int(calib.numel()),
-        "eval_tokens": sum(len(w) for w in windows), "runs": [],
+        "eval_tokens": sum(len(w) for w in windows),
+        "gptq": {k: getattr(PTQConfig(), k) if getattr(args, k) is None else getattr(args, k)
+                 for k in ("act_order", "damp")},
+        "runs": [],
     }
 
     def save():
@@ -83,8 +88,8 @@ def main(argv=None) -> int:
         jobs += [(args.w8a8, m) for m in args.w8a8_methods.split(",") if m]
     for scheme, method in jobs:
         model = copy.deepcopy(base)
-        cfg = PTQConfig(method=method, n_samples=args.n_samples, seq_len=args.seq_len, act_order=args.act_order,
-                        damp=args.damp, progress=False)
+        gptq_opts = {k: v for k, v in (("act_order", args.act_order), ("damp", args.damp)) if v is not None}
+        cfg = PTQConfig(method=method, n_samples=args.n_samples, seq_len=args.seq_len, progress=False, **gptq_opts)
         t0 = time.perf_counter()
         model, report = run_ptq({"quant": scheme, "ptq": cfg}, model, tok, calib_ids=calib)
         tq = time.perf_counter() - t0

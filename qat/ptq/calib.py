@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -23,7 +24,8 @@ def calibration_ids(
     from data.sources import load_texts, token_stream
 
     need = n_samples * seq_len
-    ids = token_stream(load_texts(path, split, text_field), tokenizer, max_tokens=need)
+    with _quiet_datasets():  # no "Generating train split" bars ahead of a one-line error
+        ids = token_stream(load_texts(path, split, text_field), tokenizer, max_tokens=need)
     if len(ids) < need:
         raise ValueError(
             f"calibration text {path!r} (split {split!r}) has {len(ids)} tokens, fewer than "
@@ -61,6 +63,22 @@ def generated_ids(model, tokenizer, n_samples: int, seq_len: int, seed: int = 0,
             x = nxt
         out.append(ids.cpu())
     return torch.cat(out)
+
+
+@contextmanager
+def _quiet_datasets():
+    try:
+        import datasets as ds_logging
+    except ImportError:
+        yield
+        return
+    was = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was:
+            ds_logging.enable_progress_bars()
 
 
 def resolve_calib_path(calib_data: str, data_path: Optional[str]) -> str:

@@ -308,6 +308,14 @@ def check_spec(spec: QuantSpec, steps: list[str]) -> None:
         )
 
 
+def needs_calibration(spec: QuantSpec, steps: list[str]) -> bool:
+    """Whether the method (or a static activation scale) needs calibration text."""
+    if steps == ["llm_int8"]:
+        return False
+    static_act = spec.activation is not None and not spec.activation.dynamic
+    return bool(set(steps) & {"gptq", "awq", "smoothquant"}) or static_act
+
+
 @torch.no_grad()
 def run_ptq(cfg_like: Any, model: nn.Module, tokenizer=None, calib_ids: Optional[torch.Tensor] = None):
     """Quantize `model` in place with the PTQ method of `cfg_like`; returns (model, PTQReport).
@@ -335,8 +343,7 @@ def run_ptq(cfg_like: Any, model: nn.Module, tokenizer=None, calib_ids: Optional
     fspec = frozen_spec(spec)
     t_start = time.perf_counter()
     report = PTQReport(method=name, spec=_spec_label(spec))
-    static_act = spec.activation is not None and not spec.activation.dynamic
-    needs_data = bool(set(steps) & {"gptq", "awq", "smoothquant"}) or static_act
+    needs_data = needs_calibration(spec, steps)
     device = _device(pcfg.device)
     home = next(model.parameters()).device
     if needs_data and calib_ids is None:  # before any surgery: a too-small calibration set fails cleanly

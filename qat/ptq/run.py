@@ -18,11 +18,27 @@ def ptq_command(cfg) -> dict:
     <output_dir>/ptq_report.json. Evaluates nothing (`distqat eval` on the folder does)."""
     from trainer.models import load_model, load_tokenizer
 
+    from .calib import calibration_ids, resolve_calib_path
+    from .config import parse_method
+    from .grid import frozen_spec
+    from .loop import _unpack, check_spec, needs_calibration
+
+    # Bad input fails in one line before the model loads: the method, the spec it cannot produce, a
+    # calibration text shorter than ptq.n_samples * ptq.seq_len.
+    spec, pcfg, data_path, text_field = _unpack(cfg)
+    steps = parse_method(pcfg.method)
+    check_spec(spec, steps)
+    if steps != ["llm_int8"]:
+        frozen_spec(spec)
     m = cfg.model
+    tok = load_tokenizer(m.name_or_path, trust_remote_code=m.trust_remote_code)
+    calib_ids = None
+    if needs_calibration(spec, steps) and pcfg.calib_data != "generate":
+        calib_ids = calibration_ids(tok, pcfg.n_samples, pcfg.seq_len, resolve_calib_path(pcfg.calib_data, data_path),
+                                    pcfg.calib_split, text_field, seed=pcfg.seed)
     model = load_model(m.name_or_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
                        trust_remote_code=m.trust_remote_code)
-    tok = load_tokenizer(m.name_or_path, trust_remote_code=m.trust_remote_code)
-    model, report = run_ptq(cfg, model, tok)
+    model, report = run_ptq(cfg, model, tok, calib_ids=calib_ids)
     out = Path(str(cfg.output_dir))
     out.mkdir(parents=True, exist_ok=True)
     # Written whole into a temp folder, then renamed: a crash never leaves half a model behind.
