@@ -11,6 +11,16 @@ import torch
 SCRIPT = Path(__file__).parent / "scripts" / "ds_tiny.py"
 
 
+def _initial_student() -> dict:
+    """The state ds_tiny.py starts its student from, to check that training moved it."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.1)).state_dict()
+
+
 @pytest.mark.parametrize("stage,master", [(2, "fp32"), (3, "fp32"), (3, "bf16")])
 def test_two_process_zero(stage, master, tmp_path):
     # Lightning re-executes the script per rank; inside pytest its launcher would re-run pytest itself.
@@ -29,12 +39,7 @@ def test_two_process_zero(stage, master, tmp_path):
         assert a["teacher_local_numel"] == b["teacher_local_numel"] == a["teacher_numel"] // 2
     else:
         assert a["teacher_local_numel"] == a["teacher_numel"]
-    import transformers as tf
-
-    torch.manual_seed(0)
-    init = tf.LlamaForCausalLM(tf.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, initializer_range=0.1)).state_dict()
+    init = _initial_student()
     moved = max((a["state"][k] - v.float()).abs().max().item() for k, v in init.items() if k in a["state"])
     assert moved > 1e-4, "the student did not train"
 
@@ -46,12 +51,7 @@ def test_zero_offload_trains(stage, offload, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rank = torch.load(tmp_path / "rank0.pt", weights_only=True)
     assert len(rank["losses"]) == 4 and all(math.isfinite(x) for x in rank["losses"])
-    import transformers as tf
-
-    torch.manual_seed(0)
-    init = tf.LlamaForCausalLM(tf.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, initializer_range=0.1)).state_dict()
+    init = _initial_student()
     moved = max((rank["state"][k] - v.float()).abs().max().item() for k, v in init.items() if k in rank["state"])
     assert moved > 1e-4, "the student did not train"
 

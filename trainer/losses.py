@@ -8,6 +8,13 @@ import torch
 import torch.nn.functional as F
 
 
+def _masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if mask is None:
+        return x.mean()
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp_min(1)
+
+
 def kd_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
@@ -19,11 +26,7 @@ def kd_loss(
     t = temperature
     log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-    if mask is None:
-        return kl.mean() * t * t
-    mask = mask.to(kl.dtype)
-    return (kl * mask).sum() / mask.sum().clamp_min(1) * t * t
+    return _masked_mean((log_p_t.exp() * (log_p_t - log_p_s)).sum(-1), mask) * t * t
 
 
 def kd_loss_topk(
@@ -38,11 +41,7 @@ def kd_loss_topk(
     t = temperature
     log_p_s = F.log_softmax(student_logits.float() / t, dim=-1).gather(-1, topk_indices.long())
     log_p_t = F.log_softmax(topk_values.float() / t, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-    if mask is None:
-        return kl.mean() * t * t
-    mask = mask.to(kl.dtype)
-    return (kl * mask).sum() / mask.sum().clamp_min(1) * t * t
+    return _masked_mean((log_p_t.exp() * (log_p_t - log_p_s)).sum(-1), mask) * t * t
 
 
 def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
