@@ -8,8 +8,9 @@ For each (K, N) shape and each runtime path
   w8a8   int8 per-channel weights, int8 per-token activations
   w4a8   int4 weights, group 128, int8 per-token activations
 it times, with triton.testing.do_bench (median µs), bf16 F.linear on a weight of the same shape and every
-implementation of the path (qat.export.ops.IMPLS: triton, dequant, int_mm; the CPU-style reference is
-left out), prints speedup = bf16 time / implementation time (> 1: faster than bf16), which
+implementation of the path that takes the shape (qat.export.ops.IMPLS: tinygemm, gemv, triton, dequant,
+int_mm; the CPU-style reference is left out; tinygemm is missing from a row when its first-use self-check
+failed, which it warns about once), prints speedup = bf16 time / implementation time (> 1: faster than bf16), which
 implementation the dispatcher (qat.export.ops.DISPATCH) runs at that M and the best one measured, and
 for M = 1 the roofline of reading the weight once (packed codes + bf16 scales at 3.0e12 B/s).
 The a8 timings include quantizing the activations (the fused per-token kernel).

@@ -14,14 +14,16 @@ trained fake-quant weight bit for bit. The 8-bit activation path quantizes each 
 fake-quant activation quantizer would, then accumulates integer products exactly (int32 on the GPU,
 float64 on the CPU, where every partial sum is an integer below 2**53) and applies the scales in fp32.
 
-On CPU tensors the torch reference runs. On CUDA the Triton kernels of `qat.export.triton_ops` run,
-chosen per path and number of tokens M from `DISPATCH`; DISTQAT_INT_KERNELS=0 forces the reference.
+On CPU tensors the torch reference runs. On CUDA the Triton kernels of `qat.export.triton_ops`, torch's
+int4 tinygemm kernel or a dequantize-then-cuBLAS path run, chosen per path and number of tokens M from
+`DISPATCH`; DISTQAT_INT_KERNELS=0 forces the reference.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -33,7 +35,7 @@ from .pack import packed_cols, unpack_int32
 
 __all__ = [
     "dequantize_weight", "linear_a16", "linear_a8", "quantize_act_int8", "choose_impl", "resolve_impl", "path_name",
-    "kernels_enabled", "DISPATCH", "IMPLS",
+    "kernels_enabled", "DISPATCH", "IMPLS", "tinygemm_supported",
 ]
 
 KERNELS_ENV = "DISTQAT_INT_KERNELS"
@@ -41,6 +43,14 @@ _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # Which implementation runs on CUDA, per path and number of tokens M: the first (max_m, impl) entry
 # with M <= max_m wins. Implementations:
+#   tinygemm w4a16, 4-bit weights only: torch.ops.aten._weight_int4pack_mm (the tinygemm kernel of
+#            gpt-fast / torchao), bf16 activations and bf16 scales, groups of 32/64/128/256, K a
+#            multiple of 32, N of 16. The weight is repacked once per layer (cached on the qweight tensor) and
+#            checked against the dequantized reference on a probe input before first use; where the
+#            check fails (or the op is missing) a warning is given once and it is never used again.
+#            Not bit-exact for asymmetric grids: tinygemm takes the zero as a bf16 float.
+#   gemv     w4a16, 2/4-bit weights, small M: a Triton GEMV on CUDA cores (packed words read once,
+#            split-K over >= 4 programs per SM).
 #   triton   the fused Triton GEMM of qat.export.triton_ops (int codes unpacked in the main loop; for a8
 #            int8 tensor-core dots with scales, zero points and bias in the epilogue)
 #   dequant  a16: the Triton dequantization kernel writes the weight once in x.dtype, then cuBLAS
@@ -49,19 +59,32 @@ _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #            inputs, for shapes where a bf16 GEMM beats the integer kernel.
 #   int_mm   w8a8 per-channel only: torch._int_mm (cuBLAS int8, M > 16, K and N multiples of 8) with
 #            the scales applied by torch ops afterwards.
-# These defaults are guesses from the arithmetic (small M is bound by weight bytes, where unpacking int4
-# in the GEMM main loop wins; at large M the GEMM is compute bound and a one-off dequantization is a few
-# per cent of it). TO BE SET from `python bench/kernels.py` on an H100: it times every implementation
-# of every path against bf16 F.linear and prints which one this table picks.
+# Where the chosen implementation does not take the shape or dtype, `resolve_impl` falls back
+# (tinygemm -> dequant, gemv -> triton, triton -> dequant).
+#
+# Measured (bench/kernels.py, 2026-11-23, H100 80GB HBM3, torch 2.11+cu130, triton 3.6.0; speedup =
+# bf16 F.linear time / implementation time; docs/gpu_runs/kernels-h100-2026-11-23.json):
+#   w4a16 g128: the old Triton GEMM 0.09-0.15x at M = 1/16 (4096x11008, M = 1: 531 us vs 48 us);
+#               dequant 0.45-0.58x at small M, 0.87-0.92x at M = 4096.
+#               tinygemm, timed separately on the same H100 (not by bench/kernels.py): 2.1-2.4x at
+#               M = 1 (32 us vs 57 us, 1x4096 . 4096x11008), 0.56x at M = 32, 0.04x from M = 512.
+#   w8a16 per channel: Triton 1.14x / 1.32x (4096x4096 / 4096x11008) at M = 1, 1.08x / 1.34x at M = 16,
+#               0.30-0.39x at M >= 256, where dequant is 0.44-0.56x.
+# Hence tinygemm for w4a16 up to M = 16 and dequant above (bf16 F.linear itself stays faster there);
+# Triton for w8a16 up to M = 16, dequant above.
+# NOT measured: every W*A8 path (its kernel did not compile under triton 3.6 in that run; fixed since),
+# the GEMV kernel, the rewritten 4-bit unpacking of the Triton GEMMs and dequantization kernel, and the
+# tinygemm integration itself (its self-check and pack cache). Re-run `python bench/kernels.py` on an
+# H100 and set the thresholds from its table.
 _INF = 1 << 62
 DISPATCH: dict[str, tuple[tuple[int, str], ...]] = {
-    "w4a16": ((64, "triton"), (_INF, "dequant")),
-    "w8a16": ((32, "triton"), (_INF, "dequant")),
+    "w4a16": ((16, "tinygemm"), (_INF, "dequant")),
+    "w8a16": ((16, "triton"), (_INF, "dequant")),
     "w8a8": ((_INF, "triton"),),
     "w4a8": ((_INF, "triton"),),
 }
 IMPLS: dict[str, tuple[str, ...]] = {
-    "w4a16": ("triton", "dequant", "reference"),
+    "w4a16": ("tinygemm", "gemv", "triton", "dequant", "reference"),
     "w8a16": ("triton", "dequant", "reference"),
     "w8a8": ("triton", "int_mm", "dequant", "reference"),
     "w4a8": ("triton", "dequant", "reference"),
@@ -159,6 +182,13 @@ def resolve_impl(
     if impl == "int_mm" and not (a8 and bits == 8 and group_size == k and m > 16 and k % 8 == 0 and n % 8 == 0
                                  and x.is_cuda):
         impl = "triton"
+    if impl == "tinygemm" and not (not a8 and tinygemm_supported(bits, group_size, k, n, x)):
+        impl = "dequant" if x.is_cuda else "reference"
+    if impl == "gemv":
+        from . import triton_ops
+
+        if a8 or not triton_ops.gemv_supported(bits, group_size, x.dtype):
+            impl = "triton"
     if impl == "triton":
         from . import triton_ops
 
@@ -215,6 +245,15 @@ def linear_a16(
     x2 = _flat(x, k)
     out_shape = (*x.shape[:-1], n)
     impl = resolve_impl(impl, bits, False, x2.shape[0], n, k, group_size, x)
+    if impl == "tinygemm":
+        y = _linear_tinygemm(x2, qweight, scale, zero, group_size, k, bias)
+        if y is not None:
+            return y.reshape(out_shape)
+        impl = "dequant" if x.is_cuda else "reference"  # not usable for this layer (see _tinygemm_prepared)
+    if impl == "gemv":
+        from . import triton_ops
+
+        return triton_ops.linear_gemv(x2, qweight, scale, zero, bits, group_size, bias).reshape(out_shape)
     if impl == "triton":
         from . import triton_ops
 
@@ -225,6 +264,114 @@ def linear_a16(
         w = _dequantize_reference(qweight, scale, zero, bits, group_size, k, x.dtype)
     b = None if bias is None else bias.to(x.dtype)
     return F.linear(x2, w, b).reshape(out_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4-bit weights through torch's tinygemm kernel (aten._weight_int4pack_mm).
+
+TINYGEMM_GROUPS = (32, 64, 128, 256)
+TINYGEMM_PROBE_RTOL = 1e-2
+_TINYGEMM_ATTR = "_distqat_tinygemm"
+_tinygemm_state = {"disabled": None}  # a reason once the self-check failed or the op is missing
+
+
+def _tinygemm_inner_k_tiles(k: int) -> int:
+    return next((t for t in (8, 4, 2) if k % (16 * t) == 0), 0)
+
+
+def tinygemm_supported(bits: int, group_size: int, k: int, n: int, x: torch.Tensor) -> bool:
+    """Shapes and dtypes tinygemm takes (the scale dtype is checked when the pack is built): 4-bit codes,
+    bf16 activations, groups of 32..256, K a multiple of 32, N of 16; CUDA (not ROCm) or the CPU variant."""
+    if _tinygemm_state["disabled"] is not None or bits != 4 or group_size not in TINYGEMM_GROUPS:
+        return False
+    if x.dtype != torch.bfloat16 or not _tinygemm_inner_k_tiles(k) or k % group_size or n % 16:
+        return False
+    if x.is_cuda:
+        return torch.version.hip is None and hasattr(torch.ops.aten, "_weight_int4pack_mm")
+    return x.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def tinygemm_scales_and_zeros(scale: torch.Tensor, zero: Optional[torch.Tensor]) -> torch.Tensor:
+    """(G, N, 2) bf16 [scale, zero] for tinygemm, whose weight is (u - 8) * scale + zero for unsigned
+    4-bit codes u; ours is (u - z) * scale, so zero = (8 - z) * scale (0 when symmetric: z = 8).
+    The zero is rounded to bf16 here: asymmetric weights differ from the fake-quant ones by up to half a
+    bf16 ulp of (8 - z) * scale."""
+    s = scale.float()
+    zf = torch.zeros_like(s) if zero is None else (8 - zero.to(torch.float32)) * s
+    return torch.stack([s.t(), zf.t()], dim=-1).to(torch.bfloat16).contiguous()
+
+
+def _tinygemm_pack(u: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
+    """Unsigned codes (N, K) -> the op's packed weight. CUDA takes two codes per byte, the first in the
+    high nibble (torch >= 2.5, as gpt-fast / torchao pack them); the CPU op takes int32 codes."""
+    if u.is_cuda:
+        w8 = ((u[:, ::2] << 4) | u[:, 1::2]).to(torch.uint8)
+        return torch.ops.aten._convert_weight_to_int4pack(w8.contiguous(), inner_k_tiles)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.to(torch.int32).contiguous(), inner_k_tiles)
+
+
+def _tinygemm_mm(x2d: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.Tensor) -> torch.Tensor:
+    if x2d.is_cuda:
+        return torch.ops.aten._weight_int4pack_mm(x2d, packed, group_size, sz)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, packed, group_size, sz)
+
+
+def _disable_tinygemm(reason: str) -> None:
+    if _tinygemm_state["disabled"] is None:
+        _tinygemm_state["disabled"] = reason
+        warnings.warn(f"distqat: tinygemm (aten._weight_int4pack_mm) disabled for this process, {reason}; "
+                      "4-bit linears fall back to the dequantize-then-GEMM path", RuntimeWarning, stacklevel=3)
+
+
+def _tinygemm_prepared(qweight, scale, zero, group_size: int, in_features: int):
+    """(packed, scales_and_zeros) cached on `qweight`, built and self-checked on first use; None when
+    tinygemm must not run (self-check failed, op error, non-bf16 scales, or inside CUDA-graph capture
+    with nothing cached yet)."""
+    versions = (qweight._version, scale._version, None if zero is None else zero._version,
+                scale.data_ptr(), None if zero is None else zero.data_ptr())
+    cached = getattr(qweight, _TINYGEMM_ATTR, None)
+    if cached is not None and cached[0] == versions:
+        return cached[1]
+    if scale.dtype != torch.bfloat16:
+        return None  # rounding other scales to bf16 would change the weights
+    if qweight.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None  # conversion and the self-check synchronise: not inside a graph capture
+    k = in_features
+    try:
+        u = unpack_int32(qweight, 4, k).to(torch.int32)
+        packed = _tinygemm_pack(u, _tinygemm_inner_k_tiles(k))
+        sz = tinygemm_scales_and_zeros(scale, zero)
+        # Self-check on a probe input against the exact dequantized weight (catches a packing
+        # convention that differs in this torch build).
+        gen = torch.Generator(device=qweight.device).manual_seed(0)
+        probe = torch.randn(2, k, generator=gen, device=qweight.device).to(torch.bfloat16)
+        w = _dequantize_reference(qweight, scale, zero, 4, group_size, k, torch.float32)
+        ref = probe.float() @ w.t()
+        got = _tinygemm_mm(probe, packed, group_size, sz).float()
+        err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    except (RuntimeError, NotImplementedError, AttributeError) as e:
+        _disable_tinygemm(f"the op raised {type(e).__name__}: {str(e)[:200]}")
+        return None
+    if not err < TINYGEMM_PROBE_RTOL:  # also catches nan
+        _disable_tinygemm(f"its output differs from the dequantized reference (max rel. error {err:.3g} "
+                          f">= {TINYGEMM_PROBE_RTOL}) on a {tuple(qweight.shape)} weight")
+        return None
+    setattr(qweight, _TINYGEMM_ATTR, (versions, (packed, sz)))
+    return packed, sz
+
+
+def _linear_tinygemm(x2d, qweight, scale, zero, group_size: int, in_features: int, bias) -> Optional[torch.Tensor]:
+    """(M, K) bf16 -> (M, N) bf16 through tinygemm, or None when it must not run (the caller falls back)."""
+    if x2d.shape[0] == 0:
+        return x2d.new_empty(0, qweight.shape[0])
+    prepared = _tinygemm_prepared(qweight, scale, zero, group_size, in_features)
+    if prepared is None:
+        return None
+    packed, sz = prepared
+    y = _tinygemm_mm(x2d.contiguous(), packed, group_size, sz)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y
 
 
 # ---------------------------------------------------------------------------------------------

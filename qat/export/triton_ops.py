@@ -1,10 +1,13 @@
-"""Triton kernels of the integer runtime: dequantization, W4/W8 x A16 GEMM, int8 activation quant, W8/W4 x A8 GEMM.
+"""Triton kernels of the integer runtime: dequantization, W4/W8 x A16 GEMM, W2/W4 x A16 GEMV, int8 activation
+quant, W8/W4 x A8 GEMM.
 
 Conventions shared by the kernels (the layout is described in `qat.export.ops`):
 - Weight codes are read as signed codes q = u - 2**(bits-1) (int8 weights are stored so), zeros in the
   same domain, so (q - z) is the exact integer the trained weight is a multiple of its scale by.
 - Packed words (bits 2 and 4: 32 // bits codes per int32 word) are unpacked in the GEMM main loop,
-  so the weight crosses memory at its packed size: what makes small-M (decode) linears fast.
+  so the weight crosses memory at its packed size. Each word is loaded once, as a tile of words, and
+  split into its codes by shifts (`_load_codes_nk`); the small-M GEMV (`_gemv_kernel`) does the same
+  on CUDA cores with split-K.
 - A K tile never straddles a weight group (BLOCK_K divides group_size), so a group's scale and zero are
   one value per output column for the whole tile.
 - Split-K for small M: programs along K add their fp32 partial outputs atomically into a zeroed fp32
@@ -53,16 +56,27 @@ def _cast(v, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _load_codes_kn(w_ptr, offs_k, offs_n, N, stride_wn, BITS: tl.constexpr):
-    """[BLOCK_K, BLOCK_N] int32 signed codes of the weight (stored (N, K)); columns beyond N read 0."""
-    nmask = (offs_n < N)[None, :]
-    rows = offs_n[None, :].to(tl.int64) * stride_wn
+def _load_codes_nk(w_ptr, k0, offs_n, N, K, stride_wn, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] int32 signed codes of columns k0 .. k0 + BLOCK_K of the weight (stored (N, K));
+    rows beyond N and columns beyond K read 0. k0 and BLOCK_K are multiples of 32 // BITS: each packed
+    int32 word is loaded once, in a [BLOCK_N, BLOCK_K // ELEMS] tile, and its codes are unpacked by
+    shifts along a third axis that a reshape folds into K (code i of a word sits at bits i*BITS)."""
+    nmask = offs_n < N
+    rows = offs_n.to(tl.int64) * stride_wn
     if BITS == 8:
-        q = tl.load(w_ptr + rows + offs_k[:, None], mask=nmask, other=0).to(tl.int32)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        q = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=nmask[:, None] & (offs_k < K)[None, :],
+                    other=0).to(tl.int32)
     else:
         ELEMS: tl.constexpr = 32 // BITS
-        word = tl.load(w_ptr + rows + (offs_k // ELEMS)[:, None], mask=nmask, other=0)
-        q = ((word >> ((offs_k % ELEMS) * BITS)[:, None]) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
+        BLOCK_W: tl.constexpr = BLOCK_K // ELEMS
+        offs_w = k0 // ELEMS + tl.arange(0, BLOCK_W)
+        wmask = nmask[:, None] & (offs_w < (K + ELEMS - 1) // ELEMS)[None, :]
+        word = tl.load(w_ptr + rows[:, None] + offs_w[None, :], mask=wmask, other=0)  # [BN, BW] int32
+        shifts = tl.arange(0, ELEMS) * BITS
+        q3 = (word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # [BN, BW, ELEMS]
+        q = tl.reshape(q3, (BLOCK_N, BLOCK_K)) - (1 << (BITS - 1))
     return q
 
 
@@ -77,16 +91,16 @@ def _dequant_kernel(
     EMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    kmask = offs_k < K
-    q = _load_codes_kn(w_ptr, tl.minimum(offs_k, K - 1), offs_n, N, stride_wn, BITS)  # [BK, BN]
-    mask = kmask[:, None] & (offs_n < N)[None, :]
-    gidx = offs_n[None, :].to(tl.int64) * G + (offs_k // group_size)[:, None]
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    q = _load_codes_nk(w_ptr, k0, offs_n, N, K, stride_wn, BITS, BLOCK_N, BLOCK_K)  # [BN, BK]
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    gidx = offs_n[:, None].to(tl.int64) * G + (offs_k // group_size)[None, :]
     if HAS_ZERO:
         q = q - (tl.load(z_ptr + gidx, mask=mask, other=0).to(tl.int32) - ZERO_OFFSET)
     w = q.to(tl.float32) * tl.load(s_ptr + gidx, mask=mask, other=0.0).to(tl.float32)
     out = _cast(w, OUT_DTYPE, EMULATE)
-    tl.store(out_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None], out, mask=mask)
+    tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], out, mask=mask)
 
 
 def dequant_supported(bits: int, dtype: torch.dtype) -> bool:
@@ -145,7 +159,7 @@ def _a16_kernel(
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=mmask[:, None],
                     other=0.0)
-        q = _load_codes_kn(w_ptr, offs_k, offs_n, N, stride_wn, BITS)
+        q = tl.trans(_load_codes_nk(w_ptr, t * BLOCK_K, offs_n, N, K, stride_wn, BITS, BLOCK_N, BLOCK_K))
         gidx = offs_n.to(tl.int64) * G + (t * BLOCK_K) // group_size
         if HAS_ZERO:
             q = q - (tl.load(z_ptr + gidx, mask=nmask, other=0).to(tl.int32) - ZERO_OFFSET)[None, :]
@@ -240,6 +254,116 @@ def linear_a16(x2d, qweight, scale, zero, bits: int, group_size: int, bias: Opti
         x, w, s, z, b, out, m, n, k, s.shape[1], group_size, x.stride(0), w.stride(0), per,
         BITS=bits, HAS_ZERO=has_zero, ZERO_OFFSET=zoff, HAS_BIAS=bias is not None, ATOMIC=split > 1,
         X_DTYPE=_DTYPE_CODES[x.dtype], IEEE=x.dtype == torch.float32, EMULATE=_interpreted(), **cfg,
+    )
+    return _finish_split(out, bias, x.dtype) if split > 1 else out
+
+
+# ---------------------------------------------------------------------------------------------
+# W{2,4} x A16 at small M (decode): a GEMV on CUDA cores, no tensor cores.
+#
+# Each program reads a [BLOCK_N, BLOCK_W] tile of packed int32 words once per step (every weight byte
+# crosses memory once per BLOCK_M rows of x), unpacks its 32 // BITS codes with shifts, one strided
+# sub-column of x at a time, and accumulates (code - zero) * x in fp32 over a [BLOCK_M, BLOCK_N, BLOCK_W]
+# tile; a K tile lies inside one weight group, so its scale is one value per row, applied once per tile.
+# Split-K over many programs (atomic fp32 adds) gives a weight-bound decode enough loads in flight.
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    M, N, K, G, group_size, stride_xm, stride_wn, tiles_per_split,
+    BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    X_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    ELEMS: tl.constexpr = 32 // BITS
+    BLOCK_K: tl.constexpr = BLOCK_W * ELEMS
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BLOCK_W)
+    mmask, nmask = offs_m < M, offs_n < N
+    wrows = offs_n.to(tl.int64) * stride_wn
+    xrows = offs_m.to(tl.int64) * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_W), dtype=tl.float32)
+    t0 = pid_k * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, K // BLOCK_K)
+    for t in range(t0, t1):
+        k0 = t * BLOCK_K
+        word = tl.load(w_ptr + wrows[:, None] + (k0 // ELEMS + offs_w)[None, :], mask=nmask[:, None], other=0)
+        gidx = offs_n.to(tl.int64) * G + k0 // group_size
+        s = tl.load(s_ptr + gidx, mask=nmask, other=0.0).to(tl.float32)
+        if HAS_ZERO:  # unsigned zeros: (u - z_u) is the exact integer
+            zu = tl.load(z_ptr + gidx, mask=nmask, other=0).to(tl.float32)
+        else:
+            zu = tl.zeros((BLOCK_N,), dtype=tl.float32) + (1 << (BITS - 1))
+        part = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_W), dtype=tl.float32)
+        for i in tl.static_range(ELEMS):
+            xi = tl.load(x_ptr + xrows[:, None] + (k0 + offs_w * ELEMS + i)[None, :], mask=mmask[:, None],
+                         other=0.0).to(tl.float32)  # [BM, BW]: the x of code i of each word
+            c = ((word >> (i * BITS)) & ((1 << BITS) - 1)).to(tl.float32) - zu[:, None]  # [BN, BW], exact
+            part += c[None, :, :] * xi[:, None, :]
+        acc += part * s[None, :, None]
+    y = tl.sum(acc, 2)
+    out_offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    omask = mmask[:, None] & nmask[None, :]
+    if not ATOMIC:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_offs, _cast(y, X_DTYPE, EMULATE), mask=omask)
+    else:
+        tl.atomic_add(out_ptr + out_offs, y, mask=omask)
+
+
+GEMV_BITS = (2, 4)
+GEMV_WORDS = 1024  # packed words per program and step (BLOCK_N * BLOCK_W): 4 KiB of weight
+
+
+def gemv_supported(bits: int, group_size: int, dtype: torch.dtype) -> bool:
+    """Packed widths whose groups hold at least two whole words (a K tile never straddles a group)."""
+    return bits in GEMV_BITS and dtype in _DTYPE_CODES and _pow2_divisor(group_size, 1 << 20) >= 2 * (32 // bits)
+
+
+def gemv_config(m: int, n: int, bits: int, group_size: int) -> dict:
+    """BLOCK_M rows of x share each weight tile (up to 4); BLOCK_W words along K (at most a group's,
+    up to 32); BLOCK_N rows so that a step reads GEMV_WORDS words. Untuned: bench/kernels.py times it."""
+    bm = min(triton.next_power_of_2(max(m, 1)), 4)
+    bw = min(32, _pow2_divisor(group_size, 1 << 20) // (32 // bits))
+    bn = max(16, min(256, GEMV_WORDS // bw, triton.next_power_of_2(max(n, 1))))
+    if bm > 1:
+        bn = max(16, bn // 2)  # keep the [BM, BN, BW] fp32 accumulators in registers
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, num_warps=4, num_stages=3)
+
+
+def gemv_split(m: int, n: int, k_tiles: int, cfg: dict, sms: int) -> tuple[int, int]:
+    """(splits, K tiles per split): at least 4 programs per SM when there are enough K tiles."""
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    split = max(1, min(k_tiles, triton.cdiv(4 * sms, tiles)))
+    per = triton.cdiv(k_tiles, split)
+    return triton.cdiv(k_tiles, per), per
+
+
+def linear_gemv(x2d, qweight, scale, zero, bits: int, group_size: int, bias: Optional[torch.Tensor]):
+    """(M, K) x.dtype -> (M, N) x.dtype for small M; the caller checked the layout and `gemv_supported`."""
+    m, k = x2d.shape
+    n = qweight.shape[0]
+    if m == 0:
+        return x2d.new_empty(m, n)
+    x = x2d if x2d.stride(1) == 1 else x2d.contiguous()
+    w, s = qweight.contiguous(), scale.contiguous()
+    z = zero.contiguous() if zero is not None else s
+    cfg = gemv_config(m, n, bits, group_size)
+    k_tiles = k // (cfg["BLOCK_W"] * (32 // bits))
+    split, per = gemv_split(m, n, k_tiles, cfg, _num_sms(_device_index(x)))
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
+    out = (torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1
+           else torch.empty(m, n, dtype=x.dtype, device=x.device))
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    b = bias if bias is not None else s
+    _gemv_kernel[grid](
+        x, w, s, z, b, out, m, n, k, s.shape[1], group_size, x.stride(0), w.stride(0), per,
+        BITS=bits, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, ATOMIC=split > 1,
+        X_DTYPE=_DTYPE_CODES[x.dtype], EMULATE=_interpreted(), **cfg,
     )
     return _finish_split(out, bias, x.dtype) if split > 1 else out
 
@@ -344,8 +468,9 @@ def _a8_kernel(
         for kk in range(0, sub_k, BLOCK_K):
             offs_k = kbase + kk + tl.arange(0, BLOCK_K)
             x = tl.load(xq_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], mask=mmask[:, None], other=0)
-            q = _load_codes_kn(w_ptr, offs_k, offs_n, N, stride_wn, BITS)
-            acc = tl.dot(x, q.to(tl.int8), acc)
+            q = tl.trans(_load_codes_nk(w_ptr, kbase + kk, offs_n, N, K, stride_wn, BITS, BLOCK_N, BLOCK_K))
+            # out_dtype must be named: triton <= 3.6 defaults it to fp32 and rejects an int32 accumulator.
+            acc = tl.dot(x, q.to(tl.int8), acc, out_dtype=tl.int32)
             if HAS_XZERO:
                 wsum += tl.sum(q, 0)
             if HAS_WZERO:
@@ -404,3 +529,128 @@ def linear_a8(xq, xs, xz, qweight, scale, zero, bits: int, group_size: int, bias
         ATOMIC=split > 1, OUT_DTYPE=_DTYPE_CODES[dtype], EMULATE=_interpreted(), **cfg,
     )
     return _finish_split(out, bias, dtype) if split > 1 else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline compile check: every kernel with every tile configuration its launcher can pick, as
+# triton.compile arguments (no GPU needed to compile; tests/test_export_ops.py compiles them for a
+# CUDA target so a kernel the interpreter runs but the compiler rejects fails in CI).
+
+_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+_CASE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _signature(fn, pointers: dict, constexprs: dict) -> dict:
+    """Every argument of `fn`: pointer types from `pointers`, constexprs, the rest i32 scalars."""
+    return {a: pointers.get(a, "constexpr" if a in constexprs else "i32") for a in fn.arg_names}
+
+
+def _case(name, fn, pointers, constexprs, num_warps, num_stages=3) -> dict:
+    return dict(name=name, fn=fn, signature=_signature(fn, pointers, constexprs), constexprs=constexprs,
+                options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def compile_cases(flag_variants: bool = True) -> list[dict]:
+    """Kwargs for `triton.compile(ASTSource(fn, signature, constexprs), target, options)`.
+
+    Tile configurations are generated by the launchers' own config functions over every M bucket, N
+    and group size that changes their result (deduplicated), for each width the kernel takes. The
+    activation dtype and the boolean flags cycle across cases (they change dtypes and branches, not
+    shapes); with `flag_variants` each config is also compiled once per activation dtype.
+    """
+    cases, seen = [], set()
+
+    def add(key, case):
+        if key not in seen:
+            seen.add(key)
+            cases.append(case)
+
+    ms = (1, 2, 3, 4, 16, 17, 32, 33, 64, 65, 4096)
+    ns = (1, 16, 17, 32, 64, 128, 256, 4096)
+    groups = (16, 32, 64, 128, 256, 512, 4096)
+    # Dequantization: one tile, every width, dtype and zero mode.
+    for bits in KERNEL_BITS:
+        for j, dt in enumerate(_CASE_DTYPES):
+            for has_zero in (False, True):
+                c = dict(BITS=bits, HAS_ZERO=has_zero, ZERO_OFFSET=0 if bits == 8 else 1 << (bits - 1),
+                         OUT_DTYPE=_DTYPE_CODES[dt], EMULATE=False, BLOCK_N=32, BLOCK_K=128)
+                ptrs = dict(w_ptr="*i8" if bits == 8 else "*i32", s_ptr=_PTR[dt], z_ptr="*i8" if bits == 8 else "*u8",
+                            out_ptr=_PTR[dt])
+                add(("dequant", bits, j, has_zero), _case(f"dequant b{bits} {dt} z{int(has_zero)}",
+                                                                  _dequant_kernel, ptrs, c, 4))
+    # W x A16 tensor-core GEMM and W x A8 int8 GEMM.
+    i = 0
+    for a8 in (False, True):
+        for m in ms:
+            for n in ns:
+                for g in groups:
+                    if not (a8_supported(4, g, g) if a8 else a16_supported(4, g, torch.bfloat16)):
+                        continue
+                    cfg = gemm_config(m, n, _pow2_divisor(g, 128), a8=a8)
+                    for bits in KERNEL_BITS:
+                        dts = _CASE_DTYPES if flag_variants else (_CASE_DTYPES[i % 3],)
+                        for dt in dts:
+                            key = ("a8" if a8 else "a16", bits, dt if flag_variants else None,
+                                   tuple(sorted(cfg.items())))
+                            if key in seen:
+                                continue
+                            i += 1
+                            zero, bias, atomic = bool(i & 1), bool(i & 2), bool(i & 4)
+                            tiles = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+                            zptr = "*i8" if bits == 8 else "*u8"
+                            wptr = "*i8" if bits == 8 else "*i32"
+                            if a8:
+                                c = dict(BITS=bits, HAS_WZERO=zero, ZERO_OFFSET=0 if bits == 8 else 1 << (bits - 1),
+                                         HAS_XZERO=not zero or bias, HAS_BIAS=bias, ATOMIC=atomic,
+                                         OUT_DTYPE=_DTYPE_CODES[dt], EMULATE=False, **tiles)
+                                ptrs = dict(xq_ptr="*i8", xs_ptr="*fp32", xz_ptr="*i32", w_ptr=wptr, s_ptr=_PTR[dt],
+                                            z_ptr=zptr, b_ptr=_PTR[dt], out_ptr="*fp32" if atomic else _PTR[dt])
+                                fn, name = _a8_kernel, "a8"
+                            else:
+                                c = dict(BITS=bits, HAS_ZERO=zero, ZERO_OFFSET=0 if bits == 8 else 1 << (bits - 1),
+                                         HAS_BIAS=bias, ATOMIC=atomic, X_DTYPE=_DTYPE_CODES[dt],
+                                         IEEE=dt == torch.float32, EMULATE=False, **tiles)
+                                ptrs = dict(x_ptr=_PTR[dt], w_ptr=wptr, s_ptr=_PTR[dt], z_ptr=zptr, b_ptr=_PTR[dt],
+                                            out_ptr="*fp32" if atomic else _PTR[dt])
+                                fn, name = _a16_kernel, "a16"
+                            add(key, _case(f"{name} b{bits} {dt} {tiles} w{cfg['num_warps']}"
+                                                   f" s{cfg['num_stages']}", fn, ptrs, c, cfg["num_warps"],
+                                                   cfg["num_stages"]))
+    # Small-M GEMV.
+    for m in ms[:4]:
+        for n in ns:
+            for g in groups:
+                for bits in GEMV_BITS:
+                    if not gemv_supported(bits, g, torch.bfloat16):
+                        continue
+                    cfg = gemv_config(m, n, bits, g)
+                    dts = _CASE_DTYPES if flag_variants else (_CASE_DTYPES[i % 3],)
+                    for dt in dts:
+                        key = ("gemv", bits, dt if flag_variants else None, tuple(sorted(cfg.items())))
+                        if key in seen:
+                            continue
+                        i += 1
+                        zero, bias, atomic = bool(i & 1), bool(i & 2), bool(i & 4)
+                        tiles = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+                        c = dict(BITS=bits, HAS_ZERO=zero, HAS_BIAS=bias, ATOMIC=atomic, X_DTYPE=_DTYPE_CODES[dt],
+                                 EMULATE=False, **tiles)
+                        ptrs = dict(x_ptr=_PTR[dt], w_ptr="*i32", s_ptr=_PTR[dt], z_ptr="*u8", b_ptr=_PTR[dt],
+                                    out_ptr="*fp32" if atomic else _PTR[dt])
+                        add(key, _case(f"gemv b{bits} {dt} {tiles}", _gemv_kernel, ptrs, c,
+                                               cfg["num_warps"], cfg["num_stages"]))
+    # Activation quantization: every (rows, columns, warps) quantize_act_int8 can launch.
+    for k in (1 << e for e in range(16)):
+        for m in (1, 2, 3, 5, 9, 17, 33, 65, 129, 257, 513, 1025, 2049, 4097):
+            bk = triton.next_power_of_2(k)
+            br = max(1, min(triton.next_power_of_2(m), 4096 // bk))
+            elems = br * bk
+            warps = 2 if elems <= 1024 else 4 if elems <= 2048 else 8 if elems <= 8192 else 16
+            for sym in (True, False):
+                dt = _CASE_DTYPES[(i := i + 1) % 3]
+                key = ("act", br, bk, warps, sym, dt if flag_variants else None)
+                c = dict(SYMMETRIC=sym, RECIP=True, BLOCK_R=br, BLOCK_K=bk)
+                ptrs = dict(x_ptr=_PTR[dt], q_ptr="*i8", s_ptr="*fp32", z_ptr="*i32", inv_q_range="fp32",
+                            q_range="fp32")
+                add(key, _case(f"act_quant sym={sym} {dt} R{br} K{bk} w{warps}", _act_quant_kernel,
+                                       ptrs, c, warps))
+    return cases
