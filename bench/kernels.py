@@ -129,7 +129,7 @@ def main(argv=None) -> int:
             for m in ms:
                 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
 
-                def run(impl, x=x):
+                def run(impl, x=x, qweight=qweight, scale=scale, zero=zero, bits=bits, g=g, a8=a8, k=k):
                     if a8:
                         return ops.linear_a8(x, qweight, scale, zero, bits, g, k, act_symmetric=True, impl=impl)
                     return ops.linear_a16(x, qweight, scale, zero, bits, g, k, impl=impl)
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
                     for impl in impls:  # every implementation agrees before it is timed
                         out = run(impl).float()
                         err[impl] = float((out - base).abs().max() / base.abs().max().clamp_min(1e-30))
-                variants = {"bf16": lambda x=x: F.linear(x, w16)}
+                variants = {"bf16": lambda x=x, w16=w16: F.linear(x, w16)}
                 variants.update({impl: (lambda impl=impl: run(impl)) for impl in impls})
                 for fn in variants.values():  # compile and autotune outside the timing
                     fn()
