@@ -92,6 +92,11 @@ def make_layer(k: int, n: int, bits: int, group, seed: int, device: str = "cuda"
 def main(argv=None) -> int:
     args = parse_args(argv)
     dev = "cpu" if args.cpu_smoke else "cuda"
+    if args.cpu_smoke:  # tiny shapes unless given: the interpreter runs a 4096-wide kernel for hours
+        defaults = parse_args([])
+        args.m = "1,5" if args.m == defaults.m else args.m
+        args.shapes = "128x64" if args.shapes == defaults.shapes else args.shapes
+        args.rep, args.rounds, args.heat = 1, 1, 0.0
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing to do.",
               file=sys.stderr)
