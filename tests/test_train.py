@@ -300,7 +300,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         student = peaked_llama()
         quantize_model(student, "w4a8kv8")
         if ckpt:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            from trainer.train import enable_checkpointing
+
+            enable_checkpointing(student)
         student.train()
         cfg = load_config(None, []).train
         module = QATModule(student, teacher, cfg)

@@ -28,9 +28,18 @@ def build_models(cfg: RunConfig):
     teacher = None if cfg.train.teacher_topk else _load_teacher(cfg)
     report = quantize_model(student, cfg.quant)
     if cfg.train.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(student)
     student.config.use_cache = False
     return student, teacher, report
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute the decoder's activations in backward (non-reentrant, so frozen inputs work)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _load_teacher(cfg: RunConfig, device: Optional[str] = None) -> torch.nn.Module:
