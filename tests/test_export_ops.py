@@ -390,10 +390,10 @@ needs_tinygemm_cpu = pytest.mark.skipif(not HAVE_TINYGEMM_CPU, reason="torch lac
 
 @pytest.fixture
 def fresh_tinygemm(monkeypatch):
-    from qat.export import ops
+    from qat.export import tinygemm
 
-    monkeypatch.setitem(ops._tinygemm_state, "disabled", None)
-    return ops
+    monkeypatch.setitem(tinygemm._tinygemm_state, "disabled", None)
+    return tinygemm
 
 
 @needs_tinygemm_cpu
@@ -403,24 +403,26 @@ def test_tinygemm_scale_zero_convention_cpu(sym, group, fresh_tinygemm, monkeypa
     """(u - 8) * scale + zero with zero = (8 - z) * scale is our (u - z) * scale: tinygemm's output is
     the fake-quant linear within bf16 rounding (asymmetric zeros are rounded to bf16), and the repacked
     weight is built once and cached on the qweight tensor."""
-    ops = fresh_tinygemm
+    from qat.export import ops
+
+    tg = fresh_tinygemm
     k, n = 512, 48
     w = _weight(n, k, torch.bfloat16, seed=group)
     fq, qweight, scale, zero, g, _, _ = convert(w, _spec(4, sym, group))
     x, bias = _acts((3, 2, k), torch.bfloat16), torch.randn(n).bfloat16()
     assert ops.resolve_impl("tinygemm", 4, False, 6, n, k, g, x) == "tinygemm"
     built = []
-    pack = ops._tinygemm_pack
-    monkeypatch.setattr(ops, "_tinygemm_pack", lambda *a: built.append(1) or pack(*a))
+    pack = tg._tinygemm_pack
+    monkeypatch.setattr(tg, "_tinygemm_pack", lambda *a: built.append(1) or pack(*a))
     for _ in range(2):
         y = ops.linear_a16(x, qweight, scale, zero, 4, g, k, bias=bias, impl="tinygemm")
         ref = ops.linear_a16(x, qweight, scale, zero, 4, g, k, bias=bias, impl="reference")
         bound = x.double().abs() @ fq.double().abs().t() + bias.double().abs()
         assert y.shape == (3, 2, n) and y.dtype == torch.bfloat16
         assert bool(((y.double() - ref.double()).abs() <= 2 * torch.finfo(torch.bfloat16).eps * bound).all())
-    assert len(built) == 1 and ops._tinygemm_state["disabled"] is None
+    assert len(built) == 1 and tg._tinygemm_state["disabled"] is None
     # The (G, N, 2) table itself: zero 0 when symmetric, (8 - z) * scale otherwise.
-    sz = ops.tinygemm_scales_and_zeros(scale, zero)
+    sz = tg.tinygemm_scales_and_zeros(scale, zero)
     assert sz.shape == (k // g, n, 2) and torch.equal(sz[..., 0], scale.t())
     zf = torch.zeros(n, k // g) if zero is None else (8 - zero.float()) * scale.float()
     assert torch.equal(sz[..., 1], zf.t().bfloat16())
@@ -430,20 +432,22 @@ def test_tinygemm_scale_zero_convention_cpu(sym, group, fresh_tinygemm, monkeypa
 def test_tinygemm_self_check_falls_back(fresh_tinygemm, monkeypatch):
     """A packing that disagrees with the dequantized weight is caught on first use: one warning, the
     reference result, and tinygemm is never chosen again in the process."""
-    ops = fresh_tinygemm
+    from qat.export import ops
+
+    tg = fresh_tinygemm
     k, n = 256, 32
     w = _weight(n, k, torch.bfloat16)
     fq, qweight, scale, zero, g, _, _ = convert(w, _spec(4, True, 64))
     x = _acts((2, k), torch.bfloat16)
-    pack = ops._tinygemm_pack
-    monkeypatch.setattr(ops, "_tinygemm_pack", lambda u, tiles: pack(15 - u, tiles))  # a wrong convention
+    pack = tg._tinygemm_pack
+    monkeypatch.setattr(tg, "_tinygemm_pack", lambda u, tiles: pack(15 - u, tiles))  # a wrong convention
     with pytest.warns(RuntimeWarning, match="tinygemm"):
         y = ops.linear_a16(x, qweight, scale, zero, 4, g, k, impl="tinygemm")
     assert torch.equal(y, F.linear(x, fq))
-    assert ops._tinygemm_state["disabled"] is not None and not hasattr(qweight, ops._TINYGEMM_ATTR)
+    assert tg._tinygemm_state["disabled"] is not None and not hasattr(qweight, tg._TINYGEMM_ATTR)
     assert ops.resolve_impl("tinygemm", 4, False, 2, n, k, g, x) == "reference"
     # Shapes and dtypes it does not take fall back without building anything.
-    monkeypatch.setitem(ops._tinygemm_state, "disabled", None)
+    monkeypatch.setitem(tg._tinygemm_state, "disabled", None)
     assert ops.resolve_impl("tinygemm", 4, False, 2, n, k, g, x.float()) == "reference"
     assert ops.resolve_impl("tinygemm", 3, False, 2, n, k, g, x) == "reference"
     assert ops.resolve_impl("tinygemm", 4, False, 2, n, k, 512, x) == "reference"
@@ -588,8 +592,10 @@ def test_cuda_paths_match_reference(bits, wsym, group, act_sym, m, monkeypatch):
         # tinygemm rounds an asymmetric zero to bf16 and may accumulate differently: twice the bound.
         tol = 2 if impl in ("tinygemm", "gemv", None) else 1
         assert _ulp_close(out, ref16, tol * bound, torch.bfloat16), f"a16 {impl}"
-    if bits == 4 and group in ops.TINYGEMM_GROUPS:  # the packing convention held on this GPU
-        assert ops._tinygemm_state["disabled"] is None, ops._tinygemm_state["disabled"]
+    from qat.export import tinygemm
+
+    if bits == 4 and group in tinygemm.TINYGEMM_GROUPS:  # the packing convention held on this GPU
+        assert tinygemm._tinygemm_state["disabled"] is None, tinygemm._tinygemm_state["disabled"]
     rq = ops._quantize_act_reference(x, act_sym)
     kq = ops.quantize_act_int8(x, act_sym)
     assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(rq, kq))
