@@ -24,14 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-SHAPES = {
-    # The bundled model's shape (576-wide: groups of 64).
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
-    # Llama-3.2-1B's shape.
-    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
-}
+from bench._common import SHAPES  # noqa: E402
 
 
 def parse_args(argv=None):

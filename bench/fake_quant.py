@@ -17,13 +17,14 @@ import contextlib
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+from bench._common import heat  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,18 +64,6 @@ def fwd_bwd(module: nn.Module, x: torch.Tensor, dy: torch.Tensor):
         module(x).backward(dy)
 
     return step
-
-
-def heat(seconds: float) -> None:
-    """Run bf16 matmuls for a while first: an H100's clocks settle lower once it is warm, which else
-    favours whatever is timed first."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        for _ in range(10):
-            a @ a
-        torch.cuda.synchronize()
 
 
 def main(argv=None) -> int:

@@ -24,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench._common import SHAPES  # noqa: E402
+
 # SmolLM2-135M's shape (the bundled model), for --random.
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                    rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
+SMOLLM2_135M = {**SHAPES["smollm2-135m"], "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+                "rope_theta": 100000.0}
 
 
 def parse_args(argv=None):

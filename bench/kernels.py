@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench._common import heat  # noqa: E402
+
 HBM_BYTES_PER_S = 3.0e12  # H100 SXM HBM3, what a weight-bound kernel can hope for
 PATHS = {  # name -> (bits, group (None: per channel), int8 activations)
     "w4a16": (4, 128, False),
@@ -65,16 +67,6 @@ def bench_us(fn, rep: int, cuda: bool = True) -> float:
     from triton.testing import do_bench
 
     return 1e3 * float(do_bench(fn, warmup=25, rep=rep, return_mode="median"))
-
-
-def heat(seconds: float) -> None:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        for _ in range(10):
-            a @ a
-        torch.cuda.synchronize()
 
 
 def make_layer(k: int, n: int, bits: int, group, seed: int, device: str = "cuda"):

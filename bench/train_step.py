@@ -22,12 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-SHAPES = {
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
-    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
-}
+from bench._common import SHAPES  # noqa: E402
+
 PARAMS = {"1B": 1.24e9, "7B": 6.74e9, "70B": 70.6e9}
 # Bytes per parameter of the student (weights, grads, optimizer state) and of the frozen bf16 teacher.
 PER_PARAM = {

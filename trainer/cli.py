@@ -123,7 +123,7 @@ def run_bench(argv: list[str]) -> int:
     """`distqat bench <name> [args]`: run bench/<name>.py with its own arguments (each prints its table)."""
     import runpy
 
-    names = sorted(p.stem for p in BENCH_DIR.glob("*.py")) if BENCH_DIR.is_dir() else []
+    names = sorted(p.stem for p in BENCH_DIR.glob("[!_]*.py")) if BENCH_DIR.is_dir() else []  # _*: shared code
     if not names:
         print("distqat bench: error: the benchmarks live in the source checkout's bench/ folder, which this "
               "installation lacks; run from a clone of the repository", file=sys.stderr)
