@@ -123,8 +123,7 @@ class IntKVLayer(DynamicLayer):
         self._select(lambda x: x[indices, ...])
 
     def nbytes(self) -> int:
-        return sum(x.numel() * x.element_size() for q in (self._k or ()) + (self._v or ()) for x in (q,)
-                   if x is not None)
+        return sum(x.numel() * x.element_size() for x in (self._k or ()) + (self._v or ()) if x is not None)
 
 
 class IntKVCache(Cache):

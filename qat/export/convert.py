@@ -29,6 +29,7 @@ from .format import (
     QUANT_KEY,
     FormatError,
     act_args,
+    config_dtype,
     kv_args,
     layer_format,
     weight_args,
@@ -40,13 +41,15 @@ COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 
 
-def compress_linear(layer: QuantLinear, name: str) -> tuple[dict[str, torch.Tensor], str]:
-    """The compressed-tensors tensors of one QuantLinear, and the format they are in."""
+def compress_linear(layer: QuantLinear, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The compressed-tensors tensors of one QuantLinear, and its scheme (a config group without targets)."""
     w_spec, a_spec = layer.weight_spec, layer.act_spec
     if w_spec is None or layer.weight_quantizer is None:
         raise FormatError(f"{name}: an activation-only quantized layer has no integer weights; "
                           "quantize its weights too (e.g. w8a8) or exclude it")
-    weight_args(w_spec, name), act_args(a_spec, name)  # refuse what the runtime cannot run
+    # Refuses what the runtime cannot run, before any work.
+    scheme = {"weights": weight_args(w_spec, name), "input_activations": act_args(a_spec, name),
+              "output_activations": None, "format": layer_format(w_spec, a_spec)}
     weight = layer.weight.detach()
     codes, scale, zero = layer.weight_quantizer.quantize(weight)
     bits, offset = w_spec.bits, 1 << (w_spec.bits - 1)
@@ -56,8 +59,7 @@ def compress_linear(layer: QuantLinear, name: str) -> tuple[dict[str, torch.Tens
         scale = scale.reshape(1)
         zero = None if zero is None else zero.reshape(1)
     out: dict[str, torch.Tensor] = {"weight_scale": scale.to(weight.dtype).contiguous()}
-    fmt = layer_format(w_spec, a_spec)
-    if fmt == "int-quantized":
+    if scheme["format"] == "int-quantized":
         out["weight"] = (unsigned - offset).to(torch.int8).contiguous()
         if zero is not None:
             out["weight_zero_point"] = (zero - offset).to(torch.int8).contiguous()
@@ -75,7 +77,7 @@ def compress_linear(layer: QuantLinear, name: str) -> tuple[dict[str, torch.Tens
     if not torch.equal(out["weight_scale"].float().reshape(scale.shape), scale.float()):
         raise FormatError(f"{name}: weight scales are not exact in {weight.dtype}; convert from the folder "
                           "in the dtype it was trained in")
-    return out, fmt
+    return out, scheme
 
 
 def _load_source(path: Path, dtype: Optional[torch.dtype]) -> nn.Module:
@@ -97,8 +99,7 @@ def _load_source(path: Path, dtype: Optional[torch.dtype]) -> nn.Module:
         raise FormatError(f"{path} holds no distqat quantization (config.json lacks {CONFIG_KEY}); "
                           "quantize it first with distqat train or distqat ptq")
     if dtype is None:
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
-            str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"), torch.bfloat16)
+        dtype = config_dtype(cfg)
     return load_ptq_model(path, dtype=dtype)
 
 
@@ -147,16 +148,12 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
     quantized: set[str] = set()
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
-            comp, fmt = compress_linear(mod, name)
+            comp, scheme = compress_linear(mod, name)
             for k, t in comp.items():
                 tensors[f"{name}.{k}"] = t
             quantized.add(name)
-            key = (repr(mod.weight_spec), repr(mod.act_spec), fmt)
-            if key not in groups:
-                groups[key] = {"targets": [], "weights": weight_args(mod.weight_spec, name),
-                               "input_activations": act_args(mod.act_spec, name),
-                               "output_activations": None, "format": fmt}
-            groups[key]["targets"].append(name)
+            key = (repr(mod.weight_spec), repr(mod.act_spec))
+            groups.setdefault(key, {"targets": [], **scheme})["targets"].append(name)
         elif isinstance(mod, nn.Linear):
             ignore.append(name)
     if not quantized:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
+import torch
+
 from ..spec import TensorSpec
 
 QUANT_KEY = "quantization_config"
@@ -20,6 +22,12 @@ FORMAT_VERSION = 1
 
 class FormatError(ValueError):
     """A checkpoint or a spec that the integer format cannot represent; the message names the fix."""
+
+
+def config_dtype(cfg: dict[str, Any]) -> torch.dtype:
+    """The dtype a model folder's config.json records (transformers writes `dtype`, older `torch_dtype`)."""
+    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(name, torch.bfloat16)
 
 
 def _int_args(spec: TensorSpec, strategy: str, dynamic: bool) -> dict[str, Any]:

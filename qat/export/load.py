@@ -13,7 +13,7 @@ from torch import nn
 from .. import kv as kv_quant
 from ..spec import TensorSpec
 from .convert import _sha256
-from .format import EXPORT_KEY, FORMAT_VERSION, QUANT_KEY, FormatError, matches, spec_from_args
+from .format import EXPORT_KEY, FORMAT_VERSION, QUANT_KEY, FormatError, config_dtype, matches, spec_from_args
 from .runtime import IntLinear
 
 
@@ -111,8 +111,7 @@ def load_quantized(
     clean = {k: v for k, v in cfg.items() if k not in (QUANT_KEY, EXPORT_KEY)}
     config = AutoConfig.for_model(**clean)
     if dtype is None:
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
-            str(clean.get("dtype") or clean.get("torch_dtype") or "bfloat16"), torch.bfloat16)
+        dtype = config_dtype(clean)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
