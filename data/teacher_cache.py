@@ -19,7 +19,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -106,9 +105,3 @@ def load_topk_cache(path: Path, blocks: torch.Tensor) -> tuple[torch.Tensor, tor
         raise ValueError(f"{path} holds top-k logits of shape {tuple(values.shape)} for blocks "
                          f"{tuple(blocks.shape)}; delete it to compute it again")
     return values, indices
-
-
-def topk_of(values: Optional[torch.Tensor], indices: Optional[torch.Tensor], i: int) -> dict[str, torch.Tensor]:
-    if values is None:
-        return {}
-    return {"teacher_topk_values": values[i], "teacher_topk_indices": indices[i]}

@@ -137,25 +137,25 @@ def run_eval(cfg: RunConfig) -> dict:
     return record
 
 
-def is_quantized_folder(name_or_path: str) -> bool:
-    """A folder written by `distqat train` / `distqat ptq` (its config records the quant spec)."""
+def _config_record(name_or_path: str) -> dict:
     cfg = Path(name_or_path).expanduser() / "config.json"
-    if not cfg.is_file():
-        return False
-    record = json.loads(cfg.read_text())
-    return "distqat_quant" in record or "distqat_ptq" in record or "distqat_export" in record
+    return json.loads(cfg.read_text()) if cfg.is_file() else {}
+
+
+def is_quantized_folder(name_or_path: str) -> bool:
+    """A folder written by `distqat train` / `distqat ptq` / `distqat convert` (its config says so)."""
+    return any(k in _config_record(name_or_path) for k in ("distqat_quant", "distqat_ptq", "distqat_export"))
 
 
 def is_converted_folder(name_or_path: str) -> bool:
     """A folder written by `distqat convert` (integer weights, run by qat.export.load_quantized)."""
-    cfg = Path(name_or_path).expanduser() / "config.json"
-    return cfg.is_file() and "distqat_export" in json.loads(cfg.read_text())
+    return "distqat_export" in _config_record(name_or_path)
 
 
 def _converted_spec(name_or_path: str):
     from qat.spec import QuantSpec
 
-    d = json.loads((Path(name_or_path).expanduser() / "config.json").read_text())["distqat_export"].get("spec")
+    d = _config_record(name_or_path)["distqat_export"].get("spec")
     return QuantSpec.from_dict(d) if d else None
 
 
