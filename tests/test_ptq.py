@@ -13,12 +13,12 @@ from torch import nn
 from qat.linear import QuantLinear
 from qat.ptq import Int8OutlierLinear, PTQConfig, load_ptq_model, parse_method, run_ptq
 from qat.ptq.awq import search_clip, search_scale
+from qat.ptq.blocks import block_groups, capture_inputs, collect, fold, foldable
 from qat.ptq.calib import calibration_ids
 from qat.ptq.gptq import gptq
 from qat.ptq.grid import freeze, frozen_spec, output_error, rtn
 from qat.ptq.hqq import hqq
 from qat.ptq.llm_int8 import reference_llm_int8
-from qat.ptq.loop import block_groups, capture_inputs, collect, fold, foldable
 from qat.ptq.smoothquant import smooth_scales
 from qat.spec import parse
 

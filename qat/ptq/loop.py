@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
@@ -24,6 +23,17 @@ from ..linear import QuantLinear
 from ..quantizers import ActQuantizer
 from ..spec import QuantSpec, parse
 from . import awq as awq_mod
+from .blocks import (
+    block_groups,
+    capture_inputs,
+    check_foldable,
+    collect,
+    decoder_layers,
+    fold,
+    foldable,
+    quantizers_off,
+    run_block,
+)
 from .config import PTQConfig, parse_method
 from .gptq import gptq
 from .grid import freeze, freeze_rtn, frozen_spec
@@ -31,68 +41,6 @@ from .hqq import hqq
 from .smoothquant import smooth_scales
 
 PTQ_KEY = "distqat_ptq"  # what ptq did, recorded in model.config next to the quant spec
-
-# Llama-family decoder layer: (module before the group, its kind, the linears sharing one input).
-LLAMA_GROUPS = [
-    ("input_layernorm", "norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-    ("self_attn.v_proj", "linear", ["self_attn.o_proj"]),
-    ("post_attention_layernorm", "norm", ["mlp.gate_proj", "mlp.up_proj"]),
-    ("mlp.up_proj", "linear", ["mlp.down_proj"]),
-]
-
-
-class _Stop(Exception):
-    """Raised from a hook to cut a forward short once the wanted inputs are seen."""
-
-
-@dataclass
-class Stats:
-    """Input statistics of one group of linears sharing an input (accumulated over calibration tokens)."""
-
-    n: int = 0
-    h: Optional[torch.Tensor] = None  # sum x x^T, then / n
-    abs_sum: Optional[torch.Tensor] = None
-    absmax: Optional[torch.Tensor] = None
-
-    def add(self, x: torch.Tensor, want_h: bool) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        if self.abs_sum is None:
-            c = x.shape[-1]
-            self.abs_sum = torch.zeros(c, device=x.device)
-            self.absmax = torch.zeros(c, device=x.device)
-            if want_h:
-                self.h = torch.zeros(c, c, device=x.device)
-        self.n += x.shape[0]
-        self.abs_sum += x.abs().sum(0)
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
-        if want_h:
-            self.h.addmm_(x.T, x)
-
-    def finish(self) -> Stats:
-        if self.h is not None:
-            self.h /= max(self.n, 1)
-        return self
-
-    @property
-    def absmean(self) -> torch.Tensor:
-        return self.abs_sum / max(self.n, 1)
-
-    def rescale(self, s: torch.Tensor) -> None:
-        """The inputs were divided by s channel-wise: update the statistics to match."""
-        s = s.to(self.abs_sum.device).float()
-        self.abs_sum /= s
-        self.absmax /= s
-        if self.h is not None:
-            self.h /= s[:, None] * s[None, :]
-
-
-@dataclass
-class Group:
-    prev_name: Optional[str]
-    prev_kind: Optional[str]
-    names: list[str]
-    stats: Optional[Stats] = None
-
 
 @dataclass
 class PTQReport:
@@ -106,169 +54,6 @@ class PTQReport:
     def to_dict(self) -> dict:
         return {"method": self.method, "spec": self.spec, "calib_tokens": self.calib_tokens,
                 "seconds": self.seconds, "blocks": self.blocks, "layers": self.layers}
-
-
-# ---------------------------------------------------------------------------------------------
-# Model layout.
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not len(layers):
-        raise ValueError(
-            f"ptq runs block by block over model.model.layers (Llama-family layout); "
-            f"{type(model).__name__} has no such list of decoder layers"
-        )
-    return layers
-
-
-def is_llama_layout(layer: nn.Module) -> bool:
-    names = {n for n, _ in layer.named_modules()}
-    need = {p for prev, _, group in LLAMA_GROUPS for p in [prev, *group]}
-    return need <= names
-
-
-def check_foldable(model: nn.Module, method: str) -> None:
-    """AWQ/SmoothQuant fold scales into RMSNorm weights: only y = w * x_hat norms and the Llama layout."""
-    mtype = getattr(getattr(model, "config", None), "model_type", "") or ""
-    if mtype.startswith("gemma"):
-        raise ValueError(
-            f"ptq.method={method}: {mtype}'s RMSNorm computes (1 + weight) * x_hat, so scales cannot be folded "
-            "into it here; use rtn, gptq or hqq"
-        )
-    layer = decoder_layers(model)[0]
-    if not is_llama_layout(layer):
-        raise ValueError(
-            f"ptq.method={method} folds scales into norms/linears of the Llama layout "
-            "(self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm); "
-            f"{type(layer).__name__} does not have it"
-        )
-
-
-def block_groups(layer: nn.Module) -> list[Group]:
-    if is_llama_layout(layer):
-        return [Group(p, k, list(names)) for p, k, names in LLAMA_GROUPS]
-    # Other layouts: each linear alone, in registration order (no folding transforms).
-    return [Group(None, None, [n]) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Running a block.
-
-
-def _hidden(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@torch.no_grad()
-def capture_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int, device: torch.device):
-    """Inputs (hidden states) and call kwargs of decoder layer 0 for each calibration batch."""
-    layers = decoder_layers(model)
-    inputs: list[torch.Tensor] = []
-    kwargs: list[dict] = []
-
-    def hook(mod, args, kw):
-        x = args[0] if args else kw.pop("hidden_states")
-        kw = dict(kw)
-        kw.pop("hidden_states", None)
-        inputs.append(x.detach())
-        kwargs.append(kw)
-        raise _Stop
-
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for b0 in range(0, ids.shape[0], batch_size):
-            try:
-                model(ids[b0 : b0 + batch_size].to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return inputs, kwargs
-
-
-@torch.no_grad()
-def run_block(layer: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-    return [_hidden(layer(x, **kw)) for x, kw in zip(inputs, kwargs)]
-
-
-@torch.no_grad()
-def collect(layer: nn.Module, groups: list[Group], inputs, kwargs, want_h: bool, stop_early: bool = False) -> None:
-    """Run the layer over the calibration inputs; each group's stats from its first linear's input.
-
-    stop_early: cut each forward once every group's input has been seen (true-sequential GPTQ).
-    """
-    seen: set[int] = set()
-    handles = []
-    for gi, g in enumerate(groups):
-        g.stats = Stats()
-        mod = layer.get_submodule(g.names[0])
-
-        def hook(m, args, gi=gi, g=g):
-            g.stats.add(args[0], want_h)
-            seen.add(gi)
-            if stop_early and len(seen) == len(groups):
-                raise _Stop
-
-        handles.append(mod.register_forward_pre_hook(hook))
-    try:
-        for x, kw in zip(inputs, kwargs):
-            seen.clear()
-            try:
-                layer(x, **kw)
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    for g in groups:
-        g.stats.finish()
-
-
-@contextmanager
-def quantizers_off(mods: dict[str, QuantLinear]):
-    """Run these QuantLinears in full precision; `on(name)` switches one back (it stays on after)."""
-    saved = {n: (m.weight_quantizer, m.input_quantizer) for n, m in mods.items()}
-    for m in mods.values():
-        m.weight_quantizer, m.input_quantizer = None, None
-
-    def on(name: str) -> None:
-        if name in saved:
-            mods[name].weight_quantizer, mods[name].input_quantizer = saved.pop(name)
-
-    try:
-        yield on
-    finally:
-        for n in list(saved):
-            on(n)
-
-
-@torch.no_grad()
-def fold(layer: nn.Module, group: Group, s: torch.Tensor) -> None:
-    """Multiply the group's weight columns by s, divide the preceding op's output by s (exact in fp)."""
-    prev = layer.get_submodule(group.prev_name)
-    if group.prev_kind == "norm":
-        if getattr(prev, "bias", None) is not None:
-            prev.bias.div_(s.to(prev.bias))
-        prev.weight.div_(s.to(prev.weight))
-    else:
-        prev.weight.div_(s.to(prev.weight)[:, None])
-        if prev.bias is not None:
-            prev.bias.div_(s.to(prev.bias))
-    for n in group.names:
-        lin = layer.get_submodule(n)
-        lin.weight.mul_(s.to(lin.weight)[None, :])
-    if group.stats is not None:
-        group.stats.rescale(s)
-
-
-def foldable(layer: nn.Module, group: Group) -> bool:
-    if group.prev_kind is None:
-        return False
-    if group.prev_kind == "linear":
-        return layer.get_submodule(group.prev_name).out_features == layer.get_submodule(group.names[0]).in_features
-    return True
 
 
 # ---------------------------------------------------------------------------------------------
