@@ -304,3 +304,18 @@ def test_transformers_loads_the_checkpoint_through_compressed_tensors(tiny_model
         ids = _ids()
         with torch.no_grad():
             assert torch.equal(hf(ids).logits, model(ids).logits)
+
+
+def test_linears_with_bias_convert_exactly(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_model("qwen2").config  # q/k/v projections carry a bias
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    quantize_model(model, "w4g32")
+    rt = load_quantized(convert_model(model, tmp_path / "int"))
+    q = rt.model.layers[0].self_attn.q_proj
+    assert q.bias is not None and torch.equal(q.bias, model.model.layers[0].self_attn.q_proj.bias)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(rt(ids).logits, model(ids).logits)

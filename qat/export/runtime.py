@@ -100,8 +100,10 @@ class IntLinear(nn.Module):
                 self.zero = zp.reshape(n, -1).to(torch.int8).contiguous()
         if self.bias is not None:
             bias = need("bias")
-            check("bias", bias, (n,), (bias.dtype,))
-            self.bias.data = bias.to(self.scale.dtype if self.scale.dtype != torch.float32 else bias.dtype)
+            if tuple(bias.shape) != (n,):
+                raise FormatError(f"{name}.bias: found {tuple(bias.shape)}, expected {(n,)}; the checkpoint "
+                                  "does not match its config")
+            self.bias.data = bias.to(self.bias.dtype)
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return ops.dequantize_weight(self.qweight, self.scale, self.zero, self.bits, self.group_size,
