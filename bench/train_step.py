@@ -16,6 +16,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,11 +52,15 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--scheme", default="w4a8kv8")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--variants", default="kd,qat",
+                   help="comma-separated of kd, qat, kd-compile, qat-compile (student and teacher under "
+                        "torch.compile, as train.compile=true runs them)")
+    p.add_argument("--profile", metavar="DIR", help="also write torch.profiler tables of two steps per variant here")
     p.add_argument("--json", metavar="PATH")
     return p.parse_args(argv)
 
 
-def make_module(shape: str, scheme: str | None):
+def make_module(shape: str, scheme: str | None, compile: bool = False):
     import transformers as tf
 
     from qat.apply import quantize_model
@@ -73,11 +78,14 @@ def make_module(shape: str, scheme: str | None):
         quantize_model(student, scheme)
     train = load_config(None, ["train.lr=1e-5"]).train
     module = QATModule(student, teacher, train)
+    if compile:
+        student.compile()
+        teacher.compile()
     opt = module.configure_optimizers()["optimizer"]
     return module, opt
 
 
-def time_steps(module, opt, batch, steps: int) -> tuple[float, float]:
+def time_steps(module, opt, batch, steps: int, profile: str | None = None) -> tuple[float, float, float]:
     def step():
         loss = module.losses(batch)["loss"]
         loss.backward()
@@ -88,15 +96,31 @@ def time_steps(module, opt, batch, steps: int) -> tuple[float, float]:
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, host = [], []
     for _ in range(steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        t0 = time.perf_counter()
         step()
+        # Host time to issue the step: when it is close to the GPU time, launches bound the step.
+        host.append((time.perf_counter() - t0) * 1e3)
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 1e9
+    peak = torch.cuda.max_memory_allocated() / 1e9
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
+
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            for _ in range(2):
+                step()
+            torch.cuda.synchronize()
+        ka = p.key_averages()
+        Path(profile).write_text(
+            ka.table(sort_by="self_cuda_time_total", row_limit=35) + "\n"
+            + ka.table(sort_by="self_cpu_time_total", row_limit=35))
+    return statistics.median(times), peak, statistics.median(host)
 
 
 def main(argv=None) -> int:
@@ -108,23 +132,37 @@ def main(argv=None) -> int:
     ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.batch, args.seq), generator=g).cuda()
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     rows = {}
-    for label, scheme in (("kd", None), ("qat", args.scheme)):
-        module, opt = make_module(args.shape, scheme)
-        ms, peak = time_steps(module, opt, batch, args.steps)
+    for label in args.variants.split(","):
+        scheme = None if label.startswith("kd") else args.scheme
+        module, opt = make_module(args.shape, scheme, compile=label.endswith("-compile"))
+        t0 = time.perf_counter()
+        profile = str(Path(args.profile) / f"{label}.txt") if args.profile else None
+        if profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+        ms, peak, host_ms = time_steps(module, opt, batch, args.steps, profile)
         state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                     if torch.is_tensor(t))
         n = sum(p.numel() for p in module.student.parameters())
-        rows[label] = dict(ms=ms, tokens_per_s=ids.numel() / ms * 1e3, peak_gb=peak, params=n,
-                           optimizer_bytes_per_param=state / n)
+        rows[label] = dict(ms=ms, host_ms=host_ms, tokens_per_s=ids.numel() / ms * 1e3, peak_gb=peak, params=n,
+                           optimizer_bytes_per_param=state / n, wall_s=time.perf_counter() - t0)
+        print(f"{label}: {ms:.2f} ms/step (host {host_ms:.2f} ms), {time.perf_counter() - t0:.0f} s incl. "
+              "warm-up/compile", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
         del module, opt
         torch.cuda.empty_cache()
     print(f"device: {torch.cuda.get_device_name()}  shape {args.shape}  batch {args.batch} x {args.seq}  "
           f"scheme {args.scheme}  torch {torch.__version__}")
-    print(f"{'step':>5} {'ms':>9} {'tokens/s':>10} {'peak GB':>8} {'opt B/param':>12}")
+    print(f"{'step':>12} {'ms':>9} {'host ms':>8} {'tokens/s':>10} {'peak GB':>8} {'opt B/param':>12} {'x kd':>6}")
     for label, r in rows.items():
-        print(f"{label:>5} {r['ms']:>9.2f} {r['tokens_per_s']:>10.0f} {r['peak_gb']:>8.2f} "
-              f"{r['optimizer_bytes_per_param']:>12.2f}")
-    print(f"qat / kd step time: {rows['qat']['ms'] / rows['kd']['ms']:.3f}")
+        base = rows.get("kd-compile" if label.endswith("-compile") else "kd")
+        ratio = f"{r['ms'] / base['ms']:.3f}" if base else "-"
+        print(f"{label:>12} {r['ms']:>9.2f} {r['host_ms']:>8.2f} {r['tokens_per_s']:>10.0f} {r['peak_gb']:>8.2f} "
+              f"{r['optimizer_bytes_per_param']:>12.2f} {ratio:>6}")
+    for q in ("qat", "qat-compile"):
+        k = q.replace("qat", "kd")
+        if q in rows and k in rows:
+            print(f"{q} / {k} step time: {rows[q]['ms'] / rows[k]['ms']:.3f}")
     print("\nweights + grads + optimizer state per GPU (GB), student + frozen bf16 teacher, 8 GPUs:")
     print(f"{'model':>5} {'master weights':>26} {'ZeRO-2':>8} {'ZeRO-3':>8}")
     for name, p in PARAMS.items():

@@ -206,7 +206,10 @@ def fake_quant(
     minmax scales clip nothing, so the gradient is the identity; clipping searches mask it.
     On CUDA the minmax int path runs as one fused kernel; `use_kernel=False` forces the reference.
     """
-    if use_kernel and spec.scale_method == "minmax" and spec.format == "int" and rows.is_cuda:
+    # Under torch.compile the reference ops below are traced instead: Inductor fuses them into the
+    # producer of `rows`, which an opaque kernel launch would prevent.
+    if (use_kernel and spec.scale_method == "minmax" and spec.format == "int" and rows.is_cuda
+            and not torch.compiler.is_compiling()):
         from .kernels import fused_fake_quant_rows
 
         out = fused_fake_quant_rows(rows, spec.bits, spec.symmetric, scale_dtype)
