@@ -159,6 +159,36 @@ def test_llm_int8_matches_float64_reference():
     assert err < 0.02
 
 
+def test_llm_int8_fast_path_arithmetic_on_cpu(monkeypatch):
+    """The CUDA path's arithmetic (torch._int_mm with int32 accumulation, fp32 rescale, fp16 outliers),
+    forced on CPU where torch._int_mm exists too: exact integer products, and close to the reference."""
+    from qat.ptq.llm_int8 import int_matmul
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (32, 64), generator=g, dtype=torch.int8)
+    b = torch.randint(-127, 128, (48, 64), generator=g, dtype=torch.int8)
+    exact = a.long() @ b.long().t()
+    fast = int_matmul(a, b, fast=True)
+    assert fast.dtype == torch.int32 and torch.equal(fast.long(), exact)
+    assert torch.equal(int_matmul(a, b, fast=False).long(), exact)
+
+    calls = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda *t: calls.append(1) or real(*t))
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    x = torch.randn(32, 64)
+    x[:, 5] *= 20
+    ref = Int8OutlierLinear.from_linear(lin, 6.0)(x)
+    m = Int8OutlierLinear.from_linear(lin, 6.0)
+    m.fast_path = True
+    got = m(x)
+    assert calls, "the fast path did not reach torch._int_mm"
+    torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
+    # fp16 outliers and fp32 rescaling differ from the float64 reference, but only by rounding.
+    assert 0 < (got - ref).abs().max() < 1e-2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_llm_int8_cuda_matches_cpu():
     torch.manual_seed(0)
@@ -343,6 +373,34 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
                                    calib_ids=calib), "cannot be folded")
     done, _ = run_ptq({"quant": "w4", "ptq": PTQConfig(method="rtn", progress=False)}, tiny_llama())
     one_line_error(lambda: run_ptq({"quant": "w4", "ptq": PTQConfig(method="rtn")}, done), "quantized already")
+
+
+def test_blocks_visit_the_device_one_at_a_time(monkeypatch):
+    """The loop moves decoder block i to the device, quantizes it, runs it, and moves it back before
+    block i + 1 goes: only one block is ever resident (recorded on CPU through Module.to)."""
+    from qat.ptq.blocks import decoder_layers
+
+    model = tiny_llama()
+    layers = decoder_layers(model)
+    events = []
+    real_to = nn.Module.to
+
+    def to(self, *args, **kw):
+        for i, layer in enumerate(layers):
+            if self is layer:
+                events.append((i, str(args[0] if args else kw.get("device"))))
+        return real_to(self, *args, **kw)
+
+    monkeypatch.setattr(nn.Module, "to", to)
+    run_ptq({"quant": "w4g16", "ptq": PTQConfig(method="gptq", progress=False, device="cpu")}, model,
+            calib_ids=ids())
+    want = [(i, "cpu") for i in range(len(layers)) for _ in range(2)]
+    assert events == want
+    resident, peak = set(), 0
+    for i, _ in events:
+        resident ^= {i}  # to(device) adds, to(home) removes
+        peak = max(peak, len(resident))
+    assert peak == 1 and not resident
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -5,7 +5,7 @@ Input columns (features) whose magnitude exceeds `threshold` in any row run in h
 with one absmax scale per row of the input and one per output channel of the weight, multiplied
 with integer accumulation, and rescaled. The CPU reference accumulates exactly (int8 products
 summed in float64, exact below 2^53); the CUDA path uses torch._int_mm (int32 accumulation) when
-the shapes allow it. No calibration: the decomposition is decided per batch at run time.
+the shapes allow it, and fp16 outliers. No calibration: the decomposition is decided per batch at run time.
 """
 
 from __future__ import annotations
@@ -26,15 +26,17 @@ def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(xf / scale).clamp(-127, 127).to(torch.int8), scale
 
 
-def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (m, k) int8 @ b (n, k)^T int8 with exact integer accumulation, as float64 (CPU) or int32 (CUDA)."""
-    if a.is_cuda and hasattr(torch, "_int_mm") and a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[0] % 8 == 0:
+def int_matmul(a: torch.Tensor, b: torch.Tensor, fast: bool) -> torch.Tensor:
+    """a (m, k) int8 @ b (n, k)^T int8 with exact integer accumulation.
+
+    fast: torch._int_mm (int32 accumulation, cuBLAS on CUDA) where it takes the shape, as int32;
+    otherwise the products are summed in float64 (exact below 2^53).
+    """
+    if fast and a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[0] % 8 == 0:
         try:
             return torch._int_mm(a.contiguous(), b.t())
-        except RuntimeError:
+        except RuntimeError:  # a build or device without an int8 GEMM for this shape
             pass
-    if a.is_cuda:
-        return (a.double() @ b.double().t())
     return a.double() @ b.double().t()
 
 
@@ -42,7 +44,12 @@ class Int8OutlierLinear(nn.Linear):
     """nn.Linear whose forward is LLM.int8(): int8 vector-wise matmul plus a high-precision outlier part.
 
     The fp weight stays the Parameter (state_dict as nn.Linear); its int8 codes are cached per weight version.
+    `fast_path` None picks the arithmetic by device: on CUDA int32 accumulation, fp32 rescaling and fp16
+    outliers (the paper's), on CPU the exact float64 reference. True/False force one (tests run the
+    CUDA arithmetic on CPU, where torch._int_mm exists too).
     """
+
+    fast_path: Optional[bool] = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = 6.0,
                  device=None, dtype=None) -> None:
@@ -75,11 +82,12 @@ class Int8OutlierLinear(nn.Linear):
         cols = self.outlier_columns(x2)
         wq, ws = self.int8_weight()
         xq, xs = int8_rows(x2.masked_fill(cols, 0))
-        acc = torch.float32 if x.is_cuda else torch.float64
-        y = int_matmul(xq, wq).to(acc) * xs.to(acc) * ws.t().to(acc)
+        fast = x.is_cuda if self.fast_path is None else self.fast_path
+        acc = torch.float32 if fast else torch.float64
+        y = int_matmul(xq, wq, fast).to(acc) * xs.to(acc) * ws.t().to(acc)
         if bool(cols.any()):
-            # High-precision part: fp16 on CUDA (as the paper), the input's precision (>= fp32) on CPU.
-            hp = torch.float16 if x.is_cuda else (torch.float64 if x.dtype == torch.float64 else torch.float32)
+            # High-precision part: fp16 as in the paper, or the input's precision (>= fp32) in the reference.
+            hp = torch.float16 if fast else (torch.float64 if x.dtype == torch.float64 else torch.float32)
             y = y + (x2[:, cols].to(hp) @ self.weight[:, cols].to(hp).t()).to(acc)
         if self.bias is not None:
             y = y + self.bias.to(acc)
