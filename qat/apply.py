@@ -15,7 +15,7 @@ from torch import nn
 
 from . import kv as kv_quant
 from .linear import QuantLinear
-from .quantizers import ActQuantizer
+from .quantizers import ActQuantizer, ClearShared, SharedInput
 from .spec import QuantSpec, TensorSpec, check_layer, parse, resolve_for_layer
 
 CONFIG_KEY = "distqat_quant"  # where the spec lives in model.config (and so in config.json)
@@ -94,6 +94,7 @@ def quantize_model(
         setattr(parent, child, QuantLinear.from_linear(linear, layer.weight, layer.activation))
         report.replaced.append((name, linear.in_features, linear.out_features,
                                 _layer_label(layer.weight, layer.activation)))
+    share_inputs(model)
     if spec.kv is not None:
         report.kv_modules = kv_quant.install(model, spec.kv)
     if not report.replaced and not report.kv_modules:
@@ -104,6 +105,17 @@ def quantize_model(
     if hasattr(model, "config"):
         setattr(model.config, CONFIG_KEY, spec.to_dict())
     return report
+
+
+def share_inputs(model: nn.Module) -> SharedInput:
+    """Give the dynamic input quantizers of the model's QuantLinears one SharedInput, cleared after
+    every forward of the model: linears that read the same tensor then quantize it once."""
+    memo = SharedInput()
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.input_quantizer is not None and m.input_quantizer.spec.dynamic:
+            m.input_quantizer.shared = memo
+    model.register_forward_hook(ClearShared(memo))
+    return memo
 
 
 def quant_spec_of(model: nn.Module) -> Optional[QuantSpec]:

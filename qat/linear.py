@@ -73,8 +73,20 @@ class QuantLinear(nn.Linear):
         if torch.is_autocast_enabled(x.device.type):
             # Quantize in the dtype the matmul will see, so scales and codes match a bf16 deployment.
             dt = torch.get_autocast_dtype(x.device.type)
-            x = x.to(dt)
-        w = self.quantized_weight(dt)
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
-        return F.linear(x, w, self.bias)
+        return F.linear(self.quantized_input(x, dt), self.quantized_weight(dt), self.bias)
+
+    def quantized_input(self, x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """x cast to `dtype` and fake-quantized; reused from the model's SharedInput when a sibling linear
+        (q/k/v, gate/up) quantized this very tensor just before."""
+        q = self.input_quantizer
+        memo = getattr(q, "shared", None) if q is not None and not torch.compiler.is_compiling() else None
+        if memo is not None:
+            hit = memo.get(x, q.spec, dtype)
+            if hit is not None:
+                return hit
+        xq = x if dtype is None else x.to(dtype)
+        if q is not None:
+            xq = q(xq)
+        if memo is not None:
+            memo.put(x, q.spec, dtype, xq)
+        return xq

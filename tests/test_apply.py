@@ -151,3 +151,38 @@ def test_static_activation_scales_calibrate_and_reload(tiny_model, tmp_path):
     out = model(ids())
     model.save_pretrained(tmp_path / "s")
     assert torch.equal(load_quantized_model(tmp_path / "s")(ids()).logits, out.logits)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_linears_reading_one_tensor_quantize_it_once(family, tiny_model):
+    """q/k/v and gate/up read the same tensor: with the model's SharedInput its fake quant runs once per
+    group (4 of 7 input quantizers per layer), with the same logits and gradients as running all 7."""
+    from qat.linear import QuantLinear
+
+    def run(share: bool):
+        model = tiny_model(family).double()
+        quantize_model(model, "w4a8kv8")
+        calls = []
+        for n, m in model.named_modules():
+            if isinstance(m, QuantLinear):
+                if not share:
+                    m.input_quantizer.shared = None
+                m.input_quantizer.register_forward_hook(lambda mod, a, o, n=n: calls.append(n))
+        ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+        logits = model(ids).logits
+        (logits.double() ** 2).mean().backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        memo = next(m.input_quantizer.shared for m in model.modules() if isinstance(m, QuantLinear))
+        return logits.detach(), grads, calls, memo
+
+    logits, grads, calls, memo = run(True)
+    ref_logits, ref_grads, ref_calls, _ = run(False)
+    layers = 2
+    assert len(ref_calls) == 7 * layers
+    assert len(calls) == 4 * layers
+    assert sorted(c.rsplit(".", 1)[-1] for c in calls[:4]) == ["down_proj", "gate_proj", "o_proj", "q_proj"]
+    assert memo.x is None and memo.out is None  # cleared after the model's forward
+    assert torch.equal(logits, ref_logits)
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:  # only the order of summing the three readers' gradients differs
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-12, atol=1e-12)

@@ -154,7 +154,8 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
         save_config(cfg, out_dir)
         print(report, file=sys.stderr)
     trainer.fit(module, datamodule=dm, ckpt_path=find_resume(ckpt_dir, cfg.train.resume), weights_only=True)
-    trainer.save_checkpoint(ckpt_dir / f"step={trainer.global_step}.ckpt")  # collective under DeepSpeed
+    # Collective under DeepSpeed; the full state (optimizer, loops), so that a later run can resume from it.
+    trainer.save_checkpoint(ckpt_dir / f"step={trainer.global_step}.ckpt", weights_only=False)
     final = consolidate(student, tok, out_dir / "model", trainer.strategy)
     trainer.strategy.barrier()
     return final or out_dir / "model"
