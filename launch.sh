@@ -21,8 +21,10 @@ usage() {
 usage: ./launch.sh [command] [config.yaml] [key=value ...]
        ./launch.sh test [pytest args]
 
-With no arguments: distqat eval configs/default.yaml (FP vs W4A8KV8 fake-quant perplexity of the
-bundled SmolLM2-135M on bundled Wikipedia text, with a plot under runs/default/).
+With no arguments: distqat pipeline configs/default.yaml, LLM-QAT W4A8KV8 on the bundled SmolLM2-135M
+sized for a laptop: the model writes its own training text, QAT distils it into the fake-quantized
+student, then FP, the RTN start and the trained student are scored on bundled Wikipedia text
+(runs/default/eval.json and eval.png). On one or more GPUs the same command runs one process per GPU.
 
 Environment: DISTQAT_HOME (cache for the bundled model/text, default ~/.cache/distqat),
 PYTHON (interpreter used to create .venv, default python3).
@@ -94,7 +96,7 @@ main() {
   install_project "$PY"
   fetch_assets "$PY"
   if [[ $# -eq 0 ]]; then
-    set -- eval "$ROOT/configs/default.yaml"
+    set -- pipeline "$ROOT/configs/default.yaml"
   fi
   if [[ "$1" == "test" ]]; then
     shift
@@ -102,7 +104,7 @@ main() {
     exec "$PY" -m pytest -q "$@"
   fi
   case "$1" in
-    train|generate) launch_distributed "$PY" "$@" ;;
+    train|generate|pipeline) launch_distributed "$PY" "$@" ;;
     *) exec "$PY" -m trainer "$@" ;;
   esac
 }

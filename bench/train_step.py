@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--variants", default="kd,qat",
                    help="comma-separated of kd, qat, kd-compile, qat-compile (student and teacher under "
-                        "torch.compile, as train.compile=true runs them)")
+                        "torch.compile; the fake quant then runs as traced torch ops Inductor can fuse)")
     p.add_argument("--profile", metavar="DIR", help="also write torch.profiler tables of two steps per variant here")
     p.add_argument("--json", metavar="PATH")
     return p.parse_args(argv)

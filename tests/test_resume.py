@@ -101,3 +101,56 @@ def test_train_from_cached_teacher_topk(setup_dirs, tmp_path):
     logged = losses(out)
     assert sorted(logged) == list(range(6)) and all(0 < v < 20 for v in logged.values())
     assert (out / "model" / "model.safetensors").is_file()
+
+
+def pretrained_tiny_teacher(setup_dirs: Path, path: Path) -> Path:
+    """The tiny random teacher trained for a moment on the corpus, so that it models the text it is scored
+    on (a random teacher's perplexity there is the vocabulary size, for every student alike)."""
+    import transformers as tf
+
+    from trainer.models import load_tokenizer
+
+    tok = load_tokenizer(str(setup_dirs / "teacher"))
+    model = tf.AutoModelForCausalLM.from_pretrained(setup_dirs / "teacher", dtype=torch.float32)
+    ids = torch.tensor(tok((setup_dirs / "corpus.txt").read_text())["input_ids"])
+    blocks = ids[: len(ids) // 32 * 32].reshape(-1, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(120):
+        batch = blocks[torch.randint(0, len(blocks), (16,), generator=g)]
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_pipeline_generates_trains_and_scores_fp_rtn_and_qat(setup_dirs, tmp_path):
+    """`distqat pipeline`: the teacher writes the data, QAT trains on it, and FP, the RTN start and the
+    trained student are scored on the same windows; the student ends closer to the teacher than RTN."""
+    import json
+    import math
+
+    teacher = pretrained_tiny_teacher(setup_dirs, tmp_path / "teacher")
+    out = tmp_path / "pipe"
+    r = subprocess.run(
+        [sys.executable, "-m", "trainer", "pipeline", f"model.name_or_path={teacher}",
+         f"data.path={setup_dirs / 'corpus.txt'}", "quant.scheme=w4a8kv8", "generate.n_samples=48",
+         "generate.max_length=33", "generate.batch_size=16", "generate.shard_size=16", "data.seq_len=32",
+         "train.max_steps=24", "train.lr=1e-3", "train.warmup_steps=2", "train.micro_batch_size=4",
+         "train.save_every=100", "train.val_every=1000", "distributed.strategy=single",
+         "eval.max_tokens=512", "eval.seq_len=32", f"output_dir={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((out / "generated" / "manifest.json").read_text())
+    assert manifest["samples"] == 48
+    assert sorted(losses(out)) == list(range(24))
+    rec = json.loads((out / "eval.json").read_text())
+    ppl = rec["perplexity"]
+    assert list(ppl) == ["fp", "w4a8kv8", "w4a8kv8 (qat)"]
+    assert ppl["fp"] < 20, ppl  # the teacher models the text
+    gap_rtn = math.log(ppl["w4a8kv8"]) - math.log(ppl["fp"])
+    gap_qat = math.log(ppl["w4a8kv8 (qat)"]) - math.log(ppl["fp"])
+    assert gap_rtn > 0.05 and abs(gap_qat) < 0.5 * gap_rtn, ppl
+    assert (out / "eval.png").is_file() and (out / "model" / "model.safetensors").is_file()

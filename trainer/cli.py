@@ -18,6 +18,7 @@ COMMANDS = {
     "train": "QAT: distill the full-precision teacher into the fake-quantized student",
     "ptq": "post-training quantization baselines (RTN, GPTQ, AWQ, SmoothQuant, LLM.int8(), HQQ)",
     "convert": "pack a trained or PTQ model into integer weights (compressed-tensors layout)",
+    "pipeline": "LLM-QAT end to end: generate, train, then score FP, the RTN start and the trained student",
     "eval": "perplexity of the full-precision and the fake-quantized model, with a plot",
     "bench": "speed benchmarks, each as a ratio to bf16",
     "report": "collect the results of runs into one table and plot",
@@ -79,6 +80,13 @@ def _run_convert(cfg: RunConfig) -> int:
     return 0
 
 
+def _run_pipeline(cfg: RunConfig) -> int:
+    from .pipeline import run_pipeline
+
+    run_pipeline(cfg)
+    return 0
+
+
 def _run_report(cfg: RunConfig) -> int:
     from .eval import run_report
 
@@ -88,7 +96,7 @@ def _run_report(cfg: RunConfig) -> int:
 
 HANDLERS: dict[str, Callable[[RunConfig], int]] = {
     "eval": _run_eval, "report": _run_report, "generate": _run_generate, "train": _run_train,
-    "ptq": _run_ptq, "convert": _run_convert,
+    "ptq": _run_ptq, "convert": _run_convert, "pipeline": _run_pipeline,
 }
 
 

@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -78,14 +79,58 @@ def plot_bars(results: dict[str, float], path: Path, title: str) -> Optional[Pat
 
 def run_eval(cfg: RunConfig) -> dict:
     """`distqat eval`: score each of cfg.eval.compare on the same tokens, save JSON + plot + config."""
-    from data.sources import load_texts, spread_windows, token_stream
-    from qat.apply import quantize_model
-
-    from .models import load_model, load_tokenizer
-
     unknown = set(cfg.eval.compare) - {"fp", "quant"}
     if unknown or not cfg.eval.compare:
         raise ValueError(f"eval.compare={cfg.eval.compare}: allowed entries are 'fp' and 'quant'")
+    if is_quantized_folder(cfg.model.name_or_path):
+        return score_models(cfg, [(None, saved_model(cfg.model.name_or_path, cfg.model.dtype))])
+    return score_models(cfg, [base_model(cfg, what == "quant") for what in cfg.eval.compare])
+
+
+def base_model(cfg: RunConfig, quantized: bool) -> tuple[str, Callable[[], torch.nn.Module]]:
+    """(label, loader) of cfg.model as loaded ("fp") or fake-quantized with cfg.quant (the RTN start)."""
+    from qat.apply import quantize_model
+
+    from .models import load_model
+
+    def load() -> torch.nn.Module:
+        model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation,
+                           cfg.model.trust_remote_code)
+        if quantized:
+            print(quantize_model(model, cfg.quant), file=sys.stderr)
+        return model
+
+    return (_spec_label(cfg.quant) if quantized else "fp"), load
+
+
+def saved_model(path: str, dtype: str = "auto") -> tuple[str, Callable[[], torch.nn.Module]]:
+    """(label, loader) of a folder written by train, ptq or convert."""
+    from qat.apply import quant_spec_of
+    from qat.ptq import load_ptq_model
+
+    from .models import DTYPES, resolve_dtype
+
+    if is_converted_folder(path):
+        spec = _converted_spec(path)
+
+        def load_int() -> torch.nn.Module:
+            from qat.export import load_quantized
+
+            return load_quantized(path)
+
+        return f"{_spec_label(spec) if spec else 'int'} (int)", load_int
+    model = load_ptq_model(path, dtype=DTYPES[resolve_dtype(dtype)])
+    spec = quant_spec_of(model)
+    return f"{_spec_label(spec) if spec else 'llm_int8'} (saved)", lambda: model
+
+
+def score_models(cfg: RunConfig, entries: list[tuple[Optional[str], Callable[[], torch.nn.Module]]]) -> dict:
+    """Perplexity of each (label, loader) on the same windows of cfg.data (one model in memory at a time);
+    eval.json, eval.png and config.yaml under cfg.output_dir. A label None keeps the loader's own."""
+    from data.sources import load_texts, spread_windows, token_stream
+
+    from .models import load_tokenizer
+
     out_dir = Path(cfg.output_dir)
     save_config(cfg, out_dir)
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
@@ -94,32 +139,8 @@ def run_eval(cfg: RunConfig) -> dict:
     n_tokens = sum(len(w) for w in windows)
     results: dict[str, float] = {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    trained = is_quantized_folder(cfg.model.name_or_path)
-    for what in (["trained"] if trained else cfg.eval.compare):
-        if trained:
-            from qat.apply import quant_spec_of
-            from qat.ptq import load_ptq_model
-
-            from .models import DTYPES, resolve_dtype
-
-            if is_converted_folder(cfg.model.name_or_path):
-                from qat.export import load_quantized
-
-                model = load_quantized(cfg.model.name_or_path)
-                spec = _converted_spec(cfg.model.name_or_path)
-                label = f"{_spec_label(spec) if spec else 'int'} (int)"
-            else:
-                model = load_ptq_model(cfg.model.name_or_path, dtype=DTYPES[resolve_dtype(cfg.model.dtype)])
-                spec = quant_spec_of(model)
-                label = f"{_spec_label(spec) if spec else 'llm_int8'} (saved)"
-        else:
-            model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation,
-                               cfg.model.trust_remote_code)
-            label = "fp"
-            if what == "quant":
-                print(quantize_model(model, cfg.quant), file=sys.stderr)
-                label = _spec_label(cfg.quant)
-        model.to(device)
+    for label, load in entries:
+        model = load().to(device)
         t0 = time.perf_counter()
         results[label] = perplexity(model, windows, cfg.eval.batch_size, desc=label)
         secs = time.perf_counter() - t0
