@@ -116,7 +116,7 @@ def pretrained_tiny_teacher(setup_dirs: Path, path: Path) -> Path:
     blocks = ids[: len(ids) // 32 * 32].reshape(-1, 32)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
-    for _ in range(120):
+    for _ in range(80):
         batch = blocks[torch.randint(0, len(blocks), (16,), generator=g)]
         model(input_ids=batch, labels=batch).loss.backward()
         opt.step()
@@ -128,7 +128,9 @@ def pretrained_tiny_teacher(setup_dirs: Path, path: Path) -> Path:
 
 def test_pipeline_generates_trains_and_scores_fp_rtn_and_qat(setup_dirs, tmp_path):
     """`distqat pipeline`: the teacher writes the data, QAT trains on it, and FP, the RTN start and the
-    trained student are scored on the same windows; the student ends closer to the teacher than RTN."""
+    trained student are scored on the same windows; the student ends closer to the teacher than RTN.
+    2-bit weights (groups of 16): at 3-4 bits RTN barely moves this tiny model (measured: 5.14 FP,
+    4.93-5.00 RTN), at 2 bits it does (9.48), and QAT brings it back (5.73)."""
     import json
     import math
 
@@ -136,7 +138,7 @@ def test_pipeline_generates_trains_and_scores_fp_rtn_and_qat(setup_dirs, tmp_pat
     out = tmp_path / "pipe"
     r = subprocess.run(
         [sys.executable, "-m", "trainer", "pipeline", f"model.name_or_path={teacher}",
-         f"data.path={setup_dirs / 'corpus.txt'}", "quant.scheme=w4a8kv8", "generate.n_samples=48",
+         f"data.path={setup_dirs / 'corpus.txt'}", "quant.scheme=w2g16a8kv8", "generate.n_samples=48",
          "generate.max_length=33", "generate.batch_size=16", "generate.shard_size=16", "data.seq_len=32",
          "train.max_steps=24", "train.lr=1e-3", "train.warmup_steps=2", "train.micro_batch_size=4",
          "train.save_every=100", "train.val_every=1000", "distributed.strategy=single",
@@ -148,9 +150,9 @@ def test_pipeline_generates_trains_and_scores_fp_rtn_and_qat(setup_dirs, tmp_pat
     assert sorted(losses(out)) == list(range(24))
     rec = json.loads((out / "eval.json").read_text())
     ppl = rec["perplexity"]
-    assert list(ppl) == ["fp", "w4a8kv8", "w4a8kv8 (qat)"]
+    assert list(ppl) == ["fp", "w2g16a8kv8", "w2g16a8kv8 (qat)"]
     assert ppl["fp"] < 20, ppl  # the teacher models the text
-    gap_rtn = math.log(ppl["w4a8kv8"]) - math.log(ppl["fp"])
-    gap_qat = math.log(ppl["w4a8kv8 (qat)"]) - math.log(ppl["fp"])
+    gap_rtn = math.log(ppl["w2g16a8kv8"]) - math.log(ppl["fp"])
+    gap_qat = math.log(ppl["w2g16a8kv8 (qat)"]) - math.log(ppl["fp"])
     assert gap_rtn > 0.05 and abs(gap_qat) < 0.5 * gap_rtn, ppl
     assert (out / "eval.png").is_file() and (out / "model" / "model.safetensors").is_file()
