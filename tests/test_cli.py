@@ -19,9 +19,9 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_top_level_help_lists_every_command():
     r = run("--help")
     assert r.returncode == 0
-    for name in ["generate", "train", "ptq", "convert", "eval", "bench", "report"]:
+    for name in ["generate", "train", "ptq", "convert", "eval", "bench", "report", "pipeline"]:
         assert name in r.stdout
-    assert set(COMMANDS) == {"generate", "train", "ptq", "convert", "eval", "bench", "report"}
+    assert set(COMMANDS) == {"generate", "train", "ptq", "convert", "eval", "bench", "report", "pipeline"}
 
 
 @pytest.mark.parametrize("command", sorted(set(COMMANDS) - {"bench"}))  # bench: the scripts' own options

@@ -83,7 +83,7 @@ def run_eval(cfg: RunConfig) -> dict:
     if unknown or not cfg.eval.compare:
         raise ValueError(f"eval.compare={cfg.eval.compare}: allowed entries are 'fp' and 'quant'")
     if is_quantized_folder(cfg.model.name_or_path):
-        return score_models(cfg, [(None, saved_model(cfg.model.name_or_path, cfg.model.dtype))])
+        return score_models(cfg, [saved_model(cfg.model.name_or_path, cfg.model.dtype)])
     return score_models(cfg, [base_model(cfg, what == "quant") for what in cfg.eval.compare])
 
 
@@ -124,9 +124,9 @@ def saved_model(path: str, dtype: str = "auto") -> tuple[str, Callable[[], torch
     return f"{_spec_label(spec) if spec else 'llm_int8'} (saved)", lambda: model
 
 
-def score_models(cfg: RunConfig, entries: list[tuple[Optional[str], Callable[[], torch.nn.Module]]]) -> dict:
+def score_models(cfg: RunConfig, entries: list[tuple[str, Callable[[], torch.nn.Module]]]) -> dict:
     """Perplexity of each (label, loader) on the same windows of cfg.data (one model in memory at a time);
-    eval.json, eval.png and config.yaml under cfg.output_dir. A label None keeps the loader's own."""
+    eval.json, eval.png and config.yaml under cfg.output_dir."""
     from data.sources import load_texts, spread_windows, token_stream
 
     from .models import load_tokenizer
