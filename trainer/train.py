@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -115,6 +116,8 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
     from .strategy import make_strategy
 
     out_dir = Path(cfg.output_dir)
+    # The frozen teacher is in eval mode on purpose; Lightning's warning about it would only alarm users.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     L.seed_everything(cfg.seed, workers=True)
     if devices is None:
         devices = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
