@@ -236,10 +236,26 @@ def split_k(m: int, n: int, cfg: dict, units: int, sms: int) -> tuple[int, int]:
     return triton.cdiv(units, per), per
 
 
+def _split_out(m: int, n: int, cfg: dict, split: int, dtype: torch.dtype, device: torch.device):
+    """(grid, out) of a GEMM launch: split-K programs add into fp32 zeros atomically (finished by
+    `_finish_split`); a single pass writes the output once, in its dtype."""
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
+    if split > 1:
+        return grid, torch.zeros(m, n, dtype=torch.float32, device=device)
+    return grid, torch.empty(m, n, dtype=dtype, device=device)
+
+
 def _finish_split(out32: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     if bias is not None:
         out32 += bias.float()
     return out32.to(dtype)
+
+
+def _a16_operands(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]):
+    """x with unit column stride, contiguous codes and scales, the bias in x.dtype (F.linear adds it so)."""
+    x = x2d if x2d.stride(1) == 1 else x2d.contiguous()
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    return x, qweight.contiguous(), scale.contiguous(), bias
 
 
 def linear_a16(x2d, qweight, scale, zero, bits: int, group_size: int, bias: Optional[torch.Tensor]):
@@ -248,15 +264,11 @@ def linear_a16(x2d, qweight, scale, zero, bits: int, group_size: int, bias: Opti
     n = qweight.shape[0]
     if m == 0:
         return x2d.new_empty(m, n)
-    x = x2d if x2d.stride(1) == 1 else x2d.contiguous()
-    w, s = qweight.contiguous(), scale.contiguous()
+    x, w, s, bias = _a16_operands(x2d, qweight, scale, bias)
     z, has_zero, zoff = _zero_args(zero, bits, s)
     cfg = gemm_config(m, n, _pow2_divisor(group_size, 128), a8=False)
     split, per = split_k(m, n, cfg, k // cfg["BLOCK_K"], _num_sms(_device_index(x)))
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
-    out = (torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1
-           else torch.empty(m, n, dtype=x.dtype, device=x.device))
-    bias = None if bias is None else bias.to(x.dtype).contiguous()  # F.linear adds a bias in x.dtype
+    grid, out = _split_out(m, n, cfg, split, x.dtype, x.device)
     b = bias if bias is not None else s
     _a16_kernel[grid](
         x, w, s, z, b, out, m, n, k, s.shape[1], group_size, x.stride(0), w.stride(0), per,
@@ -350,16 +362,12 @@ def linear_gemv(x2d, qweight, scale, zero, bits: int, group_size: int, bias: Opt
     n = qweight.shape[0]
     if m == 0:
         return x2d.new_empty(m, n)
-    x = x2d if x2d.stride(1) == 1 else x2d.contiguous()
-    w, s = qweight.contiguous(), scale.contiguous()
+    x, w, s, bias = _a16_operands(x2d, qweight, scale, bias)
     z = zero.contiguous() if zero is not None else s
     cfg = gemv_config(m, n, bits, group_size)
     k_tiles = k // (cfg["BLOCK_W"] * (32 // bits))
     split, per = gemv_split(m, n, k_tiles, cfg, _num_sms(_device_index(x)))
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
-    out = (torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1
-           else torch.empty(m, n, dtype=x.dtype, device=x.device))
-    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    grid, out = _split_out(m, n, cfg, split, x.dtype, x.device)
     b = bias if bias is not None else s
     _gemv_kernel[grid](
         x, w, s, z, b, out, m, n, k, s.shape[1], group_size, x.stride(0), w.stride(0), per,
@@ -512,9 +520,7 @@ def linear_a8(xq, xs, xz, qweight, scale, zero, bits: int, group_size: int, bias
         if ng < target:  # the fewest equal parts (whole K tiles each) that give enough units
             subs = next((d for d in range(1, k_tiles + 1) if k_tiles % d == 0 and ng * d >= target), k_tiles)
     split, per = split_k(m, n, cfg, ng * subs, _num_sms(_device_index(xq)))
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
-    out = (torch.zeros(m, n, dtype=torch.float32, device=xq.device) if split > 1
-           else torch.empty(m, n, dtype=dtype, device=xq.device))
+    grid, out = _split_out(m, n, cfg, split, dtype, xq.device)
     b = bias.contiguous() if bias is not None else s
     _a8_kernel[grid](
         xq.contiguous(), xs.contiguous(), xs if xz is None else xz.contiguous(), w, s, z, b, out,
