@@ -104,11 +104,10 @@ def base_model(cfg: RunConfig, quantized: bool) -> tuple[str, Callable[[], torch
 
 
 def saved_model(path: str, dtype: str = "auto") -> tuple[str, Callable[[], torch.nn.Module]]:
-    """(label, loader) of a folder written by train, ptq or convert."""
-    from qat.apply import quant_spec_of
-    from qat.ptq import load_ptq_model
-
-    from .models import DTYPES, resolve_dtype
+    """(label, loader) of a folder written by train, ptq or convert. The label comes from its config.json,
+    so nothing loads before score_models asks for the model."""
+    from qat.apply import CONFIG_KEY
+    from qat.spec import QuantSpec
 
     if is_converted_folder(path):
         spec = _converted_spec(path)
@@ -119,9 +118,17 @@ def saved_model(path: str, dtype: str = "auto") -> tuple[str, Callable[[], torch
             return load_quantized(path)
 
         return f"{_spec_label(spec) if spec else 'int'} (int)", load_int
-    model = load_ptq_model(path, dtype=DTYPES[resolve_dtype(dtype)])
-    spec = quant_spec_of(model)
-    return f"{_spec_label(spec) if spec else 'llm_int8'} (saved)", lambda: model
+    d = _config_record(path).get(CONFIG_KEY)
+    spec = QuantSpec.from_dict(d) if d else None  # none: an llm_int8 folder
+
+    def load_saved() -> torch.nn.Module:
+        from qat.ptq import load_ptq_model
+
+        from .models import DTYPES, resolve_dtype
+
+        return load_ptq_model(path, dtype=DTYPES[resolve_dtype(dtype)])
+
+    return f"{_spec_label(spec) if spec else 'llm_int8'} (saved)", load_saved
 
 
 def score_models(cfg: RunConfig, entries: list[tuple[str, Callable[[], torch.nn.Module]]]) -> dict:

@@ -46,7 +46,6 @@ def run_pipeline(cfg: RunConfig, manifest_timeout_s: float = 24 * 3600) -> dict:
     if rank != 0:
         return {}
     fp, rtn = base_model(cfg, False), base_model(cfg, True)
-    label, load_trained = saved_model(str(model_dir), cfg.model.dtype)
-    trained = (f"{rtn[0]} (qat)" if label.endswith(" (saved)") else label, load_trained)
+    trained = (f"{rtn[0]} (qat)", saved_model(str(model_dir), cfg.model.dtype)[1])
     print(f"pipeline: scoring {fp[0]}, {rtn[0]} (RTN start) and {trained[0]} on {cfg.data.path}", file=sys.stderr)
     return score_models(cfg, [fp, rtn, trained])
