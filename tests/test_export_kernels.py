@@ -61,17 +61,17 @@ def _ulp_close(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, dtype:
 
 
 def _check_interpreter() -> list[str]:
-    from qat.export import ops, triton_ops
+    from qat.export import ops, reference, triton_common, triton_ops
 
     errors = []
 
     def no_split(fn, *args):
-        saved = triton_ops._num_sms
-        triton_ops._num_sms = lambda index: 0  # no split-K: the epilogue's fp32 order equals the reference
+        saved = triton_common._num_sms
+        triton_common._num_sms = lambda index: 0  # no split-K: the epilogue's fp32 order equals the reference
         try:
             return fn(*args)
         finally:
-            triton_ops._num_sms = saved
+            triton_common._num_sms = saved
 
     for i, (m, k, n, group, bits, wsym, asym_act, dtype, has_bias) in enumerate(KERNEL_CASES):
         where = f"case {i} M={m} K={k} N={n} g={group} bits={bits} wsym={wsym} act_sym={asym_act} {dtype}"
@@ -105,7 +105,7 @@ def _check_interpreter() -> list[str]:
                 errors.append(f"{where}: a16 {name} differs by {(out.double() - ref16.double()).abs().max()}")
 
         act_sym = not asym_act
-        rq = ops._quantize_act_reference(x, act_sym)
+        rq = reference.quantize_act_reference(x, act_sym)
         kq = triton_ops.quantize_act_int8(x, act_sym)
         if not (torch.equal(rq[0], kq[0]) and torch.equal(rq[1], kq[1])
                 and (rq[2] is None and kq[2] is None or torch.equal(rq[2], kq[2]))):
@@ -248,9 +248,10 @@ def test_int_dots_name_their_out_dtype():
     this. Every tl.dot given an accumulator must name out_dtype."""
     import ast
 
-    tree = ast.parse((ROOT / "qat" / "export" / "triton_ops.py").read_text())
-    dots = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-            and n.func.attr == "dot" and isinstance(n.func.value, ast.Name) and n.func.value.id == "tl"]
+    trees = [ast.parse(path.read_text()) for path in sorted((ROOT / "qat" / "export").glob("triton_*.py"))]
+    dots = [n for tree in trees for n in ast.walk(tree) if isinstance(n, ast.Call)
+            and isinstance(n.func, ast.Attribute) and n.func.attr == "dot" and isinstance(n.func.value, ast.Name)
+            and n.func.value.id == "tl"]
     assert dots
     for call in dots:
         has_acc = len(call.args) >= 3 or any(kw.arg == "acc" for kw in call.keywords)
@@ -279,7 +280,7 @@ CUDA_CASES = [
 @pytest.mark.parametrize("bits,wsym,group,act_sym", CUDA_CASES)
 @pytest.mark.parametrize("m", [1, 16, 100, 1024])
 def test_cuda_paths_match_reference(bits, wsym, group, act_sym, m, monkeypatch):
-    from qat.export import ops
+    from qat.export import ops, reference
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     k, n = 4096, 1024
@@ -300,7 +301,7 @@ def test_cuda_paths_match_reference(bits, wsym, group, act_sym, m, monkeypatch):
 
     if bits == 4 and group in tinygemm.TINYGEMM_GROUPS:  # the packing convention held on this GPU
         assert tinygemm._tinygemm_state["disabled"] is None, tinygemm._tinygemm_state["disabled"]
-    rq = ops._quantize_act_reference(x, act_sym)
+    rq = reference.quantize_act_reference(x, act_sym)
     kq = ops.quantize_act_int8(x, act_sym)
     assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(rq, kq))
     ref8 = ops.linear_a8(x, qweight, scale, zero, bits, g, k, act_sym, bias=bias, impl="reference")

@@ -14,9 +14,9 @@ trained fake-quant weight bit for bit. The 8-bit activation path quantizes each 
 fake-quant activation quantizer would, then accumulates integer products exactly (int32 on the GPU,
 float64 on the CPU, where every partial sum is an integer below 2**53) and applies the scales in fp32.
 
-On CPU tensors the torch reference runs. On CUDA the Triton kernels of `qat.export.triton_ops`, torch's
-int4 tinygemm kernel or a dequantize-then-cuBLAS path run, chosen per path and number of tokens M from
-`DISPATCH`; DISTQAT_INT_KERNELS=0 forces the reference.
+On CPU tensors the torch reference of `qat.export.reference` runs. On CUDA the Triton kernels of
+`qat.export.triton_ops`, torch's int4 tinygemm kernel or a dequantize-then-cuBLAS path run, chosen per
+path and number of tokens M from `DISPATCH`; DISTQAT_INT_KERNELS=0 forces the reference.
 """
 
 from __future__ import annotations
@@ -28,9 +28,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..quantizers import range_qparams
-from ..spec import TensorSpec
-from .pack import packed_cols, unpack_int32
+from ..kernels import interpret_mode, triton_available
+from .pack import packed_cols
+from .reference import (
+    a8_epilogue_reference,
+    dequantize_reference,
+    group_accumulate_reference,
+    quantize_act_reference,
+)
 from .tinygemm import linear_tinygemm, tinygemm_supported
 
 __all__ = [
@@ -110,7 +115,7 @@ def choose_impl(path: str, m: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Layout checks and the integer codes.
+# Layout checks.
 
 
 def _check_layout(qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], bits: int,
@@ -135,29 +140,6 @@ def _check_layout(qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[tor
     return n, k, g
 
 
-def signed_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """(N, K) int32 codes centred like the symmetric grid (u - 2**(bits-1)); int8 weights are already so."""
-    if bits == 8:
-        return qweight.to(torch.int32)
-    return unpack_int32(qweight, bits, in_features).to(torch.int32) - (1 << (bits - 1))
-
-
-def signed_zero(zero: Optional[torch.Tensor], bits: int) -> Optional[torch.Tensor]:
-    """(N, G) int32 zero points in the domain of `signed_codes`; None means 0 (symmetric)."""
-    if zero is None:
-        return None
-    z = zero.to(torch.int32)
-    return z if bits == 8 else z - (1 << (bits - 1))
-
-
-def _centred(qweight, zero, bits, group_size, in_features) -> torch.Tensor:
-    """(N, G, g) int32: code - zero, the exact integer each weight is a multiple of its scale by."""
-    q = signed_codes(qweight, bits, in_features)
-    q = q.reshape(q.shape[0], -1, group_size)
-    z = signed_zero(zero, bits)
-    return q if z is None else q - z.unsqueeze(-1)
-
-
 # ---------------------------------------------------------------------------------------------
 # Dequantization and the 16-bit-activation linear.
 
@@ -165,9 +147,15 @@ def _centred(qweight, zero, bits, group_size, in_features) -> torch.Tensor:
 def _use_triton(t: torch.Tensor) -> bool:
     if not kernels_enabled():
         return False
-    from ..kernels import interpret_mode, triton_available
-
     return (t.is_cuda or interpret_mode()) and triton_available()
+
+
+def _triton_ops():
+    """qat.export.triton_ops, imported on first use of a kernel."""
+    # lazy: triton.jit reads TRITON_INTERPRET when the kernels are defined, and triton is optional on CPU
+    from . import triton_ops
+
+    return triton_ops
 
 
 def resolve_impl(
@@ -184,14 +172,10 @@ def resolve_impl(
         impl = "triton"
     if impl == "tinygemm" and not (not a8 and tinygemm_supported(bits, group_size, k, n, x)):
         impl = "dequant" if x.is_cuda else "reference"
-    if impl == "gemv":
-        from . import triton_ops
-
-        if a8 or not triton_ops.gemv_supported(bits, group_size, x.dtype):
-            impl = "triton"
+    if impl == "gemv" and (a8 or not _triton_ops().gemv_supported(bits, group_size, x.dtype)):
+        impl = "triton"
     if impl == "triton":
-        from . import triton_ops
-
+        triton_ops = _triton_ops()
         ok = triton_ops.a8_supported(bits, group_size, k) if a8 else triton_ops.a16_supported(bits, group_size, x.dtype)
         if not ok:
             # The dequantize-then-GEMM path runs any width; on CPU the exact reference is as fast.
@@ -199,12 +183,6 @@ def resolve_impl(
     if impl not in IMPLS[path_name(bits, a8)]:
         raise ValueError(f"unknown impl {impl!r} for {path_name(bits, a8)}; one of {IMPLS[path_name(bits, a8)]}")
     return impl
-
-
-def _dequantize_reference(qweight, scale, zero, bits, group_size, in_features, dtype) -> torch.Tensor:
-    c = _centred(qweight, zero, bits, group_size, in_features)
-    w = c.float() * scale.float().unsqueeze(-1)  # exact integer times the stored scale, in fp32 as fake quant
-    return w.reshape(c.shape[0], in_features).to(dtype)
 
 
 def dequantize_weight(
@@ -217,12 +195,9 @@ def dequantize_weight(
     cuBLAS path cheap at large M; elsewhere the torch reference runs.
     """
     _check_layout(qweight, scale, zero, bits, group_size, in_features)
-    if _use_triton(qweight):
-        from . import triton_ops
-
-        if triton_ops.dequant_supported(bits, dtype):
-            return triton_ops.dequantize(qweight, scale, zero, bits, group_size, in_features, dtype)
-    return _dequantize_reference(qweight, scale, zero, bits, group_size, in_features, dtype)
+    if _use_triton(qweight) and _triton_ops().dequant_supported(bits, dtype):
+        return _triton_ops().dequantize(qweight, scale, zero, bits, group_size, in_features, dtype)
+    return dequantize_reference(qweight, scale, zero, bits, group_size, in_features, dtype)
 
 
 def _flat(x: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -251,40 +226,19 @@ def linear_a16(
             return y.reshape(out_shape)
         impl = "dequant" if x.is_cuda else "reference"  # not usable for this layer (see tinygemm.prepared)
     if impl == "gemv":
-        from . import triton_ops
-
-        return triton_ops.linear_gemv(x2, qweight, scale, zero, bits, group_size, bias).reshape(out_shape)
+        return _triton_ops().linear_gemv(x2, qweight, scale, zero, bits, group_size, bias).reshape(out_shape)
     if impl == "triton":
-        from . import triton_ops
-
-        return triton_ops.linear_a16(x2, qweight, scale, zero, bits, group_size, bias).reshape(out_shape)
+        return _triton_ops().linear_a16(x2, qweight, scale, zero, bits, group_size, bias).reshape(out_shape)
     if impl == "dequant":
         w = dequantize_weight(qweight, scale, zero, bits, group_size, k, x.dtype)
     else:
-        w = _dequantize_reference(qweight, scale, zero, bits, group_size, k, x.dtype)
+        w = dequantize_reference(qweight, scale, zero, bits, group_size, k, x.dtype)
     b = None if bias is None else bias.to(x.dtype)
     return F.linear(x2, w, b).reshape(out_shape)
 
 
 # ---------------------------------------------------------------------------------------------
 # 8-bit activations.
-
-
-def _act_spec(symmetric: bool) -> TensorSpec:
-    return TensorSpec(bits=8, symmetric=bool(symmetric), granularity="token")
-
-
-def _quantize_act_reference(x2d: torch.Tensor, symmetric: bool):
-    spec = _act_spec(symmetric)
-    r = x2d.float()
-    scale, zero = range_qparams(r.amin(-1, keepdim=True), r.amax(-1, keepdim=True), spec)
-    # As fake_quant_values: clamp before rounding; with integer bounds that is clamp(round(x / s)).
-    y = r / scale
-    if zero is None:
-        q = y.clamp(spec.qmin, spec.qmax).round()
-        return q.to(torch.int8), scale, None
-    c = torch.clamp(y, spec.qmin - zero, spec.qmax - zero).round() + zero  # unsigned code in [0, 255]
-    return (c - 128).to(torch.int8), scale, (zero - 128).to(torch.int32)
 
 
 def quantize_act_int8(
@@ -299,50 +253,9 @@ def quantize_act_int8(
     """
     if x2d.dim() != 2 or x2d.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"quantize_act_int8 takes a 2-D bf16/fp16/fp32 tensor, got {x2d.dtype} {tuple(x2d.shape)}")
-    if x2d.shape[0] and _use_triton(x2d):
-        from . import triton_ops
-
-        if triton_ops.act_quant_supported(x2d.shape[1]):
-            return triton_ops.quantize_act_int8(x2d, bool(symmetric))
-    return _quantize_act_reference(x2d, bool(symmetric))
-
-
-def group_accumulate_reference(
-    xq: torch.Tensor, xzero: Optional[torch.Tensor], qweight: torch.Tensor, zero: Optional[torch.Tensor],
-    bits: int, group_size: int, in_features: int,
-) -> torch.Tensor:
-    """(G, M, N) float64: per group, sum_k (xq - xzero)[m, k] * (code - zero)[n, k], exactly.
-
-    Products are at most 255 * 255 and K is far below 2**53 / 65025, so every partial sum of a float64
-    matmul is an exact integer whatever the summation order: an exact integer GEMM at BLAS speed.
-    """
-    xi = xq.double()
-    if xzero is not None:
-        xi = xi - xzero.double()
-    c = _centred(qweight, zero, bits, group_size, in_features).double()  # (N, G, g)
-    m, (n, ng, g) = xi.shape[0], c.shape
-    out = torch.empty(ng, m, n, dtype=torch.float64, device=xi.device)
-    for j in range(ng):
-        torch.matmul(xi[:, j * g:(j + 1) * g], c[:, j].t(), out=out[j])
-    return out
-
-
-def a8_epilogue_reference(
-    acc: torch.Tensor, xscale: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype
-) -> torch.Tensor:
-    """y = xscale[m] * sum_g scale[n, g] * float32(acc_g) (+ bias), summed over groups in order, in fp32.
-
-    float32(acc_g) is the rounding an int32 accumulator's conversion does, so kernels match this
-    up to the order of their fp32 additions.
-    """
-    s = scale.float()
-    y = torch.zeros(acc.shape[1:], dtype=torch.float32, device=acc.device)
-    for j in range(acc.shape[0]):
-        y = y + acc[j].float() * s[:, j]
-    y = y * xscale
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(dtype)
+    if x2d.shape[0] and _use_triton(x2d) and _triton_ops().act_quant_supported(x2d.shape[1]):
+        return _triton_ops().quantize_act_int8(x2d, bool(symmetric))
+    return quantize_act_reference(x2d, bool(symmetric))
 
 
 def linear_a8(
@@ -363,11 +276,9 @@ def linear_a8(
         return x.new_empty(out_shape)
     impl = resolve_impl(impl, bits, True, m, n, k, group_size, x)
     if impl == "triton":
-        from . import triton_ops
-
         xq, xs, xz = quantize_act_int8(x2, act_symmetric)
-        return triton_ops.linear_a8(xq, xs, xz, qweight, scale, zero, bits, group_size, bias,
-                                    x.dtype).reshape(out_shape)
+        return _triton_ops().linear_a8(xq, xs, xz, qweight, scale, zero, bits, group_size, bias,
+                                       x.dtype).reshape(out_shape)
     if impl == "int_mm":
         xq, xs, xz = quantize_act_int8(x2, act_symmetric)
         return _linear_a8_int_mm(xq, xs, xz, qweight, scale, zero, bias, x.dtype).reshape(out_shape)

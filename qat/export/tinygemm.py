@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .pack import unpack_int32
+from .reference import dequantize_reference
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 TINYGEMM_PROBE_RTOL = 1e-2
@@ -69,7 +70,9 @@ def _disable_tinygemm(reason: str) -> None:
                       "4-bit linears fall back to the dequantize-then-GEMM path", RuntimeWarning, stacklevel=3)
 
 
-def prepared(qweight, scale, zero, group_size: int, in_features: int):
+def prepared(
+    qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], group_size: int, in_features: int
+) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """(packed, scales_and_zeros) cached on `qweight`, built and self-checked on first use; None when
     tinygemm must not run (self-check failed, op error, non-bf16 scales, or inside CUDA-graph capture
     with nothing cached yet)."""
@@ -91,9 +94,7 @@ def prepared(qweight, scale, zero, group_size: int, in_features: int):
         # convention that differs in this torch build).
         gen = torch.Generator(device=qweight.device).manual_seed(0)
         probe = torch.randn(2, k, generator=gen, device=qweight.device).to(torch.bfloat16)
-        from .ops import _dequantize_reference  # ops imports this module
-
-        w = _dequantize_reference(qweight, scale, zero, 4, group_size, k, torch.float32)
+        w = dequantize_reference(qweight, scale, zero, 4, group_size, k, torch.float32)
         ref = probe.float() @ w.t()
         got = _tinygemm_mm(probe, packed, group_size, sz).float()
         err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
@@ -108,7 +109,10 @@ def prepared(qweight, scale, zero, group_size: int, in_features: int):
     return packed, sz
 
 
-def linear_tinygemm(x2d, qweight, scale, zero, group_size: int, in_features: int, bias) -> Optional[torch.Tensor]:
+def linear_tinygemm(
+    x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], group_size: int,
+    in_features: int, bias: Optional[torch.Tensor],
+) -> Optional[torch.Tensor]:
     """(M, K) bf16 -> (M, N) bf16 through tinygemm, or None when it must not run (the caller falls back)."""
     if x2d.shape[0] == 0:
         return x2d.new_empty(0, qweight.shape[0])

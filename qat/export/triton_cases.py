@@ -1,5 +1,5 @@
-"""The offline compile check's cases: every Triton kernel of `triton_ops` with every tile configuration
-its launcher can pick, as `triton.compile` arguments.
+"""The offline compile check's cases: every Triton kernel of `triton_a16` and `triton_a8` with every tile
+configuration its launcher can pick, as `triton.compile` arguments.
 
 No GPU is needed to compile: tests/test_export_ops.py compiles these for a CUDA target, so a kernel
 that the interpreter runs but the compiler rejects (as the int8 dot did on triton 3.6) fails in CI.
@@ -10,22 +10,17 @@ from __future__ import annotations
 import torch
 import triton
 
-from .triton_ops import (
-    _DTYPE_CODES,
+from .triton_a8 import _a8_kernel, _act_quant_kernel, a8_supported
+from .triton_a16 import (
     GEMV_BITS,
-    KERNEL_BITS,
-    _a8_kernel,
     _a16_kernel,
-    _act_quant_kernel,
     _dequant_kernel,
     _gemv_kernel,
-    _pow2_divisor,
-    a8_supported,
     a16_supported,
-    gemm_config,
     gemv_config,
     gemv_supported,
 )
+from .triton_common import _DTYPE_CODES, KERNEL_BITS, _pow2_divisor, gemm_config
 
 _PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 _CASE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

@@ -46,6 +46,7 @@ def fused_fake_quant_rows(
         return None
     if not (rows.is_cuda or interpret_mode()) or not triton_available():
         return None
+    # lazy: triton.jit reads TRITON_INTERPRET when the kernel is defined, and triton is optional on CPU
     from .fake_quant import MAX_N, fake_quant_rows
 
     if not 1 <= rows.shape[1] <= MAX_N:
