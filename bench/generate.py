@@ -51,7 +51,7 @@ def load(args):
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(dtype)
     else:
-        from trainer.models import load_model
+        from qat.io.models import load_model
 
         model = load_model(args.model, "bfloat16" if dtype == torch.bfloat16 else "float32")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,10 +64,10 @@ def sync(device):
 
 
 def run_distqat(model, device, batch, length, compiled):
-    from data.generate import GenerateConfig, _Decoder, generate_batch
+    from data.generate import Decoder, GenerateConfig, generate_batch
 
     g = GenerateConfig(n_samples=batch, max_length=length, batch_size=batch, on_eos="continue")
-    decoder = _Decoder(model, length, device, compiled)
+    decoder = Decoder(model, length, device, compiled)
     ids = torch.arange(batch)
     first = (ids * 7919 % 40000) + 100
     greedy = torch.full((batch,), 4)
@@ -98,9 +98,9 @@ def run_hf(model, device, batch, length):
 def main(argv=None) -> int:
     args = parse_args(argv)
     model, device = load(args)
-    from data.generate import GenerateConfig, _compiled_forward
+    from data.generate import GenerateConfig, compiled_forward
 
-    compiled = _compiled_forward(model, GenerateConfig(compile="auto"), device)
+    compiled = compiled_forward(model, GenerateConfig(compile="auto"), device)
     rows = []
     n, s = run_distqat(model, device, args.batch, args.length, compiled)
     rows.append(("distqat", args.batch, n, s))

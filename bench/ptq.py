@@ -36,9 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--eval-seq-len", type=int, default=1024)
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
-                   help="GPTQ act-order (static groups); default: PTQConfig's (on)")
+                   help="GPTQ act-order (static groups); default: ptq.gptq's (on)")
     p.add_argument("--damp", type=float, default=None,
-                   help="GPTQ damping (fraction of mean diag H); default: PTQConfig's (0.1)")
+                   help="GPTQ damping (fraction of mean diag H); default: ptq.gptq's (0.1)")
     p.add_argument("--no-fp", action="store_true", help="skip the FP evaluation")
     p.add_argument("--json", metavar="PATH", help="write the results to this JSON file (after every run)")
     return p.parse_args(argv)
@@ -46,11 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from data.calib import calibration_ids
     from data.sources import load_texts, spread_windows, token_stream
+    from qat.io.models import load_model, load_tokenizer
     from qat.ptq import PTQConfig, run_ptq
-    from qat.ptq.calib import calibration_ids
+    from qat.ptq.gptq import GPTQConfig
+    from qat.spec import parse
     from trainer.eval import perplexity
-    from trainer.models import load_model, load_tokenizer
 
     tok = load_tokenizer(args.model)
     base = load_model(args.model, dtype="float32")
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
         f"{torch.get_num_threads()} threads" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "command": "python " + " ".join(sys.argv), "calib_tokens": int(calib.numel()),
         "eval_tokens": sum(len(w) for w in windows),
-        "gptq": {k: getattr(PTQConfig(), k) if getattr(args, k) is None else getattr(args, k)
+        "gptq": {k: getattr(GPTQConfig(), k) if getattr(args, k) is None else getattr(args, k)
                  for k in ("act_order", "damp")},
         "runs": [],
     }
@@ -89,9 +91,10 @@ def main(argv=None) -> int:
     for scheme, method in jobs:
         model = copy.deepcopy(base)
         gptq_opts = {k: v for k, v in (("act_order", args.act_order), ("damp", args.damp)) if v is not None}
-        cfg = PTQConfig(method=method, n_samples=args.n_samples, seq_len=args.seq_len, progress=False, **gptq_opts)
+        cfg = PTQConfig(method=method, n_samples=args.n_samples, seq_len=args.seq_len, progress=False,
+                        gptq=GPTQConfig(**gptq_opts))
         t0 = time.perf_counter()
-        model, report = run_ptq({"quant": scheme, "ptq": cfg}, model, tok, calib_ids=calib)
+        model, report = run_ptq(model, parse(scheme), cfg, calib)
         tq = time.perf_counter() - t0
         t0 = time.perf_counter()
         ppl = perplexity(model, windows, progress=False)

@@ -16,34 +16,25 @@ exists, `manifest.json` (counts and token totals). A rerun skips finished shards
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+import datasets
+import pyarrow.parquet as pq
 import torch
+from torch import nn
+from tqdm import tqdm
+from transformers import DynamicCache, StaticCache
+
+from qat.io.atomic import atomic_file, write_json
+from qat.io.env import rank_world
+
+from .config import GenerateConfig
 
 M32 = 0xFFFFFFFF
-
-
-@dataclass
-class GenerateConfig:
-    n_samples: int = field(default=1024, metadata={"range": (1, 1 << 40)})
-    max_length: int = field(default=1024, metadata={"range": (6, 1 << 20)})  # tokens per sample, all in
-    batch_size: int = field(default=32, metadata={"range": (1, 1 << 16)})
-    shard_size: int = field(default=256, metadata={"range": (1, 1 << 30)})  # samples per shard file
-    first_token: str = field(default="sample", metadata={"choices": ("sample", "enumerate")})
-    greedy_lengths: list[int] = field(default_factory=lambda: [3, 4, 5])
-    temperature: float = field(default=1.0, metadata={"range": (1e-4, 100.0)})
-    top_k: int = field(default=0, metadata={"range": (0, 1 << 30)})  # 0: the full softmax
-    top_p: float = field(default=1.0, metadata={"range": (1e-6, 1.0)})
-    on_eos: str = field(default="stop", metadata={"choices": ("stop", "continue")})
-    chat_template: bool = False  # samples start as an assistant turn of the teacher's chat template
-    out_dir: Optional[str] = None  # default: <output_dir>/generated
-    compile: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})  # CUDA graphs for decode
 
 
 class GenerateError(ValueError):
@@ -120,7 +111,7 @@ def chat_prefix(tokenizer) -> list[int]:
 @torch.no_grad()
 def generate_batch(
     model, sample_ids: torch.Tensor, first: torch.Tensor, greedy_len: torch.Tensor, prefix: list[int],
-    cfg: GenerateConfig, seed: int, eos_id: Optional[int], decoder: _Decoder,
+    cfg: GenerateConfig, seed: int, eos_id: Optional[int], decoder: Decoder,
 ) -> list[list[int]]:
     """Token ids of each sample (prefix included); one forward per position for the whole batch."""
     device = next(model.parameters()).device
@@ -149,23 +140,20 @@ def generate_batch(
     return [row[:n].tolist() for row, n in zip(out.cpu(), lengths.cpu())]
 
 
-class _Decoder:
+class Decoder:
     """Prefill + one-token decode steps over a KV cache: a static cache (and CUDA graphs) on CUDA."""
 
     def __init__(self, model, max_length: int, device: torch.device, compiled=None) -> None:
-        from transformers import DynamicCache, StaticCache
-
         self.model, self.static = model, device.type == "cuda"
         # One static cache for the whole run: CUDA graphs replay over the same buffers every batch.
         self.cache = StaticCache(config=model.config, max_cache_len=max_length) if self.static else None
-        self._dynamic = DynamicCache
         self.forward = compiled or model
 
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
         if self.static:
             self.cache.reset()
         else:
-            self.cache = self._dynamic(config=self.model.config)
+            self.cache = DynamicCache(config=self.model.config)
         pos = torch.arange(prompt.shape[1], device=prompt.device)
         out = self.model(input_ids=prompt, past_key_values=self.cache, cache_position=pos, use_cache=True)
         return out.logits[:, -1].float()
@@ -185,31 +173,9 @@ def shard_path(out_dir: Path, k: int) -> Path:
     return out_dir / f"shard-{k:05d}.parquet"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _write_shard(path: Path, rows: dict) -> None:
-    import datasets
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".parquet")
-    os.close(fd)
-    try:
-        datasets.Dataset.from_dict(rows).to_parquet(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) from torchrun/launch.sh/SLURM variables; (0, 1) when run alone."""
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
-    return rank, world
+    with atomic_file(path) as tmp:
+        datasets.Dataset.from_dict(rows).to_parquet(str(tmp))
 
 
 def settings_record(cfg: GenerateConfig, seed: int, teacher: str, prefix: list[int]) -> dict:
@@ -219,26 +185,29 @@ def settings_record(cfg: GenerateConfig, seed: int, teacher: str, prefix: list[i
     return {"teacher": teacher, "seed": seed, "prefix": prefix, **d}
 
 
-def run_generate(cfg, rank: Optional[int] = None, world: Optional[int] = None, progress: bool = True) -> Path:
-    """`distqat generate`: this rank's shards of the dataset; the manifest once all shards exist."""
-    from trainer.models import load_model, load_tokenizer
-
-    g: GenerateConfig = cfg.generate
-    if rank is None or world is None:
-        rank, world = dist_info()
-    out_dir = Path(g.out_dir) if g.out_dir else Path(cfg.output_dir) / "generated"
+def check(g: GenerateConfig) -> None:
+    """GenerateError for settings that make no samples; before the teacher loads."""
     if not g.greedy_lengths or min(g.greedy_lengths) < 1:
         raise GenerateError(f"generate.greedy_lengths={g.greedy_lengths}: give lengths >= 1, e.g. [3, 4, 5]")
-    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation,
-                       cfg.model.trust_remote_code)
+
+
+def generate(
+    model: nn.Module, tokenizer, g: GenerateConfig, out_dir: Path, seed: int, teacher: str,
+    rank: Optional[int] = None, world: Optional[int] = None, progress: bool = True,
+) -> Path:
+    """This rank's shards of the dataset the teacher `model` writes into `out_dir`; the manifest once all
+    shards exist. `teacher` names the model in settings.json, so a rerun with another one is refused."""
+    check(g)
+    if rank is None or world is None:
+        rank, world = rank_world()
+    out_dir = Path(out_dir)
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and g.max_length > context:
         raise GenerateError(f"generate.max_length={g.max_length} is above the teacher's context of {context} tokens")
-    prefix = chat_prefix(tok) if g.chat_template else []
+    prefix = chat_prefix(tokenizer) if g.chat_template else []
     if len(prefix) + max(g.greedy_lengths) >= g.max_length:
         raise GenerateError(f"generate.max_length={g.max_length} leaves no room after the prompt and greedy prefix")
-    settings = settings_record(g, cfg.seed, cfg.model.name_or_path, prefix)
+    settings = settings_record(g, seed, teacher, prefix)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings_file = out_dir / "settings.json"
     if settings_file.exists():
@@ -248,20 +217,20 @@ def run_generate(cfg, rank: Optional[int] = None, world: Optional[int] = None, p
             raise GenerateError(f"{out_dir} holds samples made with other settings ({', '.join(diff)}); "
                                 "use another generate.out_dir or delete it")
     elif rank == 0:
-        _write_atomic(settings_file, json.dumps(settings, indent=2))
+        write_json(settings_file, settings)
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
-    eos_id = tok.eos_token_id
-    firsts = candidate_first_tokens(tok, model.config.vocab_size)
+    eos_id = tokenizer.eos_token_id
+    firsts = candidate_first_tokens(tokenizer, model.config.vocab_size)
     shard_size = max(g.batch_size, g.shard_size // g.batch_size * g.batch_size)  # whole batches per shard
     n_shards = -(-g.n_samples // shard_size)
     mine = [k for k in range(n_shards) if k % world == rank and not shard_path(out_dir, k).exists()]
-    compiled = _compiled_forward(model, g, device)
+    compiled = compiled_forward(model, g, device)
     todo = sum(min(shard_size, g.n_samples - k * shard_size) for k in mine)
     bar = _progress(todo, progress and rank == 0)
     t0, made_tokens = time.perf_counter(), 0
-    decoder = _Decoder(model, g.max_length, device, compiled)
+    decoder = Decoder(model, g.max_length, device, compiled)
     for k in mine:
         rows: dict[str, list] = {"sample_id": [], "input_ids": [], "text": [], "greedy_len": []}
         for start in range(k * shard_size, min((k + 1) * shard_size, g.n_samples), g.batch_size):
@@ -272,12 +241,12 @@ def run_generate(cfg, rank: Optional[int] = None, world: Optional[int] = None, p
             if g.first_token == "enumerate":
                 first = firsts[ids % len(firsts)]
             else:
-                first = firsts[counter_hash(cfg.seed, ids, 0) % len(firsts)]
-            lengths = torch.tensor(g.greedy_lengths)[counter_hash(cfg.seed, ids, 1) % len(g.greedy_lengths)]
-            samples = generate_batch(model, ids, first, lengths, prefix, g, cfg.seed, eos_id, decoder)[:keep]
+                first = firsts[counter_hash(seed, ids, 0) % len(firsts)]
+            lengths = torch.tensor(g.greedy_lengths)[counter_hash(seed, ids, 1) % len(g.greedy_lengths)]
+            samples = generate_batch(model, ids, first, lengths, prefix, g, seed, eos_id, decoder)[:keep]
             rows["sample_id"] += ids[:keep].tolist()
             rows["input_ids"] += samples
-            rows["text"] += tok.batch_decode(samples)
+            rows["text"] += tokenizer.batch_decode(samples)
             rows["greedy_len"] += lengths[:keep].tolist()
             made_tokens += sum(len(x) for x in samples)
             bar.update(keep)
@@ -288,14 +257,12 @@ def run_generate(cfg, rank: Optional[int] = None, world: Optional[int] = None, p
     return out_dir
 
 
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
+def _progress(total: int, enabled: bool) -> tqdm:
     return tqdm(total=total, desc="generate", unit="sample", disable=not enabled, file=sys.stderr,
                 dynamic_ncols=True)
 
 
-def _compiled_forward(model, g: GenerateConfig, device: torch.device):
+def compiled_forward(model, g: GenerateConfig, device: torch.device):
     """On CUDA, the decode step as CUDA graphs (torch.compile, reduce-overhead); None elsewhere."""
     if g.compile == "off" or (g.compile == "auto" and device.type != "cuda"):
         return None
@@ -304,8 +271,6 @@ def _compiled_forward(model, g: GenerateConfig, device: torch.device):
 
 def write_manifest(out_dir: Path, n_shards: int, settings: dict) -> Optional[Path]:
     """Once every shard exists: counts and token totals (written by whichever rank finishes last)."""
-    import pyarrow.parquet as pq
-
     paths = [shard_path(out_dir, k) for k in range(n_shards)]
     if not all(p.exists() for p in paths):
         return None
@@ -317,5 +282,5 @@ def write_manifest(out_dir: Path, n_shards: int, settings: dict) -> Optional[Pat
         shards.append({"file": p.name, "samples": n, "tokens": ntok})
         total, tokens = total + n, tokens + ntok
     manifest = {"settings": settings, "samples": total, "tokens": tokens, "shards": shards}
-    _write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2))
+    write_json(out_dir / "manifest.json", manifest)
     return out_dir / "manifest.json"

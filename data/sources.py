@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-BUNDLED_TEXT = "bundled:wikitext"
+import datasets
+
+from .packing import tokenize_texts
+from .text import BUNDLED_TEXT, load_bundled_text
+
 LOCAL_FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -38,11 +42,7 @@ def generated_shards(path: Path) -> list[Path]:
 def load_records(path: str, split: str = "train"):
     """The records of `data.path` as a `datasets.Dataset` (local files have one split; `split` picks one of
     the bundled text or of a saved DatasetDict)."""
-    import datasets
-
     if path == BUNDLED_TEXT:
-        from .text import load_bundled_text
-
         dd = load_bundled_text()
         if split not in dd:
             raise ValueError(f"the bundled text has splits {list(dd)}, not {split!r}")
@@ -106,8 +106,6 @@ def load_documents(
 ) -> list[list[int]]:
     """Token ids per non-empty document, no special tokens added: self-generated samples as written (the
     teacher's ids), chat `messages` through the chat template (when data.chat_template is on), text as is."""
-    from .packing import tokenize_texts
-
     ds = load_records(path, split)
     columns = ds.column_names
     if path != BUNDLED_TEXT and is_generated(Path(path).expanduser()):

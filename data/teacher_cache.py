@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+from qat.io.atomic import atomic_file
 
 TOPK_VERSION = 1
 
@@ -77,28 +78,17 @@ def build_topk_cache(
     path: Path, blocks: torch.Tensor, k: int, load_teacher: Callable[[], nn.Module], batch_size: int = 4,
 ) -> Path:
     """Compute and store the cache at `path` unless it is there (written whole, then renamed)."""
-    from safetensors.torch import save_file
-
     if path.exists():
         return path
     teacher = load_teacher()
     values, indices = compute_topk(teacher, blocks, k, batch_size)
     del teacher
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".topk-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file({"values": values, "indices": indices}, tmp, metadata={"k": str(k)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path) as tmp:
+        save_file({"values": values, "indices": indices}, str(tmp), metadata={"k": str(k)})
     return path
 
 
 def load_topk_cache(path: Path, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from safetensors.torch import load_file
-
     t = load_file(str(path))
     values, indices = t["values"], t["indices"]
     if tuple(values.shape[:2]) != tuple(blocks.shape) or values.shape != indices.shape:

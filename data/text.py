@@ -11,10 +11,8 @@ from __future__ import annotations
 import bz2
 import hashlib
 import html
-import os
 import re
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +20,10 @@ from xml.etree import ElementTree
 
 import datasets
 
+from qat.io.atomic import atomic_dir
+from qat.io.env import distqat_home
+
+BUNDLED_TEXT = "bundled:wikitext"  # the data.path that names this text
 WHEEL_GLOB = "gensim-4.4.0-*.whl"
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 LEE_MEMBER = "gensim/test/test_data/lee_background.cor"
@@ -46,11 +48,6 @@ _EXT_LINK = re.compile(r"\[(?:https?:|ftp:|mailto:|//)[^\s\]]*(?:\s+([^\]]*))?\]
 _BRACE_TOKEN = re.compile(r"\{\{|\}\}|\{\||\|\}")
 _TAG = re.compile(r"</?[a-zA-Z][^<>]*>")
 _LEFTOVER = ("{{", "}}", "[[", "]]", "{|", "|}", "<ref", "''")
-
-
-def distqat_home() -> Path:
-    """The cache root: `$DISTQAT_HOME`, default `~/.cache/distqat`."""
-    return Path(os.environ.get("DISTQAT_HOME", "~/.cache/distqat")).expanduser()
 
 
 def find_gensim_wheel(search_dirs: list[Path] | None = None) -> Path:
@@ -222,22 +219,9 @@ def load_bundled_text(cache_dir: Path | None = None) -> datasets.DatasetDict:
     if (final / MARKER).exists():
         return datasets.load_from_disk(str(final))
     dataset = build_text_dataset(find_gensim_wheel())
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # Save beside the final folder and rename it into place, so readers never see half a dataset.
-    tmp = Path(tempfile.mkdtemp(prefix=".bundled_text-", dir=cache_dir))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be readable like any other
+    if final.exists() and not (final / MARKER).exists():
+        shutil.rmtree(final, ignore_errors=True)  # not ours: we only ever rename complete folders into place
+    with atomic_dir(final, replace=False) as tmp:  # another process building it at once: keep its copy
         dataset.save_to_disk(str(tmp))
         (tmp / MARKER).write_text("ok\n")
-        if final.exists() and not (final / MARKER).exists():
-            shutil.rmtree(final, ignore_errors=True)  # not ours: we only ever rename complete folders
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / MARKER).exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race: use theirs
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return datasets.load_from_disk(str(final))

@@ -1,24 +1,22 @@
-"""Model surgery: turn a Hugging Face causal LM into a fake-quantized one, and back from disk."""
+"""Model surgery: turn a Hugging Face causal LM into a fake-quantized one (tensors in, modules out; the
+folder a quantized model is saved in is read by `qat.io.folders`)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
-from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from . import kv as kv_quant
-from .linear import QuantLinear
-from .quantizers import ActQuantizer, ClearShared, SharedInput
+from .keys import QUANT_KEY
+from .linear import ClearShared, QuantLinear, SharedInput
+from .quantizers import ActQuantizer, WeightQuantizer
 from .spec import QuantSpec, TensorSpec, check_layer, parse, resolve_for_layer
-
-CONFIG_KEY = "distqat_quant"  # where the spec lives in model.config (and so in config.json)
 
 
 @dataclass
@@ -64,7 +62,7 @@ def quantize_model(
 
     include/exclude are fnmatch patterns over module names (default: every linear but lm_head);
     overrides maps patterns to short names for mixed precision. The spec is recorded in
-    model.config so `load_quantized_model` rebuilds the same model.
+    model.config (so in config.json), from which `qat.load.load` rebuilds the same model.
     """
     if isinstance(spec, str):
         spec = parse(spec)
@@ -75,8 +73,8 @@ def quantize_model(
         overrides=overrides if overrides is not None else spec.overrides,
         scheme=None,
     ).check()
-    if getattr(getattr(model, "config", None), CONFIG_KEY, None):
-        raise ValueError("this model is quantized already (config has distqat_quant); load the original model")
+    if getattr(getattr(model, "config", None), QUANT_KEY, None):
+        raise ValueError(f"this model is quantized already (config has {QUANT_KEY}); load the original model")
     report = QuantReport()
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name, linear in targets:
@@ -103,7 +101,7 @@ def quantize_model(
             f"(exclude={spec.exclude}); nothing was quantized"
         )
     if hasattr(model, "config"):
-        setattr(model.config, CONFIG_KEY, spec.to_dict())
+        setattr(model.config, QUANT_KEY, spec.to_dict())
     return report
 
 
@@ -119,41 +117,23 @@ def share_inputs(model: nn.Module) -> SharedInput:
 
 
 def quant_spec_of(model: nn.Module) -> Optional[QuantSpec]:
-    d = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    d = getattr(getattr(model, "config", None), QUANT_KEY, None)
     return QuantSpec.from_dict(d) if d else None
 
 
+def quantizer_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of the model's quantizer tensors (scales, clipping logits, static ranges)."""
+    keys: set[str] = set()
+    for name, m in model.named_modules():
+        if isinstance(m, (WeightQuantizer, ActQuantizer)):
+            keys |= {f"{name}.{k}" if name else k for k in m.state_dict()}
+    return keys
+
+
 def quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The learned/calibrated quantizer tensors (scales, clipping logits, static ranges)."""
-    return {k: v for k, v in model.state_dict().items() if "_quantizer." in k}
-
-
-def load_quantized_model(path: Union[str, Path], dtype: Optional[torch.dtype] = None, **kwargs) -> nn.Module:
-    """Rebuild a model saved after quantize_model: base weights, the same surgery, its quantizer tensors."""
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    cfg = json.loads((path / "config.json").read_text())
-    if CONFIG_KEY not in cfg:
-        raise ValueError(f"{path} holds no distqat quantization spec ({CONFIG_KEY} missing from config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
-    spec = QuantSpec.from_dict(getattr(model.config, CONFIG_KEY))
-    delattr(model.config, CONFIG_KEY)
-    quantize_model(model, spec)
-    wanted = quantizer_state(model)
-    found: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                if k in wanted:
-                    found[k] = st.get_tensor(k)
-    missing = sorted(set(wanted) - set(found))
-    if missing:
-        raise ValueError(f"{path} lacks quantizer tensors the spec needs, e.g. {missing[:3]}")
-    model.load_state_dict(found, strict=False)
-    model.eval()
-    return model
+    """The learned/calibrated quantizer tensors, by state-dict key."""
+    keys = quantizer_keys(model)
+    return {k: v for k, v in model.state_dict().items() if k in keys}
 
 
 @contextmanager

@@ -49,6 +49,7 @@ def fake_quant_kv(quantizer: ActQuantizer, x: torch.Tensor) -> torch.Tensor:
 
 
 def _base_function(base: str, module: nn.Module) -> Callable:
+    # lazy: transformers.modeling_utils takes seconds to import and only KV-quantized attention needs it
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if base == "eager":
@@ -80,7 +81,8 @@ def _make_wrapper(base: str) -> Callable:
 
 def register(base: str) -> str:
     """Register the KV-quant wrapper of attention implementation `base`; returns its name."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    # lazy: transformers.modeling_utils takes seconds to import and only KV-quantized models need it
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # lazy: as modeling_utils
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
     if base.startswith(PREFIX):

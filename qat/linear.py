@@ -6,7 +6,7 @@ weight Parameter is shared with the Linear it replaces, not copied.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -90,3 +90,43 @@ class QuantLinear(nn.Linear):
         if memo is not None:
             memo.put(x, q.spec, dtype, xq)
         return xq
+
+
+class SharedInput:
+    """A one-slot memo shared by a model's dynamic activation quantizers, so that linears reading the
+    same tensor (q/k/v after the attention norm, gate/up after the MLP norm) fake-quantize it once.
+
+    A dynamic scale depends on the input alone, so the reuse is exact, and sharing the output also
+    sums the gradients of its readers before the STE instead of after it. The slot keeps the input
+    itself alive, so an identity match cannot be a recycled id; the tensor's version catches in-place
+    changes. `quantize_model` installs one per model and clears it after each model forward.
+    """
+
+    __slots__ = ("x", "version", "key", "out")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.x: Optional[torch.Tensor] = None
+        self.out: Optional[torch.Tensor] = None
+        self.version, self.key = -1, None
+
+    def get(self, x: torch.Tensor, spec: TensorSpec, dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+        if self.x is x and self.version == x._version and self.key == (spec, dtype, torch.is_grad_enabled()):
+            return self.out
+        return None
+
+    def put(self, x: torch.Tensor, spec: TensorSpec, dtype: Optional[torch.dtype], out: torch.Tensor) -> None:
+        self.x, self.out, self.version = x, out, x._version
+        self.key = (spec, dtype, torch.is_grad_enabled())
+
+
+class ClearShared:
+    """Forward hook that empties a SharedInput once the model's forward returns (frees the slot)."""
+
+    def __init__(self, memo: SharedInput) -> None:
+        self.memo = memo
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.memo.clear()

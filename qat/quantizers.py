@@ -17,11 +17,12 @@ Gradients:
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
+from .kernels import fused_fake_quant_rows
 from .spec import TensorSpec
 
 # QLoRA's NormalFloat-4 levels (quantiles of N(0, 1) scaled to [-1, 1], with an exact zero).
@@ -210,8 +211,6 @@ def fake_quant(
     # producer of `rows`, which an opaque kernel launch would prevent.
     if (use_kernel and spec.scale_method == "minmax" and spec.format == "int" and rows.is_cuda
             and not torch.compiler.is_compiling()):
-        from .kernels import fused_fake_quant_rows
-
         out = fused_fake_quant_rows(rows, spec.bits, spec.symmetric, scale_dtype)
         if out is not None:
             return ste(rows, out)
@@ -294,46 +293,6 @@ class WeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return _describe(self.spec)
-
-
-class SharedInput:
-    """A one-slot memo shared by a model's dynamic activation quantizers, so that linears reading the
-    same tensor (q/k/v after the attention norm, gate/up after the MLP norm) fake-quantize it once.
-
-    A dynamic scale depends on the input alone, so the reuse is exact, and sharing the output also
-    sums the gradients of its readers before the STE instead of after it. The slot keeps the input
-    itself alive, so an identity match cannot be a recycled id; the tensor's version catches in-place
-    changes. `quantize_model` installs one per model and clears it after each model forward.
-    """
-
-    __slots__ = ("x", "version", "key", "out")
-
-    def __init__(self) -> None:
-        self.clear()
-
-    def clear(self) -> None:
-        self.x: Optional[torch.Tensor] = None
-        self.out: Optional[torch.Tensor] = None
-        self.version, self.key = -1, None
-
-    def get(self, x: torch.Tensor, spec: TensorSpec, dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
-        if self.x is x and self.version == x._version and self.key == (spec, dtype, torch.is_grad_enabled()):
-            return self.out
-        return None
-
-    def put(self, x: torch.Tensor, spec: TensorSpec, dtype: Optional[torch.dtype], out: torch.Tensor) -> None:
-        self.x, self.out, self.version = x, out, x._version
-        self.key = (spec, dtype, torch.is_grad_enabled())
-
-
-class ClearShared:
-    """Forward hook that empties a SharedInput once the model's forward returns (frees the slot)."""
-
-    def __init__(self, memo: SharedInput) -> None:
-        self.memo = memo
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.memo.clear()
 
 
 class ActQuantizer(nn.Module):

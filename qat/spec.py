@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
+from fnmatch import fnmatchcase
 from typing import Any, Optional
 
 GRANULARITIES = ("tensor", "channel", "group", "token", "head")
@@ -249,8 +250,6 @@ def parse(name: str) -> QuantSpec:
 
 def resolve_for_layer(spec: QuantSpec, module_name: str) -> QuantSpec:
     """The spec for one linear: the first matching override, else the spec itself."""
-    from fnmatch import fnmatchcase
-
     for pattern, name in spec.overrides.items():
         if fnmatchcase(module_name, pattern):
             return replace(parse(name), include=spec.include, exclude=spec.exclude, overrides={})

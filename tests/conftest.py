@@ -42,14 +42,14 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def bundled_path():
-    from trainer.models import bundled_model_path
+    from qat.io.models import bundled_model_path
 
     return bundled_model_path()
 
 
 @pytest.fixture(scope="session")
 def bundled_tokenizer(bundled_path):
-    from trainer.models import load_tokenizer
+    from qat.io.models import load_tokenizer
 
     return load_tokenizer("bundled:smollm2-135m")
 
@@ -64,8 +64,8 @@ def wiki_test_windows(bundled_tokenizer):
 
 @pytest.fixture(scope="session")
 def fp_ppl(bundled_path, wiki_test_windows):
+    from qat.io.models import load_model
     from trainer.eval import perplexity
-    from trainer.models import load_model
 
     t0 = time.perf_counter()
     model = load_model("bundled:smollm2-135m", dtype="float32")

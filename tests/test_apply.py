@@ -5,8 +5,10 @@ import torch
 from torch import nn
 
 from qat import kv as kv_quant
-from qat.apply import CONFIG_KEY, calibrate, load_quantized_model, quant_spec_of, quantize_model
+from qat.apply import calibrate, quant_spec_of, quantize_model
+from qat.keys import QUANT_KEY
 from qat.linear import QuantLinear
+from qat.load import load
 from qat.quantizers import ActQuantizer
 from qat.spec import QuantSpec, SpecError, TensorSpec, parse
 
@@ -32,7 +34,7 @@ def test_surgery_gradients_generation_reload(family, tiny_model, tmp_path):
     assert report.skipped == ["lm_head"] and len(report.replaced) == len(quantized)
     assert type(model.lm_head) is nn.Linear
     assert len(report.kv_modules) == model.config.num_hidden_layers
-    assert getattr(model.config, CONFIG_KEY)["weight"]["bits"] == 4
+    assert getattr(model.config, QUANT_KEY)["weight"]["bits"] == 4
 
     # Finite logits that differ from full precision (quantization did something).
     out = model(x).logits
@@ -51,7 +53,7 @@ def test_surgery_gradients_generation_reload(family, tiny_model, tmp_path):
 
     # Save + reload reproduces logits exactly.
     model.save_pretrained(tmp_path / "q")
-    again = load_quantized_model(tmp_path / "q")
+    again = load(tmp_path / "q")
     assert quant_spec_of(again) == quant_spec_of(model)
     assert torch.equal(again(x).logits, model(x).logits)
 
@@ -150,7 +152,7 @@ def test_static_activation_scales_calibrate_and_reload(tiny_model, tmp_path):
     assert q.scale.item() == pytest.approx(q.absmax.item() / 127)
     out = model(ids())
     model.save_pretrained(tmp_path / "s")
-    assert torch.equal(load_quantized_model(tmp_path / "s")(ids()).logits, out.logits)
+    assert torch.equal(load(tmp_path / "s")(ids()).logits, out.logits)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qat.apply import quantize_model
+from qat.io.models import ModelError, load_model, resolve_model_path
 from trainer.eval import perplexity
-from trainer.models import ModelError, load_model, resolve_model_path
 
 pytestmark = pytest.mark.slow
 

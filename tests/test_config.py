@@ -121,3 +121,18 @@ def test_resolved_config_is_saved_and_reloads(tmp_path):
 def test_interpolation_resolves():
     cfg = load_config(None, ["name=abc"])
     assert cfg.output_dir == "runs/abc"
+
+
+@pytest.mark.parametrize("old,new", [("ptq.damp", "ptq.gptq.damp"), ("ptq.awq_grid", "ptq.awq.grid"),
+                                     ("ptq.smooth_alpha", "ptq.smoothquant.alpha"),
+                                     ("ptq.int8_threshold", "ptq.llm_int8.threshold"),
+                                     ("ptq.hqq_lp_norm", "ptq.hqq.lp_norm")])
+def test_flat_ptq_keys_name_their_new_place(old, new):
+    with pytest.raises(ConfigError, match=rf"'{old}' \(command line\).*did you mean '{new}'\?"):
+        load_config(None, [f"{old}=1"])
+    assert load_config(None, [f"{new}=1"]) is not None
+
+
+def test_method_keys_nest_under_their_method():
+    cfg = load_config(None, ["ptq.method=awq+gptq", "ptq.gptq.damp=0.01", "ptq.awq.clip=false"])
+    assert cfg.ptq.gptq.damp == 0.01 and cfg.ptq.awq.clip is False and cfg.ptq.hqq.iters == 20

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from data.datamodule import ResumableSampler, TextDataModule
+from data.blocks import ResumableSampler
 from data.packing import pack, tokenize_texts
 from data.sources import load_documents
+from trainer.datamodule import TextDataModule
 
 EOS = 0
 
@@ -94,7 +95,7 @@ def test_generated_folder_tokens_arrive_unchanged(tmp_path, bundled_tokenizer, m
     eos = bundled_tokenizer.eos_token_id
     ids = [[5, 6, 7, eos], [9, 10], [11] * 20]
     gen = fake_generated(tmp_path / "gen", {"input_ids": ids, "text": ["x", "y", "z"]})
-    monkeypatch.setattr("data.packing.tokenize_texts", lambda *a, **k: pytest.fail("generated ids re-tokenized"))
+    monkeypatch.setattr("data.sources.tokenize_texts", lambda *a, **k: pytest.fail("generated ids re-tokenized"))
     assert load_documents(str(gen), bundled_tokenizer) == ids
     dm = TextDataModule(path=str(gen), seq_len=4, tokenizer=bundled_tokenizer, cache_dir=tmp_path / "c",
                         val_fraction=0)
@@ -164,7 +165,7 @@ def test_datamodule_split_order_and_cache(tmp_path, corpus, bundled_tokenizer, m
 
     # The second setup reads the cached blocks (tokenizing again fails here); a writer's leftover is ignored.
     (tmp_path / "cache" / ".packed-leftover.safetensors").write_bytes(b"half")
-    monkeypatch.setattr("data.datamodule.load_documents", lambda *a, **k: pytest.fail("tokenized again"))
+    monkeypatch.setattr("data.blocks.load_documents", lambda *a, **k: pytest.fail("tokenized again"))
     dm2 = TextDataModule(**kw)
     dm2.setup()
     assert torch.equal(dm2.train_blocks, train) and dm2.stats == s

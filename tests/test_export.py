@@ -205,12 +205,12 @@ def test_convert_refuses_what_the_runtime_cannot_run_and_writes_nothing(tiny_mod
 
 
 def test_cli_convert(tiny_model, tmp_path):
-    from qat.apply import CONFIG_KEY
+    from qat.keys import QUANT_KEY
 
     model = _quantized(tiny_model, "w4g32a8kv8")
     src = tmp_path / "src"
     model.save_pretrained(src)
-    assert CONFIG_KEY in json.loads((src / "config.json").read_text())
+    assert QUANT_KEY in json.loads((src / "config.json").read_text())
     run = lambda *a: subprocess.run([sys.executable, "-m", "trainer", "convert", *a], cwd=ROOT,  # noqa: E731
                                     capture_output=True, text=True, timeout=300)
     r = run(str(src), "--out", str(tmp_path / "out"))
@@ -227,7 +227,7 @@ def test_cli_convert(tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_bundled_model_converted_logits_match_fake_quant(tmp_path, bundled_tokenizer):
-    from trainer.models import load_model
+    from qat.io.models import load_model
 
     text = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France."
     ids = bundled_tokenizer(text, return_tensors="pt").input_ids

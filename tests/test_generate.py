@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import save_tiny_teacher
 
-from data.generate import GenerateError, counter_uniform, run_generate, sample_next
+from data.generate import GenerateError, counter_uniform, sample_next
+from trainer.commands import run_generate
 from trainer.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,6 +14,7 @@ import transformers
 
 from qat.linear import QuantLinear
 from qat.ptq import PTQConfig, run_ptq
+from qat.spec import parse
 
 GOLDEN = Path(__file__).parent / "data" / "ptq_golden_w4g64.json"
 
@@ -47,8 +48,7 @@ def fingerprint(model) -> dict:
 def test_ptq_w4g64_bit_identical_to_the_recorded_run(method, dtype):
     ids = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(0))
     model = tiny(getattr(torch, dtype))
-    model, _ = run_ptq({"quant": "w4g64", "ptq": PTQConfig(method=method, progress=False, batch_size=4)}, model,
-                       calib_ids=ids)
+    model, _ = run_ptq(model, parse("w4g64"), PTQConfig(method=method, progress=False, batch_size=4), ids)
     want = json.loads(GOLDEN.read_text())[f"{method}/{dtype}"]
     got = fingerprint(model)
     assert len(got) == 14

@@ -70,10 +70,10 @@ def test_kill_and_resume_gives_the_same_losses(setup_dirs, tmp_path):
     for s in range(8, 16):
         assert got[s] == pytest.approx(expected[s], rel=1e-5, abs=1e-7), f"step {s}"
 
-    from qat.apply import load_quantized_model
+    from qat.load import load
 
-    a = load_quantized_model(ref / "model", dtype=torch.bfloat16)
-    b = load_quantized_model(out / "model", dtype=torch.bfloat16)
+    a = load(ref / "model", dtype=torch.bfloat16)
+    b = load(out / "model", dtype=torch.bfloat16)
     ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     assert torch.equal(a(ids).logits, b(ids).logits)
 
@@ -108,7 +108,7 @@ def pretrained_tiny_teacher(setup_dirs: Path, path: Path) -> Path:
     on (a random teacher's perplexity there is the vocabulary size, for every student alike)."""
     import transformers as tf
 
-    from trainer.models import load_tokenizer
+    from qat.io.models import load_tokenizer
 
     tok = load_tokenizer(str(setup_dirs / "teacher"))
     model = tf.AutoModelForCausalLM.from_pretrained(setup_dirs / "teacher", dtype=torch.float32)

@@ -146,7 +146,7 @@ def test_consolidated_folder_reloads_the_student(tmp_path, dtype, bundled_tokeni
 
     from transformers import AutoModelForCausalLM
 
-    from qat.apply import load_quantized_model
+    from qat.load import load
     from qat.spec import QuantSpec, TensorSpec
     from trainer.train import consolidate
 
@@ -168,7 +168,7 @@ def test_consolidated_folder_reloads_the_student(tmp_path, dtype, bundled_tokeni
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert f.get_tensor("model.layers.0.mlp.up_proj.weight").dtype == torch.bfloat16
         assert f.get_tensor("model.layers.0.mlp.up_proj.weight_quantizer.scale").dtype == torch.float32
-    again = load_quantized_model(out, dtype=dtype)
+    again = load(out, dtype=dtype)
     if dtype == torch.float32:
         # The folder stores weights in bf16 (quantizer tensors in fp32): the fp32 student with its weights
         # rounded to bf16 is exactly what ships.
@@ -235,7 +235,7 @@ def test_datamodule_carries_the_teachers_topk_aligned_with_each_block(tmp_path, 
     from conftest import save_tiny_teacher
     from transformers import AutoModelForCausalLM
 
-    from data.datamodule import TextDataModule
+    from trainer.datamodule import TextDataModule
 
     teacher_dir = save_tiny_teacher(tmp_path / "teacher", bundled_tokenizer)
     corpus = tmp_path / "corpus.txt"

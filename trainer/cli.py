@@ -1,45 +1,45 @@
-"""`distqat <command> [config.yaml] [key=value ...]` (also `python -m trainer`)."""
+"""`distqat <command> [config.yaml] [key=value ...]` (also `python -m trainer`); `distqat convert <folder> --out`."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import runpy
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError, RunConfig, describe_schema, load_config
+from .config import ConfigError, RunConfig, describe_schema, load_config, override_keys, reads, to_yaml
 
-# Commands whose capability is not built yet say which issue tracks it, and exit 2.
-PENDING: dict[str, str] = {}
+MODEL = ("model.*",)
+RUN = ("name", "output_dir")
+EVAL = ("eval.split", "eval.max_tokens", "eval.seq_len", "eval.batch_size", "eval.plot")
 
-COMMANDS = {
-    "generate": "the teacher writes its own training text (LLM-QAT data-free)",
-    "train": "QAT: distill the full-precision teacher into the fake-quantized student",
-    "ptq": "post-training quantization baselines (RTN, GPTQ, AWQ, SmoothQuant, LLM.int8(), HQQ)",
-    "convert": "pack a trained or PTQ model into integer weights (compressed-tensors layout)",
-    "pipeline": "LLM-QAT end to end: generate, train, then score FP, the RTN start and the trained student",
-    "eval": "perplexity of the full-precision and the fake-quantized model, with a plot",
-    "bench": "speed benchmarks, each as a ratio to bf16",
-    "report": "collect the results of runs into one table and plot",
-}
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    # The config keys (fnmatch patterns) the command reads: its --help lists them, and its command line may
+    # set no others (a recipe may: one file serves several commands).
+    reads: tuple[str, ...]
+    run: Optional[Callable[[RunConfig], int]] = None
 
 
 def _run_eval(cfg: RunConfig) -> int:
-    from .eval import run_eval
+    from .eval import run_eval  # lazy: --help start-up (eval pulls transformers and datasets)
 
     run_eval(cfg)
     return 0
 
 
 def _run_generate(cfg: RunConfig) -> int:
-    from data.generate import run_generate
+    from .commands import run_generate  # lazy: --help start-up
 
     out = run_generate(cfg)
     manifest = out / "manifest.json"
     if manifest.exists():
-        import json
-
         m = json.loads(manifest.read_text())
         print(f"{m['samples']} samples, {m['tokens']} tokens in {out}")
     else:
@@ -48,55 +48,50 @@ def _run_generate(cfg: RunConfig) -> int:
 
 
 def _run_train(cfg: RunConfig) -> int:
-    from .train import run_train
+    from .train import run_train  # lazy: --help start-up (Lightning takes seconds to import)
 
-    out = run_train(cfg)
-    print(f"trained model: {out}")
+    print(f"trained model: {run_train(cfg)}")
     return 0
 
 
 def _run_ptq(cfg: RunConfig) -> int:
-    from qat.ptq import ptq_command
+    from .commands import ptq_command  # lazy: --help start-up
 
-    from .config import save_config
-
-    save_config(cfg, cfg.output_dir)
     result = ptq_command(cfg)
-    print(f"quantized model: {result.get('model_dir', cfg.output_dir)}")
-    return 0
-
-
-def _run_convert(cfg: RunConfig) -> int:
-    from pathlib import Path
-
-    from qat.export import convert_folder
-
-    src = cfg.export.input
-    if not src:
-        raise ValueError("no model folder to convert: distqat convert <model folder> --out <folder>")
-    out = cfg.export.out_dir or f"{str(src).rstrip('/')}-int"
-    path = convert_folder(Path(src), Path(out))
-    print(f"integer checkpoint: {path}")
+    print(f"quantized model: {result['model_dir']}")
     return 0
 
 
 def _run_pipeline(cfg: RunConfig) -> int:
-    from .pipeline import run_pipeline
+    from .pipeline import run_pipeline  # lazy: --help start-up (Lightning takes seconds to import)
 
     run_pipeline(cfg)
     return 0
 
 
 def _run_report(cfg: RunConfig) -> int:
-    from .eval import run_report
+    from .eval import run_report  # lazy: --help start-up
 
     run_report(cfg)
     return 0
 
 
-HANDLERS: dict[str, Callable[[RunConfig], int]] = {
-    "eval": _run_eval, "report": _run_report, "generate": _run_generate, "train": _run_train,
-    "ptq": _run_ptq, "convert": _run_convert, "pipeline": _run_pipeline,
+COMMANDS: dict[str, Command] = {
+    "generate": Command("the teacher writes its own training text (LLM-QAT data-free)",
+                        (*RUN, "seed", *MODEL, "generate.*"), _run_generate),
+    "train": Command("QAT: distill the full-precision teacher into the fake-quantized student",
+                     (*RUN, "seed", "model.name_or_path", "model.attn_implementation", "model.trust_remote_code",
+                      "quant.*", "data.*", "train.*", "distributed.*"), _run_train),
+    "ptq": Command("post-training quantization baselines (RTN, GPTQ, AWQ, SmoothQuant, LLM.int8(), HQQ)",
+                   (*RUN, *MODEL, "quant.*", "data.path", "data.text_field", "ptq.*"), _run_ptq),
+    "convert": Command("pack a trained or PTQ model into integer weights (compressed-tensors layout)", ()),
+    "pipeline": Command("LLM-QAT end to end: generate, train, then score FP, the RTN start and the trained student",
+                        (*RUN, "seed", *MODEL, "quant.*", "data.*", "generate.*", "train.*", "distributed.*",
+                         *EVAL), _run_pipeline),
+    "eval": Command("perplexity of the full-precision and the fake-quantized model, with a plot",
+                    (*RUN, *MODEL, "quant.*", "data.path", "data.text_field", "eval.*"), _run_eval),
+    "bench": Command("speed benchmarks, each as a ratio to bf16", ()),
+    "report": Command("collect the results of runs into one table and plot", RUN, _run_report),
 }
 
 
@@ -104,23 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distqat",
         description="Distributed quantization-aware training for LLMs.",
-        epilog="Each command takes an optional recipe YAML then key=value overrides, e.g.\n"
-        "  distqat eval configs/default.yaml quant.scheme=w4g64 eval.max_tokens=4096",
+        epilog="Each command but convert and bench takes an optional recipe YAML then key=value overrides, e.g.\n"
+        "  distqat eval configs/default.yaml quant.scheme=w4g64 eval.max_tokens=4096\n"
+        "  distqat convert runs/default/model --out runs/default/int",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
-    options = "config keys (key=default {allowed values}):\n" + "\n".join(describe_schema())
-    for name, help_text in COMMANDS.items():
-        p = sub.add_parser(
-            name, help=help_text, description=help_text, epilog=options,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+    for name, cmd in COMMANDS.items():
+        if name == "convert":
+            p = sub.add_parser(name, help=cmd.help, description=f"{cmd.help}. It reads no config keys.")
+            p.add_argument("folder", help="the folder distqat train (its model/) or distqat ptq wrote")
+            p.add_argument("--out", help="the integer checkpoint's folder (default: <folder>-int)")
+            continue
+        options = f"config keys {name} reads (key=default {{allowed values}}):\n" + "\n".join(
+            describe_schema(only=cmd.reads))
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help, epilog=options,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("config", nargs="?", help="recipe YAML (e.g. configs/default.yaml); omitted: defaults")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied last")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-        if name == "convert":
-            p.usage = "distqat convert <model folder> [--out <folder>] [key=value ...]"
-            p.add_argument("--out", help="output folder of the integer checkpoint (export.out_dir)")
     return parser
 
 
@@ -129,8 +126,6 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 def run_bench(argv: list[str]) -> int:
     """`distqat bench <name> [args]`: run bench/<name>.py with its own arguments (each prints its table)."""
-    import runpy
-
     names = sorted(p.stem for p in BENCH_DIR.glob("[!_]*.py")) if BENCH_DIR.is_dir() else []  # _*: shared code
     if not names:
         print("distqat bench: error: the benchmarks live in the source checkout's bench/ folder, which this "
@@ -152,36 +147,45 @@ def run_bench(argv: list[str]) -> int:
     return 0
 
 
+def run_convert(folder: str, out: Optional[str]) -> int:
+    from qat.export import convert_folder  # lazy: --help start-up
+
+    path = convert_folder(Path(folder), Path(out or f"{folder.rstrip('/')}-int"))
+    print(f"integer checkpoint: {path}")
+    return 0
+
+
+def _load(args: argparse.Namespace) -> RunConfig:
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config, *overrides]  # no recipe, only overrides
+    cfg = load_config(config, overrides)
+    if not args.print_config:
+        wanted = COMMANDS[args.command].reads
+        for key in override_keys(overrides):
+            if not reads(wanted, key):
+                raise ConfigError(f"{args.command} does not read '{key}' (command line); it reads: "
+                                  f"{', '.join(wanted)}")
+    return cfg
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":  # the scripts take their own arguments, not config overrides
         return run_bench(argv[1:])
     args = build_parser().parse_args(argv)
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        config, overrides = None, [config, *overrides]  # no recipe, only overrides
-    if args.command == "convert":
-        # `convert <folder>`: the positional is the model to convert, not a recipe.
-        if config is not None and not config.endswith((".yaml", ".yml")):
-            config, overrides = None, [f"export.input={config}", *overrides]
-        if args.out:
-            overrides.append(f"export.out_dir={args.out}")
     try:
-        cfg = load_config(config, overrides)
+        if args.command == "convert":
+            return run_convert(args.folder, args.out)
+        cfg = _load(args)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        return COMMANDS[args.command].run(cfg)
     except ConfigError as e:
         print(f"distqat {args.command}: error: {e}", file=sys.stderr)
         return 2
-    if args.print_config:
-        from .config import to_yaml
-
-        print(to_yaml(cfg), end="")
-        return 0
-    if args.command in PENDING:
-        print(f"distqat {args.command}: not built yet: {PENDING[args.command]}", file=sys.stderr)
-        return 2
-    try:
-        return HANDLERS[args.command](cfg)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         # Known bad input (model, data, spec): one line, no traceback.
         print(f"distqat {args.command}: error: {e}", file=sys.stderr)
         return 2

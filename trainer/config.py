@@ -9,17 +9,17 @@ closest valid key. Nothing runs before the whole config is valid.
 from __future__ import annotations
 
 import difflib
-import os
-import tempfile
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data.generate import GenerateConfig
+from data.config import GenerateConfig
+from qat.io.atomic import write_text
 from qat.ptq.config import PTQConfig
 from qat.spec import QuantSpec, SpecError, parse
 
@@ -79,15 +79,6 @@ class DistributedConfig:
 
 
 @dataclass
-class ExportConfig:
-    format: str = field(default="compressed-tensors", metadata={"choices": ("compressed-tensors",)})
-    # `distqat convert`: the quantized folder to convert (a train run's model/ or a ptq output) and
-    # where the integer checkpoint goes (default: <input>-<format>).
-    input: Optional[str] = None
-    out_dir: Optional[str] = None
-
-
-@dataclass
 class EvalConfig:
     split: str = field(default="test", metadata={"choices": ("train", "test", "calib")})
     max_tokens: int = field(default=8192, metadata={"range": (1, 1 << 40)})
@@ -110,7 +101,6 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     ptq: PTQConfig = field(default_factory=PTQConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -146,8 +136,12 @@ def _check_source(node: Any, cls: type, prefix: str, origin: str) -> None:
     if not isinstance(node, (dict, DictConfig)):
         raise ConfigError(f"{prefix or 'config'} ({origin}) must be a mapping of keys, got {node!r}")
     types = _field_types(cls)
+    moved = getattr(cls, "moved_keys", {})
     for key in node.keys():
         full = f"{prefix}{key}"
+        if key in moved:
+            new = f"{prefix}{moved[key]}"
+            raise ConfigError(f"unknown key '{full}' ({origin}): it moved; did you mean '{new}'?")
         if key not in types:
             valid = list(types)
             raise ConfigError(
@@ -306,22 +300,37 @@ def to_yaml(cfg: RunConfig) -> str:
 
 def save_config(cfg: RunConfig, out_dir: Union[str, Path], name: str = "config.yaml") -> Path:
     """Write the fully resolved config next to a run's outputs (temp file, then rename)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(to_yaml(cfg))
-    os.replace(tmp, out / name)
-    return out / name
+    return write_text(Path(out_dir) / name, to_yaml(cfg))
 
 
-def describe_schema(cls: type = RunConfig, prefix: str = "") -> list[str]:
-    """One line per key with its default and allowed values: the `--help` listing of options."""
+def schema_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every leaf key of the schema, dotted ("quant.weight.bits")."""
+    keys = []
+    for name, (tp, _) in _field_types(cls).items():
+        keys += schema_keys(tp, f"{prefix}{name}.") if is_dataclass(tp) else [f"{prefix}{name}"]
+    return keys
+
+
+def reads(patterns: tuple[str, ...], key: str) -> bool:
+    """Whether a command that reads `patterns` ("model.*", "data.path") reads `key` (or a section holding it)."""
+    return any(fnmatchcase(key, p) or p.startswith(key + ".") for p in patterns)
+
+
+def override_keys(overrides: list[str]) -> list[str]:
+    """The dotted keys a command line sets ("quant.weight.bits=3" -> "quant.weight.bits")."""
+    return [item.split("=", 1)[0].strip() for item in overrides]
+
+
+def describe_schema(cls: type = RunConfig, prefix: str = "", only: Optional[tuple[str, ...]] = None) -> list[str]:
+    """One line per key with its default and allowed values: the `--help` listing of options (of the keys
+    matching `only`, when given)."""
     lines = []
     for name, (tp, f) in _field_types(cls).items():
         full = f"{prefix}{name}"
         if is_dataclass(tp):
-            lines += describe_schema(tp, f"{full}.")
+            lines += describe_schema(tp, f"{full}.", only)
+            continue
+        if only is not None and not reads(only, full):
             continue
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         extra = ""

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +12,13 @@ from typing import Optional
 
 import torch
 from tqdm import tqdm
+
+from data.sources import load_texts, spread_windows, token_stream
+from qat.apply import quantize_model
+from qat.io.atomic import atomic_file, write_json, write_text
+from qat.io.folders import Kind, spec_label
+from qat.io.models import load_model, load_tokenizer
+from qat.load import inspect, load
 
 from .config import RunConfig, save_config
 
@@ -46,20 +51,14 @@ def perplexity(
     return math.exp(nll / count)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
 def plot_bars(results: dict[str, float], path: Path, title: str) -> Optional[Path]:
     """A bar chart of perplexities (lower is better), written atomically; None without matplotlib."""
     try:
+        # lazy: matplotlib costs about a second to import and sets a process-wide backend; only plots need it
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # lazy: after the backend is chosen
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(results) + 2), 3.5))
@@ -69,75 +68,53 @@ def plot_bars(results: dict[str, float], path: Path, title: str) -> Optional[Pat
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
 def run_eval(cfg: RunConfig) -> dict:
-    """`distqat eval`: score each of cfg.eval.compare on the same tokens, save JSON + plot + config."""
+    """`distqat eval`: score each of cfg.eval.compare on the same tokens, save JSON + plot + config; a saved
+    quantized folder (train, ptq, convert) is scored as it is."""
     unknown = set(cfg.eval.compare) - {"fp", "quant"}
     if unknown or not cfg.eval.compare:
         raise ValueError(f"eval.compare={cfg.eval.compare}: allowed entries are 'fp' and 'quant'")
-    if is_quantized_folder(cfg.model.name_or_path):
-        return score_models(cfg, [saved_model(cfg.model.name_or_path, cfg.model.dtype)])
+    folder = inspect(cfg.model.name_or_path)
+    if folder.kind is not Kind.BASE:
+        return score_models(cfg, [saved_model(cfg, folder.name)])
     return score_models(cfg, [base_model(cfg, what == "quant") for what in cfg.eval.compare])
 
 
 def base_model(cfg: RunConfig, quantized: bool) -> tuple[str, Callable[[], torch.nn.Module]]:
     """(label, loader) of cfg.model as loaded ("fp") or fake-quantized with cfg.quant (the RTN start)."""
-    from qat.apply import quantize_model
 
-    from .models import load_model
-
-    def load() -> torch.nn.Module:
-        model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation,
-                           cfg.model.trust_remote_code)
+    def load_base() -> torch.nn.Module:
+        m = cfg.model
+        model = load_model(m.name_or_path, m.dtype, m.attn_implementation, m.trust_remote_code)
         if quantized:
             print(quantize_model(model, cfg.quant), file=sys.stderr)
         return model
 
-    return (_spec_label(cfg.quant) if quantized else "fp"), load
+    return (spec_label(cfg.quant) if quantized else "fp"), load_base
 
 
-def saved_model(path: str, dtype: str = "auto") -> tuple[str, Callable[[], torch.nn.Module]]:
-    """(label, loader) of a folder written by train, ptq or convert. The label comes from its config.json,
-    so nothing loads before score_models asks for the model."""
-    from qat.apply import CONFIG_KEY
-    from qat.spec import QuantSpec
-
-    if is_converted_folder(path):
-        spec = _converted_spec(path)
-
-        def load_int() -> torch.nn.Module:
-            from qat.export import load_quantized
-
-            return load_quantized(path)
-
-        return f"{_spec_label(spec) if spec else 'int'} (int)", load_int
-    d = _config_record(path).get(CONFIG_KEY)
-    spec = QuantSpec.from_dict(d) if d else None  # none: an llm_int8 folder
+def saved_model(cfg: RunConfig, path: str) -> tuple[str, Callable[[], torch.nn.Module]]:
+    """(label, loader) of a folder written by train, ptq or convert, loaded with cfg.model's settings. The
+    label comes from its config.json, so nothing loads before score_models asks for the model."""
+    folder = inspect(path)
+    m = cfg.model
 
     def load_saved() -> torch.nn.Module:
-        from qat.ptq import load_ptq_model
+        return load(folder, m.dtype, attn_implementation=m.attn_implementation,
+                    trust_remote_code=m.trust_remote_code)
 
-        from .models import DTYPES, resolve_dtype
-
-        return load_ptq_model(path, dtype=DTYPES[resolve_dtype(dtype)])
-
-    return f"{_spec_label(spec) if spec else 'llm_int8'} (saved)", load_saved
+    return folder.label, load_saved
 
 
 def score_models(cfg: RunConfig, entries: list[tuple[str, Callable[[], torch.nn.Module]]]) -> dict:
     """Perplexity of each (label, loader) on the same windows of cfg.data (one model in memory at a time);
     eval.json, eval.png and config.yaml under cfg.output_dir."""
-    from data.sources import load_texts, spread_windows, token_stream
-
-    from .models import load_tokenizer
-
     out_dir = Path(cfg.output_dir)
     save_config(cfg, out_dir)
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
@@ -146,8 +123,8 @@ def score_models(cfg: RunConfig, entries: list[tuple[str, Callable[[], torch.nn.
     n_tokens = sum(len(w) for w in windows)
     results: dict[str, float] = {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for label, load in entries:
-        model = load().to(device)
+    for label, loader in entries:
+        model = loader().to(device)
         t0 = time.perf_counter()
         results[label] = perplexity(model, windows, cfg.eval.batch_size, desc=label)
         secs = time.perf_counter() - t0
@@ -157,41 +134,12 @@ def score_models(cfg: RunConfig, entries: list[tuple[str, Callable[[], torch.nn.
         "model": cfg.model.name_or_path, "split": cfg.eval.split, "tokens": n_tokens,
         "seq_len": cfg.eval.seq_len, "perplexity": results,
     }
-    _write_json(out_dir / "eval.json", record)
+    write_json(out_dir / "eval.json", record)
     if cfg.eval.plot:
         plot_bars(results, out_dir / "eval.png", f"{cfg.model.name_or_path}, {n_tokens} tokens of {cfg.eval.split}")
     print(format_table([(cfg.name, record)]))
     print(f"results: {out_dir / 'eval.json'}", file=sys.stderr)
     return record
-
-
-def _config_record(name_or_path: str) -> dict:
-    cfg = Path(name_or_path).expanduser() / "config.json"
-    return json.loads(cfg.read_text()) if cfg.is_file() else {}
-
-
-def is_quantized_folder(name_or_path: str) -> bool:
-    """A folder written by `distqat train` / `distqat ptq` / `distqat convert` (its config says so)."""
-    return any(k in _config_record(name_or_path) for k in ("distqat_quant", "distqat_ptq", "distqat_export"))
-
-
-def is_converted_folder(name_or_path: str) -> bool:
-    """A folder written by `distqat convert` (integer weights, run by qat.export.load_quantized)."""
-    return "distqat_export" in _config_record(name_or_path)
-
-
-def _converted_spec(name_or_path: str):
-    from qat.spec import QuantSpec
-
-    d = _config_record(name_or_path)["distqat_export"].get("spec")
-    return QuantSpec.from_dict(d) if d else None
-
-
-def _spec_label(spec) -> str:
-    try:
-        return spec.name
-    except ValueError:
-        return "quant"
 
 
 def format_table(rows: list[tuple[str, dict]]) -> str:
@@ -216,7 +164,7 @@ def run_report(cfg: RunConfig) -> str:
     if not rows:
         raise FileNotFoundError(f"no */eval.json under {root}; run `distqat eval` first")
     table = format_table(rows)
-    (root / "report.md").write_text(table + "\n")
+    write_text(root / "report.md", table + "\n")
     merged = {f"{name}:{s}": v for name, rec in rows for s, v in rec["perplexity"].items()}
     plot_bars(merged, root / "report.png", f"perplexity of {len(rows)} runs")
     print(table)

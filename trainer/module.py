@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import lightning as L
 import torch
 from torch import nn
 
+from .config import TrainConfig
 from .losses import kd_loss, kd_loss_topk, next_token_ce
 from .optim import AdamWBF16, param_groups, warmup_cosine
 
@@ -20,7 +21,7 @@ class QATModule(L.LightningModule):
     ZeRO-3 partitions it like the student instead of replicating it on every rank.
     """
 
-    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], train_cfg: Any, seed: int = 0) -> None:
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], train_cfg: TrainConfig, seed: int = 0) -> None:
         super().__init__()
         self.student = student
         self.teacher = teacher

@@ -23,6 +23,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from qat.apply import quantizer_keys
+
 COMPENSATION = ("kahan", "stochastic", "none")
 
 
@@ -110,10 +112,11 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, quantizer_lr:
     """Three groups: weights with decay; norms, biases and embeddings-free 1-D tensors without; quantizer
     parameters (LSQ scales, clipping logits) without decay at their own learning rate."""
     decay, no_decay, quant = [], [], []
+    quantizers = quantizer_keys(model)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if "_quantizer." in name:
+        if name in quantizers:
             quant.append(p)
         elif p.ndim < 2 or "norm" in name.lower():
             no_decay.append(p)

@@ -17,7 +17,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from qat.io.env import rank_world
+
+from .commands import run_generate
 from .config import RunConfig
+from .eval import base_model, saved_model, score_models
+from .train import run_train
 
 
 def wait_for(path: Path, timeout_s: float, what: str) -> None:
@@ -31,21 +36,16 @@ def wait_for(path: Path, timeout_s: float, what: str) -> None:
 
 def run_pipeline(cfg: RunConfig, manifest_timeout_s: float = 24 * 3600) -> dict:
     """generate -> train -> eval of fp / RTN start / trained; returns the eval record (empty off rank 0)."""
-    from data.generate import dist_info, run_generate
-
-    from .eval import base_model, saved_model, score_models
-    from .train import run_train
-
     gen_dir = run_generate(cfg)
     # Every rank's shards must exist before anyone trains on them; the last rank to finish writes it.
     wait_for(gen_dir / "manifest.json", manifest_timeout_s,
              "a generate rank did not finish; rerun the same command to resume it")
     train_cfg = replace(cfg, data=replace(cfg.data, path=str(gen_dir)))
     model_dir = run_train(train_cfg)
-    rank, _ = dist_info()
+    rank, _ = rank_world()
     if rank != 0:
         return {}
     fp, rtn = base_model(cfg, False), base_model(cfg, True)
-    trained = (f"{rtn[0]} (qat)", saved_model(str(model_dir), cfg.model.dtype)[1])
+    trained = (f"{rtn[0]} (qat)", saved_model(cfg, str(model_dir))[1])
     print(f"pipeline: scoring {fp[0]}, {rtn[0]} (RTN start) and {trained[0]} on {cfg.data.path}", file=sys.stderr)
     return score_models(cfg, [fp, rtn, trained])

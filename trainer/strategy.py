@@ -8,10 +8,12 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
 
+from .config import DistributedConfig, TrainConfig
+
 
 def _no_shm_comm() -> None:
     # DeepSpeed JIT-builds a shared-memory comm op (~2 min) on its first CPU init; gloo does the job.
-    import deepspeed.ops
+    import deepspeed.ops  # lazy: DeepSpeed costs seconds to import and only its strategy needs it
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
@@ -42,7 +44,7 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         return torch.device("cpu", self.local_rank)
 
 
-def deepspeed_config(dist_cfg: Any, train_cfg: Any) -> dict:
+def deepspeed_config(dist_cfg: DistributedConfig, train_cfg: TrainConfig) -> dict:
     """The DeepSpeed config for a run: ZeRO stage, offload, precision; the optimizer stays ours."""
     zero: dict[str, Any] = {"stage": dist_cfg.zero_stage, "overlap_comm": torch.cuda.is_available(),
                             "contiguous_gradients": True}
@@ -82,7 +84,7 @@ def deepspeed_config(dist_cfg: Any, train_cfg: Any) -> dict:
     return config
 
 
-def make_strategy(dist_cfg: Any, train_cfg: Any, devices: int) -> Strategy | str:
+def make_strategy(dist_cfg: DistributedConfig, train_cfg: TrainConfig, devices: int) -> Strategy:
     """auto: DeepSpeed across several processes, one device otherwise."""
     name = dist_cfg.strategy
     if name == "auto":

@@ -2,28 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import Strategy
 
+from qat.apply import QuantReport, quantize_model, quantizer_keys
+from qat.io.atomic import atomic_dir
+from qat.io.models import load_model, load_tokenizer
+
+from .callbacks import QuantStats
 from .config import RunConfig, save_config
+from .datamodule import TextDataModule
+from .module import QATModule
+from .strategy import make_strategy
 
 PRECISION = {"bf16": "bf16-true", "fp32": "bf16-mixed"}
 
 
-def build_models(cfg: RunConfig):
-    """(student, teacher): the student fake-quantized by cfg.quant, the teacher frozen (bf16 on GPU)."""
-    from qat.apply import quantize_model
-
-    from .models import load_model
-
+def build_models(cfg: RunConfig) -> tuple[torch.nn.Module, Optional[torch.nn.Module], QuantReport]:
+    """(student, teacher, report): the student fake-quantized by cfg.quant, the teacher frozen (bf16 on GPU)."""
     dtype = "bfloat16" if cfg.train.master_weights == "bf16" else "float32"
     student = load_model(cfg.model.name_or_path, dtype, cfg.model.attn_implementation, cfg.model.trust_remote_code)
     teacher = None if cfg.train.teacher_topk else _load_teacher(cfg)
@@ -44,8 +51,6 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
 
 
 def _load_teacher(cfg: RunConfig, device: Optional[str] = None) -> torch.nn.Module:
-    from .models import load_model
-
     # bf16 on GPUs (memory); fp32 on CPU, where it is also the faster dtype. ("auto")
     teacher = load_model(cfg.model.name_or_path, "auto", cfg.model.attn_implementation,
                          cfg.model.trust_remote_code)
@@ -64,37 +69,27 @@ def find_resume(ckpt_dir: Path, resume: str) -> Optional[str]:
     return str(found[-1]) if found else None
 
 
-def consolidate(student: torch.nn.Module, tokenizer, out: Path, strategy) -> Optional[Path]:
+def consolidate(student: torch.nn.Module, tokenizer, out: Path, strategy: Strategy) -> Optional[Path]:
     """Write the trained student once (rank 0) as bf16 safetensors + spec, gathering ZeRO-3 shards."""
-    import contextlib
-
     gather = contextlib.nullcontext()
     if getattr(strategy, "zero_stage_3", False):
-        import deepspeed
+        import deepspeed  # lazy: only ZeRO-3 runs gather shards, and DeepSpeed costs seconds to import
 
         gather = deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None)
     with gather:
         if strategy.global_rank != 0:
             return None
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-        try:
-            state = {k: v.detach().to(torch.bfloat16) if v.is_floating_point() and "_quantizer." not in k else v
+        keep = quantizer_keys(student)  # scales stay fp32: rounding them would move the grid
+        with atomic_dir(out) as tmp:
+            state = {k: v.detach().to(torch.bfloat16) if v.is_floating_point() and k not in keep else v
                      for k, v in student.state_dict().items()}
             student.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def _loggers(out_dir: Path) -> list:
     """CSV always; TensorBoard as well where it is installed (some cluster images lack it)."""
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
     loggers = [CSVLogger(out_dir, name="logs")]
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         loggers.append(TensorBoardLogger(out_dir, name="tb"))
@@ -105,16 +100,7 @@ def _loggers(out_dir: Path) -> list:
 
 
 def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[str] = None) -> Path:
-    import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-
-    from data.datamodule import TextDataModule
-
-    from .callbacks import QuantStats
-    from .models import load_tokenizer
-    from .module import QATModule
-    from .strategy import make_strategy
-
+    """`distqat train`: distil the teacher into the student; returns the consolidated student's folder."""
     out_dir = Path(cfg.output_dir)
     # The frozen teacher is in eval mode on purpose; Lightning's warning about it would only alarm users.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")

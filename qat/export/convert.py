@@ -8,32 +8,24 @@ place at the end: an interrupted conversion leaves no half-written checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import sys
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from ..apply import quant_spec_of, quantizer_keys
+from ..io.atomic import atomic_dir
+from ..io.folders import Kind, inspect, load_fake_quant
+from ..keys import EXPORT_KEY, HF_QUANT_KEY, QUANT_KEY
 from ..linear import QuantLinear
 from ..spec import QuantSpec
-from .format import (
-    EXPORT_KEY,
-    FORMAT_VERSION,
-    QUANT_KEY,
-    FormatError,
-    act_args,
-    config_dtype,
-    kv_args,
-    layer_format,
-    weight_args,
-)
+from .format import FORMAT_VERSION, FormatError, act_args, file_sha256, kv_args, layer_format, weight_args
 from .pack import pack_int32
 
 SHARD_BYTES = 4 << 30
@@ -80,40 +72,7 @@ def compress_linear(layer: QuantLinear, name: str) -> tuple[dict[str, torch.Tens
     return out, scheme
 
 
-def _load_source(path: Path, dtype: Optional[torch.dtype]) -> nn.Module:
-    from ..apply import CONFIG_KEY
-    from ..ptq.run import load_ptq_model
-
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{path} is not a model folder (no config.json); pass the folder that "
-                                "distqat train (its model/ folder) or distqat ptq wrote")
-    cfg = json.loads(cfg_file.read_text())
-    if QUANT_KEY in cfg and EXPORT_KEY in cfg:
-        raise FormatError(f"{path} is converted already; load it with qat.export.load_quantized")
-    if CONFIG_KEY not in cfg:
-        info = cfg.get("distqat_ptq") or {}
-        if info.get("method") == "llm_int8":
-            raise FormatError(f"{path} is an LLM.int8() model: its fp16 outlier columns have no place in the "
-                              "integer format; evaluate that folder directly")
-        raise FormatError(f"{path} holds no distqat quantization (config.json lacks {CONFIG_KEY}); "
-                          "quantize it first with distqat train or distqat ptq")
-    if dtype is None:
-        dtype = config_dtype(cfg)
-    return load_ptq_model(path, dtype=dtype)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _save_shards(tensors: dict[str, torch.Tensor], out: Path) -> dict[str, str]:
-    from safetensors.torch import save_file
-
     shards: list[OrderedDict] = [OrderedDict()]
     size = 0
     for k, t in tensors.items():
@@ -131,13 +90,11 @@ def _save_shards(tensors: dict[str, torch.Tensor], out: Path) -> dict[str, str]:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {k: name for name, s in zip(names, shards) for k in s}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return {name: _sha256(out / name) for name in names}
+    return {name: file_sha256(out / name) for name in names}
 
 
 def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path] = None) -> Path:
     """Write `model` (fake-quantized by qat.apply) as a compressed-tensors folder at `out`, atomically."""
-    from ..apply import CONFIG_KEY, quant_spec_of
-
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another output folder or remove it")
@@ -159,9 +116,10 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
     if not quantized:
         raise FormatError("the model has no quantized linear layers to convert")
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    skip = quantizer_keys(model)
     for k, t in model.state_dict().items():
         owner = k.rpartition(".")[0]
-        if "_quantizer." in k or owner in quantized:
+        if k in skip or owner in quantized:
             continue
         if tied and k == "lm_head.weight":
             continue  # tied to the embedding; transformers re-ties it on load
@@ -177,15 +135,13 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
         "kv_cache_scheme": kv_args(spec.kv) if spec is not None else None,
     }
     cfg = model.config.to_dict()
-    for k in [k for k in cfg if k.startswith("_attn_implementation")] + [CONFIG_KEY]:
+    for k in [k for k in cfg if k.startswith("_attn_implementation")] + [QUANT_KEY]:
         cfg.pop(k, None)
-    cfg[QUANT_KEY] = quant_config
+    cfg[HF_QUANT_KEY] = quant_config
     if tied and "lm_head" in quantized:
         cfg["tie_word_embeddings"] = False  # the head is now integer codes, the embedding stays float
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:  # an empty `out` (checked above) is replaced
         digests = _save_shards(tensors, tmp)
         cfg[EXPORT_KEY] = {
             "version": FORMAT_VERSION,
@@ -198,18 +154,20 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
             for f in COPY_FILES:
                 if (source / f).is_file():
                     shutil.copy2(source / f, tmp / f)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
 def convert_folder(src: Union[str, Path], out: Union[str, Path], dtype: Optional[torch.dtype] = None) -> Path:
-    """Load a distqat-quantized folder and write its integer checkpoint."""
-    src = Path(src)
-    model = _load_source(src, dtype)
+    """Load a QAT or PTQ folder (in the dtype it was saved in, unless `dtype`) and write its integer checkpoint."""
+    folder = inspect(src, what="the folder to convert")
+    if folder.kind is Kind.INT:
+        raise FormatError(f"{folder.path} is converted already; load it with qat.load.load")
+    if folder.kind is Kind.LLM_INT8:
+        raise FormatError(f"{folder.path} is an LLM.int8() model: its fp16 outlier columns have no place in the "
+                          "integer format; evaluate that folder directly")
+    if folder.kind is Kind.BASE:
+        raise FormatError(f"{folder.path} holds no distqat quantization (config.json lacks {QUANT_KEY}); "
+                          "quantize it first with distqat train or distqat ptq")
+    model = load_fake_quant(folder, dtype or folder.dtype)
     print(f"distqat convert: {src} -> {out}", file=sys.stderr)
-    return convert_model(model, out, source=src)
+    return convert_model(model, out, source=folder.path)

@@ -8,15 +8,13 @@ silently wrong) and the few details compressed-tensors has no words for (per-hea
 
 from __future__ import annotations
 
+import hashlib
 import re
+from pathlib import Path
 from typing import Any, Optional
-
-import torch
 
 from ..spec import TensorSpec
 
-QUANT_KEY = "quantization_config"
-EXPORT_KEY = "distqat_export"
 FORMAT_VERSION = 1
 
 
@@ -24,10 +22,13 @@ class FormatError(ValueError):
     """A checkpoint or a spec that the integer format cannot represent; the message names the fix."""
 
 
-def config_dtype(cfg: dict[str, Any]) -> torch.dtype:
-    """The dtype a model folder's config.json records (transformers writes `dtype`, older `torch_dtype`)."""
-    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(name, torch.bfloat16)
+def file_sha256(path: Path) -> str:
+    """The SHA-256 a converted folder records per weight file, and checks before loading it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _int_args(spec: TensorSpec, strategy: str, dynamic: bool) -> dict[str, Any]:

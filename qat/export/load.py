@@ -3,27 +3,28 @@
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.initialization import no_init_weights
 
 from .. import kv as kv_quant
+from ..io.folders import Folder, inspect
+from ..keys import EXPORT_KEY, HF_QUANT_KEY
 from ..spec import TensorSpec
-from .convert import _sha256
-from .format import EXPORT_KEY, FORMAT_VERSION, QUANT_KEY, FormatError, config_dtype, matches, spec_from_args
+from .cache import IntKVCache
+from .format import FORMAT_VERSION, FormatError, file_sha256, matches, spec_from_args
 from .runtime import IntLinear
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{path} is not a converted model folder (no config.json); "
-                                "create one with: distqat convert <model folder> --out <folder>")
-    cfg = json.loads(cfg_file.read_text())
-    q = cfg.get(QUANT_KEY) or {}
+def _checked_config(folder: Folder) -> dict[str, Any]:
+    path, cfg = folder.path, folder.config
+    q = cfg.get(HF_QUANT_KEY) or {}
     if q.get("quant_method") != "compressed-tensors":
         raise FormatError(f"{path}/config.json has no compressed-tensors quantization_config; "
                           "create one with: distqat convert <model folder> --out <folder>")
@@ -47,16 +48,13 @@ def _verify_files(path: Path, cfg: dict[str, Any]) -> list[Path]:
         if missing:
             raise FormatError(f"{path} lacks weight file(s) {missing}; the checkpoint is incomplete")
         for f in files:
-            if f.name in digests and _sha256(f) != digests[f.name]:
+            if f.name in digests and file_sha256(f) != digests[f.name]:
                 raise FormatError(f"{f} does not match the checksum written at conversion: it was truncated or "
                                   "modified; convert the model again")
     return files
 
 
 def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     out: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -92,26 +90,25 @@ def _layer_specs(q: dict[str, Any], linears: dict[str, nn.Linear]) -> LayerSpecs
 
 
 def load_quantized(
-    path: Union[str, Path], device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
-    int_kv_cache: bool = True,
+    path: Union[str, Path, Folder], device: Union[str, torch.device, None] = None,
+    dtype: Optional[torch.dtype] = None, int_kv_cache: bool = True,
 ) -> nn.Module:
-    """Build the model of a converted folder with IntLinear layers (integer weights kept packed).
+    """Build the model of a converted folder with IntLinear layers (integer weights kept packed), in the
+    dtype it was converted in unless `dtype`.
 
     The KV cache settings are applied as in training: K/V are quantized in attention, and `generate`
     stores them in an IntKVCache (int8 or packed int4 codes) unless `int_kv_cache=False`.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    path = Path(path)
-    cfg = _read_config(path)
+    folder = path if isinstance(path, Folder) else inspect(path, what="the converted folder")
+    path = folder.path
+    cfg = _checked_config(folder)
     files = _verify_files(path, cfg)
-    q = cfg[QUANT_KEY]
+    q = cfg[HF_QUANT_KEY]
     meta = cfg.get(EXPORT_KEY) or {}
-    clean = {k: v for k, v in cfg.items() if k not in (QUANT_KEY, EXPORT_KEY)}
+    clean = {k: v for k, v in cfg.items() if k not in (HF_QUANT_KEY, EXPORT_KEY)}
     config = AutoConfig.for_model(**clean)
     if dtype is None:
-        dtype = config_dtype(clean)
+        dtype = folder.dtype
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -154,8 +151,6 @@ def load_quantized(
 
 def _use_int_cache(model: nn.Module, kv: TensorSpec) -> None:
     """Make `model.generate` store its cache as integers unless the caller passes its own cache."""
-    from .cache import IntKVCache
-
     n_layers = model.config.get_text_config().num_hidden_layers
     generate = model.generate
 

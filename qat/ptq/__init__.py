@@ -1,19 +1,21 @@
 """Post-training quantization baselines on one block-by-block calibration loop.
 
     from qat.ptq import PTQConfig, run_ptq
-    model, report = run_ptq({"quant": "w4g64", "ptq": PTQConfig(method="gptq")}, model, tokenizer)
+    model, report = run_ptq(model, qat.spec.parse("w4g64"), PTQConfig(method="gptq"), calib_ids)
 
-Every method except llm_int8 returns the model as `qat.apply.quantize_model` leaves it (QuantLinear
-layers) with the weights on the PTQ grid and the scales/zeros frozen in lsq weight quantizers, so
-`qat.apply.load_quantized_model` reloads it and convert/eval read it like a QAT model.
+Every method but the LLM.int8() baseline returns the model as `qat.apply.quantize_model` leaves it
+(QuantLinear layers) with the weights on the PTQ grid and the scales/zeros frozen in lsq weight
+quantizers, so `qat.load.load` reloads it and convert/eval read it like a QAT model. The methods are
+parts (`parts.py`) listed in `registry.py`, one module each with its own config section.
 """
 
-from .config import METHODS, PTQConfig, parse_method
-from .llm_int8 import Int8OutlierLinear, convert_llm_int8
-from .loop import PTQ_KEY, PTQReport, run_ptq
-from .run import load_ptq_model, ptq_command
+from .config import PTQConfig
+from .llm_int8 import Int8OutlierLinear
+from .loop import check, needs_calibration, run_ptq
+from .parts import PTQReport, Rounding, Transform
+from .registry import METHODS, parse_method
 
 __all__ = [
-    "METHODS", "PTQConfig", "parse_method", "run_ptq", "PTQReport", "PTQ_KEY", "Int8OutlierLinear",
-    "convert_llm_int8", "ptq_command", "load_ptq_model",
+    "METHODS", "PTQConfig", "PTQReport", "Int8OutlierLinear", "Rounding", "Transform", "check",
+    "needs_calibration", "parse_method", "run_ptq",
 ]

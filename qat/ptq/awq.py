@@ -13,13 +13,28 @@ minimise the same output error (q/k are not clipped, as in the reference), and c
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
 
 import torch
+from torch import nn
 
 from ..quantizers import fake_quant_values, range_qparams, weight_rows
 from ..spec import TensorSpec
+from .blocks import Group, fold, foldable
 from .grid import output_error, rtn
+from .parts import Transform
+
+
+@dataclass
+class AWQConfig:
+    """`ptq.awq`: grid points of the scale exponent alpha; the clipping search (on/off, its grid, the
+    largest shrink of a row's range)."""
+
+    grid: int = field(default=20, metadata={"range": (1, 1000)})
+    clip: bool = True
+    clip_grid: int = field(default=20, metadata={"range": (1, 1000)})
+    max_shrink: float = field(default=0.5, metadata={"range": (0.0, 0.99)})
 
 
 @torch.no_grad()
@@ -71,3 +86,30 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, spec: TensorSpec, grid: int = 
         best_p = torch.where(better, torch.full_like(best_p, p), best_p)
     clipped = torch.minimum(torch.maximum(rows, lo * best_p), hi * best_p)
     return clipped.reshape(w.shape).to(w.dtype)
+
+
+class AWQ(Transform):
+    name: ClassVar[str] = "awq"
+    needs_hessian: ClassVar[bool] = True
+
+    def __init__(self, cfg: AWQConfig) -> None:
+        self.cfg = cfg
+
+    @torch.no_grad()
+    def apply(self, layer: nn.Module, group: Group, specs: dict[str, TensorSpec]) -> list[str]:
+        names = list(specs)
+        if not names:
+            return []
+        c, h = self.cfg, group.stats.h
+        if foldable(layer, group):
+            ws = [layer.get_submodule(n).weight for n in names]
+            s, _ = search_scale(ws, h, group.stats.absmean, specs[names[0]], c.grid, ws[0].dtype)
+            fold(layer, group, s)
+        if c.clip:
+            for n in names:
+                # As the reference: q/k errors reach the output through q k^T, which this objective does not see.
+                if n.endswith(("q_proj", "k_proj")):
+                    continue
+                w = layer.get_submodule(n).weight
+                w.copy_(search_clip(w, h, specs[n], c.clip_grid, c.max_shrink, w.dtype))
+        return names

@@ -1,16 +1,16 @@
-"""The `ptq` config section: which PTQ method(s), the calibration set, and each algorithm's knobs."""
+"""The `ptq` config section: the method, the calibration set, and each method's own knobs under its name."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
+from typing import ClassVar
 
-# A method is one algorithm or a composition the literature uses: a transform (smoothquant / awq)
-# followed by a weight rounding (rtn / gptq / hqq). A bare transform rounds with rtn.
-BASE_METHODS = ("rtn", "gptq", "awq", "smoothquant", "llm_int8", "hqq")
-TRANSFORMS = ("smoothquant", "awq")
-ROUNDERS = ("rtn", "gptq", "hqq")
-METHODS = BASE_METHODS + ("smoothquant+rtn", "smoothquant+gptq", "awq+rtn", "awq+gptq", "smoothquant+awq+gptq")
+from .awq import AWQConfig
+from .gptq import GPTQConfig
+from .hqq import HQQConfig
+from .llm_int8 import LLMInt8Config
+from .registry import METHODS
+from .smoothquant import SmoothQuantConfig
 
 
 @dataclass
@@ -25,45 +25,18 @@ class PTQConfig:
     batch_size: int = field(default=8, metadata={"range": (1, 1 << 16)})  # calibration sequences per forward
     device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})  # where a block runs
     seed: int = 0
-    # GPTQ. act_order and damp 0.1 (not the paper's 0.01) measured best on held-out text: with a few thousand
-    # calibration tokens the error feedback otherwise overfits them (docs/PTQ_RESULTS.md).
-    damp: float = field(default=0.1, metadata={"range": (0.0, 10.0)})
-    block_size: int = field(default=128, metadata={"range": (1, 1 << 20)})
-    act_order: bool = True
-    static_groups: bool = True
-    true_sequential: bool = True
-    # AWQ
-    awq_grid: int = field(default=20, metadata={"range": (1, 1000)})
-    awq_clip: bool = True
-    awq_clip_grid: int = field(default=20, metadata={"range": (1, 1000)})
-    awq_max_shrink: float = field(default=0.5, metadata={"range": (0.0, 0.99)})
-    # SmoothQuant
-    smooth_alpha: float = field(default=0.5, metadata={"range": (0.0, 1.0)})
-    # LLM.int8()
-    int8_threshold: float = field(default=6.0, metadata={"range": (0.0, 1e9)})
-    # HQQ
-    hqq_iters: int = field(default=20, metadata={"range": (1, 10000)})
-    hqq_lp_norm: float = field(default=0.7, metadata={"range": (0.01, 2.0)})
-    hqq_beta: float = field(default=10.0, metadata={"range": (1e-6, 1e9)})
-    hqq_kappa: float = field(default=1.01, metadata={"range": (1.0, 10.0)})
     progress: bool = True
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    awq: AWQConfig = field(default_factory=AWQConfig)
+    smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
+    hqq: HQQConfig = field(default_factory=HQQConfig)
+    llm_int8: LLMInt8Config = field(default_factory=LLMInt8Config)
 
-
-def parse_method(method: Union[str, list, tuple]) -> list[str]:
-    """'awq+gptq' or ['awq', 'gptq'] -> ['awq', 'gptq'] (transforms first, then one rounding); ValueError if invalid."""
-    parts = [str(p).strip().lower() for p in (method if isinstance(method, (list, tuple)) else str(method).split("+"))]
-    parts = [p for p in parts if p]
-    bad = [p for p in parts if p not in BASE_METHODS]
-    if bad or not parts:
-        raise ValueError(f"ptq.method={method!r}: unknown method {bad[0] if bad else ''!r}; use one of {list(METHODS)}")
-    if "llm_int8" in parts and len(parts) > 1:
-        raise ValueError(f"ptq.method={method!r}: llm_int8 is a runtime int8 matmul and composes with nothing")
-    rounders = [p for p in parts if p in ROUNDERS]
-    if len(rounders) > 1:
-        raise ValueError(f"ptq.method={method!r}: pick one weight rounding of {list(ROUNDERS)}, got {rounders}")
-    transforms = [p for p in TRANSFORMS if p in parts]
-    if rounders and "hqq" in rounders and transforms:
-        raise ValueError(f"ptq.method={method!r}: hqq is calibration-free and does not compose with {transforms}")
-    if parts == ["llm_int8"]:
-        return parts
-    return transforms + (rounders or ["rtn"])
+    # Keys of the flat layout before each method had its own section: the config loader names the new key.
+    moved_keys: ClassVar[dict[str, str]] = {
+        **{k: f"gptq.{k}" for k in ("damp", "block_size", "act_order", "static_groups", "true_sequential")},
+        **{f"awq_{k}": f"awq.{k}" for k in ("grid", "clip", "clip_grid", "max_shrink")},
+        **{f"hqq_{k}": f"hqq.{k}" for k in ("iters", "lp_norm", "beta", "kappa")},
+        "smooth_alpha": "smoothquant.alpha",
+        "int8_threshold": "llm_int8.threshold",
+    }

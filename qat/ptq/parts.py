@@ -1,0 +1,72 @@
+"""The parts a PTQ method is made of, and the report they fill.
+
+The block loop (`loop.py`) composes at most one `Transform` per kind (SmoothQuant, AWQ: rescale or clip
+weights against their calibration inputs, folding what they change into the op before them, so the
+full-precision model computes the same function) and exactly one `Rounding` (RTN, GPTQ, HQQ: put each
+weight on the integer grid and choose its scales). Each method is one module holding its algorithm, its
+config dataclass (nested under `ptq.<name>` in the run config) and its part; `registry.py` lists them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import torch
+from torch import nn
+
+from ..spec import QuantSpec, TensorSpec
+from .blocks import Group
+
+# (dequantized weight in the weight's shape, int32 codes or None, scale rows, zero rows or None), the
+# rows laid out as `qat.quantizers.weight_rows` of the spec: what `grid.freeze` stores.
+Rounded = tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]
+
+
+class Part(ABC):
+    name: ClassVar[str]
+    needs_calibration: ClassVar[bool] = True  # needs the layers' calibration inputs
+    needs_hessian: ClassVar[bool] = False  # needs H = X^T X / n of each group's input, not just |x| statistics
+
+    def check(self, spec: QuantSpec) -> None:  # noqa: B027 - most parts accept every spec
+        """Raise ValueError (one line) for a spec this part cannot produce."""
+
+
+class Transform(Part):
+    @abstractmethod
+    def apply(self, layer: nn.Module, group: Group, specs: dict[str, TensorSpec]) -> list[str]:
+        """Transform one group of linears sharing an input (statistics in `group.stats`); `specs` holds the
+        quantized linears of the group. Returns the names of the linears it changed (for the report)."""
+
+
+class Rounding(Part):
+    takes_transforms: ClassVar[bool] = True  # may follow SmoothQuant / AWQ
+    sequential: bool = False  # collect a group's inputs again once the groups before it are rounded
+
+    @abstractmethod
+    def round(self, weight: torch.Tensor, spec: TensorSpec, h: Optional[torch.Tensor]) -> Rounded:
+        """Round one weight (out, in) onto the spec's grid; `h` is its input's H when `needs_hessian`."""
+
+
+@dataclass
+class PTQReport:
+    method: str
+    spec: str
+    blocks: list[dict] = field(default_factory=list)  # index, seconds
+    layers: list[dict] = field(default_factory=list)  # name, seconds, algorithm ("awq+gptq")
+    calib_tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, name: str, seconds: float, algorithm: str) -> None:
+        """Count `seconds` of `algorithm` on layer `name`; a later part of the method extends its record."""
+        for d in self.layers:
+            if d["name"] == name:
+                d["seconds"] += seconds
+                d["algorithm"] += "+" + algorithm
+                return
+        self.layers.append({"name": name, "seconds": seconds, "algorithm": algorithm})
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "spec": self.spec, "calib_tokens": self.calib_tokens,
+                "seconds": self.seconds, "blocks": self.blocks, "layers": self.layers}

@@ -1,0 +1,65 @@
+"""The PTQ methods: which parts exist, how a `ptq.method` string composes them, and the whole-model baselines.
+
+A method is one rounding (rtn, gptq, hqq) after any transforms (smoothquant, awq) in this order, e.g.
+`awq+gptq`; a bare transform rounds with rtn. A baseline (llm_int8) replaces the model's linears on its own
+and composes with nothing. A new part is a module with its algorithm, its config dataclass and its
+`Transform` / `Rounding` class, listed here and given a field of its name in `PTQConfig`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Union
+
+from torch import nn
+
+from ..spec import QuantSpec
+from . import llm_int8
+from .awq import AWQ
+from .gptq import GPTQ
+from .hqq import HQQ
+from .parts import PTQReport, Rounding, Transform
+from .rtn import RTN
+from .smoothquant import SmoothQuant
+
+TRANSFORMS: dict[str, type[Transform]] = {c.name: c for c in (SmoothQuant, AWQ)}  # in the order they apply
+ROUNDINGS: dict[str, type[Rounding]] = {c.name: c for c in (RTN, GPTQ, HQQ)}
+BASELINES: dict[str, Callable[[nn.Module, QuantSpec, Any], tuple[nn.Module, PTQReport]]] = {
+    "llm_int8": lambda model, spec, cfg: llm_int8.quantize(model, spec, cfg.llm_int8),
+}
+BASELINE_CHECKS: dict[str, Callable[[QuantSpec], None]] = {"llm_int8": llm_int8.check}
+BASE_METHODS = (*ROUNDINGS, *TRANSFORMS, *BASELINES)
+METHODS = BASE_METHODS + ("smoothquant+rtn", "smoothquant+gptq", "awq+rtn", "awq+gptq", "smoothquant+awq+gptq")
+
+
+def parse_method(method: Union[str, list, tuple]) -> list[str]:
+    """'awq+gptq' or ['awq', 'gptq'] -> ['awq', 'gptq'] (transforms first, then one rounding); ValueError if invalid."""
+    parts = [str(p).strip().lower() for p in (method if isinstance(method, (list, tuple)) else str(method).split("+"))]
+    parts = [p for p in parts if p]
+    bad = [p for p in parts if p not in BASE_METHODS]
+    if bad or not parts:
+        raise ValueError(f"ptq.method={method!r}: unknown method {bad[0] if bad else ''!r}; use one of {list(METHODS)}")
+    baselines = [p for p in parts if p in BASELINES]
+    if baselines and len(parts) > 1:
+        raise ValueError(f"ptq.method={method!r}: {baselines[0]} is a baseline of its own and composes with nothing")
+    if baselines:
+        return parts
+    rounders = [p for p in parts if p in ROUNDINGS]
+    if len(rounders) > 1:
+        raise ValueError(f"ptq.method={method!r}: pick one weight rounding of {list(ROUNDINGS)}, got {rounders}")
+    transforms = [p for p in TRANSFORMS if p in parts]
+    if rounders and not ROUNDINGS[rounders[0]].takes_transforms and transforms:
+        raise ValueError(f"ptq.method={method!r}: {rounders[0]} is calibration-free and does not compose with "
+                         f"{transforms}")
+    return transforms + (rounders or ["rtn"])
+
+
+def build(steps: list[str], cfg: Any) -> tuple[list[Transform], Rounding]:
+    """The parts of a parsed method, each with its own config section of `cfg` (a PTQConfig)."""
+
+    def make(name: str, cls: type) -> Any:
+        section = getattr(cfg, name, None)
+        return cls(section) if section is not None else cls()
+
+    transforms = [make(s, TRANSFORMS[s]) for s in steps if s in TRANSFORMS]
+    return transforms, make(steps[-1], ROUNDINGS[steps[-1]])

@@ -1,0 +1,66 @@
+"""The commands that load a model and hand it to a lower layer: generate, ptq.
+
+Each takes the run config and passes the lower layer only what it needs (a GenerateConfig, a QuantSpec and
+a PTQConfig, a model, a tokenizer, paths).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+from data.calib import calibration_ids, resolve_calib_path
+from data.generate import check as check_generate
+from data.generate import generate
+from qat.io.atomic import atomic_dir, write_json
+from qat.io.models import load_model, load_tokenizer
+from qat.load import load
+from qat.ptq import check as check_ptq
+from qat.ptq import needs_calibration, run_ptq
+
+from .config import RunConfig, save_config
+
+
+def run_generate(cfg: RunConfig, rank: Optional[int] = None, world: Optional[int] = None,
+                 progress: bool = True) -> Path:
+    """`distqat generate`: this rank's shards of the teacher's own text in generate.out_dir (default
+    <output_dir>/generated), the manifest once every rank's shards exist."""
+    g, m = cfg.generate, cfg.model
+    check_generate(g)  # before the teacher loads
+    out_dir = Path(g.out_dir) if g.out_dir else Path(cfg.output_dir) / "generated"
+    tok = load_tokenizer(m.name_or_path, m.trust_remote_code)
+    model = load(m.name_or_path, m.dtype, attn_implementation=m.attn_implementation,
+                 trust_remote_code=m.trust_remote_code)
+    return generate(model, tok, g, out_dir, cfg.seed, m.name_or_path, rank, world, progress)
+
+
+def ptq_command(cfg: RunConfig) -> dict:
+    """`distqat ptq`: load, quantize with ptq.method, save <output_dir>/model and <output_dir>/ptq_report.json.
+
+    Bad input (the method, a spec it cannot produce, a calibration text shorter than ptq.n_samples *
+    ptq.seq_len) fails in one line before the model loads. Evaluates nothing (`distqat eval` on the folder does).
+    """
+    spec, p, m = cfg.quant, cfg.ptq, cfg.model
+    check_ptq(spec, p)
+    tok = load_tokenizer(m.name_or_path, trust_remote_code=m.trust_remote_code)
+    calib = None
+    calibrate = needs_calibration(spec, p)
+    if calibrate and p.calib_data != "generate":
+        calib = calibration_ids(tok, p.n_samples, p.seq_len, resolve_calib_path(p.calib_data, cfg.data.path),
+                                p.calib_split, cfg.data.text_field, seed=p.seed)
+    model = load_model(m.name_or_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
+                       trust_remote_code=m.trust_remote_code)
+    if calibrate and calib is None:  # the full-precision model writes its own calibration text
+        calib = calibration_ids(tok, p.n_samples, p.seq_len, "generate", model=model, seed=p.seed)
+    model, report = run_ptq(model, spec, p, calib)
+    out = Path(cfg.output_dir)
+    save_config(cfg, out)
+    with atomic_dir(out / "model") as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    result = {**report.to_dict(), "model_dir": str(out / "model")}
+    write_json(out / "ptq_report.json", result)
+    print(f"ptq {report.method} ({report.spec}): {len(report.layers)} layers in {report.seconds:.1f}s "
+          f"-> {out / 'model'}", file=sys.stderr)
+    return result
