@@ -1,0 +1,69 @@
+"""The layout docs/ARCHITECTURE.md describes, held as tests: the import-linter contracts of pyproject.toml,
+imports at the top of each file (a lazy one says why), and modules of a readable size."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("qat", "data", "trainer")
+MAX_LINES = 400
+
+
+def python_files(*folders: str) -> list[Path]:
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    return [ROOT / f for f in files if not folders or f.split("/", 1)[0] in folders]
+
+
+def function_imports(path: Path) -> list[ast.stmt]:
+    """Import statements inside a function body (at any depth)."""
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)) and in_function:
+                found.append(child)
+            visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    visit(ast.parse(path.read_text()), False)
+    return found
+
+
+def test_import_contracts_hold():
+    lint = Path(sys.executable).with_name("lint-imports")
+    assert lint.exists(), "lint-imports is missing: install the dev extra (pip install -e '.[dev]')"
+    r = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "3 kept, 0 broken" in r.stdout
+
+
+def test_lower_layers_never_import_the_trainer():
+    for path in python_files("qat", "data"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not any(n == "trainer" or n.startswith("trainer.") for n in names), (path, node.lineno)
+
+
+def test_a_function_local_import_says_why():
+    missing = []
+    for path in python_files(*PACKAGES):
+        lines = path.read_text().splitlines()
+        for node in function_imports(path):
+            around = lines[node.lineno - 2: node.end_lineno]
+            if not any("# lazy:" in line for line in around):
+                missing.append(f"{path.relative_to(ROOT)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    assert not missing, "imports inside functions without a '# lazy: <reason>' comment:\n" + "\n".join(missing)
+
+
+@pytest.mark.parametrize("folder", [*PACKAGES, "tests", "bench"])
+def test_no_source_file_over_400_lines(folder):
+    long = {str(p.relative_to(ROOT)): n for p in python_files(folder)
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"split these along their seams: {long}"
