@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from tqdm import tqdm
@@ -16,7 +16,7 @@ from tqdm import tqdm
 from data.sources import load_texts, spread_windows, token_stream
 from qat.apply import quantize_model
 from qat.io.atomic import atomic_file, write_json, write_text
-from qat.io.folders import Kind, spec_label
+from qat.io.folders import Folder, Kind, spec_label
 from qat.io.models import load_model, load_tokenizer
 from qat.load import inspect, load
 
@@ -82,7 +82,7 @@ def run_eval(cfg: RunConfig) -> dict:
         raise ValueError(f"eval.compare={cfg.eval.compare}: allowed entries are 'fp' and 'quant'")
     folder = inspect(cfg.model.name_or_path)
     if folder.kind is not Kind.BASE:
-        return score_models(cfg, [saved_model(cfg, folder.name)])
+        return score_models(cfg, [saved_model(cfg, folder)])
     return score_models(cfg, [base_model(cfg, what == "quant") for what in cfg.eval.compare])
 
 
@@ -99,10 +99,10 @@ def base_model(cfg: RunConfig, quantized: bool) -> tuple[str, Callable[[], torch
     return (spec_label(cfg.quant) if quantized else "fp"), load_base
 
 
-def saved_model(cfg: RunConfig, path: str) -> tuple[str, Callable[[], torch.nn.Module]]:
+def saved_model(cfg: RunConfig, path: Union[str, Folder]) -> tuple[str, Callable[[], torch.nn.Module]]:
     """(label, loader) of a folder written by train, ptq or convert, loaded with cfg.model's settings. The
     label comes from its config.json, so nothing loads before score_models asks for the model."""
-    folder = inspect(path)
+    folder = path if isinstance(path, Folder) else inspect(path)
     m = cfg.model
 
     def load_saved() -> torch.nn.Module:

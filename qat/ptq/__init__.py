@@ -12,10 +12,10 @@ parts (`parts.py`) listed in `registry.py`, one module each with its own config 
 from .config import PTQConfig
 from .llm_int8 import Int8OutlierLinear
 from .loop import check, needs_calibration, run_ptq
-from .parts import PTQReport, Rounding, Transform
+from .parts import Baseline, PTQReport, Rounding, Transform
 from .registry import METHODS, parse_method
 
 __all__ = [
-    "METHODS", "PTQConfig", "PTQReport", "Int8OutlierLinear", "Rounding", "Transform", "check",
+    "METHODS", "Baseline", "PTQConfig", "PTQReport", "Int8OutlierLinear", "Rounding", "Transform", "check",
     "needs_calibration", "parse_method", "run_ptq",
 ]

@@ -15,14 +15,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
-from ..keys import LLM_INT8_KEY, QUANT_KEY
+from ..keys import LLM_INT8_KEY
 from ..spec import QuantSpec
-from .parts import PTQReport
+from .parts import Baseline, PTQReport
 
 EPS = 1e-8
 
@@ -143,30 +143,32 @@ def convert_llm_int8(model: nn.Module, include: list[str], exclude: list[str], t
     return names
 
 
-def check(spec: QuantSpec) -> None:
-    """One-line errors for a spec that is not LLM.int8()'s (int8 symmetric per output channel, no KV)."""
-    w = spec.weight
-    if w is not None and (w.bits != 8 or w.format != "int" or not w.symmetric or w.granularity != "channel"):
-        raise ValueError(
-            "ptq.method=llm_int8 is int8 symmetric per output channel (vector-wise); set quant.scheme=w8a8 or w8"
-        )
-    if spec.kv is not None:
-        raise ValueError("ptq.method=llm_int8 does not quantize the KV cache; set quant.kv=null")
+class LLMInt8(Baseline):
+    name: ClassVar[str] = "llm_int8"
 
+    def __init__(self, cfg: LLMInt8Config) -> None:
+        self.cfg = cfg
 
-def quantize(model: nn.Module, spec: QuantSpec, cfg: LLMInt8Config) -> tuple[nn.Module, PTQReport]:
-    """LLM.int8() on the linears that `spec.include` / `spec.exclude` select; no calibration. The model's
-    config records it under its own key, which `qat.io.folders.inspect` reads as its own kind."""
-    check(spec)
-    if getattr(model.config, QUANT_KEY, None) or getattr(model.config, LLM_INT8_KEY, None):
-        raise ValueError("this model is quantized already; load the original model")
-    t0 = time.perf_counter()
-    names = convert_llm_int8(model, spec.include, spec.exclude, cfg.threshold)
-    setattr(model.config, LLM_INT8_KEY, {"threshold": float(cfg.threshold), "include": list(spec.include),
-                                         "exclude": list(spec.exclude)})
-    report = PTQReport(method="llm_int8", spec="llm_int8", seconds=time.perf_counter() - t0)
-    report.layers = [{"name": n, "seconds": 0.0, "algorithm": "llm_int8"} for n in names]
-    return model, report
+    def check(self, spec: QuantSpec) -> None:
+        """LLM.int8() is int8 symmetric per output channel and leaves the KV cache alone."""
+        w = spec.weight
+        if w is not None and (w.bits != 8 or w.format != "int" or not w.symmetric or w.granularity != "channel"):
+            raise ValueError(
+                "ptq.method=llm_int8 is int8 symmetric per output channel (vector-wise); set quant.scheme=w8a8 or w8"
+            )
+        if spec.kv is not None:
+            raise ValueError("ptq.method=llm_int8 does not quantize the KV cache; set quant.kv=null")
+
+    def quantize(self, model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, PTQReport]:
+        """LLM.int8() on the linears that `spec.include` / `spec.exclude` select; no calibration. The model's
+        config records it under its own key, which `qat.io.folders.inspect` reads as its own kind."""
+        t0 = time.perf_counter()
+        names = convert_llm_int8(model, spec.include, spec.exclude, self.cfg.threshold)
+        setattr(model.config, LLM_INT8_KEY, {"threshold": float(self.cfg.threshold), "include": list(spec.include),
+                                             "exclude": list(spec.exclude)})
+        report = PTQReport(method=self.name, spec=self.name, seconds=time.perf_counter() - t0)
+        report.layers = [{"name": n, "seconds": 0.0, "algorithm": self.name} for n in names]
+        return model, report
 
 
 def restore(model: nn.Module, record: dict[str, Any]) -> nn.Module:

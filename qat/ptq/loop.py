@@ -28,33 +28,35 @@ from ..spec import QuantSpec
 from .blocks import block_groups, capture_inputs, check_foldable, collect, decoder_layers, quantizers_off, run_block
 from .config import PTQConfig
 from .grid import freeze, freeze_rtn, frozen_spec
-from .parts import Part, PTQReport, Rounding, Transform
-from .registry import BASELINE_CHECKS, BASELINES, build, parse_method
+from .parts import Baseline, Part, PTQReport, Rounding, Transform
+from .registry import build, parse_method
+
+
+def _parts(spec: QuantSpec, cfg: PTQConfig) -> list[Part]:
+    """The method's parts, after each has checked the spec (one-line ValueErrors, before any work)."""
+    parts = build(parse_method(cfg.method), cfg)
+    if not isinstance(parts[0], Baseline) and spec.weight is None:
+        raise ValueError(f"ptq.method={'+'.join(p.name for p in parts)} quantizes weights; quant.weight is null")
+    for part in parts:
+        part.check(spec)
+    if not isinstance(parts[0], Baseline):
+        frozen_spec(spec)
+    return parts
+
+
+def _calibrates(spec: QuantSpec, parts: list[Part]) -> bool:
+    static_act = spec.activation is not None and not spec.activation.dynamic
+    return not isinstance(parts[0], Baseline) and (any(p.needs_calibration for p in parts) or static_act)
 
 
 def check(spec: QuantSpec, cfg: PTQConfig) -> list[str]:
     """The method's steps, or a one-line ValueError for a method or spec it cannot produce (before any work)."""
-    steps = parse_method(cfg.method)
-    if steps[0] in BASELINES:
-        BASELINE_CHECKS[steps[0]](spec)
-        return steps
-    if spec.weight is None:
-        raise ValueError(f"ptq.method={'+'.join(steps)} quantizes weights; quant.weight is null")
-    transforms, rounding = build(steps, cfg)
-    for part in (*transforms, rounding):
-        part.check(spec)
-    frozen_spec(spec)
-    return steps
+    return [p.name for p in _parts(spec, cfg)]
 
 
 def needs_calibration(spec: QuantSpec, cfg: PTQConfig) -> bool:
     """Whether the method (or a static activation scale) needs calibration token ids."""
-    steps = parse_method(cfg.method)
-    if steps[0] in BASELINES:
-        return False
-    transforms, rounding = build(steps, cfg)
-    static_act = spec.activation is not None and not spec.activation.dynamic
-    return any(p.needs_calibration for p in (*transforms, rounding)) or static_act
+    return _calibrates(spec, _parts(spec, cfg))
 
 
 def _device(name: str) -> torch.device:
@@ -75,16 +77,16 @@ def run_ptq(
     Every method but a baseline leaves the model as `qat.apply.quantize_model` does (QuantLinear layers)
     with the weights on the PTQ grid and its scales/zeros frozen in lsq weight quantizers.
     """
-    steps = check(spec, cfg)
+    parts = _parts(spec, cfg)
     if getattr(model.config, QUANT_KEY, None) or getattr(model.config, LLM_INT8_KEY, None):
         raise ValueError("this model is quantized already; load the original model")
-    if steps[0] in BASELINES:
-        return BASELINES[steps[0]](model, spec, cfg)
-    name = "+".join(steps)
-    transforms, rounding = build(steps, cfg)
+    if isinstance(parts[0], Baseline):
+        return parts[0].quantize(model, spec)
+    name = "+".join(p.name for p in parts)
+    *transforms, rounding = parts
     if transforms:
         check_foldable(model, name)
-    needs_data = needs_calibration(spec, cfg)
+    needs_data = _calibrates(spec, parts)
     if needs_data and calib_ids is None:
         raise ValueError(f"ptq.method={name} needs calibration token ids (calib_ids)")
     layers = decoder_layers(model)

@@ -5,6 +5,7 @@ weights against their calibration inputs, folding what they change into the op b
 full-precision model computes the same function) and exactly one `Rounding` (RTN, GPTQ, HQQ: put each
 weight on the integer grid and choose its scales). Each method is one module holding its algorithm, its
 config dataclass (nested under `ptq.<name>` in the run config) and its part; `registry.py` lists them.
+A `Baseline` (LLM.int8()) is a method of its own that no loop composes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ class Transform(Part):
     def apply(self, layer: nn.Module, group: Group, specs: dict[str, TensorSpec]) -> list[str]:
         """Transform one group of linears sharing an input (statistics in `group.stats`); `specs` holds the
         quantized linears of the group. Returns the names of the linears it changed (for the report)."""
+
+
+class Baseline(Part):
+    """A whole-model method that replaces the linears on its own (LLM.int8()) and composes with nothing."""
+
+    needs_calibration: ClassVar[bool] = False
+
+    @abstractmethod
+    def quantize(self, model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, PTQReport]:
+        """Quantize `model` in place; the model's config records the method under a key of its own."""
 
 
 class Rounding(Part):

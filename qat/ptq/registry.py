@@ -3,31 +3,25 @@
 A method is one rounding (rtn, gptq, hqq) after any transforms (smoothquant, awq) in this order, e.g.
 `awq+gptq`; a bare transform rounds with rtn. A baseline (llm_int8) replaces the model's linears on its own
 and composes with nothing. A new part is a module with its algorithm, its config dataclass and its
-`Transform` / `Rounding` class, listed here and given a field of its name in `PTQConfig`.
+`Transform` / `Rounding` / `Baseline` class, listed here and given a field of its name in `PTQConfig`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Union
 
-from torch import nn
-
-from ..spec import QuantSpec
-from . import llm_int8
 from .awq import AWQ
 from .gptq import GPTQ
 from .hqq import HQQ
-from .parts import PTQReport, Rounding, Transform
+from .llm_int8 import LLMInt8
+from .parts import Baseline, Part, Rounding, Transform
 from .rtn import RTN
 from .smoothquant import SmoothQuant
 
 TRANSFORMS: dict[str, type[Transform]] = {c.name: c for c in (SmoothQuant, AWQ)}  # in the order they apply
 ROUNDINGS: dict[str, type[Rounding]] = {c.name: c for c in (RTN, GPTQ, HQQ)}
-BASELINES: dict[str, Callable[[nn.Module, QuantSpec, Any], tuple[nn.Module, PTQReport]]] = {
-    "llm_int8": lambda model, spec, cfg: llm_int8.quantize(model, spec, cfg.llm_int8),
-}
-BASELINE_CHECKS: dict[str, Callable[[QuantSpec], None]] = {"llm_int8": llm_int8.check}
+BASELINES: dict[str, type[Baseline]] = {c.name: c for c in (LLMInt8,)}
+PARTS: dict[str, type[Part]] = {**TRANSFORMS, **ROUNDINGS, **BASELINES}
 BASE_METHODS = (*ROUNDINGS, *TRANSFORMS, *BASELINES)
 METHODS = BASE_METHODS + ("smoothquant+rtn", "smoothquant+gptq", "awq+rtn", "awq+gptq", "smoothquant+awq+gptq")
 
@@ -54,12 +48,11 @@ def parse_method(method: Union[str, list, tuple]) -> list[str]:
     return transforms + (rounders or ["rtn"])
 
 
-def build(steps: list[str], cfg: Any) -> tuple[list[Transform], Rounding]:
-    """The parts of a parsed method, each with its own config section of `cfg` (a PTQConfig)."""
+def build(steps: list[str], cfg: Any) -> list[Part]:
+    """The parts of a parsed method, each made with its own config section of `cfg` (a PTQConfig)."""
 
-    def make(name: str, cls: type) -> Any:
+    def make(name: str) -> Part:
         section = getattr(cfg, name, None)
-        return cls(section) if section is not None else cls()
+        return PARTS[name](section) if section is not None else PARTS[name]()
 
-    transforms = [make(s, TRANSFORMS[s]) for s in steps if s in TRANSFORMS]
-    return transforms, make(steps[-1], ROUNDINGS[steps[-1]])
+    return [make(s) for s in steps]
