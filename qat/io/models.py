@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..keys import HF_QUANT_KEY
 from .atomic import atomic_dir
 from .env import distqat_home
 
@@ -58,8 +59,8 @@ def bundled_model_path(name: str = "bundled:smollm2-135m") -> Path:
         # The GGUF loader marks the model as quantized; the weights are dequantized already, so drop
         # that state or save_pretrained would write a config transformers cannot load back.
         model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        if hasattr(model.config, HF_QUANT_KEY):
+            delattr(model.config, HF_QUANT_KEY)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / COMPLETE).write_text(f"converted from {gguf.name}\n")
