@@ -130,12 +130,6 @@ def quantizer_keys(model: nn.Module) -> set[str]:
     return keys
 
 
-def quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The learned/calibrated quantizer tensors, by state-dict key."""
-    keys = quantizer_keys(model)
-    return {k: v for k, v in model.state_dict().items() if k in keys}
-
-
 @contextmanager
 def calibrate(model: nn.Module) -> Iterator[None]:
     """Observe static activation ranges inside the block, fix the scales at its end:
