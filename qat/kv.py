@@ -131,3 +131,14 @@ def set_attention(model: nn.Module, name: str) -> None:
         cfg = getattr(m, "config", None)
         if cfg is not None and hasattr(cfg, "_attn_implementation"):
             cfg._attn_implementation = name
+
+
+def uninstall(model: nn.Module) -> None:
+    """Undo `install`: no k/v quantizers, the model back on the attention implementation it wrapped."""
+    for _, m in attention_modules(model):
+        for name in ("k_quantizer", "v_quantizer"):
+            if hasattr(m, name):
+                delattr(m, name)
+    current = getattr(model.config, "_attn_implementation", None) or ""
+    if current.startswith(PREFIX):
+        set_attention(model, current[len(PREFIX):])

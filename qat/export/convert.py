@@ -25,8 +25,8 @@ from ..io.folders import Kind, inspect, load_fake_quant
 from ..keys import EXPORT_KEY, HF_QUANT_KEY, QUANT_KEY
 from ..linear import QuantLinear
 from ..spec import QuantSpec
-from .format import FORMAT_VERSION, FormatError, act_args, file_sha256, kv_args, layer_format, weight_args
-from .pack import pack_int32
+from .format import FORMAT_VERSION, FormatError, compress, file_sha256, kv_args, weight_args
+from .runtime import IntLinear
 
 SHARD_BYTES = 4 << 30
 COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -35,41 +35,16 @@ COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
 
 def compress_linear(layer: QuantLinear, name: str) -> tuple[dict[str, torch.Tensor], dict]:
     """The compressed-tensors tensors of one QuantLinear, and its scheme (a config group without targets)."""
-    w_spec, a_spec = layer.weight_spec, layer.act_spec
+    w_spec = layer.weight_spec
     if w_spec is None or layer.weight_quantizer is None:
         raise FormatError(f"{name}: an activation-only quantized layer has no integer weights; "
                           "quantize its weights too (e.g. w8a8) or exclude it")
-    # Refuses what the runtime cannot run, before any work.
-    scheme = {"weights": weight_args(w_spec, name), "input_activations": act_args(a_spec, name),
-              "output_activations": None, "format": layer_format(w_spec, a_spec)}
+    weight_args(w_spec, name)  # refuses a format with no integer codes before quantize is asked for them
     weight = layer.weight.detach()
     codes, scale, zero = layer.weight_quantizer.quantize(weight)
-    bits, offset = w_spec.bits, 1 << (w_spec.bits - 1)
-    # Stored unsigned (sym: q + 2^(b-1)); compressed-tensors' signed code is this minus 2^(b-1).
-    unsigned = codes + offset if w_spec.symmetric else codes
-    if w_spec.granularity == "tensor":
-        scale = scale.reshape(1)
-        zero = None if zero is None else zero.reshape(1)
-    out: dict[str, torch.Tensor] = {"weight_scale": scale.to(weight.dtype).contiguous()}
-    if scheme["format"] == "int-quantized":
-        out["weight"] = (unsigned - offset).to(torch.int8).contiguous()
-        if zero is not None:
-            out["weight_zero_point"] = (zero - offset).to(torch.int8).contiguous()
-    else:
-        out["weight_packed"] = pack_int32(unsigned.to(torch.int32), bits)
-        out["weight_shape"] = torch.tensor(list(weight.shape), dtype=torch.int64)
-        if zero is not None:
-            if w_spec.granularity == "tensor":
-                out["weight_zero_point"] = (zero - offset).to(torch.int8)
-            else:  # packed along the output dimension, as compressed-tensors does
-                out["weight_zero_point"] = pack_int32(zero.to(torch.int32).t().contiguous(), bits).t().contiguous()
-    if layer.bias is not None:
-        out["bias"] = layer.bias.detach().contiguous()
-    # The scale must survive the dtype round trip exactly, or the model would not be the one trained.
-    if not torch.equal(out["weight_scale"].float().reshape(scale.shape), scale.float()):
-        raise FormatError(f"{name}: weight scales are not exact in {weight.dtype}; convert from the folder "
-                          "in the dtype it was trained in")
-    return out, scheme
+    # Stored unsigned: a symmetric code q as q + 2^(b-1), an asymmetric one (and its zero point) as it is.
+    unsigned = codes + (1 << (w_spec.bits - 1)) if w_spec.symmetric else codes
+    return compress(unsigned, scale, zero, w_spec, layer.act_spec, layer.bias, name, weight.dtype)
 
 
 def _save_shards(tensors: dict[str, torch.Tensor], out: Path) -> dict[str, str]:
@@ -94,7 +69,8 @@ def _save_shards(tensors: dict[str, torch.Tensor], out: Path) -> dict[str, str]:
 
 
 def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path] = None) -> Path:
-    """Write `model` (fake-quantized by qat.apply) as a compressed-tensors folder at `out`, atomically."""
+    """Write `model` (fake-quantized by qat.apply, or holding IntLinear layers) as a compressed-tensors folder at
+    `out`, atomically. Layers with a real-valued zero point make it a format version 2 checkpoint."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another output folder or remove it")
@@ -104,8 +80,8 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
     ignore: list[str] = []
     quantized: set[str] = set()
     for name, mod in model.named_modules():
-        if isinstance(mod, QuantLinear):
-            comp, scheme = compress_linear(mod, name)
+        if isinstance(mod, (QuantLinear, IntLinear)):
+            comp, scheme = compress_linear(mod, name) if isinstance(mod, QuantLinear) else mod.compressed(name)
             for k, t in comp.items():
                 tensors[f"{name}.{k}"] = t
             quantized.add(name)
@@ -143,8 +119,9 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
 
     with atomic_dir(out) as tmp:  # an empty `out` (checked above) is replaced
         digests = _save_shards(tensors, tmp)
+        offsets = any(k.endswith(".weight_offset") for k in tensors)
         cfg[EXPORT_KEY] = {
-            "version": FORMAT_VERSION,
+            "version": FORMAT_VERSION if offsets else 1,
             "spec": spec.to_dict() if spec is not None else None,
             "kv_granularity": spec.kv.granularity if spec is not None and spec.kv is not None else None,
             "sha256": digests,

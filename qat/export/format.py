@@ -13,9 +13,16 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from ..spec import TensorSpec
+import torch
 
-FORMAT_VERSION = 1
+from ..spec import TensorSpec
+from .pack import pack_int32
+
+# Version 2 adds `weight_offset`, a real-valued part of the zero point (per output row and weight group,
+# in weight units: W = (code - zero) * scale + offset), which a QA-LoRA merge folds its adapter into.
+# Checkpoints without offsets are written as version 1, which readers before version 2 read too.
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 
 
 class FormatError(ValueError):
@@ -96,3 +103,38 @@ def matches(target: str, name: str, module_class: str) -> bool:
     if target.startswith("re:"):
         return re.match(target[3:], name) is not None
     return target in (name, module_class)
+
+
+def compress(
+    unsigned: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], w_spec: TensorSpec,
+    a_spec: Optional[TensorSpec], bias: Optional[torch.Tensor], name: str, dtype: torch.dtype,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The compressed-tensors tensors of one layer from its unsigned codes (N, K), scales and unsigned zero
+    points (N, G), and its scheme (a config group without targets). Refuses what the runtime cannot run."""
+    scheme = {"weights": weight_args(w_spec, name), "input_activations": act_args(a_spec, name),
+              "output_activations": None, "format": layer_format(w_spec, a_spec)}
+    bits, half = w_spec.bits, 1 << (w_spec.bits - 1)
+    if w_spec.granularity == "tensor":
+        scale = scale.reshape(1)
+        zero = None if zero is None else zero.reshape(1)
+    out: dict[str, torch.Tensor] = {"weight_scale": scale.to(dtype).contiguous()}
+    # compressed-tensors' signed code is the unsigned one minus 2^(b-1).
+    if scheme["format"] == "int-quantized":
+        out["weight"] = (unsigned.to(torch.int16) - half).to(torch.int8).contiguous()
+        if zero is not None:
+            out["weight_zero_point"] = (zero.to(torch.int16) - half).to(torch.int8).contiguous()
+    else:
+        out["weight_packed"] = pack_int32(unsigned.to(torch.int32), bits)
+        out["weight_shape"] = torch.tensor(list(unsigned.shape), dtype=torch.int64)
+        if zero is not None:
+            if w_spec.granularity == "tensor":
+                out["weight_zero_point"] = (zero.to(torch.int16) - half).to(torch.int8)
+            else:  # packed along the output dimension, as compressed-tensors does
+                out["weight_zero_point"] = pack_int32(zero.to(torch.int32).t().contiguous(), bits).t().contiguous()
+    if bias is not None:
+        out["bias"] = bias.detach().contiguous()
+    # The scale must survive the dtype round trip exactly, or the model would not be the one trained.
+    if not torch.equal(out["weight_scale"].float().reshape(scale.shape), scale.float()):
+        raise FormatError(f"{name}: weight scales are not exact in {dtype}; convert from the folder "
+                          "in the dtype it was trained in")
+    return out, scheme

@@ -18,7 +18,7 @@ from ..io.folders import Folder, inspect
 from ..keys import EXPORT_KEY, HF_QUANT_KEY
 from ..spec import TensorSpec
 from .cache import IntKVCache
-from .format import FORMAT_VERSION, FormatError, file_sha256, matches, spec_from_args
+from .format import READ_VERSIONS, FormatError, file_sha256, matches, spec_from_args
 from .runtime import IntLinear
 
 
@@ -36,9 +36,9 @@ def _checked_config(folder: Folder) -> dict[str, Any]:
 
 def _verify_files(path: Path, cfg: dict[str, Any]) -> list[Path]:
     meta = cfg.get(EXPORT_KEY) or {}
-    if meta and meta.get("version") != FORMAT_VERSION:
+    if meta and meta.get("version") not in READ_VERSIONS:
         raise FormatError(f"{path} was written by format version {meta.get('version')}; this distqat reads "
-                          f"version {FORMAT_VERSION}: convert the model again")
+                          f"versions {', '.join(map(str, READ_VERSIONS))}: convert the model again with it")
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} holds no .safetensors weight files")
@@ -125,7 +125,7 @@ def load_quantized(
         setattr(model.get_submodule(parent_name) if parent_name else model, child, mod)
     rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in specs}
     result = model.load_state_dict(rest, strict=False)
-    owned = {f"{n}.{b}" for n in specs for b in ("qweight", "scale", "zero", "bias")}
+    owned = {f"{n}.{b}" for n in specs for b in ("qweight", "scale", "zero", "bias", "offset")}
     missing = [k for k in result.missing_keys if k not in owned
                and not (k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))]
     if missing or result.unexpected_keys:

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..spec import TensorSpec
 from . import ops
-from .format import FormatError
+from .format import FormatError, compress
 from .pack import packed_cols, unpack_int32
 
 
@@ -43,6 +43,9 @@ class IntLinear(nn.Module):
                              torch.zeros(out_features, n_groups, dtype=zdt, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
+        # The real-valued part of the zero point in weight units (format version 2, a QA-LoRA merge):
+        # W = (code - zero) * scale + offset, constant on each (row, group) block.
+        self.register_buffer("offset", None)
 
     @property
     def act_symmetric(self) -> Optional[bool]:
@@ -98,6 +101,13 @@ class IntLinear(nn.Module):
             self.qweight = w.contiguous()
             if zp is not None:
                 self.zero = zp.reshape(n, -1).to(torch.int8).contiguous()
+        offset = tensors.get("weight_offset")
+        if offset is not None:
+            check("weight_offset", offset, self.scale.shape, (torch.bfloat16, torch.float16, torch.float32))
+            if self.act_spec is not None:
+                raise FormatError(f"{name}: a real-valued zero point (weight_offset) with int8 activations has "
+                                  "no kernel; merge QA-LoRA adapters into weight-only (a16) layers")
+            self.offset = offset.contiguous()
         if self.bias is not None:
             bias = need("bias")
             if tuple(bias.shape) != (n,):
@@ -109,10 +119,33 @@ class IntLinear(nn.Module):
         return ops.dequantize_weight(self.qweight, self.scale, self.zero, self.bits, self.group_size,
                                      self.in_features, dtype or self.scale.dtype)
 
+    def unsigned_codes(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(N, K) unsigned codes and (N, G) unsigned zero points (or None), as compressed-tensors stores them."""
+        if self.bits == 8:
+            half = 128
+            zero = None if self.zero is None else self.zero.to(torch.int16) + half
+            return self.qweight.to(torch.int16) + half, zero
+        return unpack_int32(self.qweight, self.bits, self.in_features), self.zero
+
+    def compressed(self, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """This layer's compressed-tensors tensors and scheme, the inverse of `load_compressed`."""
+        codes, zero = self.unsigned_codes()
+        out, scheme = compress(codes, self.scale, zero, self.weight_spec, self.act_spec, self.bias, name,
+                               self.scale.dtype)
+        if self.offset is not None:
+            out["weight_offset"] = self.offset.contiguous()
+        return out, scheme
+
+    def offset_term(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ offset^T over weight groups: the offset is constant on each group, so each group's input sums."""
+        sums = x.reshape(*x.shape[:-1], -1, self.group_size).sum(-1)
+        return sums.to(self.offset.dtype) @ self.offset.t()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_spec is None:
-            return ops.linear_a16(x, self.qweight, self.scale, self.zero, self.bits, self.group_size,
-                                  self.in_features, bias=self.bias)
+            y = ops.linear_a16(x, self.qweight, self.scale, self.zero, self.bits, self.group_size,
+                               self.in_features, bias=self.bias)
+            return y if self.offset is None else y + self.offset_term(x).to(y.dtype)
         return ops.linear_a8(x, self.qweight, self.scale, self.zero, self.bits, self.group_size,
                              self.in_features, act_symmetric=self.act_spec.symmetric, bias=self.bias)
 
@@ -121,4 +154,4 @@ class IntLinear(nn.Module):
         gran = f"g{w.group_size}" if w.granularity == "group" else w.granularity
         act = "a16" if self.act_spec is None else f"a8{'' if self.act_spec.symmetric else ' asym'}"
         return (f"in={self.in_features}, out={self.out_features}, int{self.bits} {gran}"
-                f"{'' if w.symmetric else ' asym'}, {act}")
+                f"{'' if w.symmetric else ' asym'}, {act}{', real zero' if self.offset is not None else ''}")
