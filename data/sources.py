@@ -1,5 +1,5 @@
-"""Documents by `data.path`: the bundled text, local text/json/jsonl/parquet files, a saved `datasets`
-folder, or a `distqat generate` folder (already tokenized by the teacher).
+"""Documents by `data.path`: the bundled text or instruction set, local text/json/jsonl/parquet files, a saved
+`datasets` folder, or a `distqat generate` folder (already tokenized by the teacher).
 
 Formats: `.txt` is one document per line (blank lines skipped); `.json` (a list of records) and `.jsonl`
 hold a text field (`data.text_field`) or chat `messages`; `.parquet` and saved datasets hold a text field.
@@ -13,9 +13,12 @@ from pathlib import Path
 import datasets
 
 from .packing import tokenize_texts
-from .text import BUNDLED_TEXT, load_bundled_text
+from .text import BUNDLED_INSTRUCTIONS, BUNDLED_TEXT, load_bundled_instructions, load_bundled_text
 
 LOCAL_FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# The data.path names of the bundled sets (data/text.py), each a DatasetDict of splits.
+BUNDLED = {BUNDLED_TEXT: ("text", load_bundled_text),
+           BUNDLED_INSTRUCTIONS: ("instruction set", load_bundled_instructions)}
 
 
 def is_generated(path: Path) -> bool:
@@ -41,15 +44,17 @@ def generated_shards(path: Path) -> list[Path]:
 
 def load_records(path: str, split: str = "train"):
     """The records of `data.path` as a `datasets.Dataset` (local files have one split; `split` picks one of
-    the bundled text or of a saved DatasetDict)."""
-    if path == BUNDLED_TEXT:
-        dd = load_bundled_text()
+    a bundled set or of a saved DatasetDict)."""
+    if path in BUNDLED:
+        what, load = BUNDLED[path]
+        dd = load()
         if split not in dd:
-            raise ValueError(f"the bundled text has splits {list(dd)}, not {split!r}")
+            raise ValueError(f"the bundled {what} has splits {list(dd)}, not {split!r}")
         return dd[split]
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"data.path={path!r} does not exist; give a local file/folder or {BUNDLED_TEXT}")
+        raise FileNotFoundError(f"data.path={path!r} does not exist; give a local file/folder or one of "
+                                f"{', '.join(BUNDLED)}")
     if is_generated(p):
         files = [str(f) for f in generated_shards(p)]
         ds = datasets.load_dataset("parquet", data_files=files, split="train")
@@ -108,7 +113,7 @@ def load_documents(
     teacher's ids), chat `messages` through the chat template (when data.chat_template is on), text as is."""
     ds = load_records(path, split)
     columns = ds.column_names
-    if path != BUNDLED_TEXT and is_generated(Path(path).expanduser()):
+    if path not in BUNDLED and is_generated(Path(path).expanduser()):
         if "input_ids" not in columns:
             raise ValueError(f"data.path={path!r}: the generated shards have no input_ids (fields: {columns})")
         return [list(ids) for ids in ds["input_ids"] if len(ids)]

@@ -4,6 +4,10 @@ The wheel ships a shortened English Wikipedia dump and the Lee news corpus as te
 them with `zipfile` (gensim itself is never installed), turn the wiki markup into plain text and
 cache the result as a `datasets.DatasetDict` with splits `train`, `test` (Wikipedia) and `calib`
 (news), so a fresh machine gets a small real corpus without network access at run time.
+
+From the Wikipedia splits we also build a small instruction set (`bundled:instructions`): for each prose
+paragraph one short task (name the article's title, continue the text, name the paragraph's section), so
+instruction finetuning runs offline too; its `test` split comes from the held-out `test` articles only.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import bz2
 import hashlib
 import html
+import random
 import re
 import shutil
 import zipfile
@@ -224,4 +229,138 @@ def load_bundled_text(cache_dir: Path | None = None) -> datasets.DatasetDict:
     with atomic_dir(final, replace=False) as tmp:  # another process building it at once: keep its copy
         dataset.save_to_disk(str(tmp))
         (tmp / MARKER).write_text("ok\n")
+    return datasets.load_from_disk(str(final))
+
+
+# -- the bundled instruction set ------------------------------------------------------------------
+
+BUNDLED_INSTRUCTIONS = "bundled:instructions"  # the data.path that names the instruction set built below
+INSTRUCTIONS_VERSION = "1"  # bump when the tasks change: a cached set of another version is built again
+MAX_PROMPT_WORDS = 120  # of paragraph text in a prompt
+MAX_ANSWER_WORDS = 60
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s+(?=[A-Z0-9\"'(\[])")
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "e.g", "i.e", "etc", "c", "ca", "no", "mt", "fl",
+                  "u.s", "approx", "inc", "co", "vol", "pp", "op", "cf", "al", "gen", "col", "lt", "sgt", "prof"}
+_TITLE_PROMPTS = ("Give a title for the Wikipedia article this paragraph comes from.\n\n{p}",
+                  "Which Wikipedia article is this paragraph from? Answer with its title.\n\n{p}")
+_CONTINUE_PROMPTS = ("Continue this text with the next sentence or two.\n\n{p}",
+                     "Write the next one or two sentences of this text.\n\n{p}")
+_SECTION_PROMPTS = ("This paragraph is from the Wikipedia article \"{t}\". Which of its sections does it belong to: "
+                    "{o}?\n\n{p}",
+                    "Name the section of the Wikipedia article \"{t}\" that this paragraph belongs to ({o}).\n\n{p}")
+
+
+def split_sentences(paragraph: str) -> list[str]:
+    """Sentences of a prose paragraph: cut after . ! ? before a capital, a digit or a quote, except after an
+    initial or a common abbreviation."""
+    out, start = [], 0
+    for m in _SENTENCE_END.finditer(paragraph):
+        word = paragraph[start : m.start() + 1].rsplit(None, 1)[-1].rstrip(".").lower()
+        if paragraph[m.start()] == "." and (word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha())):
+            continue
+        out.append(paragraph[start : m.end()].strip())
+        start = m.end()
+    return [s for s in (*out, paragraph[start:].strip()) if s]
+
+
+def is_heading(chunk: str) -> bool:
+    """A section heading of the bundled text: one short line of its own, not ending like a sentence."""
+    return ("\n" not in chunk and len(chunk) <= 80 and 1 <= len(chunk.split()) <= 10
+            and (chunk[0].isupper() or chunk[0].isdigit()) and not chunk.endswith(tuple(".!?:;,")))
+
+
+def _fit(sentences: list[str], max_words: int) -> list[str]:
+    """The leading sentences that fit in `max_words` words."""
+    out, words = [], 0
+    for s in sentences:
+        words += len(s.split())
+        if words > max_words:
+            break
+        out.append(s)
+    return out
+
+
+def _chat(prompt: str, answer: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def article_instructions(article: str, rng) -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """(task, messages) for each prose paragraph of one bundled article (its first line is the title): one task
+    per paragraph, the least used one so far among those the paragraph allows."""
+    title, *chunks = article.split("\n\n")
+    paragraphs, section = [], None
+    for chunk in chunks:
+        if is_heading(chunk):
+            section = chunk
+        elif "\n" not in chunk and len(chunk.split()) >= 25:
+            paragraphs.append((section, chunk))
+    # Headings with prose right under them: a heading followed at once by subsections never answers.
+    sections = list(dict.fromkeys(s for s, _ in paragraphs if s is not None and s != title))
+    counts = {"title": 0, "continue": 0, "section": 0}
+    for section, paragraph in paragraphs:
+        sentences = split_sentences(paragraph)
+        text = " ".join(_fit(sentences, MAX_PROMPT_WORDS))
+        if not text:
+            continue  # one sentence longer than a prompt
+        options = {"title": _chat(rng.choice(_TITLE_PROMPTS).format(p=text), title)}
+        if len(sentences) >= 2:
+            k = rng.randint(1, min(3, len(sentences) - 1))
+            prefix = _fit(sentences[:k], MAX_PROMPT_WORDS)
+            answer = _fit(sentences[k : k + rng.choice((1, 2))], MAX_ANSWER_WORDS)
+            if len(prefix) == k and answer:
+                options["continue"] = _chat(rng.choice(_CONTINUE_PROMPTS).format(p=" ".join(prefix)), " ".join(answer))
+        if section in sections and len(sections) >= 2:
+            others = [s for s in sections if s != section]
+            shown = set(rng.sample(others, min(5, len(others)))) | {section}
+            listed = ", ".join(s for s in sections if s in shown)  # in article order
+            prompt = rng.choice(_SECTION_PROMPTS).format(t=title, o=listed, p=text)
+            options["section"] = _chat(prompt, section)
+        task = min(options, key=lambda t: (counts[t], rng.random()))
+        counts[task] += 1
+        yield task, options[task]
+
+
+def build_instruction_dataset(text: datasets.DatasetDict) -> datasets.DatasetDict:
+    """Splits `train`/`test` of short instructions (`messages`, `task`, `source`) from the bundled Wikipedia
+    splits of the same names, so test instructions come from held-out articles. Deterministic."""
+    turn = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+    features = datasets.Features({"messages": [turn], "task": datasets.Value("string"),
+                                  "source": datasets.Value("string")})
+    out = {}
+    for split in ("train", "test"):
+        rng = random.Random(f"distqat-instructions-{split}")
+        rows: dict[str, list] = {"messages": [], "task": [], "source": []}
+        for article, source in zip(text[split]["text"], text[split]["source"]):
+            for task, messages in article_instructions(article, rng):
+                rows["messages"].append(messages)
+                rows["task"].append(task)
+                rows["source"].append(source)
+        out[split] = datasets.Dataset.from_dict(rows, features=features)
+    return datasets.DatasetDict(out)
+
+
+def _is_version(folder: Path, version: str) -> bool:
+    marker = folder / MARKER
+    return marker.exists() and marker.read_text().strip() == version
+
+
+def load_bundled_instructions(cache_dir: Path | None = None) -> datasets.DatasetDict:
+    """The bundled instruction set, built once from the bundled text into `<cache_dir>/bundled_instructions`
+    (default: the distqat home) and loaded from there after."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else distqat_home()
+    final = cache_dir / "bundled_instructions"
+    if _is_version(final, INSTRUCTIONS_VERSION):
+        return datasets.load_from_disk(str(final))
+    dataset = build_instruction_dataset(load_bundled_text(cache_dir))
+    if final.exists() and not _is_version(final, INSTRUCTIONS_VERSION):
+        shutil.rmtree(final, ignore_errors=True)  # unfinished, or another version's
+    quiet = datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()  # prints nothing, as it is built inside other commands' output
+    try:
+        with atomic_dir(final, replace=False) as tmp:  # another process building it at once: keep its copy
+            dataset.save_to_disk(str(tmp))
+            (tmp / MARKER).write_text(f"{INSTRUCTIONS_VERSION}\n")
+    finally:
+        if not quiet:
+            datasets.utils.enable_progress_bars()
     return datasets.load_from_disk(str(final))

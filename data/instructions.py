@@ -1,0 +1,203 @@
+"""Instruction data (`data.format=instructions`): conversations -> token ids with an assistant mask -> blocks.
+
+Records come from any source `data.sources.load_records` reads (json / jsonl / parquet / a saved `datasets`
+folder, or `bundled:instructions`), each either a chat `messages` list of {role, content} (roles system, user,
+assistant; at least one assistant turn) or `instruction` / optional `input` / `output` fields.
+
+`render` puts a conversation through the tokenizer's chat template and marks the tokens the model learns to
+write: the content of each assistant turn and the template's tokens that close that turn (its end-of-turn
+token(s)), never the role header that opens it. The mask comes from the template itself, rendering the
+conversation up to each assistant turn (with the generation prompt) and through it, so it needs no
+`{% generation %}` support in the template, only that each rendering is a prefix of the whole.
+
+Blocks (`pack_examples`, `pad_examples`) hold ids as int64 (the caller stores int32) and masks as bool:
+`assistant` (train on this token) and, when padded, `attention` (a real token, not padding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .sources import load_records
+from .text import BUNDLED_INSTRUCTIONS, load_bundled_instructions
+
+__all__ = ["BUNDLED_INSTRUCTIONS", "ROLES", "load_bundled_instructions", "load_conversations", "render",
+           "pack_examples", "pad_examples"]
+
+ROLES = ("system", "user", "assistant")
+Example = tuple[Sequence[int], Sequence[int]]  # (token ids, assistant mask) of one conversation
+
+
+# -- records -> conversations -----------------------------------------------------------------------------
+
+
+def _from_instruction(record: dict) -> list[dict[str, str]]:
+    prompt, extra, output = (str(record.get(k) or "") for k in ("instruction", "input", "output"))
+    if extra:
+        prompt = f"{prompt}\n\n{extra}"
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+
+
+def _check(path: str, i: int, messages) -> list[dict[str, str]]:
+    """One conversation as plain {role, content} dicts, or a one-line error naming the record and the fix."""
+    where = f"data.path={path!r}: record {i}"
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError(f"{where} has `messages` of type {type(messages).__name__}; give a list of "
+                         "{role, content} turns")
+    out = []
+    for turn in messages:
+        role, content = (turn.get("role"), turn.get("content")) if isinstance(turn, dict) else (None, None)
+        if role not in ROLES:
+            raise ValueError(f"{where} has a turn with role {role!r}; data.format=instructions takes the roles "
+                             f"{', '.join(ROLES)}: rename it in the file")
+        if content is not None and not isinstance(content, str):
+            raise ValueError(f"{where} has a {role} turn whose content is a {type(content).__name__}, not text; "
+                             "give each turn's content as a string")
+        out.append({"role": role, "content": content or ""})
+    if not any(t["role"] == "assistant" for t in out):
+        raise ValueError(f"{where} has no assistant turn, so nothing to train on; add the answer as an assistant "
+                         "turn or drop the record")
+    return out
+
+
+def load_conversations(path: str, split: str = "train") -> list[list[dict[str, str]]]:
+    """Every record of `data.path` (one split) as a list of {role, content} turns."""
+    ds = load_records(path, split)
+    columns = ds.column_names
+    if "messages" in columns:
+        # Arrow gives every turn the union of keys over the file; keys a turn lacked come back as None.
+        chats = [_check(path, i, m) for i, m in enumerate(ds["messages"])]
+    elif "instruction" in columns and "output" in columns:
+        chats = [_from_instruction(r) for r in ds.select_columns(
+            [c for c in ("instruction", "input", "output") if c in columns])]
+    else:
+        raise ValueError(f"data.path={path!r} has neither `messages` nor `instruction`/`output` fields (fields: "
+                         f"{columns}); give records in one of those forms, or use data.format=text for plain text")
+    if not any(t["content"].strip() for chat in chats for t in chat if t["role"] == "assistant"):
+        raise ValueError(f"data.path={path!r}: every assistant turn is empty, so there is nothing to train on; "
+                         "fill in the answers (`output` or the assistant turns' content)")
+    return chats
+
+
+# -- conversations -> (ids, assistant mask) ---------------------------------------------------------------
+
+
+def _template(tokenizer, messages, add_generation_prompt: bool = False, tokenize: bool = True):
+    try:
+        out = tokenizer.apply_chat_template(list(messages), tokenize=tokenize, return_dict=False,
+                                            add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja's TemplateError and friends: keep one line
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"the tokenizer's chat template cannot render a conversation with roles "
+                         f"{[t['role'] for t in messages]}: {reason}") from e
+    return [int(x) for x in out] if tokenize else out
+
+
+def _token_starts(tokenizer, text: str, ids: list[int]) -> list[int]:
+    """Where each token of `ids` (the template's tokenization of `text`) starts in `text`."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("the chat template's turns merge into shared tokens at a turn boundary and the tokenizer "
+                         "gives no character offsets to split them; use a fast tokenizer")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(enc["input_ids"]) != ids:
+        raise ValueError("the chat template's tokens differ from the tokenizer's tokens of its text; cannot place "
+                         "the assistant turns")
+    return [start for start, _ in enc["offset_mapping"]]
+
+
+def render(messages: Sequence[dict[str, str]], tokenizer) -> tuple[list[int], list[int]]:
+    """(token ids of the conversation through the chat template, 0/1 mask with 1 on assistant-turn tokens).
+
+    For assistant turn i the assistant tokens run from the end of the rendering of turns [:i] with the
+    generation prompt to the end of the rendering of turns [:i + 1]. Each must be a prefix of the whole
+    (else a ValueError); where the tokenizer merges characters across such a boundary (an answer starting with
+    whitespace), the boundary is placed by character offsets and a shared token counts where it starts.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("data.format=instructions needs a tokenizer with a chat template; use a chat/instruct "
+                         "model's tokenizer, or data.format=text")
+    ids = _template(tokenizer, messages)
+    mask = [0] * len(ids)
+    starts: list[int] | None = None
+    text: str | None = None
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        bounds = []
+        for prefix, gen in ((messages[:i], True), (messages[: i + 1], False)):
+            p = ids if len(prefix) == len(messages) and not gen else _template(tokenizer, prefix, gen)
+            if ids[: len(p)] == p:
+                bounds.append(len(p))
+                continue
+            text = text if text is not None else _template(tokenizer, messages, tokenize=False)
+            p_text = _template(tokenizer, prefix, gen, tokenize=False)
+            if not text.startswith(p_text):
+                raise ValueError(f"the chat template is not prefix-consistent: rendering the first {len(prefix)} "
+                                 f"turns{' with the generation prompt' if gen else ''} does not begin the "
+                                 "rendering of the whole conversation, so the assistant tokens cannot be found; "
+                                 "use a model whose template renders earlier turns unchanged")
+            starts = starts if starts is not None else _token_starts(tokenizer, text, ids)
+            bounds.append(next((k for k, s in enumerate(starts) if s >= len(p_text)), len(ids)))
+        lo, hi = bounds
+        mask[lo:hi] = [1] * (hi - lo)
+    return ids, mask
+
+
+# -- examples -> blocks -----------------------------------------------------------------------------------
+
+
+def pack_examples(examples: Iterable[Example], seq_len: int, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate the examples, each ending with one EOS, and cut the stream into full blocks of `seq_len`.
+
+    The EOS added as a separator has assistant bit 0 (the template's own end-of-turn tokens keep theirs); an
+    example already ending with EOS gets none. Empty examples are skipped and the final partial block is
+    dropped, so every other token lands in exactly one block, in order, with its mask bit beside it. Returns
+    (blocks (n, seq_len) int64, assistant (n, seq_len) bool).
+    """
+    if seq_len < 2:
+        raise ValueError(f"block length {seq_len} is too short; use data.seq_len >= 2")
+    ids_parts: list[np.ndarray] = []
+    mask_parts: list[np.ndarray] = []
+    for ids, mask in examples:
+        if len(ids) != len(mask):
+            raise ValueError(f"an example has {len(ids)} tokens but {len(mask)} mask bits")
+        if len(ids) == 0:
+            continue
+        ids_parts.append(np.asarray(ids, dtype=np.int64))
+        mask_parts.append(np.asarray(mask, dtype=bool))
+        if ids[-1] != eos_id:
+            ids_parts.append(np.array([eos_id], dtype=np.int64))
+            mask_parts.append(np.zeros(1, dtype=bool))
+    ids_all = np.concatenate(ids_parts) if ids_parts else np.empty(0, dtype=np.int64)
+    mask_all = np.concatenate(mask_parts) if mask_parts else np.empty(0, dtype=bool)
+    n = len(ids_all) // seq_len
+    return (torch.from_numpy(ids_all[: n * seq_len].reshape(n, seq_len)),
+            torch.from_numpy(mask_all[: n * seq_len].reshape(n, seq_len)))
+
+
+def pad_examples(
+    examples: Iterable[Example], seq_len: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One example per block: its first `seq_len` tokens (a longer one is truncated), right-padded with `pad_id`.
+
+    Returns (blocks (n, seq_len) int64, assistant (n, seq_len) bool, attention (n, seq_len) bool), both masks
+    False on padding; n counts every example, empty ones too (all padding). The caller counts truncations
+    (examples longer than seq_len).
+    """
+    if seq_len < 2:
+        raise ValueError(f"block length {seq_len} is too short; use data.seq_len >= 2")
+    examples = list(examples)
+    blocks = torch.full((len(examples), seq_len), pad_id, dtype=torch.long)
+    assistant = torch.zeros(len(examples), seq_len, dtype=torch.bool)
+    attention = torch.zeros(len(examples), seq_len, dtype=torch.bool)
+    for row, (ids, mask) in enumerate(examples):
+        if len(ids) != len(mask):
+            raise ValueError(f"an example has {len(ids)} tokens but {len(mask)} mask bits")
+        k = min(len(ids), seq_len)
+        blocks[row, :k] = torch.as_tensor(list(ids[:k]), dtype=torch.long)
+        assistant[row, :k] = torch.as_tensor(list(mask[:k]), dtype=torch.bool)
+        attention[row, :k] = True
+    return blocks, assistant, attention
