@@ -8,7 +8,7 @@ numerics alone (base and fake-quant models) load here, the LLM.int8() and intege
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -62,11 +62,16 @@ class Folder:
 
 
 def spec_label(spec: Optional[QuantSpec], fallback: str = "quant") -> str:
-    """The short name of a spec ('w4a8kv8'), or `fallback` where it has none (custom settings)."""
-    try:
-        return spec.name if spec is not None else fallback
-    except ValueError:
+    """The short name of a spec ('w4a8kv8'), or `fallback` where it has none (custom settings). A PTQ grid
+    frozen in lsq quantizers is named by the grid it froze."""
+    if spec is None:
         return fallback
+    for candidate in (spec, replace(spec, weight=replace(spec.weight, learnable="none")) if spec.weight else spec):
+        try:
+            return candidate.name
+        except ValueError:
+            continue
+    return fallback
 
 
 def config_dtype(cfg: dict[str, Any]) -> torch.dtype:

@@ -1,0 +1,144 @@
+"""LoRA adapters on the packed base through peft: `get_peft_model`, `save_pretrained`, `PeftModel.from_pretrained`.
+
+peft does not know `PackedLinear`; `PackedLoraLinear`, a subclass of peft's `lora.Linear`, is registered for
+it as a custom module (`LoraConfig._register_custom_module`). peft keeps that mapping out of the saved
+adapter config, so `load_adapters` registers it again before loading; `PeftModel.from_pretrained` alone
+stops with peft's "not supported" error, which names the layer and, through its repr, `load_adapters`.
+The QA-LoRA variant is peft's own (`use_qalora`): the adapter sees each weight group's input pooled.
+"""
+
+from __future__ import annotations
+
+import json
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora.variants import QALoraLinearVariant
+from torch import nn
+
+from ..io.atomic import write_json
+from .config import LoRAConfig
+from .packed import PackedLinear
+
+RECORD = "distqat_qlora.json"  # beside peft's files: the base the adapters were trained on
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class PackedLoraLinear(LoraLinear):
+    """peft's LoRA layer on a PackedLinear base; merging goes through qat.qlora.merge, not peft."""
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs: Any):
+        if config.use_qalora:
+            return QALoraLinearVariant()
+        variant = super().resolve_lora_variant(config=config, **kwargs)
+        if variant is not None:
+            raise ValueError(f"the LoRA variant {type(variant).__name__} needs the base's fp weight; a packed base "
+                             "takes lora.variant=lora or qalora")
+        return None
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise NotImplementedError("a packed base merges through distqat (lora.merge=qalora, requant or bf16: "
+                                  "qat.qlora.merge), not peft's merge")
+
+    def unmerge(self) -> None:
+        raise NotImplementedError("a packed base is never merged in place, so there is nothing to unmerge")
+
+    def _ab(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B in fp32 (fp64 for fp64 adapters)."""
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        wide = torch.float64 if a.dtype == torch.float64 else torch.float32
+        return a.to(wide), b.to(wide)
+
+    def group_delta(self, adapter: str) -> torch.Tensor:
+        """QA-LoRA: the adapter's weight as one value per (output row, input group), (N, G), in fp32."""
+        a, b = self._ab(adapter)
+        pooled = a.shape[1]  # peft scales the pooled (mean) input by the number of groups
+        return (b @ a) * (self.scaling[adapter] * pooled / self.qalora_group_size[adapter])
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """The adapter's weight (N, K) in fp32, for either variant."""
+        if adapter in self.lora_variant:
+            return self.group_delta(adapter).repeat_interleave(self.qalora_group_size[adapter], dim=1)
+        a, b = self._ab(adapter)
+        return (b @ a) * self.scaling[adapter]
+
+
+def packed_targets(model: nn.Module, patterns: list[str]) -> list[str]:
+    """The names of the packed linears that match `patterns` (all of them when it is empty)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, PackedLinear)]
+    chosen = [n for n in names if not patterns or any(fnmatchcase(n, p) or n.endswith("." + p) for p in patterns)]
+    if not chosen:
+        raise ValueError(f"lora.target_modules={patterns} matches none of the packed linears (e.g. {names[:3]}); "
+                         "give name patterns such as '*.q_proj' or leave it empty for all")
+    return chosen
+
+
+def peft_config(model: nn.Module, cfg: LoRAConfig) -> LoraConfig:
+    targets = packed_targets(model, cfg.target_modules)
+    qalora = cfg.variant == "qalora"
+    group = None
+    if qalora:
+        layers = [model.get_submodule(n) for n in targets]
+        bad = [n for n, m in zip(targets, layers) if m.nf4 or m.weight_spec.granularity != "group"]
+        if bad:
+            raise ValueError(f"lora.variant=qalora pools the input by weight group: {bad[0]} is not an integer "
+                             "per-group layer; quantize with groups (e.g. quant.scheme=w4g32) or use lora.variant=lora")
+        sizes = {m.group_size for m in layers}
+        if len(sizes) > 1:
+            raise ValueError(f"lora.variant=qalora needs one group size over the targets, found {sorted(sizes)}")
+        group = sizes.pop()
+        fewest = min(m.in_features // group for m in layers)
+        if cfg.r > fewest:
+            raise ValueError(f"lora.r={cfg.r} is above the {fewest} groups of the narrowest target: QA-LoRA's "
+                             f"adapter sees one pooled input per group; set lora.r <= {fewest}")
+    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                        bias="none", task_type="CAUSAL_LM", use_qalora=qalora,
+                        **({"qalora_group_size": group} if qalora else {}))
+    config._register_custom_module({PackedLinear: PackedLoraLinear})
+    return config
+
+
+def add_adapters(model: nn.Module, cfg: LoRAConfig) -> PeftModel:
+    """Trainable adapters (in `cfg.dtype`) on the packed base; the base stays frozen."""
+    peft_model = get_peft_model(model, peft_config(model, cfg))
+    dtype = TORCH_DTYPES[cfg.dtype]
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.to(dtype)
+    return peft_model
+
+
+def save_adapters(peft_model: PeftModel, out: Union[str, Path], record: dict[str, Any]) -> Path:
+    """peft's adapter files plus `record` (the base's name, spec and fingerprint) beside them."""
+    out = Path(out)
+    peft_model.save_pretrained(str(out))
+    write_json(out / RECORD, record)
+    return out
+
+
+def read_record(path: Union[str, Path]) -> dict[str, Any]:
+    file = Path(path) / RECORD
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} holds no {RECORD}: not an adapter folder written by distqat train "
+                                "with train.mode=qlora")
+    return json.loads(file.read_text())
+
+
+def load_adapters(model: nn.Module, path: Union[str, Path], fingerprint: Optional[str] = None,
+                  trainable: bool = False) -> PeftModel:
+    """The adapters of `path` on the packed `model`, registering the custom module mapping peft needs. With
+    `fingerprint`, a folder trained on another base is refused."""
+    record = read_record(path)
+    if fingerprint is not None and record.get("fingerprint") != fingerprint:
+        raise ValueError(f"the adapters in {path} were trained on another base ({record.get('base')}, a different "
+                         "fingerprint); load them onto the base they were trained on")
+    config = LoraConfig.from_pretrained(str(path))
+    config._register_custom_module({PackedLinear: PackedLoraLinear})
+    return PeftModel.from_pretrained(model, str(path), config=config, is_trainable=trainable)

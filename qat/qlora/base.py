@@ -1,0 +1,87 @@
+"""The frozen, packed base of a QLoRA run, built from any folder distqat reads.
+
+- a base model (or `bundled:` name): quantized at load by RTN with the run's spec (NF4 with double-quantized
+  scales when asked), exactly as `quantize_model` fake-quantizes it;
+- a QAT or PTQ folder: its trained or calibrated codes and scales as they are;
+- an integer checkpoint: its packed buffers as they are.
+Every linear the spec quantizes becomes a `PackedLinear`; every parameter is frozen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ..apply import quantize_model
+from ..export import IntLinear, load_quantized
+from ..io.folders import Folder, Kind, inspect, load_fake_quant
+from ..io.models import load_model, resolve_dtype
+from ..keys import QUANT_KEY
+from ..linear import QuantLinear
+from ..spec import QuantSpec
+from .packed import PackedLinear
+
+
+def pack_model(model: nn.Module, double_quant: bool = False) -> list[str]:
+    """Replace the model's QuantLinear (with a weight quantizer) and IntLinear layers by PackedLinear, in
+    place, and freeze every parameter; returns the packed layers' names."""
+    names = []
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, QuantLinear) and mod.weight_quantizer is not None:
+            packed = PackedLinear.from_quant_linear(mod, double_quant)
+        elif isinstance(mod, IntLinear) and not isinstance(mod, PackedLinear):
+            packed = PackedLinear.from_int_linear(mod)
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, packed)
+        names.append(name)
+    if not names:
+        raise ValueError("the model has no quantized linear layer to pack; set quant.scheme (e.g. w4g64)")
+    model.requires_grad_(False)
+    return names
+
+
+def build_base(
+    name_or_path: Union[str, Path, Folder], spec: Optional[QuantSpec], dtype: Union[str, torch.dtype] = "auto",
+    attn_implementation: Optional[str] = "sdpa", trust_remote_code: bool = False, double_quant: bool = True,
+) -> tuple[nn.Module, Folder]:
+    """(the packed, frozen base model, the folder it came from). `spec` quantizes a base model at load; a
+    quantized folder brings its own spec, and `spec` is then ignored."""
+    folder = name_or_path if isinstance(name_or_path, Folder) else inspect(name_or_path)
+    kwargs = {"attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code}
+    if folder.kind is Kind.BASE:
+        if spec is None or spec.weight is None:
+            raise ValueError("train.mode=qlora quantizes a base model at load: set quant.scheme (e.g. w4g64 or "
+                             "wnf4g64), or point model.name_or_path at a ptq, train or convert output")
+        model = load_model(folder.path, dtype, **kwargs)
+        quantize_model(model, spec)
+        pack_model(model, double_quant and spec.weight.format == "nf4")
+    elif folder.kind in (Kind.QAT, Kind.PTQ):
+        model = load_fake_quant(folder, resolve_dtype(dtype), **kwargs)
+        pack_model(model)
+    elif folder.kind is Kind.INT:
+        model = load_quantized(folder, dtype=None if dtype == "auto" else resolve_dtype(dtype))
+        if folder.spec is not None:  # convert and the merges read the spec from the config, as for QAT folders
+            setattr(model.config, QUANT_KEY, folder.spec.to_dict())
+        pack_model(model)
+    else:
+        raise ValueError(f"{folder.path} is an LLM.int8() model: it keeps fp weights, so there is no packed base "
+                         "to train on; use its base model with quant.scheme=w8 or another spec")
+    return model.eval(), folder
+
+
+def fingerprint(model: nn.Module) -> str:
+    """SHA-256 of every tensor of the base (not the adapters): a checkpoint's adapters fit this base only."""
+    h = hashlib.sha256()
+    # Names as in the bare base: peft wraps each adapted layer and calls the original its base_layer.
+    tensors = [(n.replace(".base_layer.", "."), t) for n, t in [*model.named_parameters(), *model.named_buffers()]]
+    for name, t in sorted((n, t) for n, t in tensors if "lora_" not in n and t is not None):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,188 @@
+"""PackedLinear: the frozen base of QLoRA-style finetuning, a linear held as integer codes.
+
+The codes, scales and zero points are those `convert` writes (an `IntLinear` layout: 2-8 bit codes packed
+into int32 words, 8-bit codes as int8, group or channel scales, optional zero points), or NF4 indices
+with group scales, optionally double-quantized to int8 as in the QLoRA paper. Forward dequantizes the
+weight for one matmul; backward dequantizes it again for the input gradient (`_PackedMatmul`), so no
+weight-sized tensor outlives the matmul that needed it. The weight of a frozen fake-quant `QuantLinear`
+would stay in memory next to its quantized copy.
+
+The buffers are not persistent: a checkpoint of a QLoRA run holds its adapters and a fingerprint of the
+base (`qat.qlora.base.fingerprint`), never the base, which is rebuilt from its folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..export import ops
+from ..export.pack import pack_int32, unpack_int32
+from ..export.reference import signed_codes, signed_zero
+from ..export.runtime import IntLinear
+from ..linear import QuantLinear
+from ..quantizers import NF4_LEVELS, ActQuantizer, quantize_codes, weight_rows
+from ..spec import TensorSpec
+
+DQ_BLOCK = 256  # group scales per second-level scale in double quantization (the QLoRA paper's)
+
+
+class _PackedMatmul(torch.autograd.Function):
+    """y = x @ W^T + b with W dequantized in forward and again in backward; nothing weight-sized is saved."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: PackedLinear, dtype: torch.dtype) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer, ctx.dtype, ctx.x_dtype = layer, dtype, x.dtype
+        bias = None if layer.bias is None else layer.bias.to(dtype)
+        return F.linear(x.to(dtype), layer.dequantized_weight(dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        w = ctx.layer.dequantized_weight(ctx.dtype)
+        return (grad.to(ctx.dtype) @ w).to(ctx.x_dtype), None, None
+
+
+def _nonpersistent(module: nn.Module, name: str) -> None:
+    module.register_buffer(name, module._buffers.pop(name), persistent=False)
+
+
+class PackedLinear(IntLinear):
+    """A frozen linear stored as integer codes (or NF4 indices) and dequantized on the fly; trainable inputs.
+
+    It computes exactly what the fake-quant `QuantLinear` it was packed from computes: the same codes times
+    the same scales in fp32, cast to the compute dtype, then the same matmul (int formats; NF4 up to the
+    fp32 rounding of the fake-quant STE expression, and exactly levels x scales against its own reference).
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, weight_spec: TensorSpec, act_spec: Optional[TensorSpec],
+        bias: bool, dtype: torch.dtype = torch.bfloat16, device: Optional[torch.device] = None,
+    ) -> None:
+        self.nf4 = weight_spec.format == "nf4"
+        # NF4 indices use the 4-bit layout of symmetric int codes (an unsigned index per weight, no zero point).
+        layout = replace(weight_spec, format="int", bits=4, symmetric=True) if self.nf4 else weight_spec
+        super().__init__(in_features, out_features, layout, act_spec, bias, dtype, device)
+        self.weight_spec = weight_spec
+        self.compute_dtype = dtype
+        for name in ("qweight", "scale", "zero", "offset"):
+            _nonpersistent(self, name)
+        self.input_quantizer = ActQuantizer(act_spec) if act_spec is not None else None
+        # Double-quantized NF4 scales: int8 codes of (scale - mean) per block of DQ_BLOCK groups.
+        self.register_buffer("scale_codes", None, persistent=False)
+        self.register_buffer("scale_absmax", None, persistent=False)
+        self.register_buffer("scale_mean", None, persistent=False)
+
+    # -- building -------------------------------------------------------------------------------
+
+    @classmethod
+    @torch.no_grad()
+    def from_quant_linear(cls, q: QuantLinear, double_quant: bool = False) -> PackedLinear:
+        """Pack a fake-quant QuantLinear: its weight quantizer's own codes, scales and zero points."""
+        spec, w = q.weight_spec, q.weight.detach()
+        m = cls(q.in_features, q.out_features, spec, q.act_spec, q.bias is not None, w.dtype, w.device)
+        if m.nf4 and double_quant:
+            m._pack_nf4_double_quant(w)
+        else:
+            codes, scale, zero = q.weight_quantizer.quantize(w)
+            if not m.nf4 and spec.symmetric:
+                codes = codes + (1 << (spec.bits - 1))
+            # per tensor: the one scale (and zero point) repeated on every row
+            m._store(codes, scale.expand_as(m.scale).to(w.dtype), None if zero is None else zero.expand_as(m.scale))
+        if q.bias is not None:
+            m.bias.data = q.bias.detach().clone()
+        return m
+
+    @classmethod
+    @torch.no_grad()
+    def from_int_linear(cls, layer: IntLinear) -> PackedLinear:
+        """The packed base of an integer checkpoint's layer: its buffers as they are."""
+        m = cls(layer.in_features, layer.out_features, layer.weight_spec, layer.act_spec, layer.bias is not None,
+                layer.scale.dtype, layer.scale.device)
+        m.qweight, m.scale, m.zero, m.offset = layer.qweight, layer.scale, layer.zero, layer.offset
+        if layer.bias is not None:
+            m.bias.data = layer.bias.detach().clone()
+        return m
+
+    def _store(self, unsigned: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) -> None:
+        """Unsigned codes (N, K), scales and unsigned zero points (N, G) into the IntLinear layout."""
+        if self.bits == 8:
+            self.qweight = (unsigned.to(torch.int16) - 128).to(torch.int8).contiguous()
+            self.zero = None if zero is None else (zero.to(torch.int16) - 128).to(torch.int8).contiguous()
+        else:
+            self.qweight = pack_int32(unsigned.to(torch.int32), self.bits)
+            self.zero = None if zero is None else zero.to(torch.uint8).contiguous()
+        self.scale = scale.contiguous()
+
+    def _pack_nf4_double_quant(self, w: torch.Tensor) -> None:
+        """NF4 codes against double-quantized group scales: each group's absmax scale, less their mean, as
+        int8 with one fp32 absmax per DQ_BLOCK scales; the codes are chosen against the scales as stored."""
+        rows = weight_rows(w.float(), self.weight_spec)
+        s = rows.abs().amax(-1).clamp_min(1e-8)  # absmax per group: NF4's levels span [-1, 1]
+        mean = s.mean()
+        d = torch.nn.functional.pad(s - mean, (0, (-len(s)) % DQ_BLOCK)).reshape(-1, DQ_BLOCK)
+        absmax = d.abs().amax(-1).clamp_min(1e-12)
+        self.scale_codes = (d / absmax[:, None] * 127).round().clamp(-127, 127).to(torch.int8).flatten()[: len(s)]
+        self.scale_absmax, self.scale_mean = absmax.float(), mean.float().reshape(1)
+        codes = quantize_codes(rows, self.group_scales().reshape(-1, 1), None, self.weight_spec)
+        self._store(codes.reshape(w.shape), torch.ones_like(self.scale), None)
+        self.scale = None  # the double-quantized scales stand in for it
+
+    def group_scales(self) -> torch.Tensor:
+        """(N, G) fp32 scales: the stored ones, or the double-quantized ones reconstructed."""
+        if self.scale_codes is None:
+            return self.scale.float()
+        n = len(self.scale_codes)
+        absmax = self.scale_absmax.repeat_interleave(DQ_BLOCK)[:n]
+        s = self.scale_codes.float() / 127 * absmax + self.scale_mean
+        return s.reshape(self.out_features, -1)
+
+    # -- compute ---------------------------------------------------------------------------------
+
+    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """(N, K) weight in `dtype`: codes times scales in fp32 (fp64 for an fp64 model), plus the offset."""
+        dtype = dtype or self.compute_dtype
+        n, k, g = self.out_features, self.in_features, self.group_size
+        wide = torch.float64 if self.compute_dtype == torch.float64 else torch.float32
+        if self.nf4:
+            idx = unpack_int32(self.qweight, 4, k).long()
+            w = NF4_LEVELS.to(idx.device, wide)[idx].reshape(n, -1, g) * self.group_scales().to(wide).unsqueeze(-1)
+        elif wide == torch.float64 or self.offset is not None or not ops.kernels_enabled():
+            c = signed_codes(self.qweight, self.bits, k).reshape(n, -1, g)
+            z = signed_zero(self.zero, self.bits)
+            c = c if z is None else c - z.unsqueeze(-1)
+            w = c.to(wide) * self.scale.to(wide).unsqueeze(-1)
+        else:  # the runtime's dequantization (a Triton kernel on CUDA), bit for bit the same numbers
+            return ops.dequantize_weight(self.qweight, self.scale, self.zero, self.bits, g, k, dtype)
+        if self.offset is not None:
+            w = w + self.offset.to(wide).unsqueeze(-1)
+        return w.reshape(n, k).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        if dt is not None:
+            x = x.to(dt)  # as QuantLinear: quantize in the dtype the matmul sees
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return _PackedMatmul.apply(x, self, dt or self.compute_dtype)
+
+    def packed_bytes(self) -> int:
+        """Bytes of the frozen weight as held: codes, scales, zero points, offsets."""
+        tensors = (self.qweight, self.scale, self.zero, self.offset, self.scale_codes, self.scale_absmax)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def extra_repr(self) -> str:
+        fmt = "nf4" + (" double-quantized scales" if self.scale_codes is not None else "") if self.nf4 else ""
+        base = super().extra_repr() if not self.nf4 else f"in={self.in_features}, out={self.out_features}, {fmt}"
+        # peft names the layer in its "not supported" error: say how to load adapters onto it.
+        return f"{base}, frozen (adapters: qat.qlora.add_adapters / load_adapters)"
+
+
+def weight_bytes_ratio(model: nn.Module) -> float:
+    """Bytes of the packed linears over what their weights would take in bf16."""
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    packed = sum(m.packed_bytes() for m in layers)
+    return packed / max(1, sum(2 * m.in_features * m.out_features for m in layers))

@@ -1,0 +1,210 @@
+"""The packed QLoRA base and its peft adapters: exact against fake quant, small in memory, nothing
+weight-sized kept for backward, only adapters train, gradients against the fake-quant reference,
+gradient checkpointing, saving and reloading with peft."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from qat.apply import quantize_model
+from qat.linear import QuantLinear
+from qat.qlora.adapters import add_adapters, load_adapters, save_adapters
+from qat.qlora.base import fingerprint, pack_model
+from qat.qlora.config import LoRAConfig
+from qat.qlora.packed import PackedLinear, weight_bytes_ratio
+from qat.quantizers import NF4_LEVELS, weight_rows
+from qat.spec import parse
+from trainer.train import enable_checkpointing
+
+SCHEMES = ["w4g32", "w4g32asym", "w4", "w8g32asym", "w3g32", "w4a8", "wnf4g32"]
+
+
+def tiny(dtype=torch.float32, seed=0, hidden=64, inter=96):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
+    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def ids(n=2, t=16, seed=1):
+    return torch.randint(0, 128, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def fake_and_packed(scheme, dtype=torch.float32, double_quant=False, **shape):
+    fq = tiny(dtype, **shape)
+    quantize_model(fq, parse(scheme))
+    packed = copy.deepcopy(fq)
+    pack_model(packed, double_quant)
+    return fq, packed
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_base_computes_what_fake_quant_computes(scheme, dtype):
+    fq, packed = fake_and_packed(scheme, dtype)
+    assert any(isinstance(m, PackedLinear) for m in packed.modules())
+    assert not any(isinstance(m, QuantLinear) for m in packed.modules())
+    with torch.no_grad():
+        a, b = fq(ids()).logits, packed(ids()).logits
+    if "nf4" in scheme:  # the fake-quant STE expression ((level - y) + y) * s can differ by an fp32 ulp
+        torch.testing.assert_close(b, a, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+    else:
+        assert torch.equal(a, b)
+
+
+def test_nf4_double_quant_against_a_float64_reference():
+    fq, packed = fake_and_packed("wnf4g32", torch.float32, double_quant=True)
+    layer = packed.model.layers[0].mlp.down_proj
+    src = fq.model.layers[0].mlp.down_proj.weight.detach().double()
+    rows = weight_rows(src, layer.weight_spec)
+    s = rows.abs().amax(-1)  # first-level scales, then int8 codes of (s - mean) per block of 256
+    d = s - s.mean()
+    blocks = torch.nn.functional.pad(d, (0, (-len(d)) % 256)).reshape(-1, 256)
+    absmax = blocks.abs().amax(-1)
+    q = (blocks / absmax[:, None] * 127).round().clamp(-127, 127)
+    s2 = (q / 127 * absmax[:, None]).flatten()[: len(s)] + s.mean()
+    levels = NF4_LEVELS.double()
+    codes = (rows / s2[:, None]).unsqueeze(-1).sub(levels).abs().argmin(-1)
+    ref = (levels[codes] * s2[:, None]).reshape(src.shape)
+    got = layer.dequantized_weight(torch.float64)
+    assert (got - ref).abs().max() < 1e-6 * ref.abs().max()
+    assert layer.scale is None and layer.scale_codes.dtype == torch.int8
+
+
+@pytest.mark.parametrize("scheme,limit", [("w4g64", 0.3), ("w4g32asym", 0.3), ("wnf4g64", 0.3), ("w4", 0.3)])
+def test_packed_base_is_small(scheme, limit):
+    _, packed = fake_and_packed(scheme, torch.bfloat16, double_quant="nf4" in scheme, hidden=128, inter=256)
+    assert weight_bytes_ratio(packed) <= limit
+    names = dict(packed.named_parameters())
+    assert not [n for n in names if n.endswith("proj.weight")]  # no fp weight survived packing
+
+
+def adapted(scheme="w4g32", dtype=torch.float32, **lora):
+    _, packed = fake_and_packed(scheme, dtype)
+    model = add_adapters(packed, LoRAConfig(**{"r": 4, "dropout": 0.0, **lora}))
+    for n, p in model.named_parameters():  # a non-zero B, so the adapters change the output
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+    return model
+
+
+def test_backward_saves_no_weight_sized_tensor_per_frozen_linear():
+    model = adapted()
+    sizes = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, PackedLinear)}
+    numel = {a * b for a, b in sizes}
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids(1, 8)).logits.float().pow(2).mean()
+    loss.backward()
+    assert saved, "the hooks saw nothing"
+    weightlike = [s for s in saved if s in sizes or s[::-1] in sizes or (len(s) == 2 and s[0] * s[1] in numel)]
+    assert weightlike == []
+
+
+def test_only_adapters_train_and_the_base_stays_bit_identical():
+    model = adapted()
+    before = {n: t.clone() for n, t in model.named_buffers() if t is not None}
+    print_base = fingerprint(model.base_model.model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        loss = torch.nn.functional.cross_entropy(model(ids(seed=step)).logits.flatten(0, 1), ids(seed=step).flatten())
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+        opt.step()
+    after = dict(model.named_buffers())
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert fingerprint(model.base_model.model) == print_base
+
+
+def test_gradients_equal_the_fake_quant_reference():
+    """LoRA on the packed base vs the same LoRA on the fake-quant model's plain dequantized linears."""
+    fq, packed = fake_and_packed("w4g32asym")
+    targets = [n for n, m in packed.named_modules() if isinstance(m, PackedLinear)]
+    model = add_adapters(packed, LoRAConfig(r=4, dropout=0.0))
+    ref = copy.deepcopy(fq)
+    for name, m in list(ref.named_modules()):
+        if isinstance(m, QuantLinear):  # frozen fake-quant weights as plain Linears: what peft adapts natively
+            lin = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            lin.weight.data = m.quantized_weight().detach().clone()
+            parent, _, child = name.rpartition(".")
+            setattr(ref.get_submodule(parent), child, lin)
+    ref.requires_grad_(False)
+    ref = get_peft_model(ref, LoraConfig(r=4, lora_alpha=32, lora_dropout=0.0, target_modules=targets))
+    torch.manual_seed(3)
+    mine = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    theirs = {n: p for n, p in ref.named_parameters() if "lora_" in n}
+    assert mine.keys() == theirs.keys()
+    for n, p in mine.items():
+        p.data.normal_(std=0.05)
+        theirs[n].data.copy_(p.data)
+    x = ids()
+    for m in (model, ref):
+        m(x).logits.float().pow(2).mean().backward()
+    torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=1e-5, atol=1e-5)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * len(targets)
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
+    def grads(checkpointing):
+        model = adapted()
+        if checkpointing:
+            enable_checkpointing(model.base_model.model, reentrant)
+            model.enable_input_require_grads()  # the frozen base: inputs must carry grad through reentrant checkpoints
+        model.train()
+        model(ids()).logits.float().pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys() and plain
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-7)
+
+
+def test_adapters_save_and_reload_with_peft(tmp_path):
+    model = adapted()
+    x = ids()
+    with torch.no_grad():
+        want = model(x).logits
+    fp = fingerprint(model.base_model.model)
+    save_adapters(model, tmp_path / "a", {"fingerprint": fp, "base": "tiny"})
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+    _, base = fake_and_packed("w4g32")
+    again = load_adapters(base, tmp_path / "a", fingerprint=fingerprint(base))
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, want)
+    # peft alone does not know the packed layer: its error names the layer and how to load it.
+    _, bare = fake_and_packed("w4g32")
+    with pytest.raises(ValueError, match="load_adapters"):
+        PeftModel.from_pretrained(bare, str(tmp_path / "a"))
+    _, other = fake_and_packed("w4g32asym")
+    with pytest.raises(ValueError, match="trained on another base"):
+        load_adapters(other, tmp_path / "a", fingerprint=fingerprint(other))
+
+
+def test_qalora_refusals_name_the_key():
+    _, packed = fake_and_packed("w4")
+    with pytest.raises(ValueError, match="lora.variant=qalora"):
+        add_adapters(packed, LoRAConfig(variant="qalora"))
+    _, packed = fake_and_packed("w4g32")
+    with pytest.raises(ValueError, match=r"lora.r=16 .*set lora.r <= 2"):
+        add_adapters(packed, LoRAConfig(variant="qalora", r=16))
+    with pytest.raises(ValueError, match="lora.target_modules"):
+        add_adapters(packed, LoRAConfig(target_modules=["*.nothing"]))
