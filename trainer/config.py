@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data.config import GenerateConfig
 from qat.io.atomic import write_text
 from qat.ptq.config import PTQConfig
+from qat.qlora.config import LoRAConfig
 from qat.spec import QuantSpec, SpecError, parse
 
 
@@ -40,10 +41,17 @@ class DataConfig:
     seq_len: int = field(default=1024, metadata={"range": (8, 1 << 20)})
     chat_template: bool = False
     val_fraction: float = field(default=0.05, metadata={"range": (0.0, 0.5)})
+    # instructions: records of chat `messages` or instruction/input/output, through the chat template, with
+    # the loss on assistant tokens only (bundled:instructions is a small offline set); text: plain text.
+    format: str = field(default="text", metadata={"choices": ("text", "instructions")})
+    packing: bool = True  # instructions: several examples per block; false: one example per block, padded
 
 
 @dataclass
 class TrainConfig:
+    # qat: distil the teacher into the fake-quantized student; qlora: train LoRA adapters (the lora section)
+    # on a frozen base held packed, quantized at load by the quant section or taken from a quantized folder.
+    mode: str = field(default="qat", metadata={"choices": ("qat", "qlora")})
     max_steps: int = field(default=1000, metadata={"range": (1, 1 << 40)})
     micro_batch_size: int = field(default=1, metadata={"range": (1, 1 << 20)})
     grad_accum: int = field(default=1, metadata={"range": (1, 1 << 20)})
@@ -99,6 +107,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     ptq: PTQConfig = field(default_factory=PTQConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -36,6 +36,8 @@ def wait_for(path: Path, timeout_s: float, what: str) -> None:
 
 def run_pipeline(cfg: RunConfig, manifest_timeout_s: float = 24 * 3600) -> dict:
     """generate -> train -> eval of fp / RTN start / trained; returns the eval record (empty off rank 0)."""
+    if cfg.train.mode != "qat":
+        raise ValueError(f"pipeline runs LLM-QAT; train.mode={cfg.train.mode} trains with `distqat train`")
     gen_dir = run_generate(cfg)
     # Every rank's shards must exist before anyone trains on them; the last rank to finish writes it.
     wait_for(gen_dir / "manifest.json", manifest_timeout_s,

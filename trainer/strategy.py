@@ -46,9 +46,14 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
 
 def deepspeed_config(dist_cfg: DistributedConfig, train_cfg: TrainConfig) -> dict:
     """The DeepSpeed config for a run: ZeRO stage, offload, precision; the optimizer stays ours."""
+    qlora = train_cfg.mode == "qlora"
+    if qlora and dist_cfg.zero_stage == 3:
+        raise ValueError("distributed.zero_stage=3 with train.mode=qlora: ZeRO-3 partitions parameters, and the "
+                         "packed base is integer buffers it cannot partition; use distributed.zero_stage=2, which "
+                         "partitions the adapters' gradients and optimizer state")
     zero: dict[str, Any] = {"stage": dist_cfg.zero_stage, "overlap_comm": torch.cuda.is_available(),
                             "contiguous_gradients": True}
-    if (dist_cfg.offload_optimizer or dist_cfg.offload_params) and train_cfg.master_weights == "bf16":
+    if (dist_cfg.offload_optimizer or dist_cfg.offload_params) and train_cfg.master_weights == "bf16" and not qlora:
         # DeepSpeed's bf16-master mode with offload accepts only its own CPU Adam, which has no
         # compensated update; offloading therefore goes with classic fp32 masters.
         raise ValueError("distributed.offload_optimizer/offload_params need train.master_weights=fp32 "
@@ -71,7 +76,8 @@ def deepspeed_config(dist_cfg: DistributedConfig, train_cfg: TrainConfig) -> dic
         bf16.update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
     config: dict[str, Any] = {
         "zero_optimization": zero,
-        "bf16": bf16,
+        # QLoRA: no DeepSpeed precision mode, which would cast the adapters (lora.dtype) and the base's scales.
+        **({} if qlora else {"bf16": bf16}),
         "gradient_clipping": train_cfg.grad_clip,
         "train_micro_batch_size_per_gpu": train_cfg.micro_batch_size,
         "zero_allow_untested_optimizer": True,
@@ -94,6 +100,8 @@ def make_strategy(dist_cfg: DistributedConfig, train_cfg: TrainConfig, devices: 
     if name == "ddp":
         return DDPStrategy(process_group_backend="nccl" if torch.cuda.is_available() else "gloo")
     config = deepspeed_config(dist_cfg, train_cfg)
+    # QLoRA checkpoints hold the adapters, not the frozen base (rebuilt from its folder at resume).
+    frozen = {"exclude_frozen_parameters": train_cfg.mode == "qlora"}
     if torch.cuda.is_available():
-        return DeepSpeedStrategy(config=config)
-    return CPUDeepSpeedStrategy(config=config)
+        return DeepSpeedStrategy(config=config, **frozen)
+    return CPUDeepSpeedStrategy(config=config, **frozen)

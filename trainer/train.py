@@ -20,6 +20,7 @@ from qat.apply import QuantReport, quantize_model, quantizer_keys
 from qat.io.atomic import atomic_dir
 from qat.io.models import load_model, load_tokenizer
 
+from . import qlora
 from .callbacks import QuantStats
 from .config import RunConfig, save_config
 from .datamodule import TextDataModule
@@ -41,9 +42,9 @@ def build_models(cfg: RunConfig) -> tuple[torch.nn.Module, Optional[torch.nn.Mod
     return student, teacher, report
 
 
-def enable_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute the decoder's activations in backward (non-reentrant, so frozen inputs work)."""
-    kwargs = {"use_reentrant": False}
+def enable_checkpointing(model: torch.nn.Module, reentrant: bool = False) -> None:
+    """Recompute the decoder's activations in backward (non-reentrant by default, so frozen inputs work)."""
+    kwargs = {"use_reentrant": reentrant}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
@@ -109,6 +110,9 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
         devices = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
     world = int(os.environ.get("WORLD_SIZE", devices))
     num_nodes = max(1, world // max(devices, 1))
+    qlora_mode = cfg.train.mode == "qlora"
+    if qlora_mode:
+        qlora.check(cfg)
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     dm = TextDataModule(
         path=cfg.data.path, text_field=cfg.data.text_field, seq_len=cfg.data.seq_len,
@@ -118,18 +122,26 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
         teacher_topk=cfg.train.teacher_topk, teacher=cfg.model.name_or_path,
         load_teacher=lambda: _load_teacher(
             cfg, f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else None),
-        topk_batch_size=cfg.train.micro_batch_size,
+        topk_batch_size=cfg.train.micro_batch_size, format=cfg.data.format, packing=cfg.data.packing,
     )
-    student, teacher, report = build_models(cfg)
-    module = QATModule(student, teacher, cfg.train, seed=cfg.seed)
-    strategy = make_strategy(cfg.distributed, cfg.train, devices * num_nodes)
+    strategy = make_strategy(cfg.distributed, cfg.train, devices * num_nodes)  # refuses bad settings before loading
+    if qlora_mode:
+        student, teacher, base_print, folder = qlora.build(cfg, lambda: _load_teacher(cfg), enable_checkpointing)
+        trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        report = f"qlora: {trainable} adapter parameters on the packed base of {folder.name} ({folder.kind.value})"
+    else:
+        student, teacher, report = build_models(cfg)
+        base_print = None
+    module = QATModule(student, teacher, cfg.train, seed=cfg.seed, base_fingerprint=base_print)
     ckpt_dir = out_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step={step}", auto_insert_metric_name=False,
                                  every_n_train_steps=cfg.train.save_every, save_top_k=cfg.train.keep_last,
                                  monitor="step", mode="max", save_last=False)
     trainer = L.Trainer(
         accelerator="gpu" if torch.cuda.is_available() else "cpu",
-        devices=devices, num_nodes=num_nodes, strategy=strategy, precision=PRECISION[cfg.train.master_weights],
+        devices=devices, num_nodes=num_nodes, strategy=strategy,
+        # QLoRA: every tensor keeps its dtype (the adapters lora.dtype, the base the model's)
+        precision="32-true" if qlora_mode else PRECISION[cfg.train.master_weights],
         max_steps=cfg.train.max_steps, accumulate_grad_batches=cfg.train.grad_accum,
         gradient_clip_val=None if "deepspeed" in type(strategy).__name__.lower() else cfg.train.grad_clip,
         logger=_loggers(out_dir),
@@ -145,6 +157,9 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
     trainer.fit(module, datamodule=dm, ckpt_path=find_resume(ckpt_dir, cfg.train.resume), weights_only=True)
     # Collective under DeepSpeed; the full state (optimizer, loops), so that a later run can resume from it.
     trainer.save_checkpoint(ckpt_dir / f"step={trainer.global_step}.ckpt", weights_only=False)
-    final = consolidate(student, tok, out_dir / "model", trainer.strategy)
+    if qlora_mode:
+        final = qlora.finish(cfg, student, tok, out_dir, dm, folder, base_print) if trainer.global_rank == 0 else None
+    else:
+        final = consolidate(student, tok, out_dir / "model", trainer.strategy)
     trainer.strategy.barrier()
     return final or out_dir / "model"

@@ -1,0 +1,139 @@
+"""`distqat train train.mode=qlora`: adapters on a packed base, then the adapters, the held-out loss and the
+merge `lora.merge` asks for, written beside the run's checkpoints."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
+
+import torch
+from peft import PeftModel
+from torch import nn
+from torch.utils.data import DataLoader
+
+from data.blocks import BlockData
+from data.instructions import BUNDLED_INSTRUCTIONS
+from qat.export.convert import convert_model
+from qat.io.atomic import atomic_dir, write_json
+from qat.io.folders import Folder, Kind
+from qat.qlora.adapters import add_adapters, save_adapters
+from qat.qlora.base import build_base, fingerprint
+from qat.qlora.merge import merge_bf16, merge_qalora, merge_requant
+
+from .config import RunConfig
+from .losses import next_token_ce
+
+HELD_OUT_BLOCKS = 64  # blocks scored before and after training (the held-out loss of the run)
+
+
+def check(cfg: RunConfig) -> None:
+    """One-line errors for settings QLoRA cannot train with, before anything loads."""
+    lora = cfg.lora
+    if cfg.train.teacher_topk and not lora.distill:
+        raise ValueError("train.teacher_topk caches the teacher for distillation, which QLoRA does only with "
+                         "lora.distill=true (it trains on the assistant tokens alone by default)")
+    if lora.merge == "qalora" and lora.variant != "qalora":
+        raise ValueError("lora.merge=qalora folds QA-LoRA adapters into the zero points: set lora.variant=qalora, "
+                         "or lora.merge=requant or bf16")
+
+
+def build(cfg: RunConfig, load_teacher: Callable[[], nn.Module],
+          checkpointing: Callable[[nn.Module], None]) -> tuple[PeftModel, Optional[nn.Module], str, Folder]:
+    """(the student: adapters on the packed base, the teacher or None, the base's fingerprint, its folder)."""
+    check(cfg)
+    m = cfg.model
+    base, folder = build_base(m.name_or_path, cfg.quant, m.dtype, m.attn_implementation, m.trust_remote_code,
+                              cfg.lora.double_quant)
+    if cfg.lora.distill and folder.kind is not Kind.BASE:
+        raise ValueError("lora.distill=true distils the full-precision model: model.name_or_path must be that "
+                         f"model, not a {folder.kind.value} folder")
+    base_print = fingerprint(base)
+    if cfg.train.gradient_checkpointing:
+        checkpointing(base)
+    base.config.use_cache = False
+    student = add_adapters(base, cfg.lora)
+    if cfg.train.gradient_checkpointing:
+        student.enable_input_require_grads()  # the frozen embedding's output must carry grad into the checkpoints
+    teacher = load_teacher() if cfg.lora.distill and not cfg.train.teacher_topk else None
+    return student, teacher, base_print, folder
+
+
+@torch.no_grad()
+def held_out_loss(model: nn.Module, loader: DataLoader) -> float:
+    """Mean next-token cross-entropy over the loss tokens (assistant tokens of instruction data) of up to
+    HELD_OUT_BLOCKS blocks."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i, batch in enumerate(loader):
+        if i * loader.batch_size >= HELD_OUT_BLOCKS:
+            break
+        ids = batch["input_ids"].to(device)
+        mask = batch.get("assistant_mask", batch["attention_mask"]).to(device)
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
+        n = int(mask[:, 1:].sum())
+        total += float(next_token_ce(logits, ids, mask)) * n
+        count += n
+    return total / max(count, 1)
+
+
+def held_out(cfg: RunConfig, dm: BlockData, tokenizer) -> Optional[DataLoader]:
+    """The bundled instruction set's test split (other articles), else the run's own validation blocks."""
+    if cfg.data.path == BUNDLED_INSTRUCTIONS:
+        test = BlockData(path=cfg.data.path, split="test", seq_len=cfg.data.seq_len, format=cfg.data.format,
+                         packing=cfg.data.packing, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.seed,
+                         tokenizer=tokenizer, val_fraction=0.0)
+        test.setup()
+        return test.dataloader(0, 1)
+    if dm.val_blocks is None or not len(dm.val_blocks):
+        return None
+    return BlockData.val_dataloader(dm, 0, 1)
+
+
+def finish(cfg: RunConfig, student: PeftModel, tokenizer, out_dir: Path, dm: BlockData, folder: Folder,
+           base_print: str) -> Path:
+    """On rank 0 after training: the adapters, the held-out loss of the base and the trained adapters, and the
+    merged model of `lora.merge`. Returns the merged folder, or the adapters' without a merge."""
+    student.eval()
+    adapters = save_adapters(student, out_dir / "adapters", {
+        "base": folder.name, "base_kind": folder.kind.value, "fingerprint": base_print,
+        "spec": cfg.quant.to_dict() if folder.kind is Kind.BASE else (folder.spec.to_dict() if folder.spec else None),
+        "variant": cfg.lora.variant, "double_quant": cfg.lora.double_quant})
+    tokenizer.save_pretrained(adapters)
+    test = held_out(cfg, dm, tokenizer)
+    losses: dict[str, float] = {}
+    if test is not None:
+        with student.disable_adapter():
+            losses["base"] = held_out_loss(student, test)
+        losses["trained"] = held_out_loss(student, test)
+    merge, model_dir = cfg.lora.merge, out_dir / "model"
+    if merge != "none":
+        student.cpu()
+        merged = _merge(cfg, student, dm, folder, out_dir)
+        if test is not None:
+            losses[f"merged ({merge})"] = held_out_loss(merged, test)
+        if merge == "qalora":  # an integer checkpoint (format version 2), tokenizer files copied from the base
+            convert_model(merged, model_dir, source=folder.path)
+        else:
+            with atomic_dir(model_dir) as tmp:
+                merged.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+    if losses:
+        where = "test split" if cfg.data.path == BUNDLED_INSTRUCTIONS else "validation blocks"
+        write_json(out_dir / "qlora_eval.json", {"held_out_loss": losses, "held_out": where,
+                                                 "blocks": HELD_OUT_BLOCKS})
+        print("qlora: held-out loss " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()), file=sys.stderr)
+    return adapters if merge == "none" else model_dir
+
+
+def _merge(cfg: RunConfig, student: PeftModel, dm: BlockData, folder: Folder, out_dir: Path) -> nn.Module:
+    if cfg.lora.merge == "qalora":
+        return merge_qalora(student)
+    if cfg.lora.merge == "bf16":
+        return merge_bf16(student)
+    n = min(cfg.ptq.n_samples, len(dm.train_blocks))
+    calib = dm.train_blocks[:n].long() if cfg.lora.requant == "gptq" else None
+    model, report = merge_requant(student, cfg.lora.requant, calib, cfg.ptq.gptq)
+    write_json(out_dir / "merge_report.json", {"merge": f"requant-{cfg.lora.requant}", "layers": report})
+    return model
