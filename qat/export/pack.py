@@ -9,6 +9,7 @@ format, which vLLM and transformers read; the tests check it against that packag
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -51,6 +52,13 @@ def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     if words != packed_cols(cols, bits):
         raise ValueError(f"unpack_int32: {words} words cannot hold {cols} codes of {bits} bits "
                          f"(expected {packed_cols(cols, bits)})")
+    if bits in (1, 2, 4, 8) and sys.byteorder == "little":
+        # Codes that never straddle a byte: on a little-endian host the words' bytes are the bit stream in
+        # order, so shifting bytes unpacks them with no int64 temporaries (the QLoRA base does this per matmul).
+        b = packed.contiguous().view(torch.uint8)
+        per, mask = 8 // bits, (1 << bits) - 1
+        codes = torch.stack([(b >> (bits * j)) & mask for j in range(per)], dim=-1) if per > 1 else b.clone()
+        return codes.reshape(rows, -1)[:, :cols]
     w = packed.to(torch.int64) & 0xFFFFFFFF
     n = math.ceil(cols / 32) * 32
     w = torch.nn.functional.pad(w, (0, n // 32 * bits - words)).reshape(rows, -1, bits)

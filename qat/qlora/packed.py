@@ -22,7 +22,6 @@ from torch import nn
 
 from ..export import ops
 from ..export.pack import pack_int32, unpack_int32
-from ..export.reference import signed_codes, signed_zero
 from ..export.runtime import IntLinear
 from ..linear import QuantLinear
 from ..quantizers import NF4_LEVELS, ActQuantizer, quantize_codes, weight_rows
@@ -150,13 +149,18 @@ class PackedLinear(IntLinear):
         if self.nf4:
             idx = unpack_int32(self.qweight, 4, k).long()
             w = NF4_LEVELS.to(idx.device, wide)[idx].reshape(n, -1, g) * self.group_scales().to(wide).unsqueeze(-1)
-        elif wide == torch.float64 or self.offset is not None or not ops.kernels_enabled():
-            c = signed_codes(self.qweight, self.bits, k).reshape(n, -1, g)
-            z = signed_zero(self.zero, self.bits)
-            c = c if z is None else c - z.unsqueeze(-1)
-            w = c.to(wide) * self.scale.to(wide).unsqueeze(-1)
-        else:  # the runtime's dequantization (a Triton kernel on CUDA), bit for bit the same numbers
-            return ops.dequantize_weight(self.qweight, self.scale, self.zero, self.bits, g, k, dtype)
+        elif wide == torch.float64 or self.offset is not None or not ops.kernels_enabled() or not self.qweight.is_cuda:
+            # (code - zero) * scale with the codes widened once: the integers are exact in fp32, so this is the
+            # runtime's dequantization without its int32 temporaries (the CPU path runs twice per step).
+            if self.bits == 8:
+                c, center = self.qweight, self.zero
+            else:
+                c = unpack_int32(self.qweight, self.bits, k)
+                center = self.zero if self.zero is not None else torch.full((1, 1), 1 << (self.bits - 1))
+            w = c.to(wide).reshape(n, -1, g)
+            if center is not None:
+                w = w - center.to(w.device, wide).unsqueeze(-1)
+            w = w * self.scale.to(wide).unsqueeze(-1)
         if self.offset is not None:
             w = w + self.offset.to(wide).unsqueeze(-1)
         return w.reshape(n, k).to(dtype)
