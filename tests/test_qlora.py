@@ -208,3 +208,21 @@ def test_qalora_refusals_name_the_key():
         add_adapters(packed, LoRAConfig(variant="qalora", r=16))
     with pytest.raises(ValueError, match="lora.target_modules"):
         add_adapters(packed, LoRAConfig(target_modules=["*.nothing"]))
+
+
+def test_the_base_comes_from_a_saved_fake_quant_folder_or_an_integer_checkpoint(tmp_path):
+    from qat.export.convert import convert_model
+    from qat.load import load
+    from qat.qlora.base import build_base
+
+    fq, _ = fake_and_packed("w4g32asym")
+    fq.save_pretrained(tmp_path / "fq")
+    convert_model(fq, tmp_path / "int")
+    x = ids()
+    for folder in ("fq", "int"):
+        base, info = build_base(tmp_path / folder, None, dtype=None)
+        assert info.kind.value == {"fq": "qat", "int": "int"}[folder]
+        assert any(isinstance(m, PackedLinear) for m in base.modules())
+        assert not any(p.requires_grad for p in base.parameters())
+        with torch.no_grad():
+            assert torch.equal(base(x).logits, load(tmp_path / folder)(x).logits), folder

@@ -112,3 +112,15 @@ def test_bad_qlora_settings_stop_in_one_line(tiny_base, tmp_path):
     assert r.returncode == 2 and "lora.distill=true" in r.stderr.strip().splitlines()[-1]
     r = run(*train_args(tiny_base, tmp_path / "z", "quant.scheme=w4", "lora.variant=qalora"))
     assert r.returncode == 2 and "lora.variant=qalora pools the input by weight group" in r.stderr
+
+
+def test_optional_distillation_from_the_full_precision_model(tiny_base, tmp_path):
+    out = tmp_path / "kd"
+    r = run(*train_args(tiny_base, out, "lora.distill=true", "train.ce_weight=1.0", "train.max_steps=4"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    import csv
+
+    rows = [row for f in sorted(out.glob("logs/version_*/metrics.csv")) for row in csv.DictReader(f.open())]
+    kd = [float(row["train/kd"]) for row in rows if row.get("train/kd")]
+    ce = [float(row["train/ce"]) for row in rows if row.get("train/ce")]
+    assert len(kd) == 4 and len(ce) == 4 and all(v >= 0 for v in kd)
