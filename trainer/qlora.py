@@ -119,6 +119,13 @@ def finish(cfg: RunConfig, student: PeftModel, tokenizer, out_dir: Path, dm: Blo
             with atomic_dir(model_dir) as tmp:
                 merged.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
+    merged_loss = losses.get(f"merged ({merge})")
+    if merged_loss is not None and losses["trained"] < losses["base"]:
+        kept = (losses["base"] - merged_loss) / (losses["base"] - losses["trained"])
+        if kept < 0.5:
+            print(f"qlora: warning: the {merge} merge kept {100 * kept:.0f}% of what the adapters gained on "
+                  "held-out text (rounding onto a low-bit grid erases small adapters); lora.variant=qalora "
+                  "with lora.merge=qalora folds the adapters exactly", file=sys.stderr)
     if losses:
         where = "test split" if cfg.data.path == BUNDLED_INSTRUCTIONS else "validation blocks"
         write_json(out_dir / "qlora_eval.json", {"held_out_loss": losses, "held_out": where,
