@@ -4,7 +4,7 @@
 
 For each shape (random init: speed and memory do not depend on the weights), the same model, batch and
 LoRA adapters (rank --rank on every linear of the decoder, fp32, AdamW) train for --steps steps as
-  lora        the base's linears as frozen nn.Linear in the model dtype (bf16 on a GPU, fp32 on CPU)
+  lora        the base's linears as frozen nn.Linear in the model dtype (--dtype: bf16 on a GPU, fp32 on CPU)
   qlora-int4  the base packed to int4 groups of 64 (qat.qlora: codes dequantized per matmul)
   qlora-nf4   the base packed to NF4 groups of 64 with double-quantized scales.
 Each variant runs in a process of its own, so that one's peak cannot hide another's; the ratios are to the
@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                   help="of the base and the activations; auto: bf16 on a GPU, fp32 on CPU (faster there)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--worker", nargs=2, metavar=("VARIANT", "SHAPE"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -77,7 +79,8 @@ def worker(variant: str, shape: str, args: argparse.Namespace) -> dict:
     from qat.spec import parse
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
     torch.manual_seed(0)
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(2048, args.seq))
     with torch.device(device):
@@ -134,7 +137,7 @@ def main(argv=None) -> int:
     for shape in args.shapes.split(","):
         for variant in args.variants.split(","):
             cmd = [sys.executable, __file__, "--worker", variant, shape, "--batch", str(args.batch), "--seq",
-                   str(args.seq), "--steps", str(args.steps), "--rank", str(args.rank)]
+                   str(args.seq), "--steps", str(args.steps), "--rank", str(args.rank), "--dtype", args.dtype]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode:
                 print(r.stderr[-3000:], file=sys.stderr)
