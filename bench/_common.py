@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -27,3 +28,25 @@ def heat(seconds: float) -> None:
         for _ in range(10):
             a @ a
         torch.cuda.synchronize()
+
+
+def model_shapes(text: str) -> list[str]:
+    """--shapes of model names (argparse type): each one of SHAPES, or a usage error naming the bad one."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [n for n in names if n not in SHAPES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown shape {bad[0] if bad else text!r}; use one of {sorted(SHAPES)}")
+    return names
+
+
+def matrix_shapes(text: str) -> list[tuple[int, int]]:
+    """--shapes of matrices "<in>x<out>,..." (argparse type), or a usage error naming the malformed one."""
+    out = []
+    for s in [s.strip() for s in text.split(",") if s.strip()]:
+        parts = s.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(f"{s!r} is not <in_features>x<out_features>, e.g. 4096x11008")
+        out.append((int(parts[0]), int(parts[1])))
+    if not out:
+        raise argparse.ArgumentTypeError("give at least one <in_features>x<out_features> shape")
+    return out

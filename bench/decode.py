@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench._common import SHAPES  # noqa: E402
+from bench._common import SHAPES, model_shapes  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="smollm2-135m,llama-1b")
+    p.add_argument("--shapes", default="smollm2-135m,llama-1b", type=model_shapes)
     p.add_argument("--batches", default="1,16")
     p.add_argument("--scheme", default="w4g128", help="RTN scheme of the integer model (g64 for 576-wide)")
     p.add_argument("--lm-heads", default="bf16,w8",
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         return 2
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for shape in args.shapes.split(","):
+        for shape in args.shapes:
             bf16, ints, scheme = build(shape, args.scheme, args.lm_heads.split(","), Path(tmp))
             for b in [int(x) for x in args.batches.split(",")]:
                 t_bf, g1 = decode_time(bf16, b, args.prompt, args.steps)

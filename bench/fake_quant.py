@@ -24,13 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench._common import heat  # noqa: E402
+from bench._common import heat, matrix_shapes  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=8192, help="rows of the input (batch * sequence)")
-    p.add_argument("--shapes", default="4096x4096,4096x11008", help="comma-separated in_features x out_features")
+    p.add_argument("--shapes", default="4096x4096,4096x11008", type=matrix_shapes,
+                   help="comma-separated in_features x out_features")
     p.add_argument("--schemes", default="w4a8,w4g128a8", help="comma-separated short scheme names")
     p.add_argument("--bias", action="store_true", help="linears with a bias (LLM linears usually have none)")
     p.add_argument("--rep", type=int, default=200, help="do_bench rep (ms)")
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     from qat.spec import parse
 
     dev, dt = torch.device("cuda"), torch.bfloat16
-    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    shapes = args.shapes
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     results, kernel_results = [], []
     print(f"device: {torch.cuda.get_device_name()}  tokens: {args.tokens}  torch {torch.__version__}  "

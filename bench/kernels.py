@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench._common import heat  # noqa: E402
+from bench._common import heat, matrix_shapes  # noqa: E402
 
 HBM_BYTES_PER_S = 3.0e12  # H100 SXM HBM3, what a weight-bound kernel can hope for
 PATHS = {  # name -> (bits, group (None: per channel), int8 activations)
@@ -46,7 +46,7 @@ PATHS = {  # name -> (bits, group (None: per channel), int8 activations)
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--m", default="1,16,64,256,1024,4096", help="comma-separated token counts M")
-    p.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096",
+    p.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096", type=matrix_shapes,
                    help="comma-separated in_features x out_features (K x N)")
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, of {list(PATHS)}")
     p.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     if args.cpu_smoke:  # tiny shapes unless given: the interpreter runs a 4096-wide kernel for hours
         defaults = parse_args([])
         args.m = "1,5" if args.m == defaults.m else args.m
-        args.shapes = "128x64" if args.shapes == defaults.shapes else args.shapes
+        args.shapes = [(128, 64)] if args.shapes == defaults.shapes else args.shapes
         args.rep, args.rounds, args.heat = 1, 1, 0.0
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing to do.",
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     from qat.export import ops
 
     ms = [int(v) for v in args.m.split(",") if v.strip()]
-    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",") if s.strip()]
+    shapes = args.shapes
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     for p in paths:
         if p not in PATHS:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench._common import SHAPES  # noqa: E402
+from bench._common import SHAPES, model_shapes  # noqa: E402
 
 VARIANTS = {"lora": None, "qlora-int4": "w4g64", "qlora-nf4": "wnf4g64"}
 GB = 1 << 30
@@ -38,7 +38,7 @@ GB = 1 << 30
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="smollm2-135m,llama-1b")
+    p.add_argument("--shapes", default="smollm2-135m,llama-1b", type=model_shapes)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=256)
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         print(json.dumps(worker(*args.worker, args)))
         return 0
     rows = []
-    for shape in args.shapes.split(","):
+    for shape in args.shapes:
         for variant in args.variants.split(","):
             cmd = [sys.executable, __file__, "--worker", variant, shape, "--batch", str(args.batch), "--seq",
                    str(args.seq), "--steps", str(args.steps), "--rank", str(args.rank), "--dtype", args.dtype]

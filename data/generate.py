@@ -231,28 +231,30 @@ def generate(
     bar = _progress(todo, progress and rank == 0)
     t0, made_tokens = time.perf_counter(), 0
     decoder = Decoder(model, g.max_length, device, compiled)
-    for k in mine:
-        rows: dict[str, list] = {"sample_id": [], "input_ids": [], "text": [], "greedy_len": []}
-        for start in range(k * shard_size, min((k + 1) * shard_size, g.n_samples), g.batch_size):
-            # Always a full batch of consecutive ids (past the end: generated, then dropped), so each
-            # sample is computed with the same companions whatever the number of ranks.
-            ids = torch.arange(start, start + g.batch_size)
-            keep = int((ids < g.n_samples).sum())
-            if g.first_token == "enumerate":
-                first = firsts[ids % len(firsts)]
-            else:
-                first = firsts[counter_hash(seed, ids, 0) % len(firsts)]
-            lengths = torch.tensor(g.greedy_lengths)[counter_hash(seed, ids, 1) % len(g.greedy_lengths)]
-            samples = generate_batch(model, ids, first, lengths, prefix, g, seed, eos_id, decoder)[:keep]
-            rows["sample_id"] += ids[:keep].tolist()
-            rows["input_ids"] += samples
-            rows["text"] += tokenizer.batch_decode(samples)
-            rows["greedy_len"] += lengths[:keep].tolist()
-            made_tokens += sum(len(x) for x in samples)
-            bar.update(keep)
-            bar.set_postfix_str(f"{made_tokens / (time.perf_counter() - t0):.0f} tok/s")
-        _write_shard(shard_path(out_dir, k), rows)
-    bar.close()
+    try:  # the bar closes before an interrupt's message, not after it
+        for k in mine:
+            rows: dict[str, list] = {"sample_id": [], "input_ids": [], "text": [], "greedy_len": []}
+            for start in range(k * shard_size, min((k + 1) * shard_size, g.n_samples), g.batch_size):
+                # Always a full batch of consecutive ids (past the end: generated, then dropped), so each
+                # sample is computed with the same companions whatever the number of ranks.
+                ids = torch.arange(start, start + g.batch_size)
+                keep = int((ids < g.n_samples).sum())
+                if g.first_token == "enumerate":
+                    first = firsts[ids % len(firsts)]
+                else:
+                    first = firsts[counter_hash(seed, ids, 0) % len(firsts)]
+                lengths = torch.tensor(g.greedy_lengths)[counter_hash(seed, ids, 1) % len(g.greedy_lengths)]
+                samples = generate_batch(model, ids, first, lengths, prefix, g, seed, eos_id, decoder)[:keep]
+                rows["sample_id"] += ids[:keep].tolist()
+                rows["input_ids"] += samples
+                rows["text"] += tokenizer.batch_decode(samples)
+                rows["greedy_len"] += lengths[:keep].tolist()
+                made_tokens += sum(len(x) for x in samples)
+                bar.update(keep)
+                bar.set_postfix_str(f"{made_tokens / (time.perf_counter() - t0):.0f} tok/s")
+            _write_shard(shard_path(out_dir, k), rows)
+    finally:
+        bar.close()
     write_manifest(out_dir, n_shards, settings)
     return out_dir
 

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .packing import tokenize_texts
 from .text import BUNDLED_INSTRUCTIONS, BUNDLED_TEXT, load_bundled_instructions, load_bundled_text
@@ -34,11 +36,21 @@ def generated_shards(path: Path) -> list[Path]:
         # Training on a partial set would silently differ from what was asked for.
         raise ValueError(f"data.path={str(path)!r} is an unfinished `distqat generate` folder (no manifest.json); "
                          "rerun the same generate command to finish it")
-    listed = json.loads(manifest.read_text()).get("shards")
+    try:
+        listed = json.loads(manifest.read_text()).get("shards")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{manifest} is not a manifest written by distqat generate ({e}); delete it and rerun the "
+                         "same generate command") from None
     files = [path / s["file"] for s in listed] if listed else sorted(path.glob("shard-*.parquet"))
     missing = [f.name for f in files if not f.exists()]
     if missing:
         raise ValueError(f"{manifest} lists shards that are missing ({', '.join(missing[:3])}); rerun generate")
+    for f in files:  # a damaged shard is named here, not deep inside datasets' reader
+        try:
+            pq.read_metadata(f)
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{f} cannot be read as parquet ({' '.join(str(e).split())}); delete it and rerun the "
+                             "same generate command to write it again") from None
     return files
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import runpy
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from safetensors import SafetensorError
 
 from .config import ConfigError, RunConfig, describe_schema, load_config, override_keys, reads, to_yaml
 
@@ -28,8 +31,10 @@ class Command:
 
 
 def _run_eval(cfg: RunConfig) -> int:
+    from .commands import prepare_output  # lazy: --help start-up
     from .eval import run_eval  # lazy: --help start-up (eval pulls transformers and datasets)
 
+    prepare_output(Path(cfg.output_dir))
     run_eval(cfg)
     return 0
 
@@ -101,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distributed quantization-aware training for LLMs.",
         epilog="Each command but convert and bench takes an optional recipe YAML then key=value overrides, e.g.\n"
         "  distqat eval configs/default.yaml quant.scheme=w4g64 eval.max_tokens=4096\n"
-        "  distqat convert runs/default/model --out runs/default/int",
+        "  distqat convert runs/default/model --out runs/default/int\n"
+        "A failure ends in one line 'distqat <command>: error: ...' (exit 2 for bad input, 130 when interrupted);\n"
+        "--debug (or DISTQAT_DEBUG=1) shows the traceback instead.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
@@ -132,9 +139,14 @@ def run_bench(argv: list[str]) -> int:
               "installation lacks; run from a clone of the repository", file=sys.stderr)
         return 2
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: distqat bench <name> [args]   (names: {', '.join(names)}; "
-              "`distqat bench <name> --help` for its options)")
-        return 0 if argv else 2
+        usage = f"usage: distqat bench <name> [args]   (names: {', '.join(names)}; " \
+                "`distqat bench <name> --help` for its options)"
+        if argv:
+            print(usage)
+            return 0
+        print(f"distqat bench: error: name a benchmark, one of {', '.join(names)} "
+              "(`distqat bench <name> --help` for its options)", file=sys.stderr)
+        return 2
     name = argv[0]
     if name not in names:
         print(f"distqat bench: error: no benchmark {name!r}; choose one of {names}", file=sys.stderr)
@@ -169,29 +181,53 @@ def _load(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (transformers and datasets spread theirs over several)."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+# Failures a user causes with a file, a folder or a value: one line and exit 2. Anything else is a bug: one
+# line naming its type and exit 1 (`--debug` shows the traceback of either).
+USER_ERRORS = (ValueError, OSError, SafetensorError)
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] == "bench":  # the scripts take their own arguments, not config overrides
         return run_bench(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command == "convert":
+        return run_convert(args.folder, args.out)
+    cfg = _load(args)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    return COMMANDS[args.command].run(cfg)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("DISTQAT_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    command = next((a for a in argv if not a.startswith("-")), "")
+    who = f"distqat {command}" if command in COMMANDS else "distqat"
     try:
-        if args.command == "convert":
-            return run_convert(args.folder, args.out)
-        cfg = _load(args)
-        if args.print_config:
-            print(to_yaml(cfg), end="")
-            return 0
-        return COMMANDS[args.command].run(cfg)
-    except ConfigError as e:
-        print(f"distqat {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        # Known bad input (model, data, spec): one line, no traceback.
-        print(f"distqat {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _dispatch(argv)
     except KeyboardInterrupt:
-        print(f"distqat {args.command}: interrupted", file=sys.stderr)
+        if debug:
+            raise
+        print(f"{who}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # the one place every failure becomes one line
+        if debug:
+            raise
+        if isinstance(e, (ConfigError, *USER_ERRORS)):
+            print(f"{who}: error: {one_line(e)}", file=sys.stderr)
+            return 2
+        print(f"{who}: error: {type(e).__name__}: {one_line(e)} (unexpected; rerun with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,13 +13,23 @@ from typing import Optional
 from data.calib import calibration_ids, resolve_calib_path
 from data.generate import check as check_generate
 from data.generate import generate
-from qat.io.atomic import atomic_dir, write_json
+from qat.io.atomic import atomic_dir, check_dir, clean_stale, write_json
+from qat.io.env import rank_world
 from qat.io.models import load_model, load_tokenizer
 from qat.load import load
 from qat.ptq import check as check_ptq
 from qat.ptq import needs_calibration, run_ptq
 
 from .config import RunConfig, save_config
+
+
+def prepare_output(out_dir: Path, what: str = "output_dir") -> Path:
+    """The run's folder, checked writable before any work; rank 0 removes what a killed earlier run left
+    half-written there (other ranks may be writing once it has started)."""
+    check_dir(out_dir, what)
+    if rank_world()[0] == 0:
+        clean_stale(out_dir)
+    return Path(out_dir)
 
 
 def run_generate(cfg: RunConfig, rank: Optional[int] = None, world: Optional[int] = None,
@@ -29,6 +39,7 @@ def run_generate(cfg: RunConfig, rank: Optional[int] = None, world: Optional[int
     g, m = cfg.generate, cfg.model
     check_generate(g)  # before the teacher loads
     out_dir = Path(g.out_dir) if g.out_dir else Path(cfg.output_dir) / "generated"
+    check_dir(out_dir, "generate.out_dir")  # every rank writes shards here: no cleaning
     tok = load_tokenizer(m.name_or_path, m.trust_remote_code)
     model = load(m.name_or_path, m.dtype, attn_implementation=m.attn_implementation,
                  trust_remote_code=m.trust_remote_code)
@@ -43,6 +54,7 @@ def ptq_command(cfg: RunConfig) -> dict:
     """
     spec, p, m = cfg.quant, cfg.ptq, cfg.model
     check_ptq(spec, p)
+    out = prepare_output(Path(cfg.output_dir))
     tok = load_tokenizer(m.name_or_path, trust_remote_code=m.trust_remote_code)
     calib = None
     calibrate = needs_calibration(spec, p)
@@ -54,7 +66,6 @@ def ptq_command(cfg: RunConfig) -> dict:
     if calibrate and calib is None:  # the full-precision model writes its own calibration text
         calib = calibration_ids(tok, p.n_samples, p.seq_len, "generate", model=model, seed=p.seed)
     model, report = run_ptq(model, spec, p, calib)
-    out = Path(cfg.output_dir)
     save_config(cfg, out)
     with atomic_dir(out / "model") as tmp:
         model.save_pretrained(tmp)

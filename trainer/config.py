@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import typing
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -76,6 +76,8 @@ class TrainConfig:
     stats_every: int = field(default=100, metadata={"range": (1, 1 << 40)})  # per-layer quantizer statistics
     keep_last: int = field(default=2, metadata={"range": (1, 1000)})
     resume: str = "auto"  # auto | never | a checkpoint path
+    # A non-finite loss or gradient stops the run; N > 0 skips up to N such batches first (not under DeepSpeed).
+    skip_nonfinite: int = field(default=0, metadata={"range": (0, 1 << 30)})
 
 
 @dataclass
@@ -214,6 +216,9 @@ def _configs_root(path: Path) -> Optional[Path]:
 
 
 def _read_yaml(path: Path, origin: str) -> dict:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} ({origin}) is a folder; give a recipe file in it, "
+                          f"e.g. {next(iter(sorted(path.glob('*.yaml'))), path / 'default.yaml')}")
     if not path.is_file():
         raise ConfigError(f"config file {path} ({origin}) does not exist")
     try:
@@ -312,12 +317,21 @@ def save_config(cfg: RunConfig, out_dir: Union[str, Path], name: str = "config.y
     return write_text(Path(out_dir) / name, to_yaml(cfg))
 
 
-def schema_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
-    """Every leaf key of the schema, dotted ("quant.weight.bits")."""
-    keys = []
-    for name, (tp, _) in _field_types(cls).items():
-        keys += schema_keys(tp, f"{prefix}{name}.") if is_dataclass(tp) else [f"{prefix}{name}"]
-    return keys
+def _defaults(cls: type = RunConfig, prefix: str = "", instance: Any = None):
+    """(dotted key, default, field, section type) of every setting, read from a default instance, so that a
+    section whose default is off (quant.activation) shows as one key with None."""
+    instance = cls() if instance is None else instance
+    for name, (tp, f) in _field_types(cls).items():
+        full, value = f"{prefix}{name}", getattr(instance, name)
+        if is_dataclass(tp) and value is not None:
+            yield from _defaults(tp, f"{full}.", value)
+        else:
+            yield full, value, f, tp if is_dataclass(tp) else None
+
+
+def schema_keys() -> list[str]:
+    """Every key `describe_schema` lists, dotted ("quant.weight.bits"; "quant.activation" while it is off)."""
+    return [key for key, *_ in _defaults()]
 
 
 def reads(patterns: tuple[str, ...], key: str) -> bool:
@@ -330,22 +344,19 @@ def override_keys(overrides: list[str]) -> list[str]:
     return [item.split("=", 1)[0].strip() for item in overrides]
 
 
-def describe_schema(cls: type = RunConfig, prefix: str = "", only: Optional[tuple[str, ...]] = None) -> list[str]:
+def describe_schema(only: Optional[tuple[str, ...]] = None) -> list[str]:
     """One line per key with its default and allowed values: the `--help` listing of options (of the keys
     matching `only`, when given)."""
     lines = []
-    for name, (tp, f) in _field_types(cls).items():
-        full = f"{prefix}{name}"
-        if is_dataclass(tp):
-            lines += describe_schema(tp, f"{full}.", only)
+    for key, value, f, section in _defaults():
+        if only is not None and not reads(only, key):
             continue
-        if only is not None and not reads(only, full):
+        if section is not None:
+            inner = ", ".join(x.name for x in fields(section))
+            lines.append(f"  {key}=None  (off; a scheme turns it on, e.g. quant.scheme=w4a8kv8; its keys: {inner})")
             continue
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        extra = ""
-        if f.metadata.get("choices"):
-            extra = f"  {{{'|'.join(map(str, f.metadata['choices']))}}}"
-        lines.append(f"  {full}={default}{extra}")
+        extra = f"  {{{'|'.join(map(str, f.metadata['choices']))}}}" if f.metadata.get("choices") else ""
+        lines.append(f"  {key}={value}{extra}")
     return lines
 
 

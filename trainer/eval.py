@@ -17,7 +17,7 @@ from data.sources import load_texts, spread_windows, token_stream
 from qat.apply import quantize_model
 from qat.io.atomic import atomic_file, write_json, write_text
 from qat.io.folders import Folder, Kind, spec_label
-from qat.io.models import load_model, load_tokenizer
+from qat.io.models import check_spec_fits, load_model, load_tokenizer
 from qat.load import inspect, load
 
 from .config import RunConfig, save_config
@@ -83,6 +83,8 @@ def run_eval(cfg: RunConfig) -> dict:
     folder = inspect(cfg.model.name_or_path)
     if folder.kind is not Kind.BASE:
         return score_models(cfg, [saved_model(cfg, folder)])
+    if "quant" in cfg.eval.compare:  # before anything is scored: a spec that does not fit fails in seconds
+        check_spec_fits(folder.path, cfg.quant, cfg.model.trust_remote_code)
     return score_models(cfg, [base_model(cfg, what == "quant") for what in cfg.eval.compare])
 
 
@@ -112,14 +114,32 @@ def saved_model(cfg: RunConfig, path: Union[str, Folder]) -> tuple[str, Callable
     return folder.label, load_saved
 
 
+MIN_TOKENS = 64  # fewer scored tokens than this make a perplexity that means nothing
+
+
+def eval_windows(cfg: RunConfig, tokenizer) -> list[list[int]]:
+    """The windows of cfg.data an eval scores; refused when the text holds almost nothing, and loudly warned
+    about when it holds less than half of eval.max_tokens."""
+    ids = token_stream(load_texts(cfg.data.path, cfg.eval.split, cfg.data.text_field), tokenizer)
+    windows = spread_windows(ids, cfg.eval.seq_len, cfg.eval.max_tokens)
+    n = sum(len(w) for w in windows)
+    where = f"data.path={cfg.data.path!r} (split {cfg.eval.split!r})"
+    if n < MIN_TOKENS:
+        raise ValueError(f"{where} gives {n} tokens to score, too few for a perplexity that means anything "
+                         f"(at least {MIN_TOKENS}); give more text")
+    if n < cfg.eval.max_tokens // 2:
+        print(f"warning: {where} gives {n} tokens to score, under half of eval.max_tokens={cfg.eval.max_tokens}: "
+              "compare its perplexities with care", file=sys.stderr)
+    return windows
+
+
 def score_models(cfg: RunConfig, entries: list[tuple[str, Callable[[], torch.nn.Module]]]) -> dict:
     """Perplexity of each (label, loader) on the same windows of cfg.data (one model in memory at a time);
     eval.json, eval.png and config.yaml under cfg.output_dir."""
     out_dir = Path(cfg.output_dir)
     save_config(cfg, out_dir)
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    ids = token_stream(load_texts(cfg.data.path, cfg.eval.split, cfg.data.text_field), tok)
-    windows = spread_windows(ids, cfg.eval.seq_len, cfg.eval.max_tokens)
+    windows = eval_windows(cfg, tok)
     n_tokens = sum(len(w) for w in windows)
     results: dict[str, float] = {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -155,12 +175,25 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def read_eval(path: Path) -> dict:
+    """An eval.json as `distqat eval` writes it; ValueError naming the file otherwise."""
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it or run distqat eval again") from None
+    ok = isinstance(record, dict) and isinstance(record.get("perplexity"), dict) and \
+        all(isinstance(v, (int, float)) for v in record["perplexity"].values()) and \
+        {"model", "tokens"} <= record.keys()
+    if not ok:
+        raise ValueError(f"{path} is not an eval.json written by distqat eval (it needs model, tokens and a "
+                         "perplexity per model); move it out of the runs folder or run distqat eval again")
+    return record
+
+
 def run_report(cfg: RunConfig) -> str:
     """`distqat report`: every runs/*/eval.json under the parent of output_dir in one table and plot."""
     root = Path(cfg.output_dir).parent
-    rows = []
-    for f in sorted(root.glob("*/eval.json")):
-        rows.append((f.parent.name, json.loads(f.read_text())))
+    rows = [(f.parent.name, read_eval(f)) for f in sorted(root.glob("*/eval.json"))]
     if not rows:
         raise FileNotFoundError(f"no */eval.json under {root}; run `distqat eval` first")
     table = format_table(rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Optional
 
@@ -14,6 +15,10 @@ from .losses import kd_loss, kd_loss_topk, next_token_ce
 from .optim import AdamWBF16, param_groups, warmup_cosine
 
 FINGERPRINT = "distqat_base_fingerprint"  # in a QLoRA checkpoint: the base its adapters belong to
+
+
+class NonFiniteError(ValueError):
+    """Training produced a non-finite loss or gradient; the message names the step and where it started."""
 
 
 class QATModule(L.LightningModule):
@@ -38,6 +43,7 @@ class QATModule(L.LightningModule):
         self.seed = seed
         self.base_fingerprint = base_fingerprint
         self._t_last: Optional[float] = None
+        self._skipped = 0  # non-finite batches skipped so far (train.skip_nonfinite)
         # Checkpoints hold the student only; the teacher is rebuilt from its folder.
         self.strict_loading = False
 
@@ -75,8 +81,11 @@ class QATModule(L.LightningModule):
         out["loss"] = loss
         return out
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
         out = self.losses(batch)
+        if self._any_rank(not bool(torch.isfinite(out["loss"].detach())), out["loss"].device):
+            self._nonfinite(batch, "loss")
+            return None  # skipped: no backward, no optimizer step
         now = time.perf_counter()
         tokens = batch["input_ids"].numel() * max(1, self.trainer.world_size)
         log = {f"train/{k}": v.detach() for k, v in out.items()}
@@ -90,10 +99,61 @@ class QATModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Under ZeRO the gradients live partitioned in DeepSpeed's optimizer: nothing to read here.
-        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        named = [(n, p.grad) for n, p in self.student.named_parameters() if p.grad is not None]
+        if named:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for _, g in named]))
+            if not bool(torch.isfinite(norm)):  # gradients are all-reduced already: every rank sees the same
+                first = next(n for n, g in named if not bool(torch.isfinite(g).all()))
+                self._nonfinite(None, f"gradient of {first}")
+                for p in self.student.parameters():
+                    p.grad = None  # skipped: the optimizer leaves parameters without a gradient alone
+                return
             self.log("train/grad_norm", norm, on_step=True, prog_bar=False)
+
+    def _any_rank(self, flag: bool, device: torch.device) -> bool:
+        """`flag` on any rank: every rank must take the same path, or the next collective would hang."""
+        if self.trainer.world_size > 1:
+            return bool(self.trainer.strategy.reduce(torch.tensor(float(flag), device=device), reduce_op="max"))
+        return flag
+
+    def _nonfinite(self, batch: Optional[dict[str, torch.Tensor]], what: str) -> None:
+        """Skip this batch while train.skip_nonfinite allows, else stop naming the step and where it began."""
+        step = self.trainer.global_step
+        if self._skipped < self.cfg.skip_nonfinite:
+            self._skipped += 1
+            if self.trainer.global_rank == 0:
+                print(f"distqat train: warning: step {step}: the {what} is not finite; batch skipped "
+                      f"({self._skipped} of train.skip_nonfinite={self.cfg.skip_nonfinite})", file=sys.stderr)
+            return
+        where = self.first_nonfinite(batch) if batch is not None else "see the gradient named"
+        raise NonFiniteError(
+            f"step {step}: the {what} is not finite; the first module whose output is not: {where}. The run "
+            "stopped without writing model/ (its last checkpoint is the last good state); fix the weights or "
+            "the data, or set train.skip_nonfinite=N to skip up to N such batches")
+
+    @torch.no_grad()
+    def first_nonfinite(self, batch: dict[str, torch.Tensor]) -> str:
+        """The first module (student, then teacher, in the order their outputs are produced) whose output holds
+        a NaN or an infinity on `batch`."""
+        found: list[str] = []
+
+        def watch(name: str):
+            def hook(module: nn.Module, args, output) -> None:
+                t = output[0] if isinstance(output, (tuple, list)) else output
+                if not found and isinstance(t, torch.Tensor) and t.is_floating_point() and \
+                        not bool(torch.isfinite(t).all()):
+                    found.append(name)
+            return hook
+
+        models = [("student", self.student)] + ([("teacher", self.teacher)] if self.teacher is not None else [])
+        handles = [m.register_forward_hook(watch(f"{who} {n}")) for who, model in models
+                   for n, m in model.named_modules() if n]
+        try:
+            self.losses(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        return found[0] if found else "none (the loss itself, e.g. an empty mask)"
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self.losses(batch)

@@ -47,6 +47,9 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
 def deepspeed_config(dist_cfg: DistributedConfig, train_cfg: TrainConfig) -> dict:
     """The DeepSpeed config for a run: ZeRO stage, offload, precision; the optimizer stays ours."""
     qlora = train_cfg.mode == "qlora"
+    if train_cfg.skip_nonfinite:
+        raise ValueError("train.skip_nonfinite skips a batch by leaving out its backward pass, which DeepSpeed "
+                         "does not allow; set it to 0 or use distributed.strategy=single or ddp")
     if qlora and dist_cfg.zero_stage == 3:
         raise ValueError("distributed.zero_stage=3 with train.mode=qlora: ZeRO-3 partitions parameters, and the "
                          "packed base is integer buffers it cannot partition; use distributed.zero_stage=2, which "

@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
+import shutil
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -18,10 +21,12 @@ from lightning.pytorch.strategies import Strategy
 
 from qat.apply import QuantReport, quantize_model, quantizer_keys
 from qat.io.atomic import atomic_dir
+from qat.io.env import rank_world
 from qat.io.models import load_model, load_tokenizer
 
 from . import qlora
 from .callbacks import QuantStats
+from .commands import prepare_output
 from .config import RunConfig, save_config
 from .datamodule import TextDataModule
 from .module import QATModule
@@ -58,16 +63,54 @@ def _load_teacher(cfg: RunConfig, device: Optional[str] = None) -> torch.nn.Modu
     return teacher.eval().to(device) if device else teacher.eval()
 
 
+CHECKPOINT = re.compile(r"^step=(\d+)\.ckpt$")
+
+
+def checkpoints(ckpt_dir: Path) -> list[Path]:
+    """This run's checkpoints (files, or folders under DeepSpeed), oldest first; other names are not ours."""
+    found = [(int(m.group(1)), p) for p in ckpt_dir.glob("step=*") if (m := CHECKPOINT.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def check_checkpoint(path: Path, how: str) -> None:
+    """A checkpoint picked to resume from is complete: every file torch.save wrote (a zip archive) reads back
+    with its checksums. `how` names the setting that picked it."""
+    files = [path] if path.is_file() else sorted((path / "checkpoint").glob("*.pt")) if path.is_dir() else []
+    fix = "delete it to resume from the one before, or set train.resume=never"
+    if not files:
+        raise ValueError(f"{how} picked {path}, which holds no checkpoint file; {fix}")
+    for f in files:
+        try:
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError) as e:
+            bad = str(e)
+        if bad:
+            raise ValueError(f"{how} picked {path}, which is not a readable checkpoint ({f.name}: {bad}); {fix}")
+
+
 def find_resume(ckpt_dir: Path, resume: str) -> Optional[str]:
-    """resume=auto: the newest checkpoint under ckpt_dir (None when there is none); never: None."""
+    """resume=auto: the newest checkpoint under ckpt_dir (None when there is none); never: None. The one picked
+    is checked whole first."""
     if resume == "never":
         return None
     if resume != "auto":
         if not Path(resume).exists():
             raise FileNotFoundError(f"train.resume={resume!r} does not exist; use auto, never or a checkpoint path")
+        check_checkpoint(Path(resume), f"train.resume={resume}")
         return resume
-    found = sorted(ckpt_dir.glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1].split("-")[0]))
-    return str(found[-1]) if found else None
+    found = checkpoints(ckpt_dir)
+    if not found:
+        return None
+    check_checkpoint(found[-1], "train.resume=auto")
+    return str(found[-1])
+
+
+def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> None:
+    """Only the newest keep_last checkpoints stay: a run killed between saving one and pruning the oldest
+    left one too many, which no later run would otherwise remove."""
+    for p in checkpoints(ckpt_dir)[:-keep_last]:
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def consolidate(student: torch.nn.Module, tokenizer, out: Path, strategy: Strategy) -> Optional[Path]:
@@ -89,9 +132,10 @@ def consolidate(student: torch.nn.Module, tokenizer, out: Path, strategy: Strate
     return out
 
 
-def _loggers(out_dir: Path) -> list:
-    """CSV always; TensorBoard as well where it is installed (some cluster images lack it)."""
-    loggers = [CSVLogger(out_dir, name="logs")]
+def _loggers(out_dir: Path, flush_every: int = 100) -> list:
+    """CSV always (written out with each checkpoint, so a killed run loses no row a resume would not log
+    again); TensorBoard as well where it is installed (some cluster images lack it)."""
+    loggers = [CSVLogger(out_dir, name="logs", flush_logs_every_n_steps=flush_every)]
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         loggers.append(TensorBoardLogger(out_dir, name="tb"))
     else:
@@ -105,6 +149,9 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
     out_dir = Path(cfg.output_dir)
     # The frozen teacher is in eval mode on purpose; Lightning's warning about it would only alarm users.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    # A mid-epoch resume is exact here (ResumableSampler restores the data order from the step); Lightning
+    # cannot see that and says the opposite.
+    warnings.filterwarnings("ignore", message=r".*not resumable\. This can cause unreliable results.*")
     L.seed_everything(cfg.seed, workers=True)
     if devices is None:
         devices = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
@@ -134,6 +181,9 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
         base_print = None
     module = QATModule(student, teacher, cfg.train, seed=cfg.seed, base_fingerprint=base_print)
     ckpt_dir = out_dir / "checkpoints"
+    prepare_output(out_dir)
+    if rank_world()[0] == 0:
+        prune_checkpoints(ckpt_dir, cfg.train.keep_last)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step={step}", auto_insert_metric_name=False,
                                  every_n_train_steps=cfg.train.save_every, save_top_k=cfg.train.keep_last,
                                  monitor="step", mode="max", save_last=False)
@@ -144,7 +194,7 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
         precision="32-true" if qlora_mode else PRECISION[cfg.train.master_weights],
         max_steps=cfg.train.max_steps, accumulate_grad_batches=cfg.train.grad_accum,
         gradient_clip_val=None if "deepspeed" in type(strategy).__name__.lower() else cfg.train.grad_clip,
-        logger=_loggers(out_dir),
+        logger=_loggers(out_dir, cfg.train.save_every),
         callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), QuantStats(cfg.train.stats_every)],
         log_every_n_steps=1, max_time=max_time, deterministic=False, use_distributed_sampler=False,
         limit_val_batches=cfg.train.val_batches, val_check_interval=cfg.train.val_every,
@@ -154,9 +204,16 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
     if trainer.global_rank == 0:
         save_config(cfg, out_dir)
         print(report, file=sys.stderr)
-    trainer.fit(module, datamodule=dm, ckpt_path=find_resume(ckpt_dir, cfg.train.resume), weights_only=True)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=find_resume(ckpt_dir, cfg.train.resume), weights_only=True)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns ctrl-C into exit(1) after its shutdown: report it as ours
+            raise KeyboardInterrupt from None
+        raise
     # Collective under DeepSpeed; the full state (optimizer, loops), so that a later run can resume from it.
     trainer.save_checkpoint(ckpt_dir / f"step={trainer.global_step}.ckpt", weights_only=False)
+    if trainer.global_rank == 0:
+        prune_checkpoints(ckpt_dir, cfg.train.keep_last)
     if qlora_mode:
         final = qlora.finish(cfg, student, tok, out_dir, dm, folder, base_print) if trainer.global_rank == 0 else None
     else:

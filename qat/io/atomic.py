@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -68,3 +69,36 @@ def atomic_dir(path: PathLike, replace: bool = True) -> Iterator[Path]:
                 raise  # not a concurrent writer's finished copy: a real failure
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_dir(path: PathLike, what: str) -> Path:
+    """That the folder `what` names (a config key) exists or can be created, and can be written to; a
+    ValueError naming the key and the reason otherwise. Creates nothing: a run that fails before its first
+    write leaves no folder behind."""
+    path = Path(path)
+    existing = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ValueError(f"{what}={str(path)!r} cannot be a folder: {existing} is a file; choose another {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}={str(path)!r} cannot be written: {existing} is not writable; choose another "
+                         f"{what}")
+    return path
+
+
+TEMP_DIR = re.compile(r"^\..+\.tmp-[A-Za-z0-9_]{8}$")  # what atomic_dir leaves when killed
+TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}(\.[A-Za-z0-9]+)?$")  # and atomic_file (mkstemp's 8 characters)
+
+
+def clean_stale(folder: PathLike) -> list[Path]:
+    """Remove the temp folders and files a killed writer left directly in `folder`; returns what went.
+    Call it only where no other process is writing into `folder` at the same time."""
+    folder = Path(folder)
+    gone = []
+    for p in folder.iterdir() if folder.is_dir() else []:
+        if p.is_dir() and TEMP_DIR.match(p.name):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+        elif p.is_file() and TEMP_FILE.match(p.name) and not p.name.startswith((".git", ".env")):
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone

@@ -7,7 +7,8 @@ numerics alone (base and fake-quant models) load here, the LLM.int8() and intege
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -17,11 +18,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
 
 from ..apply import quantize_model, quantizer_keys
 from ..keys import EXPORT_KEY, HF_QUANT_KEY, LLM_INT8_KEY, PTQ_KEY, QUANT_KEY
 from ..spec import QuantSpec, SpecError
-from .models import ModelError, resolve_model_path
+from .models import ModelError, check_remote_code, read_config, resolve_model_path
 
 _CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -80,17 +82,6 @@ def config_dtype(cfg: dict[str, Any]) -> torch.dtype:
     return _CONFIG_DTYPES.get(name, torch.bfloat16)
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    file = path / "config.json"
-    try:
-        cfg = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{file} is not valid JSON ({e}); restore the folder or save the model again") from None
-    if not isinstance(cfg, dict):
-        raise ModelError(f"{file} holds no JSON object of model settings; restore the folder or save it again")
-    return cfg
-
-
 def _spec(d: Any, file: Path, key: str) -> QuantSpec:
     try:
         return QuantSpec.from_dict(d)
@@ -122,11 +113,24 @@ def inspect(name_or_path: Union[str, Path], what: str = "model.name_or_path") ->
     return Folder(name, path, Kind.BASE, cfg)
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings off for the block (its verbosity restored after)."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load_fake_quant(folder: Folder, dtype: Optional[torch.dtype] = None, **kwargs: Any) -> nn.Module:
     """A QAT or PTQ folder as saved: base weights, the same surgery, its quantizer tensors (eval mode)."""
     if folder.kind not in (Kind.QAT, Kind.PTQ):
         raise ModelError(f"{folder.path} is a {folder.kind.value} folder, not a fake-quantized (QAT/PTQ) one")
-    model = AutoModelForCausalLM.from_pretrained(folder.path, dtype=dtype, local_files_only=True, **kwargs)
+    check_remote_code(folder.path, kwargs.get("trust_remote_code", False))
+    with quiet_transformers():  # its load report lists the quantizer tensors, which are read below
+        model = AutoModelForCausalLM.from_pretrained(folder.path, dtype=dtype, local_files_only=True, **kwargs)
     delattr(model.config, QUANT_KEY)  # quantize_model refuses a model that already records a spec
     quantize_model(model, folder.spec)
     wanted = quantizer_keys(model)

@@ -7,15 +7,18 @@ inside a PyPI package and is converted once into an HF folder under the cache ho
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from ..keys import HF_QUANT_KEY
+from ..apply import quantize_model
+from ..keys import EXPORT_KEY, HF_QUANT_KEY
+from ..spec import QuantSpec
 from .atomic import atomic_dir
 from .env import distqat_home
 
@@ -68,7 +71,8 @@ def bundled_model_path(name: str = "bundled:smollm2-135m") -> Path:
 
 
 def resolve_model_path(name_or_path: Union[str, Path], what: str = "model.name_or_path") -> Path:
-    """A local HF model folder for a model name; `what` names the argument in errors."""
+    """A local HF model folder for a model name, checked before anything reads it (config.json parses, the
+    weights are safetensors with complete headers); `what` names the argument in errors."""
     name_or_path = str(name_or_path)
     if name_or_path.startswith("bundled:"):
         return bundled_model_path(name_or_path)
@@ -81,11 +85,62 @@ def resolve_model_path(name_or_path: Union[str, Path], what: str = "model.name_o
         )
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} has no config.json: not a Hugging Face model folder")
+    cfg = read_config(path)
+    if EXPORT_KEY not in cfg:  # an integer checkpoint's reader checks its files (checksums, then safetensors) itself
+        check_weights(path)
     return path
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """A model folder's config.json; ModelError naming the file when it does not parse."""
+    file = path / "config.json"
+    try:
+        cfg = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{file} is not valid JSON ({e}); restore the folder or save the model again") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{file} holds no JSON object of model settings; restore the folder or save it again")
+    return cfg
+
+
+def check_weights(path: Path) -> None:
+    """The folder's weights are safetensors files whose headers parse and whose data is all there."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(f.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for f in path.glob(pattern))
+        if pickles:
+            raise ModelError(f"{path} holds pickle weights ({pickles[0]}) and no safetensors: distqat does not "
+                             "unpickle model files (a pickle can run code); save the model once with "
+                             "save_pretrained(safe_serialization=True) where you trust it")
+        raise ModelError(f"{path} holds no weight files (*.safetensors); it is incomplete: save the model again")
+    for f in files:
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if not 2 <= n <= size - 8:
+                    raise ValueError("no safetensors header")
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise ModelError(f"{f} is not a readable safetensors file ({e}); restore the folder or save the model "
+                             "again") from None
+        if size < 8 + n + end:
+            raise ModelError(f"{f} is truncated: its header describes {8 + n + end} bytes, the file has {size}; "
+                             "copy or save the model again")
+
+
+def check_remote_code(path: Path, trust_remote_code: bool) -> None:
+    """A model whose config maps its classes to code shipped with it loads only with model.trust_remote_code."""
+    if read_config(path).get("auto_map") and not trust_remote_code:
+        raise ModelError(f"{path} needs code shipped with the model (auto_map in its config.json); distqat runs it "
+                         "only when asked: set model.trust_remote_code=true if you trust that code")
+
+
 def load_tokenizer(name_or_path: Union[str, Path], trust_remote_code: bool = False):
-    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    path = resolve_model_path(name_or_path)
+    check_remote_code(path, trust_remote_code)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
@@ -110,6 +165,7 @@ def load_model(
     """Load a causal LM from a local folder or a bundled name, offline, in eval mode."""
     torch_dtype = resolve_dtype(dtype)
     path = resolve_model_path(name_or_path)
+    check_remote_code(path, trust_remote_code)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch_dtype, attn_implementation=attn_implementation,
@@ -118,3 +174,14 @@ def load_model(
     model.eval()
     model.distqat_load_seconds = time.perf_counter() - t0
     return model
+
+
+def check_spec_fits(name_or_path: Union[str, Path], spec: QuantSpec, trust_remote_code: bool = False) -> None:
+    """SpecError (one line, naming the layer and the group sizes that fit) when `spec` cannot quantize the
+    model; checked on the model's shapes alone (meta tensors), so nothing loads or computes."""
+    path = resolve_model_path(name_or_path)
+    check_remote_code(path, trust_remote_code)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    quantize_model(model, spec)
