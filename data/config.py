@@ -20,4 +20,5 @@ class GenerateConfig:
     on_eos: str = field(default="stop", metadata={"choices": ("stop", "continue")})
     chat_template: bool = False  # samples start as an assistant turn of the teacher's chat template
     out_dir: Optional[str] = None  # default: <output_dir>/generated
-    compile: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})  # CUDA graphs for decode
+    # CUDA graphs for decode: auto on CUDA only; "always"/"never" rather than on/off, which YAML reads as booleans
+    compile: str = field(default="auto", metadata={"choices": ("auto", "always", "never")})

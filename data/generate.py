@@ -266,7 +266,7 @@ def _progress(total: int, enabled: bool) -> tqdm:
 
 def compiled_forward(model, g: GenerateConfig, device: torch.device):
     """On CUDA, the decode step as CUDA graphs (torch.compile, reduce-overhead); None elsewhere."""
-    if g.compile == "off" or (g.compile == "auto" and device.type != "cuda"):
+    if g.compile == "never" or (g.compile == "auto" and device.type != "cuda"):
         return None
     return torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
 

@@ -89,7 +89,10 @@ def load_records(path: str, split: str = "train"):
         try:
             ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
         except Exception as e:  # datasets wraps parse errors in long chains; keep one line that names the file
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            root = e
+            while root.__cause__ is not None or root.__context__ is not None:  # the parser's own words
+                root = root.__cause__ or root.__context__
+            reason = (str(root).strip().splitlines() or [type(root).__name__])[0]
             raise ValueError(f"data.path={path!r} cannot be read as {fmt}: {reason}") from e
     if len(ds) == 0:
         raise ValueError(f"data.path={path!r} holds no records; give a file with some text")

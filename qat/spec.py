@@ -261,7 +261,7 @@ def check_layer(spec: TensorSpec, in_features: int, module_name: str) -> None:
     if spec.granularity == "group" and in_features % spec.group_size:
         divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
         raise SpecError(
-            f"group_size={spec.group_size} does not divide in_features={in_features} of {module_name}; "
+            f"quant.weight.group_size={spec.group_size} does not divide in_features={in_features} of {module_name}; "
             f"use one of {divisors or 'a divisor of ' + str(in_features)} or exclude the layer"
         )
 

@@ -59,8 +59,12 @@ def ptq_command(cfg: RunConfig) -> dict:
     calib = None
     calibrate = needs_calibration(spec, p)
     if calibrate and p.calib_data != "generate":
-        calib = calibration_ids(tok, p.n_samples, p.seq_len, resolve_calib_path(p.calib_data, cfg.data.path),
-                                p.calib_split, cfg.data.text_field, seed=p.seed)
+        path = resolve_calib_path(p.calib_data, cfg.data.path)
+        if not path.startswith("bundled:") and not Path(path).expanduser().exists():
+            key = "ptq.calib_data" if p.calib_data else "data.path (ptq.calib_data is empty)"
+            raise ValueError(f"{key}={path!r} does not exist; give a local text file or folder, bundled:wikitext, "
+                             "or ptq.calib_data=generate")
+        calib = calibration_ids(tok, p.n_samples, p.seq_len, path, p.calib_split, cfg.data.text_field, seed=p.seed)
     model = load_model(m.name_or_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
                        trust_remote_code=m.trust_remote_code)
     if calibrate and calib is None:  # the full-precision model writes its own calibration text

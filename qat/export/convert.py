@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..apply import quant_spec_of, quantizer_keys
-from ..io.atomic import atomic_dir
+from ..io.atomic import atomic_dir, check_dir
 from ..io.folders import Kind, inspect, load_fake_quant
 from ..keys import EXPORT_KEY, HF_QUANT_KEY, QUANT_KEY
 from ..linear import QuantLinear
@@ -145,6 +145,10 @@ def convert_folder(src: Union[str, Path], out: Union[str, Path], dtype: Optional
     if folder.kind is Kind.BASE:
         raise FormatError(f"{folder.path} holds no distqat quantization (config.json lacks {QUANT_KEY}); "
                           "quantize it first with distqat train or distqat ptq")
+    out = Path(out)
+    check_dir(out, "--out")  # before the model loads: a bad output folder fails in a second
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose another output folder or remove it")
     model = load_fake_quant(folder, dtype or folder.dtype)
     print(f"distqat convert: {src} -> {out}", file=sys.stderr)
     return convert_model(model, out, source=folder.path)
