@@ -109,3 +109,24 @@ def test_a_truncated_newest_checkpoint_is_named_with_the_fix(dirs, tmp_path):
     assert r.returncode == 2 and "step=4.ckpt" in last and "train.resume=never" in last, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     torch.load(out / "checkpoints" / "step=2.ckpt", weights_only=False)  # the one before is still whole
+
+
+@pytest.mark.parametrize("command", ["train", "generate"])
+def test_ctrl_c_ends_in_one_distqat_line_after_the_progress_bars(command, dirs, tmp_path):
+    out = tmp_path / command
+    args = train(dirs, dirs / "teacher", out, "train.max_steps=400") if command == "train" else [
+        sys.executable, "-m", "trainer", "generate", f"model.name_or_path={dirs / 'teacher'}", "model.dtype=float32",
+        f"generate.out_dir={out}", "generate.n_samples=4000", "generate.max_length=64", "generate.batch_size=4",
+        "generate.shard_size=8"]
+    proc = subprocess.Popen(args, cwd=ROOT, env={**ENV, "DISTQAT_PROGRESS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    started = out / ("checkpoints/step=2.ckpt" if command == "train" else "shard-00000.parquet")
+    deadline = time.time() + 300
+    while time.time() < deadline and not started.exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.rstrip().splitlines()[-1] == f"distqat {command}: interrupted"
+    assert "Traceback" not in err
+    assert not (out / "model").exists() and not (out / "manifest.json").exists()
