@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench._common import SHAPES, model_shapes  # noqa: E402
+from qat.export.cache import cache_kwarg  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -88,14 +89,14 @@ def decode_time(model, batch: int, prompt: int, steps: int) -> tuple[float, bool
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 8)
+    arg = {cache_kwarg(model): cache}  # `cache` on current transformers, `past_key_values` on older ones
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
-    model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt, device="cuda"),
-          use_cache=True)
+    model(input_ids=ids, **arg, cache_position=torch.arange(prompt, device="cuda"), use_cache=True)
     tok = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
     pos = torch.tensor([prompt], device="cuda")
 
     def step():
-        return model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+        return model(input_ids=tok, **arg, cache_position=pos, use_cache=True).logits
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

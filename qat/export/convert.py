@@ -21,11 +21,12 @@ from torch import nn
 
 from ..apply import quant_spec_of, quantizer_keys
 from ..io.atomic import atomic_dir, check_dir
-from ..io.folders import Kind, inspect, load_fake_quant
+from ..io.folders import Kind, inspect, load_fake_quant, spec_label
 from ..keys import EXPORT_KEY, HF_QUANT_KEY, QUANT_KEY
 from ..linear import QuantLinear
 from ..spec import QuantSpec
-from .format import FORMAT_VERSION, FormatError, compress, file_sha256, kv_args, weight_args
+from .format import FormatError, compress, file_sha256, kv_record, weight_args
+from .readers import model_card, reader_notes
 from .runtime import IntLinear
 
 SHARD_BYTES = 4 << 30
@@ -102,35 +103,45 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
         tensors[k] = t.detach().contiguous()
 
     formats = {g["format"] for g in groups.values()}
+    kv = kv_record(spec.kv if spec is not None else getattr(model, "kv_spec", None))  # IntLinear models: their own
     quant_config = {
         "quant_method": "compressed-tensors",
         "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
         "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())},
         "ignore": ignore,
-        "kv_cache_scheme": kv_args(spec.kv) if spec is not None else None,
+        "kv_cache_scheme": None,  # the integer KV cache is in distqat_export.kv: see format.py
     }
     cfg = model.config.to_dict()
-    for k in [k for k in cfg if k.startswith("_attn_implementation")] + [QUANT_KEY]:
+    # _name_or_path is where the source was loaded from: a path on this machine, meaningless elsewhere.
+    for k in [k for k in cfg if k.startswith("_attn_implementation")] + [QUANT_KEY, "_name_or_path"]:
         cfg.pop(k, None)
     cfg[HF_QUANT_KEY] = quant_config
     if tied and "lm_head" in quantized:
         cfg["tie_word_embeddings"] = False  # the head is now integer codes, the embedding stays float
 
+    unpacked_narrow = any(g["format"] == "int-quantized" and g["weights"]["num_bits"] < 8 for g in groups.values())
+    offsets = any(k.endswith(".weight_offset") for k in tensors)
+    version = 3 if kv is not None or unpacked_narrow else 2 if offsets else 1
+    kv_words = None if kv is None else \
+        f"int{kv['bits']} per {'token' if kv['granularity'] == 'token' else 'head and token'}, dynamic"
+    notes = reader_notes(quant_config, kv_words)
     with atomic_dir(out) as tmp:  # an empty `out` (checked above) is replaced
         digests = _save_shards(tensors, tmp)
-        offsets = any(k.endswith(".weight_offset") for k in tensors)
         cfg[EXPORT_KEY] = {
-            "version": FORMAT_VERSION if offsets else 1,
+            "version": version,
             "spec": spec.to_dict() if spec is not None else None,
-            "kv_granularity": spec.kv.granularity if spec is not None and spec.kv is not None else None,
+            "kv": kv,
             "sha256": digests,
         }
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").write_text(model_card(out.name, spec_label(spec, "custom"), notes, version))
         if source is not None:
             for f in COPY_FILES:
                 if (source / f).is_file():
                     shutil.copy2(source / f, tmp / f)
+    for line in notes:
+        print(f"distqat convert: {line}", file=sys.stderr)
     return out
 
 

@@ -1,15 +1,18 @@
 """The compressed-tensors description of a distqat quantization, both ways.
 
 A converted folder's config.json carries a standard `quantization_config` (quant_method
-"compressed-tensors"), so vLLM and transformers can read it, plus a small `distqat_export` record:
-the format version, a SHA-256 per weight file (a truncated or edited file is refused, not loaded
-silently wrong) and the few details compressed-tensors has no words for (per-head KV scales).
+"compressed-tensors") in the terms standard readers apply correctly (see `readers`: weight-only layers
+`pack-quantized`, int8-activation layers `int-quantized`), plus a `distqat_export` record: the format
+version, a SHA-256 per weight file (a truncated or edited file is refused, not loaded silently wrong) and
+what the standard has no words for: the integer KV cache (per token or per head and token, dynamic), whose
+compressed-tensors `kv_cache_scheme` would mean one static float8 scale to vLLM.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,9 +23,11 @@ from .pack import pack_int32
 
 # Version 2 adds `weight_offset`, a real-valued part of the zero point (per output row and weight group,
 # in weight units: W = (code - zero) * scale + offset), which a QA-LoRA merge folds its adapter into.
-# Checkpoints without offsets are written as version 1, which readers before version 2 read too.
-FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)
+# Version 3 moves the KV cache spec from `kv_cache_scheme` to distqat_export.kv and writes int8-activation
+# layers of any weight width as `int-quantized` (unpacked int8 codes). A folder is written with the lowest
+# version whose readers run it as written, so older distqat versions refuse what they would misread.
+FORMAT_VERSION = 3
+READ_VERSIONS = (1, 2, 3)
 
 
 class FormatError(ValueError):
@@ -67,20 +72,20 @@ def act_args(spec: Optional[TensorSpec], name: str) -> Optional[dict[str, Any]]:
     return _int_args(spec, "token", dynamic=True)
 
 
-def kv_args(spec: Optional[TensorSpec]) -> Optional[dict[str, Any]]:
+def kv_record(spec: Optional[TensorSpec]) -> Optional[dict[str, Any]]:
+    """The KV cache spec as distqat_export.kv (a TensorSpec dict); FormatError for a cache the runtime lacks."""
     if spec is None:
         return None
     if spec.format != "int" or not spec.dynamic or spec.granularity not in ("token", "head"):
         raise FormatError(f"quant.kv: {spec.format} {spec.granularity} kv has no integer cache here; "
                           "use dynamic int kv per token or per head (e.g. kv8, kv4)")
-    # compressed-tensors names no per-(head, token) dynamic scale; the exact granularity is in
-    # distqat_export.kv, and readers that only know the standard field see per-token int kv.
-    return _int_args(spec, "token", dynamic=True)
+    return asdict(spec)
 
 
 def layer_format(weight: TensorSpec, act: Optional[TensorSpec]) -> str:
-    """int8 weights with int8 activations stay unpacked int8 (int-quantized); the rest packs into int32."""
-    return "int-quantized" if weight.bits == 8 and act is not None else "pack-quantized"
+    """int8-activation layers are `int-quantized` (int8 codes), the format whose activation quantization
+    standard readers apply; weight-only layers pack their codes into int32 (`pack-quantized`)."""
+    return "int-quantized" if act is not None else "pack-quantized"
 
 
 def spec_from_args(args: dict[str, Any], kind: str) -> TensorSpec:

@@ -17,7 +17,7 @@ from .. import kv as kv_quant
 from ..io.folders import Folder, inspect
 from ..keys import EXPORT_KEY, HF_QUANT_KEY
 from ..spec import TensorSpec
-from .cache import IntKVCache
+from .cache import CACHE_KWARGS, IntKVCache, cache_kwarg
 from .format import READ_VERSIONS, FormatError, file_sha256, matches, spec_from_args
 from .runtime import IntLinear
 
@@ -135,11 +135,8 @@ def load_quantized(
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
 
-    kv_args = q.get("kv_cache_scheme")
-    if kv_args:
-        kv = spec_from_args(kv_args, "kv")
-        kv.granularity = meta.get("kv_granularity") or kv.granularity
-        kv.check("kv")
+    kv = _kv_spec(q, meta)
+    if kv is not None:
         kv_quant.install(model, kv)
         if int_kv_cache:
             _use_int_cache(model, kv)
@@ -149,15 +146,30 @@ def load_quantized(
     return model
 
 
+def _kv_spec(q: dict[str, Any], meta: dict[str, Any]) -> Optional[TensorSpec]:
+    """The KV cache spec: distqat_export.kv (format 3), or the kv_cache_scheme older versions wrote."""
+    if meta.get("version", 1) >= 3:
+        return TensorSpec(**meta["kv"]).check("kv") if meta.get("kv") else None
+    args = q.get("kv_cache_scheme")
+    if not args:
+        return None
+    kv = spec_from_args(args, "kv")
+    kv.granularity = meta.get("kv_granularity") or kv.granularity
+    return kv.check("kv")
+
+
 def _use_int_cache(model: nn.Module, kv: TensorSpec) -> None:
-    """Make `model.generate` store its cache as integers unless the caller passes its own cache."""
+    """Make `model.generate` store its cache as integers unless the caller passes its own cache (under the
+    argument name of the installed transformers, `cache`, or the older `past_key_values`)."""
     n_layers = model.config.get_text_config().num_hidden_layers
     generate = model.generate
+    name = cache_kwarg(model)
 
     @functools.wraps(generate)
     def generate_with_int_cache(*args: Any, **kwargs: Any):
-        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
-            kwargs["past_key_values"] = IntKVCache(kv, n_layers)
+        given = any(kwargs.get(k) is not None for k in CACHE_KWARGS)
+        if not given and kwargs.get("use_cache", True):
+            kwargs[name] = IntKVCache(kv, n_layers)
         return generate(*args, **kwargs)
 
     model.generate = generate_with_int_cache

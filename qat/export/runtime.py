@@ -15,7 +15,7 @@ from torch import nn
 from ..spec import TensorSpec
 from . import ops
 from .format import FormatError, compress
-from .pack import packed_cols, unpack_int32
+from .pack import pack_int32, packed_cols, unpack_int32
 
 
 class IntLinear(nn.Module):
@@ -94,13 +94,17 @@ class IntLinear(nn.Module):
                     z = (zp.to(torch.int16) + (1 << (b - 1))).reshape(-1, 1).expand(n, ng)
                 self.zero = (z.to(torch.int16) - 128).to(torch.int8) if b == 8 else z.to(torch.uint8).contiguous()
         else:
-            w = need("weight")
+            w = need("weight")  # int-quantized: signed codes as int8 whatever the width
             check("weight", w, (n, k), (torch.int8,))
-            if b != 8:
-                raise FormatError(f"{name}: unpacked int8 weights but the config declares {b} bits")
-            self.qweight = w.contiguous()
+            half = 1 << (b - 1)
+            if b != 8 and w.numel() and (int(w.min()) < -half or int(w.max()) >= half):
+                raise FormatError(f"{name}.weight holds codes outside the {b}-bit range [{-half}, {half - 1}] "
+                                  "its config declares; the checkpoint does not match its config")
+            self.qweight = w.contiguous() if b == 8 else pack_int32(w.to(torch.int32) + half, b)
             if zp is not None:
-                self.zero = zp.reshape(n, -1).to(torch.int8).contiguous()
+                z = zp.to(torch.int8).reshape(-1, 1).expand(n, 1) if zp.numel() == 1 else zp.reshape(n, -1)
+                check("weight_zero_point", z, self.scale.shape, (torch.int8,))
+                self.zero = z.contiguous() if b == 8 else (z.to(torch.int16) + half).to(torch.uint8).contiguous()
         offset = tensors.get("weight_offset")
         if offset is not None:
             check("weight_offset", offset, self.scale.shape, (torch.bfloat16, torch.float16, torch.float32))

@@ -1,0 +1,89 @@
+"""Which standard readers run a converted folder as written, and how; `convert` prints this and writes it into
+the folder's README.md.
+
+vLLM picks a kernel per layer from its config group and format, following the scheme matching of its
+compressed-tensors integration (`CompressedTensorsConfig._get_scheme_from_parts`):
+- a weight-only format (`pack-quantized`) runs as WNA16 when the weights are 4 or 8 bits, per channel or per
+  group and static; any input-activation entry is dropped for such a format, which is why a8 layers must not
+  be written packed. Asymmetric (zero-point) weights need a recent vLLM: older releases take symmetric only.
+- an activation format (`int-quantized`) runs int8 activations per token (dynamic) with symmetric weights:
+  8-bit per tensor or channel as W8A8Int8, 4-bit per channel or group as W4A8Int (vLLM's CPU kernels).
+- a `kv_cache_scheme` must be 8-bit float, per tensor or head, symmetric. distqat's integer per-token KV
+  cache has no such entry: it is written only in distqat_export, and other readers keep a full-precision cache.
+
+transformers (compressed-tensors integration) decompresses every integer layout to dense weights and, for
+the activation format, quantizes the inputs per token as distqat does. For packed asymmetric weights its
+default path fails (compressed-tensors builds the empty model with an unpacked zero point, which the packed
+one does not fit) and `CompressedTensorsConfig(dequantize=True)` loads them; that option also drops
+activation quantization, so it is named only for weight-only folders.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+DEQUANTIZE_HINT = ("AutoModelForCausalLM.from_pretrained(path, "
+                   "quantization_config=CompressedTensorsConfig(dequantize=True))")
+
+
+def vllm_scheme(group: dict[str, Any], fmt: str) -> tuple[Optional[str], str]:
+    """(vLLM's scheme for one config group, why) or (None, why vLLM has none) for a layer written as `fmt`."""
+    w, a = group["weights"], group.get("input_activations")
+    bits, strategy, sym = w["num_bits"], w["strategy"], w["symmetric"]
+    if w.get("type", "int") != "int" or w.get("dynamic"):
+        return None, "vLLM runs static integer weights only"
+    if fmt == "pack-quantized":
+        if a is not None:
+            return None, "vLLM drops the activation quantization of a weight-only (pack-quantized) layer"
+        if strategy not in ("channel", "group"):
+            return None, f"vLLM's WNA16 kernels take per-channel or per-group weights, not per-{strategy}"
+        if bits not in (4, 8):
+            return None, f"vLLM's WNA16 kernels take 4- or 8-bit weights, not {bits}-bit"
+        return "WNA16", "" if sym else "asymmetric weights need a vLLM with zero-point WNA16 (older ones refuse)"
+    if fmt != "int-quantized":
+        return None, f"format {fmt!r} is not one distqat writes"
+    if a is None or a["num_bits"] != 8 or a["strategy"] != "token" or not a.get("dynamic"):
+        return None, "vLLM's integer activation kernels take dynamic per-token int8 activations"
+    if not sym:
+        return None, "vLLM's integer activation kernels take symmetric weights only"
+    if bits == 8 and strategy in ("tensor", "channel"):
+        return "W8A8Int8", ""
+    if bits == 4 and strategy in ("channel", "group"):
+        return "W4A8Int", "vLLM runs W4A8Int on CPU (x86/Arm) only"
+    return None, f"vLLM has no kernel for {bits}-bit per-{strategy} weights with int8 activations"
+
+
+def reader_notes(quant_config: dict[str, Any], kv: Optional[str]) -> list[str]:
+    """One line per standard reader: what it runs of this folder (`kv`: distqat's KV cache, e.g. 'int8 per token')."""
+    fmt = quant_config["format"]
+    groups = [(g, *vllm_scheme(g, g.get("format") or fmt)) for g in quant_config["config_groups"].values()]
+    parts = [f"{len(g['targets'])} layers " + (f"as {s}" if s else "none") + (f" ({why})" if why else "")
+             for g, s, why in groups]
+    runs = all(s for _, s, _ in groups)
+    packed_asym = any(not g["weights"]["symmetric"] and (g.get("format") or fmt) == "pack-quantized"
+                      for g, _, _ in groups)
+    has_act = any(g.get("input_activations") for g, _, _ in groups)
+    lines = [f"vLLM: {'runs' if runs else 'cannot load'} it: " + "; ".join(parts)]
+    if packed_asym:
+        lines.append(f"transformers: packed asymmetric weights load only with {DEQUANTIZE_HINT} (a compressed-"
+                     "tensors bug breaks the default path); weights dense, the same logits")
+    else:
+        lines.append("transformers: AutoModelForCausalLM.from_pretrained(path) loads it, weights dense"
+                     + ("; compressed-tensors quantizes the int8 activations per token as in training (do not pass "
+                        "dequantize=True: it drops them)" if has_act else ", the same logits"))
+    if kv:
+        lines.append(f"KV cache: {kv} is distqat's own (qat.export.load_quantized); vLLM and transformers keep a "
+                     "full-precision cache")
+    lines.append("distqat: qat.export.load_quantized(path) runs it as written (integer kernels, "
+                 + ("integer KV cache" if kv else "no KV quantization") + ")")
+    return lines
+
+
+def model_card(name: str, spec_label: str, notes: list[str], version: int) -> str:
+    """The README.md of a converted folder."""
+    body = "\n".join(f"- {n}" for n in notes)
+    return (f"# {name}: {spec_label}, integer weights\n\n"
+            "Written by `distqat convert` in the compressed-tensors layout (config.json `quantization_config`); "
+            f"distqat's own record (format version {version}, spec, checksums) is `distqat_export`.\n\n"
+            f"## Who reads it\n\n{body}\n\n"
+            "```python\nfrom qat.export import load_quantized\nmodel = load_quantized(path)\n```\n")

@@ -1,0 +1,293 @@
+"""Converted folders as standard readers see them: vLLM's scheme matching, compressed-tensors decompression,
+transformers' from_pretrained, the integer KV cache kept out of the standard fields, no absolute paths, the
+folder's model card, older format versions, and both names of generate's cache argument."""
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+
+from qat.apply import quantize_model
+from qat.export import convert_model, load_quantized
+from qat.export.readers import vllm_scheme
+from qat.linear import QuantLinear
+from qat.spec import QuantSpec, TensorSpec
+
+ct = pytest.importorskip("compressed_tensors")
+
+
+def _config():
+    from conftest import tiny_config
+
+    _, cfg = tiny_config("llama")
+    cfg.intermediate_size = 128  # every input width a multiple of 64, so g64 fits every layer
+    return cfg
+
+
+def _quantized(scheme, dtype=torch.bfloat16):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(_config()), dtype=dtype).eval()
+    quantize_model(model, scheme)
+    return model
+
+
+def _ids(n=24, seed=0):
+    return torch.randint(0, 128, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- vLLM's rules, restated from its source (compressed_tensors.py, _get_scheme_from_parts and the
+# predicates it calls), independently of qat.export.readers, to hold the written configs to.
+
+def _vllm_oracle(group: dict, top_format: str):
+    fmt = group.get("format") or top_format
+    w = group["weights"]
+    # _quantization_scheme_map_from_config keeps input_activations only for activation formats
+    act_format = fmt in ("naive-quantized", "int-quantized", "float-quantized")
+    a = group.get("input_activations") if act_format else None
+    static_w = not w["dynamic"]
+    # _is_wNa16_group_channel (recent vLLM: any symmetry) + pack-quantized + WNA16_SUPPORTED_BITS
+    if a is None and w["strategy"] in ("channel", "group") and static_w:
+        if fmt == "pack-quantized" and w["num_bits"] in (4, 8):
+            return "WNA16"
+    if act_format and a is not None:
+        token_dyn = a["strategy"] == "token" and a["dynamic"] and static_w
+        # _is_dynamic_token_w8a8
+        if w["num_bits"] == a["num_bits"] == 8 and w["strategy"] in ("tensor", "channel") and token_dyn \
+                and w["symmetric"]:
+            return "W8A8Int8"
+        # _is_dynamic_token_w4a8_int
+        if w["num_bits"] == 4 and a["num_bits"] == 8 and w["strategy"] in ("group", "channel") and token_dyn \
+                and w["symmetric"]:
+            return "W4A8Int"
+    return None  # vLLM raises "No compressed-tensors compatible scheme was found."
+
+
+def _vllm_kv_ok(kv) -> bool:
+    # CompressedTensorsKVCacheMethod.validate_kv_cache_scheme
+    return kv is None or (kv.get("type") == "float" and kv.get("num_bits") == 8
+                          and kv.get("strategy") in ("tensor", "attn_head") and kv.get("symmetric"))
+
+
+# scheme -> the kernel vLLM must pick (None: vLLM has none, and convert must say so)
+VLLM = {
+    "w4g64": "WNA16", "w4": "WNA16", "w8": "WNA16", "w8g64": "WNA16", "w4g64asym": "WNA16",
+    "w8a8": "W8A8Int8", "w8a8kv8": "W8A8Int8", "w4a8kv8": "W4A8Int", "w4g64a8kv4": "W4A8Int",
+    "w2g64": None, "w3g64asym": None, "w8asyma8": None, "w4asyma8": None, "w8g64a8": None,
+}
+
+
+@pytest.mark.parametrize("scheme", sorted(VLLM))
+def test_every_converted_scheme_is_one_vllm_matches_to_the_same_numerics(tmp_path, scheme, capsys):
+    from compressed_tensors.quantization import QuantizationConfig
+
+    model = _quantized(scheme)
+    out = convert_model(model, tmp_path / "int")
+    cfg = json.loads((out / "config.json").read_text())
+    q = cfg["quantization_config"]
+    QuantizationConfig.model_validate(q)  # the reader's own schema accepts it
+    assert _vllm_kv_ok(q.get("kv_cache_scheme")) and q.get("kv_cache_scheme") is None
+    has_act = model.model.layers[0].mlp.down_proj.act_spec is not None
+    for group in q["config_groups"].values():
+        got = _vllm_oracle(group, q["format"])
+        assert got == VLLM[scheme], (scheme, group)
+        # what vLLM would run has the layer's own numerics: int8 activations exactly where trained with them
+        if got is not None:
+            assert got.startswith("W8A8") or got.startswith("W4A8") if has_act else got == "WNA16"
+        assert vllm_scheme(group, group["format"])[0] == got  # what convert tells the user agrees
+    err = capsys.readouterr().err
+    assert ("vLLM: runs it" in err) == (VLLM[scheme] is not None), err
+    assert "vLLM" in (out / "README.md").read_text()
+    if "kv" in scheme:  # the integer KV cache lives in distqat's record, named in the card
+        assert cfg["distqat_export"]["kv"]["bits"] == int(scheme[-1])
+        assert "KV cache: int" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("scheme", ["w4g64", "w4g64asym", "w4", "w8a8", "w4g64a8"])
+def test_compressed_tensors_decompression_equals_our_dequantized_weights(tmp_path, scheme):
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    model = _quantized(scheme, torch.float32)
+    out = convert_model(model, tmp_path / "int")
+    qc = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    tensors = load_file(str(out / "model.safetensors"))
+    rt = load_quantized(out)
+    n = 0
+    for group in qc.config_groups.values():
+        compressor = BaseCompressor.load_from_registry(group.format)
+        for name in group.targets:
+            local = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            dense = compressor.decompress(local, scheme=group)["weight"]
+            ours = rt.get_submodule(name).dequantized_weight(torch.float32)
+            assert torch.equal(dense.float(), ours), (scheme, name)
+            assert torch.equal(ours, model.get_submodule(name).quantized_weight().float()), (scheme, name)
+            n += 1
+    assert n == 14
+
+
+@pytest.mark.parametrize("scheme", ["w4g64", "w4", "w4g64asym", "w2g64", "w3g64asym"])
+def test_transformers_from_pretrained_gives_our_logits_for_weight_only_folders(tmp_path, scheme, capsys):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model = _quantized(scheme)
+    out = convert_model(model, tmp_path / "int")
+    ids = _ids()
+    with torch.no_grad():
+        ours = load_quantized(out)(ids).logits
+        assert torch.equal(ours, model(ids).logits)
+    if scheme.endswith("asym"):
+        # compressed-tensors' default path builds the zero point unpacked and the packed one does not fit;
+        # the documented route (README, convert's output) is dequantize=True
+        assert "dequantize=True" in (out / "README.md").read_text()
+        assert "dequantize=True" in capsys.readouterr().err  # named at convert time too
+        with pytest.raises(Exception, match="(?i)size|shape|mismatch"):
+            AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+        hf = AutoModelForCausalLM.from_pretrained(
+            out, dtype=torch.bfloat16, quantization_config=CompressedTensorsConfig(dequantize=True))
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, ours)
+
+
+def test_written_folders_hold_no_absolute_paths(tmp_path, bundled_tokenizer):
+    from conftest import save_tiny_teacher
+    from transformers import AutoModelForCausalLM
+
+    from qat.export import convert_folder
+
+    teacher = save_tiny_teacher(tmp_path / "teacher", bundled_tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.bfloat16)
+    quantize_model(model, "w4a8kv8")
+    model.save_pretrained(tmp_path / "fq")
+    bundled_tokenizer.save_pretrained(tmp_path / "fq")
+    out = convert_folder(tmp_path / "fq", tmp_path / "int")
+    cfg = json.loads((out / "config.json").read_text())
+    assert "_name_or_path" not in cfg
+    from trainer.cli import main
+
+    assert main(["ptq", f"model.name_or_path={teacher}", "ptq.method=rtn", "quant.scheme=w4g32",
+                 "ptq.progress=false", f"output_dir={tmp_path / 'ptq'}"]) == 0
+    written = [f for d in (out, tmp_path / "ptq" / "model") for f in d.iterdir()]
+    assert len(written) > 6
+    for f in written:
+        assert str(tmp_path).encode() not in f.read_bytes(), f
+
+
+def test_older_format_versions_still_load_with_their_kv_cache(tmp_path):
+    model = _quantized("w4g64a8kv8", torch.float32)
+    out = convert_model(model, tmp_path / "int")
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["distqat_export"]["version"] == 3
+    new = load_quantized(out)
+    # version 2 wrote the KV spec as a compressed-tensors kv_cache_scheme plus its granularity
+    meta = cfg["distqat_export"]
+    kv = meta.pop("kv")
+    meta.update(version=2, kv_granularity=kv["granularity"])
+    cfg["quantization_config"]["kv_cache_scheme"] = {
+        "num_bits": kv["bits"], "type": "int", "symmetric": kv["symmetric"], "strategy": "token", "dynamic": True}
+    meta.pop("sha256")  # the edited config is not a weight file; checksums cover weights only
+    cfg_path.write_text(json.dumps(cfg))
+    old = load_quantized(out)
+    assert old.kv_spec == new.kv_spec
+    ids = _ids(n=8)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(old.generate(ids, **kw), new.generate(ids, **kw))
+    # a reader of versions 1-2 refuses a version 3 folder rather than run it without its KV quantization
+    import qat.export.load as export_load
+
+    meta["version"] = 3
+    cfg_path.write_text(json.dumps(cfg))
+    export_load_versions = export_load.READ_VERSIONS
+    try:
+        export_load.READ_VERSIONS = (1, 2)
+        with pytest.raises(ValueError, match="format version 3"):
+            load_quantized(out)
+    finally:
+        export_load.READ_VERSIONS = export_load_versions
+
+
+def test_generate_takes_the_cache_under_either_name(tmp_path):
+    from qat.export.cache import IntKVCache, cache_kwarg
+
+    rt = load_quantized(convert_model(_quantized("w4g64a8kv8", torch.float32), tmp_path / "int"))
+    ids = _ids(n=8, seed=1)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the default path uses the installed name: no warning
+        default = rt.generate(ids, **kw)
+        current = IntKVCache(rt.kv_spec, 2)
+        assert torch.equal(rt.generate(ids, **{cache_kwarg(rt): current}, **kw), default)
+    assert current.nbytes() > 0  # the caller's cache was used, not replaced
+    for name in ("cache", "past_key_values"):
+        if name != cache_kwarg(rt) and name == "cache":
+            continue  # transformers before the rename knows no `cache` argument
+        given = IntKVCache(rt.kv_spec, 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the old name still works, with a deprecation
+            assert torch.equal(rt.generate(ids, **{name: given}, **kw), default)
+        assert given.nbytes() > 0, name
+
+
+def test_w4a8_layers_are_unpacked_int8_and_run_as_before(tmp_path):
+    from safetensors.torch import load_file
+
+    model = _quantized("w4g64a8kv8", torch.float32)
+    out = convert_model(model, tmp_path / "int")
+    tensors = load_file(str(out / "model.safetensors"))
+    w = tensors["model.layers.0.mlp.down_proj.weight"]
+    assert w.dtype == torch.int8 and int(w.min()) >= -8 and int(w.max()) <= 7
+    assert "model.layers.0.mlp.down_proj.weight_packed" not in tensors
+    rt = load_quantized(out)
+    down = rt.model.layers[0].mlp.down_proj
+    assert down.qweight.dtype == torch.int32  # repacked in memory: 4 bits a weight at run time
+    ref = model.model.layers[0].mlp.down_proj.quantized_weight().float()
+    assert torch.equal(down.dequantized_weight(torch.float32), ref)
+    # a code outside the declared width is refused, naming the tensor
+    bad = dict(tensors)
+    bad["model.layers.0.mlp.down_proj.weight"] = w.clone().index_fill_(1, torch.tensor([0]), 9)
+    layer = type(down)(down.in_features, down.out_features, down.weight_spec, down.act_spec, bias=False,
+                       dtype=torch.float32)
+    prefix = "model.layers.0.mlp.down_proj."
+    with pytest.raises(ValueError, match="down_proj.weight holds codes outside the 4-bit range"):
+        layer.load_compressed({k[len(prefix):]: v for k, v in bad.items() if k.startswith(prefix)}, "down_proj")
+
+
+def test_a_custom_spec_without_a_short_name_converts_with_its_card(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(_config()), dtype=torch.float32).eval()
+    spec = QuantSpec(weight=TensorSpec(bits=4, granularity="tensor"))
+    quantize_model(model, spec)
+    assert all(m.weight_spec.granularity == "tensor" for m in model.modules() if isinstance(m, QuantLinear))
+    out = convert_model(model, tmp_path / "int")
+    card = (out / "README.md").read_text()
+    assert "vLLM: cannot load it" in card and "per-tensor" in card
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4g64a8", "w4asyma8", "w8asyma8"])
+def test_transformers_applies_the_int8_activations_of_int_quantized_folders(tmp_path, scheme):
+    # The activation format is what makes compressed-tensors quantize the inputs; in fp32 its per-token int8
+    # fake quant and ours agree bit for bit, and differ from the same weights without activation quant.
+    from transformers import AutoModelForCausalLM
+
+    model = _quantized(scheme, torch.float32)
+    out = convert_model(model, tmp_path / "int")
+    assert "drops them" in (out / "README.md").read_text()  # the card warns off dequantize=True here
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = _ids()
+    with torch.no_grad():
+        got, ref = hf(ids).logits, model(ids).logits
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.input_quantizer = None
+        a16 = model(ids).logits
+    assert torch.equal(got, ref)
+    assert not torch.equal(got, a16)
