@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench._common import SHAPES, model_shapes  # noqa: E402
-from qat.export.cache import cache_kwarg  # noqa: E402
+from qat.io.models import cache_kwarg  # noqa: E402
 
 
 def parse_args(argv=None):

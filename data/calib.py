@@ -9,6 +9,8 @@ from typing import Optional
 import datasets
 import torch
 
+from qat.io.models import cache_kwarg
+
 from .generate import candidate_first_tokens
 from .sources import load_texts, token_stream
 
@@ -46,14 +48,15 @@ def generated_ids(model, tokenizer, n_samples: int, seq_len: int, seed: int = 0,
     vocab = model.config.vocab_size
     first = candidate_first_tokens(tokenizer, vocab) if tokenizer is not None else torch.arange(vocab)
     out = []
+    arg = cache_kwarg(model)  # `cache` on current transformers, `past_key_values` on older ones
     for b0 in range(0, n_samples, batch_size):
         b = min(batch_size, n_samples - b0)
         ids = first[torch.randint(len(first), (b, 1), generator=g)].to(device)
         past = None
         x = ids
         for pos in range(1, seq_len):
-            o = model(x, past_key_values=past, use_cache=True)
-            past, logits = o.past_key_values, o.logits[:, -1].float()
+            o = model(x, **{arg: past}, use_cache=True)
+            past, logits = o[arg], o.logits[:, -1].float()
             if pos <= greedy:
                 nxt = logits.argmax(-1, keepdim=True)
             else:

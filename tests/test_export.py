@@ -121,7 +121,8 @@ def test_int8_activation_runtime_matches_fake_quant_within_bf16_rounding(tiny_mo
 def test_generate_with_the_integer_kv_cache_matches_fake_quant(tiny_model, tmp_path):
     from transformers import DynamicCache
 
-    from qat.export.cache import IntKVCache, cache_kwarg
+    from qat.export.cache import IntKVCache
+    from qat.io.models import cache_kwarg
 
     for kv, bits in (("w4g32a8kv8", 8), ("w4g32a8kv4", 4)):
         model = _quantized(tiny_model, kv, torch.float32)

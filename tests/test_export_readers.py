@@ -214,7 +214,8 @@ def test_older_format_versions_still_load_with_their_kv_cache(tmp_path):
 
 
 def test_generate_takes_the_cache_under_either_name(tmp_path):
-    from qat.export.cache import IntKVCache, cache_kwarg
+    from qat.export.cache import IntKVCache
+    from qat.io.models import cache_kwarg
 
     rt = load_quantized(convert_model(_quantized("w4g64a8kv8", torch.float32), tmp_path / "int"))
     ids = _ids(n=8, seed=1)

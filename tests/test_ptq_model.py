@@ -267,3 +267,18 @@ def test_cli_bad_inputs_one_line_before_loading(tmp_path, bundled_tokenizer):
     assert "'bundled:wikitext' (split 'calib')" in line and "lower ptq.n_samples or ptq.seq_len" in line
     assert "hqq is weight-only" in ptq("quant.scheme=w4a8kv8", "ptq.method=hqq")
     assert "smoothquant migrates activation outliers" in ptq("quant.scheme=w4g64", "ptq.method=smoothquant")
+
+
+def test_generated_calibration_text_is_the_models_own_greedy_then_sampled(tiny_model):
+    import warnings
+
+    model = tiny_model("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the cache goes in under the installed transformers' name
+        ids = calibration_ids(None, 5, 10, path="generate", model=model, seed=3)
+        again = calibration_ids(None, 5, 10, path="generate", model=model, seed=3)
+    assert ids.shape == (5, 10) and torch.equal(ids, again)  # the seed decides the text
+    assert not torch.equal(ids, calibration_ids(None, 5, 10, path="generate", model=model, seed=4))
+    with torch.no_grad():  # the 3 greedy steps after the random first token are the full forward's argmax
+        for pos in range(1, 4):
+            assert torch.equal(ids[:, pos], model(ids[:, :pos]).logits[:, -1].argmax(-1))

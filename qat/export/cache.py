@@ -8,26 +8,14 @@ bit for bit; the tensors are marked so that the wrapper does not quantize them a
 
 from __future__ import annotations
 
-import inspect
 from typing import Optional
 
 import torch
-from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..kv import QUANTIZED_MARK, kv_rows
 from ..quantizers import dequantize_codes, minmax_qparams, quantize_codes
 from ..spec import TensorSpec
-
-# transformers 5.2x renamed the cache argument of forward and generate from past_key_values to cache (the old
-# name warns, and goes in 6.0); 5.17 knows only the old one.
-CACHE_KWARGS = ("cache", "past_key_values")
-
-
-def cache_kwarg(model: nn.Module) -> str:
-    """The name under which this model's forward (and so generate) takes its KV cache."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

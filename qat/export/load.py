@@ -15,9 +15,10 @@ from transformers.initialization import no_init_weights
 
 from .. import kv as kv_quant
 from ..io.folders import Folder, inspect
+from ..io.models import CACHE_KWARGS, cache_kwarg
 from ..keys import EXPORT_KEY, HF_QUANT_KEY
 from ..spec import TensorSpec
-from .cache import CACHE_KWARGS, IntKVCache, cache_kwarg
+from .cache import IntKVCache
 from .format import READ_VERSIONS, FormatError, file_sha256, matches, spec_from_args
 from .runtime import IntLinear
 

@@ -7,6 +7,7 @@ inside a PyPI package and is converted once into an HF folder under the cache ho
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import time
 from pathlib import Path
@@ -185,3 +186,14 @@ def check_spec_fits(name_or_path: Union[str, Path], spec: QuantSpec, trust_remot
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     quantize_model(model, spec)
+
+
+# transformers 5.2x renamed the cache argument of forward and generate from past_key_values to cache (the old
+# name warns, and goes in 6.0); 5.17 knows only the old one.
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The name under which this model's forward (and so generate) takes its KV cache."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
