@@ -18,7 +18,8 @@ from .config import ConfigError, RunConfig, describe_schema, load_config, overri
 
 MODEL = ("model.*",)
 RUN = ("name", "output_dir")
-EVAL = ("eval.split", "eval.max_tokens", "eval.seq_len", "eval.batch_size", "eval.plot")
+EVAL = ("eval.split", "eval.max_tokens", "eval.seq_len", "eval.batch_size", "eval.plot", "eval.tasks",
+        "eval.task_dir", "eval.task_limit", "eval.num_fewshot")
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ COMMANDS: dict[str, Command] = {
     "pipeline": Command("LLM-QAT end to end: generate, train, then score FP, the RTN start and the trained student",
                         (*RUN, "seed", *MODEL, "quant.*", "data.*", "generate.*", "train.*", "distributed.*",
                          *EVAL), _run_pipeline),
-    "eval": Command("perplexity of the full-precision and the fake-quantized model, with a plot",
+    "eval": Command("perplexity of the full-precision and the fake-quantized model, with a plot; lm-eval tasks",
                     (*RUN, *MODEL, "quant.*", "data.path", "data.text_field", "eval.*"), _run_eval),
     "bench": Command("speed benchmarks, each as a ratio to bf16", ()),
     "report": Command("collect the results of runs into one table and plot", RUN, _run_report),

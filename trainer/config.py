@@ -93,10 +93,17 @@ class EvalConfig:
     split: str = field(default="test", metadata={"choices": ("train", "test", "calib")})
     max_tokens: int = field(default=8192, metadata={"range": (1, 1 << 40)})
     seq_len: int = field(default=1024, metadata={"range": (8, 1 << 20)})
-    batch_size: int = field(default=1, metadata={"range": (1, 1 << 16)})
+    batch_size: int = field(default=1, metadata={"range": (1, 1 << 16)})  # windows; for eval.tasks, requests
     # What to score: "fp" (the model as loaded) and/or "quant" (fake-quantized with the quant section).
     compare: list[str] = field(default_factory=lambda: ["fp", "quant"])
     plot: bool = True
+    # lm-evaluation-harness tasks scored on each model besides perplexity (the extra: pip install
+    # 'distqat[eval]'), e.g. [arc_easy,hellaswag]: names lm_eval knows or the task YAMLs in task_dir define.
+    # Offline, a task's data must be local (a task YAML with dataset_path: json) or in the datasets cache.
+    tasks: list[str] = field(default_factory=list)
+    task_dir: Optional[str] = None  # a folder of task YAMLs (lm_eval's include_path)
+    task_limit: Optional[int] = field(default=None, metadata={"range": (1, 1 << 40)})  # examples per task; None: all
+    num_fewshot: Optional[int] = field(default=None, metadata={"range": (0, 1 << 10)})  # None: each task's own
 
 
 @dataclass
@@ -167,6 +174,8 @@ def _check_source(node: Any, cls: type, prefix: str, origin: str) -> None:
             continue
         if value is None:
             continue
+        if typing.get_origin(tp) is list and not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{full}={value!r} ({origin}) must be a list, e.g. {full}=[{value}]")
         choices = f.metadata.get("choices")
         if choices and value not in choices:
             raise ConfigError(

@@ -1,4 +1,5 @@
-"""Perplexity of the full-precision and the fake-quantized model; results as JSON, a table and a plot."""
+"""Perplexity of the full-precision and the fake-quantized model, and lm-eval tasks (eval.tasks); results as
+JSON (with the versions and device they were measured with), tables and a plot."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from tqdm import tqdm
 from data.sources import load_texts, spread_windows, token_stream
 from qat.apply import quantize_model
 from qat.io.atomic import atomic_file, write_json, write_text
+from qat.io.env import device_name, versions
 from qat.io.folders import Folder, Kind, spec_label
 from qat.io.models import check_spec_fits, load_model, load_tokenizer
 from qat.load import inspect, load
 
 from .config import RunConfig, save_config
+from .tasks import headline, plan_tasks, run_tasks, task_groups, task_metrics, task_setup
 
 
 @torch.no_grad()
@@ -134,14 +137,18 @@ def eval_windows(cfg: RunConfig, tokenizer) -> list[list[int]]:
 
 
 def score_models(cfg: RunConfig, entries: list[tuple[str, Callable[[], torch.nn.Module]]]) -> dict:
-    """Perplexity of each (label, loader) on the same windows of cfg.data (one model in memory at a time);
-    eval.json, eval.png and config.yaml under cfg.output_dir."""
+    """Perplexity of each (label, loader) on the same windows of cfg.data (one model in memory at a time), and
+    its eval.tasks scores; eval.json, eval.png and config.yaml under cfg.output_dir."""
     out_dir = Path(cfg.output_dir)
+    plan = plan_tasks(cfg.eval)  # before any model loads: lm_eval there, every task known, its data loading
     save_config(cfg, out_dir)
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     windows = eval_windows(cfg, tok)
     n_tokens = sum(len(w) for w in windows)
     results: dict[str, float] = {}
+    tasks: dict[str, dict[str, dict[str, float]]] = {}
+    setup: dict[str, dict] = {}
+    groups: dict[str, list[str]] = {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for label, loader in entries:
         model = loader().to(device)
@@ -149,11 +156,20 @@ def score_models(cfg: RunConfig, entries: list[tuple[str, Callable[[], torch.nn.
         results[label] = perplexity(model, windows, cfg.eval.batch_size, desc=label)
         secs = time.perf_counter() - t0
         print(f"{label}: perplexity {results[label]:.3f} ({n_tokens / secs:.0f} tokens/s)", file=sys.stderr)
+        if plan is not None:
+            out = run_tasks(plan, model, tok)
+            tasks[label], setup, groups = task_metrics(out), task_setup(out), task_groups(out)
+            scores = [f"{t}/{m} {v:.4f}" for t in plan.names for m, v in tasks[label].get(t, {}).items()
+                      if "_stderr" not in m]
+            print(f"{label}: {', '.join(scores) or 'no task scores'}", file=sys.stderr)
         del model
     record = {
         "model": cfg.model.name_or_path, "split": cfg.eval.split, "tokens": n_tokens,
         "seq_len": cfg.eval.seq_len, "perplexity": results,
     }
+    if plan is not None:
+        record.update(tasks=tasks, task_setup=setup, **({"task_groups": groups} if groups else {}))
+    record.update(versions=versions(), device=device_name())
     write_json(out_dir / "eval.json", record)
     if cfg.eval.plot:
         plot_bars(results, out_dir / "eval.png", f"{cfg.model.name_or_path}, {n_tokens} tokens of {cfg.eval.split}")
@@ -163,7 +179,9 @@ def score_models(cfg: RunConfig, entries: list[tuple[str, Callable[[], torch.nn.
 
 
 def format_table(rows: list[tuple[str, dict]]) -> str:
-    """A markdown table: run, model, tokens, then one column per scheme."""
+    """Markdown: the perplexity table (a row per run: run, model, tokens, then a column per scheme); where runs
+    scored lm-eval tasks, a second table (a row per run and scheme, a column per task/metric); then the
+    package versions and device the runs were measured with."""
     schemes: list[str] = []
     for _, rec in rows:
         schemes += [s for s in rec["perplexity"] if s not in schemes]
@@ -172,7 +190,39 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
     for name, rec in rows:
         cells = [f"{rec['perplexity'][s]:.2f}" if s in rec["perplexity"] else "" for s in schemes]
         lines.append(f"| {name} | {rec['model']} | {rec['tokens']} | " + " | ".join(cells) + " |")
+    parts = ["\n".join(lines), task_table(rows), provenance(rows)]
+    return "\n\n".join(p for p in parts if p)
+
+
+def task_table(rows: list[tuple[str, dict]]) -> str:
+    """A markdown table of lm-eval scores: run, scheme, then a column per task/metric (stderr left to eval.json);
+    empty when no run scored tasks."""
+    columns: list[tuple[str, str]] = []
+    for _, rec in rows:
+        for task in headline(rec):
+            for by_task in rec["tasks"].values():
+                columns += [(task, m) for m in by_task.get(task, {}) if "_stderr" not in m and (task, m) not in columns]
+    if not columns:
+        return ""
+    lines = ["| run | scheme | " + " | ".join(f"{t}/{m}" for t, m in columns) + " |", "|" + "---|" * (2 + len(columns))]
+    for name, rec in rows:
+        for label, by_task in rec.get("tasks", {}).items():
+            cells = [f"{by_task[t][m]:.4f}" if m in by_task.get(t, {}) else "" for t, m in columns]
+            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def provenance(rows: list[tuple[str, dict]]) -> str:
+    """A line per distinct set of versions and device the runs recorded, naming the runs when they differ; empty
+    for eval.json files older than the record."""
+    seen: dict[str, list[str]] = {}
+    for name, rec in rows:
+        if "versions" in rec or "device" in rec:
+            text = ", ".join(f"{k} {v}" for k, v in rec.get("versions", {}).items())
+            seen.setdefault(f"{text}; device: {rec.get('device', 'not recorded')}", []).append(name)
+    if len(seen) == 1 and len(next(iter(seen.values()))) == len(rows):
+        return f"versions: {next(iter(seen))}"
+    return "\n".join(f"- versions of {', '.join(names)}: {text}" for text, names in seen.items())
 
 
 def read_eval(path: Path) -> dict:
@@ -187,6 +237,17 @@ def read_eval(path: Path) -> dict:
     if not ok:
         raise ValueError(f"{path} is not an eval.json written by distqat eval (it needs model, tokens and a "
                          "perplexity per model); move it out of the runs folder or run distqat eval again")
+    # Written by newer evals only; an older eval.json without them still reads.
+    tasks, vers = record.get("tasks", {}), record.get("versions", {})
+    ok = isinstance(tasks, dict) and all(
+        isinstance(by_task, dict) and all(isinstance(m, dict) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in m.values()) for m in by_task.values())
+        for by_task in tasks.values())
+    ok = ok and isinstance(record.get("task_groups", {}), dict) and isinstance(vers, dict) and \
+        isinstance(record.get("device", ""), str)
+    if not ok:
+        raise ValueError(f"{path} has malformed tasks, task_groups, versions or device entries (tasks must be "
+                         "{scheme: {task: {metric: number}}}); run distqat eval again or delete them")
     return record
 
 

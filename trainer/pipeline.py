@@ -24,6 +24,7 @@ from qat.io.models import check_spec_fits
 from .commands import prepare_output, run_generate
 from .config import RunConfig
 from .eval import base_model, saved_model, score_models
+from .tasks import plan_tasks
 from .train import run_train
 
 
@@ -41,10 +42,11 @@ def run_pipeline(cfg: RunConfig, manifest_timeout_s: float = 24 * 3600) -> dict:
     if cfg.train.mode != "qat":
         raise ValueError(f"pipeline runs LLM-QAT; train.mode={cfg.train.mode} trains with `distqat train`")
     # Everything the last step needs is checked before the first one spends minutes: the output folder,
-    # the spec against the model's layer widths, the text it scores on.
+    # the spec against the model's layer widths, the text it scores on, the eval.tasks and their data.
     prepare_output(Path(cfg.output_dir))
     check_spec_fits(cfg.model.name_or_path, cfg.quant, cfg.model.trust_remote_code)
     load_texts(cfg.data.path, cfg.eval.split, cfg.data.text_field)
+    plan_tasks(cfg.eval)
     gen_dir = run_generate(cfg)
     # Every rank's shards must exist before anyone trains on them; the last rank to finish writes it.
     wait_for(gen_dir / "manifest.json", manifest_timeout_s,
