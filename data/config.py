@@ -22,3 +22,5 @@ class GenerateConfig:
     out_dir: Optional[str] = None  # default: <output_dir>/generated
     # CUDA graphs for decode: auto on CUDA only; "always"/"never" rather than on/off, which YAML reads as booleans
     compile: str = field(default="auto", metadata={"choices": ("auto", "always", "never")})
+    # Where stderr is not a terminal (a log): seconds between progress lines, instead of a progress bar.
+    progress_every_s: float = field(default=30.0, metadata={"range": (0.0, 86400.0)})

@@ -31,6 +31,8 @@ from transformers import DynamicCache, StaticCache
 
 from qat.io.atomic import atomic_file, write_json
 from qat.io.env import rank_world
+from qat.io.models import cache_kwarg
+from qat.io.progress import ProgressLines, bars_wanted
 
 from .config import GenerateConfig
 
@@ -148,6 +150,7 @@ class Decoder:
         # One static cache for the whole run: CUDA graphs replay over the same buffers every batch.
         self.cache = StaticCache(config=model.config, max_cache_len=max_length) if self.static else None
         self.forward = compiled or model
+        self.arg = cache_kwarg(model)  # `cache` on current transformers, `past_key_values` on older ones
 
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
         if self.static:
@@ -155,12 +158,12 @@ class Decoder:
         else:
             self.cache = DynamicCache(config=self.model.config)
         pos = torch.arange(prompt.shape[1], device=prompt.device)
-        out = self.model(input_ids=prompt, past_key_values=self.cache, cache_position=pos, use_cache=True)
+        out = self.model(input_ids=prompt, **{self.arg: self.cache}, cache_position=pos, use_cache=True)
         return out.logits[:, -1].float()
 
     def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         cache_position = torch.tensor([pos], device=tokens.device)
-        out = self.forward(input_ids=tokens[:, None], past_key_values=self.cache, cache_position=cache_position,
+        out = self.forward(input_ids=tokens[:, None], **{self.arg: self.cache}, cache_position=cache_position,
                            use_cache=True)
         return out.logits[:, -1].float()
 
@@ -182,6 +185,7 @@ def settings_record(cfg: GenerateConfig, seed: int, teacher: str, prefix: list[i
     d = asdict(cfg)
     d.pop("out_dir")
     d.pop("compile")  # how fast, not what: a rerun may change it
+    d.pop("progress_every_s")  # how it is shown, not what
     return {"teacher": teacher, "seed": seed, "prefix": prefix, **d}
 
 
@@ -228,7 +232,11 @@ def generate(
     mine = [k for k in range(n_shards) if k % world == rank and not shard_path(out_dir, k).exists()]
     compiled = compiled_forward(model, g, device)
     todo = sum(min(shard_size, g.n_samples - k * shard_size) for k in mine)
-    bar = _progress(todo, progress and rank == 0)
+    show = progress and rank == 0
+    bar = _progress(todo, show and bars_wanted())
+    # A log (stderr not a terminal) gets whole lines at a steady rate instead of the bar's carriage returns.
+    lines = ProgressLines("generate", todo, g.progress_every_s, unit="samples") if show and not bars_wanted() else None
+    made_samples = 0
     t0, made_tokens = time.perf_counter(), 0
     decoder = Decoder(model, g.max_length, device, compiled)
     try:  # the bar closes before an interrupt's message, not after it
@@ -249,9 +257,13 @@ def generate(
                 rows["input_ids"] += samples
                 rows["text"] += tokenizer.batch_decode(samples)
                 rows["greedy_len"] += lengths[:keep].tolist()
-                made_tokens += sum(len(x) for x in samples)
+                new_tokens = sum(len(x) for x in samples)
+                made_tokens += new_tokens
+                made_samples += keep
                 bar.update(keep)
                 bar.set_postfix_str(f"{made_tokens / (time.perf_counter() - t0):.0f} tok/s")
+                if lines is not None:
+                    lines.update(made_samples, new_tokens)
             _write_shard(shard_path(out_dir, k), rows)
     finally:
         bar.close()

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qat.io.atomic import atomic_file
+from qat.io.progress import ProgressLines, bars_wanted
 
 TOPK_VERSION = 1
 
@@ -57,6 +58,9 @@ def compute_topk(
     values = torch.empty(n, length, k, dtype=torch.bfloat16)
     indices = torch.empty(n, length, k, dtype=torch.int32)
     t0, done = time.perf_counter(), 0
+    bar = progress and bars_wanted()
+    # A log (stderr not a terminal) gets whole lines every 30 s instead of carriage-return updates.
+    lines = ProgressLines(f"teacher top-{k}", n, 30.0, unit="blocks") if progress and not bar else None
     for i in range(0, n, batch_size):
         ids = blocks[i:i + batch_size].to(device=device, dtype=torch.long)
         logits = teacher(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
@@ -64,12 +68,14 @@ def compute_topk(
         values[i:i + len(ids)] = top.values.to(torch.bfloat16).cpu()
         indices[i:i + len(ids)] = top.indices.to(torch.int32).cpu()
         done += ids.numel()
-        if progress:
+        if lines is not None:
+            lines.update(min(i + batch_size, n), ids.numel())
+        elif bar:
             rate = done / max(time.perf_counter() - t0, 1e-9)
             eta = (n * length - done) / max(rate, 1e-9)
             print(f"\rteacher top-{k}: {min(i + batch_size, n)}/{n} blocks, {rate:.0f} tokens/s, ETA {eta:.0f} s",
                   end="", file=sys.stderr)
-    if progress:
+    if bar:
         print(file=sys.stderr)
     return values, indices
 

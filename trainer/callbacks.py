@@ -1,10 +1,15 @@
-"""Callbacks: per-layer quantizer statistics every N steps."""
+"""Callbacks: per-layer quantizer statistics every N steps; progress lines where no progress bar is drawn."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Optional, TextIO
 
 import lightning as L
 import torch
 
+from qat.io.progress import ProgressLines
 from qat.linear import QuantLinear
 from qat.quantizers import weight_rows
 
@@ -41,3 +46,58 @@ class QuantStats(L.Callback):
         if metrics and trainer.logger is not None:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
+
+
+class TrainProgress(L.Callback):
+    """Where the progress bar is off (stderr is not a terminal), one line on rank 0 every `every_s` seconds, and
+    after the first and the last optimizer step of the run:
+
+        train: step 12/40 (30%) | loss 2.314 | 1,850 tokens/s | elapsed 1m05s | ETA 2m53s
+
+    loss: the mean over the optimizer steps since the previous line. tokens/s: the tokens of the optimizer steps
+    done (the blocks' tokens on every rank) over the time since training started."""
+
+    def __init__(self, every_s: float = 30.0, stream: Optional[TextIO] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s, self.stream, self.clock = every_s, stream, clock
+        self.lines: Optional[ProgressLines] = None
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.lines = ProgressLines("train", trainer.max_steps, self.every_s, unit="step", stream=self.stream,
+                                   clock=self.clock)
+        self.lines.start(trainer.global_step)  # a resumed run starts past 0
+        self._step = trainer.global_step
+        self._pending = 0  # tokens of the micro-batches of the optimizer step under way
+        self._loss: Optional[torch.Tensor] = None  # summed step losses since the last line, kept on the device
+        self._steps = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.lines is None or not trainer.is_global_zero:
+            return
+        self._pending += _batch_tokens(batch) * max(1, trainer.world_size)
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):  # a micro-batch's loss, divided by grad_accum: they sum to the step's
+            loss = loss.detach().float()
+            self._loss = loss if self._loss is None else self._loss + loss
+        if trainer.global_step == self._step:
+            return  # accumulating: the optimizer step is not done
+        self._steps += trainer.global_step - self._step
+        self._step = trainer.global_step
+        tokens, self._pending = self._pending, 0
+        if self.lines.update(trainer.global_step, tokens, self._fields()) is not None:
+            self._loss, self._steps = None, 0
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.lines is not None and trainer.is_global_zero and self._step > self.lines.first:
+            self.lines.finish(self._step, self._fields())
+
+    def _fields(self) -> tuple[str, ...]:
+        if self._loss is None or not self._steps:
+            return ()
+        return (f"loss {float(self._loss) / self._steps:#.4g}",)
+
+
+def _batch_tokens(batch: Any) -> int:
+    ids = batch.get("input_ids") if isinstance(batch, dict) else None
+    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0

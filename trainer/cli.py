@@ -204,6 +204,9 @@ def _dispatch(argv: list[str]) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    from .quiet import quiet_libraries  # lazy: --help start-up (it imports torch)
+
+    quiet_libraries()
     return COMMANDS[args.command].run(cfg)
 
 

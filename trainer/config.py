@@ -66,8 +66,9 @@ class TrainConfig:
     # (stored beside the packed data); no teacher in memory while training. 0: live teacher forward.
     teacher_topk: int = field(default=0, metadata={"range": (0, 1 << 24)})
     min_lr_ratio: float = field(default=0.0, metadata={"range": (0.0, 1.0)})
-    # bf16: parameters and Adam state in bf16 with a compensated update; fp32: classic mixed precision
-    master_weights: str = field(default="bf16", metadata={"choices": ("bf16", "fp32")})
+    # bf16: parameters and Adam state in bf16 with a compensated update; fp32: fp32 parameters, computing in bf16
+    # autocast on CUDA and in plain fp32 on CPU; auto: bf16 on CUDA, fp32 on CPU and under DeepSpeed offload.
+    master_weights: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp32")})
     compensation: str = field(default="kahan", metadata={"choices": ("kahan", "stochastic", "none")})
     gradient_checkpointing: bool = False
     save_every: int = field(default=200, metadata={"range": (1, 1 << 40)})
@@ -78,6 +79,8 @@ class TrainConfig:
     resume: str = "auto"  # auto | never | a checkpoint path
     # A non-finite loss or gradient stops the run; N > 0 skips up to N such batches first (not under DeepSpeed).
     skip_nonfinite: int = field(default=0, metadata={"range": (0, 1 << 30)})
+    # Where stderr is not a terminal (a log): seconds between progress lines, instead of a progress bar.
+    progress_every_s: float = field(default=30.0, metadata={"range": (0.0, 86400.0)})
 
 
 @dataclass

@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .losses import kd_loss, kd_loss_topk, next_token_ce
-from .optim import AdamWBF16, param_groups, warmup_cosine
+from .optim import AdamWBF16, param_groups, resolve_master_weights, warmup_cosine
 
 FINGERPRINT = "distqat_base_fingerprint"  # in a QLoRA checkpoint: the base its adapters belong to
 
@@ -162,7 +162,7 @@ class QATModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.cfg
         groups = param_groups(self.student, cfg.lr, cfg.weight_decay, cfg.quantizer_lr)
-        if cfg.master_weights == "bf16":
+        if resolve_master_weights(cfg.master_weights) == "bf16":
             opt = AdamWBF16(groups, lr=cfg.lr, compensation=cfg.compensation, seed=self.seed)
         else:
             opt = torch.optim.AdamW(groups, lr=cfg.lr)

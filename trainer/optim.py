@@ -1,4 +1,5 @@
-"""AdamW for BF16 master weights, parameter groups, and the warmup + cosine schedule.
+"""AdamW for BF16 master weights, which master weights and precision a run uses, parameter groups, and the
+warmup + cosine schedule.
 
 BF16 master weights keep parameters (and Adam's moments) in bf16: 2 bytes each instead of 4. A bf16
 weight has 8 significant bits, so an update smaller than half its spacing (|w| * 2^-9) rounds away
@@ -13,6 +14,10 @@ Bytes per parameter, weights + gradient + optimizer state (ZeRO shards the last 
                                    bf16 copy when the model itself is fp32)
   bf16 master, kahan:             weight 2 + grad 2 + exp_avg 2 + exp_avg_sq 2 + compensation 2 = 10
   bf16 master, stochastic:        weight 2 + grad 2 + exp_avg 2 + exp_avg_sq 2 = 8
+
+train.master_weights=auto picks bf16 masters on CUDA and plain fp32 on CPU: fp32 is the dtype every CPU
+computes natively (bf16 matmuls are emulated, and slow, on CPUs without AVX512-BF16 or AMX), and it needs
+no compensation.
 """
 
 from __future__ import annotations
@@ -26,6 +31,23 @@ from torch import nn
 from qat.apply import quantizer_keys
 
 COMPENSATION = ("kahan", "stochastic", "none")
+
+
+def resolve_master_weights(choice: str, offload: bool = False) -> str:
+    """train.master_weights as a run uses it, "bf16" or "fp32". Given ones are kept; auto is bf16 on CUDA (10
+    bytes a parameter instead of 18), fp32 on CPU (see the module's docstring) and fp32 when DeepSpeed
+    offloads (it offloads bf16 masters only with its own CPU Adam, which has no compensated update)."""
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and not offload else "fp32"
+
+
+def lightning_precision(master: str) -> str:
+    """Lightning's precision for resolved master weights: bf16 throughout; fp32 masters with bf16 autocast on
+    CUDA (classic mixed precision); plain fp32 on CPU, with no autocast (CPU autocast adds a cast per op)."""
+    if master == "bf16":
+        return "bf16-true"
+    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
 
 class AdamWBF16(torch.optim.Optimizer):

@@ -9,6 +9,7 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
 
 from .config import DistributedConfig, TrainConfig
+from .optim import resolve_master_weights
 
 
 def _no_shm_comm() -> None:
@@ -56,10 +57,12 @@ def deepspeed_config(dist_cfg: DistributedConfig, train_cfg: TrainConfig) -> dic
                          "partitions the adapters' gradients and optimizer state")
     zero: dict[str, Any] = {"stage": dist_cfg.zero_stage, "overlap_comm": torch.cuda.is_available(),
                             "contiguous_gradients": True}
-    if (dist_cfg.offload_optimizer or dist_cfg.offload_params) and train_cfg.master_weights == "bf16" and not qlora:
+    offload = dist_cfg.offload_optimizer or dist_cfg.offload_params
+    master = resolve_master_weights(train_cfg.master_weights, offload)  # auto takes fp32 when offloading
+    if offload and master == "bf16" and not qlora:
         # DeepSpeed's bf16-master mode with offload accepts only its own CPU Adam, which has no
         # compensated update; offloading therefore goes with classic fp32 masters.
-        raise ValueError("distributed.offload_optimizer/offload_params need train.master_weights=fp32 "
+        raise ValueError("distributed.offload_optimizer/offload_params need train.master_weights=fp32 or auto "
                          "(DeepSpeed offloads bf16 master weights only with its own CPU Adam)")
     if dist_cfg.offload_params and not dist_cfg.offload_optimizer:
         raise ValueError("distributed.offload_params needs distributed.offload_optimizer=true as well")
@@ -73,14 +76,16 @@ def deepspeed_config(dist_cfg: DistributedConfig, train_cfg: TrainConfig) -> dic
         # Frozen teacher parameters are partitioned too and gathered layer by layer in its forward.
         zero["stage3_param_persistence_threshold"] = 0
     bf16: dict[str, Any] = {"enabled": True}
-    if train_cfg.master_weights == "bf16":
+    if master == "bf16":
         # ZeRO keeps bf16 partitions as the master copy and our optimizer (AdamWBF16) updates them
         # with its compensated step; otherwise DeepSpeed would keep fp32 masters.
         bf16.update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
+    # QLoRA: no DeepSpeed precision mode, which would cast the adapters (lora.dtype) and the base's scales. fp32
+    # masters on CPU: plain fp32 ZeRO, computing in fp32 like Lightning's 32-true there (trainer/optim.py).
+    mixed = not qlora and (master == "bf16" or torch.cuda.is_available())
     config: dict[str, Any] = {
         "zero_optimization": zero,
-        # QLoRA: no DeepSpeed precision mode, which would cast the adapters (lora.dtype) and the base's scales.
-        **({} if qlora else {"bf16": bf16}),
+        **({"bf16": bf16} if mixed else {}),
         "gradient_clipping": train_cfg.grad_clip,
         "train_micro_batch_size_per_gpu": train_cfg.micro_batch_size,
         "zero_allow_untested_optimizer": True,

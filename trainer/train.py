@@ -10,6 +10,7 @@ import shutil
 import sys
 import warnings
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -19,25 +20,34 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import Strategy
 
-from qat.apply import QuantReport, quantize_model, quantizer_keys
+from qat.apply import QuantReport, quantize_model
 from qat.io.atomic import atomic_dir
 from qat.io.env import rank_world
 from qat.io.models import load_model, load_tokenizer
+from qat.io.progress import bars_wanted
 
 from . import qlora
-from .callbacks import QuantStats
+from .callbacks import QuantStats, TrainProgress
 from .commands import prepare_output
 from .config import RunConfig, save_config
 from .datamodule import TextDataModule
 from .module import QATModule
+from .optim import lightning_precision, resolve_master_weights
+from .quiet import quiet_libraries
 from .strategy import make_strategy
 
-PRECISION = {"bf16": "bf16-true", "fp32": "bf16-mixed"}
+
+def master_weights(cfg: RunConfig) -> str:
+    """cfg's train.master_weights resolved for this machine and strategy: "bf16" or "fp32" (auto: bf16 on CUDA,
+    fp32 on CPU and under DeepSpeed offload)."""
+    d = cfg.distributed
+    return resolve_master_weights(cfg.train.master_weights, d.offload_optimizer or d.offload_params)
 
 
 def build_models(cfg: RunConfig) -> tuple[torch.nn.Module, Optional[torch.nn.Module], QuantReport]:
-    """(student, teacher, report): the student fake-quantized by cfg.quant, the teacher frozen (bf16 on GPU)."""
-    dtype = "bfloat16" if cfg.train.master_weights == "bf16" else "float32"
+    """(student, teacher, report): the student fake-quantized by cfg.quant in its master weights' dtype, the
+    teacher frozen (bf16 on GPU)."""
+    dtype = "bfloat16" if master_weights(cfg) == "bf16" else "float32"
     student = load_model(cfg.model.name_or_path, dtype, cfg.model.attn_implementation, cfg.model.trust_remote_code)
     teacher = None if cfg.train.teacher_topk else _load_teacher(cfg)
     report = quantize_model(student, cfg.quant)
@@ -114,7 +124,8 @@ def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> None:
 
 
 def consolidate(student: torch.nn.Module, tokenizer, out: Path, strategy: Strategy) -> Optional[Path]:
-    """Write the trained student once (rank 0) as bf16 safetensors + spec, gathering ZeRO-3 shards."""
+    """Write the trained student once (rank 0) as safetensors + spec, gathering ZeRO-3 shards. Each tensor keeps
+    the dtype it was trained in (fp32 masters are saved fp32, not rounded), so the folder is the model trained."""
     gather = contextlib.nullcontext()
     if getattr(strategy, "zero_stage_3", False):
         import deepspeed  # lazy: only ZeRO-3 runs gather shards, and DeepSpeed costs seconds to import
@@ -123,13 +134,25 @@ def consolidate(student: torch.nn.Module, tokenizer, out: Path, strategy: Strate
     with gather:
         if strategy.global_rank != 0:
             return None
-        keep = quantizer_keys(student)  # scales stay fp32: rounding them would move the grid
         with atomic_dir(out) as tmp:
-            state = {k: v.detach().to(torch.bfloat16) if v.is_floating_point() and k not in keep else v
-                     for k, v in student.state_dict().items()}
+            state = {k: v.detach() for k, v in student.state_dict().items()}
             student.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
     return out
+
+
+def model_summary(student: torch.nn.Module, teacher: Optional[torch.nn.Module]) -> str:
+    """One line: the student's parameters, trained ones and dtype; the teacher's."""
+    def millions(n: int) -> str:
+        return f"{n / 1e6:,.1f}M"
+
+    params = list(student.parameters())
+    trained = sum(p.numel() for p in params if p.requires_grad)
+    dtypes = "/".join(sorted({str(p.dtype).removeprefix("torch.") for p in params if p.requires_grad}))
+    line = f"student: {millions(sum(p.numel() for p in params))} parameters, {millions(trained)} trained in {dtypes}"
+    if teacher is not None:
+        line += f"; teacher: {millions(sum(p.numel() for p in teacher.parameters()))} parameters, frozen"
+    return line
 
 
 def _loggers(out_dir: Path, flush_every: int = 100) -> list:
@@ -147,6 +170,9 @@ def _loggers(out_dir: Path, flush_every: int = 100) -> list:
 def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[str] = None) -> Path:
     """`distqat train`: distil the teacher into the student; returns the consolidated student's folder."""
     out_dir = Path(cfg.output_dir)
+    quiet_libraries()
+    # From here on (and in the config.yaml saved with the run) auto is what it resolved to on this machine.
+    cfg = replace(cfg, train=replace(cfg.train, master_weights=master_weights(cfg)))
     # The frozen teacher is in eval mode on purpose; Lightning's warning about it would only alarm users.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     # A mid-epoch resume is exact here (ResumableSampler restores the data order from the step); Lightning
@@ -179,6 +205,7 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
     else:
         student, teacher, report = build_models(cfg)
         base_print = None
+        report = f"{report}\n{model_summary(student, teacher)}"
     module = QATModule(student, teacher, cfg.train, seed=cfg.seed, base_fingerprint=base_print)
     ckpt_dir = out_dir / "checkpoints"
     prepare_output(out_dir)
@@ -191,15 +218,20 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
         accelerator="gpu" if torch.cuda.is_available() else "cpu",
         devices=devices, num_nodes=num_nodes, strategy=strategy,
         # QLoRA: every tensor keeps its dtype (the adapters lora.dtype, the base the model's)
-        precision="32-true" if qlora_mode else PRECISION[cfg.train.master_weights],
+        precision="32-true" if qlora_mode else lightning_precision(cfg.train.master_weights),
         max_steps=cfg.train.max_steps, accumulate_grad_batches=cfg.train.grad_accum,
         gradient_clip_val=None if "deepspeed" in type(strategy).__name__.lower() else cfg.train.grad_clip,
         logger=_loggers(out_dir, cfg.train.save_every),
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), QuantStats(cfg.train.stats_every)],
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), QuantStats(cfg.train.stats_every),
+                   # Where no bar is drawn (a log), steady whole lines instead.
+                   *([] if bars_wanted() else [TrainProgress(cfg.train.progress_every_s)])],
         log_every_n_steps=1, max_time=max_time, deterministic=False, use_distributed_sampler=False,
         limit_val_batches=cfg.train.val_batches, val_check_interval=cfg.train.val_every,
         check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        enable_progress_bar=sys.stderr.isatty() or os.environ.get("DISTQAT_PROGRESS") == "1",
+        enable_progress_bar=bars_wanted(),
+        # Its table showed the freshly loaded student as in eval mode (Lightning switches it to train mode after)
+        # and went to stdout; model_summary's line, in the report, says what it said that matters.
+        enable_model_summary=False,
     )
     if trainer.global_rank == 0:
         save_config(cfg, out_dir)

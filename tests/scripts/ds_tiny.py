@@ -17,6 +17,7 @@ warnings.filterwarnings("ignore")
 from qat.apply import quantize_model  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.module import QATModule  # noqa: E402
+from trainer.optim import lightning_precision  # noqa: E402
 from trainer.strategy import make_strategy  # noqa: E402
 
 
@@ -52,7 +53,7 @@ def main():
              "attention_mask": torch.ones(2, 16, dtype=torch.long)} for _ in range(8)]
     rec = Record()
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=make_strategy(cfg.distributed, cfg.train, devices),
-                        precision="bf16-true" if master == "bf16" else "bf16-mixed", max_steps=4, logger=False,
+                        precision=lightning_precision(master), max_steps=4, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[rec], use_distributed_sampler=True)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
