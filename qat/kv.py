@@ -40,6 +40,11 @@ def kv_rows(x: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
 
 
 def fake_quant_kv(quantizer: ActQuantizer, x: torch.Tensor) -> torch.Tensor:
+    fast = getattr(quantizer, "fast_kv", None)  # qat.fast's kv_direct: these numbers without the row copies
+    if fast is not None:
+        out = fast(quantizer, x)
+        if out is not None:
+            return out
     spec = quantizer.spec
     if spec.granularity != "token":
         return quantizer(x, rows=kv_rows(x, spec))

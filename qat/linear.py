@@ -65,6 +65,11 @@ class QuantLinear(nn.Linear):
         return lin
 
     def quantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        batch = None if torch.compiler.is_compiling() else self.__dict__.get("weight_batch")
+        if batch is not None:  # qat.fast's weight_batch: quantized in one call with its layer's others
+            wq = batch.take(self, dtype)
+            if wq is not None:
+                return wq
         w = self.weight if dtype is None else self.weight.to(dtype)
         return self.weight_quantizer(w) if self.weight_quantizer is not None else w
 

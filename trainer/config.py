@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.config import GenerateConfig
+from qat.fast import SPEEDUPS
 from qat.io.atomic import write_text
 from qat.ptq.config import PTQConfig
 from qat.qlora.config import LoRAConfig
@@ -81,6 +82,11 @@ class TrainConfig:
     skip_nonfinite: int = field(default=0, metadata={"range": (0, 1 << 30)})
     # Where stderr is not a terminal (a log): seconds between progress lines, instead of a progress bar.
     progress_every_s: float = field(default=30.0, metadata={"range": (0.0, 86400.0)})
+    # Faster ways to compute the same QAT step (qat/fast.py; train.mode=qat), e.g. [norm_quant,weight_batch]:
+    # norm_quant fuses the activation fake quant into the RMSNorm before q/k/v and gate/up, weight_batch
+    # fake-quantizes a layer's weights in one call, kv_direct scales K/V without reshaping them, compile
+    # runs the student under torch.compile.
+    speedups: list[str] = field(default_factory=list, metadata={"choices": ("compile",) + SPEEDUPS})
 
 
 @dataclass
@@ -180,10 +186,11 @@ def _check_source(node: Any, cls: type, prefix: str, origin: str) -> None:
         if typing.get_origin(tp) is list and not isinstance(value, (list, tuple)):
             raise ConfigError(f"{full}={value!r} ({origin}) must be a list, e.g. {full}=[{value}]")
         choices = f.metadata.get("choices")
-        if choices and value not in choices:
-            raise ConfigError(
-                f"{full}={value!r} ({origin}) is not allowed; allowed values: {', '.join(map(str, choices))}"
-            )
+        is_list = typing.get_origin(tp) is list  # a list's choices hold for each item
+        bad = [v for v in (value if is_list else [value]) if v not in choices] if choices else []
+        if bad:
+            what = f"{bad[0]!r} in {full}={list(value)!r}" if is_list else f"{full}={value!r}"
+            raise ConfigError(f"{what} ({origin}) is not allowed; allowed values: {', '.join(map(str, choices))}")
         rng = f.metadata.get("range")
         if rng and isinstance(value, (int, float)) and not isinstance(value, bool):
             lo, hi = rng
@@ -317,6 +324,8 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
         cfg.quant.check()
     except SpecError as e:
         raise ConfigError(str(e)) from None
+    if cfg.train.mode != "qat" and cfg.train.speedups:
+        raise ConfigError(f"train.speedups={cfg.train.speedups} apply to train.mode=qat; set train.speedups=[]")
     return cfg
 
 

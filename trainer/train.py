@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import Strategy
 
 from qat.apply import QuantReport, quantize_model
+from qat.fast import enable as enable_speedups
 from qat.io.atomic import atomic_dir
 from qat.io.env import rank_world
 from qat.io.models import load_model, load_tokenizer
@@ -51,9 +52,15 @@ def build_models(cfg: RunConfig) -> tuple[torch.nn.Module, Optional[torch.nn.Mod
     student = load_model(cfg.model.name_or_path, dtype, cfg.model.attn_implementation, cfg.model.trust_remote_code)
     teacher = None if cfg.train.teacher_topk else _load_teacher(cfg)
     report = quantize_model(student, cfg.quant)
+    changed = enable_speedups(student, [n for n in cfg.train.speedups if n != "compile"])
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(student)
     student.config.use_cache = False
+    if "compile" in cfg.train.speedups:
+        student.compile()  # in place: Lightning and DeepSpeed wrap the same module
+        changed.append("compile: the student runs under torch.compile")
+    if changed and rank_world()[0] == 0:
+        print("\n".join(f"speed-up {line}" for line in changed), file=sys.stderr)
     return student, teacher, report
 
 

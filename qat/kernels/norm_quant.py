@@ -1,0 +1,130 @@
+"""Triton kernel: RMSNorm (Hugging Face's LlamaRMSNorm numerics) and per-token min/max fake quant of its
+output in one read of the input and one write of the result.
+
+Per row: var = mean(x^2) in fp32, rstd = 1 / sqrt(var + eps), n = (x * rstd) rounded to x's dtype,
+y = weight * n rounded to the product's dtype (torch's type promotion), optionally cast to the dtype the
+consumers compute in (autocast), then quantized exactly as `qat.kernels.fake_quant` does (the helpers are
+shared). Only the sum of squares runs in another order than torch's, so y matches the reference to
+rounding, and the quantized output is bit for bit the fake quant of this kernel's own y (`STORE_Y` writes
+y too, for tests). rstd is written per row for the backward pass.
+
+Import only after deciding on interpret mode (TRITON_INTERPRET=1 runs it on CPU tensors).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .fake_quant import _DTYPE_CODES, MAX_N, _clamp, _reciprocal, _rint, _round_bf16, _round_to, _stored_scale
+from .fake_quant import launch_config as _launch_config
+
+__all__ = ["MAX_N", "rms_norm_quant_rows"]
+
+
+@triton.jit
+def _store(ptr, offs, v, mask, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """Store fp32 `v`, already rounded to DTYPE, into a DTYPE tensor (the interpreter's bf16 cast truncates)."""
+    if EMULATE and DTYPE == 1:
+        v = (_round_bf16(v).to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    tl.store(ptr + offs, v.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_quant_kernel(
+    x_ptr, w_ptr, out_ptr, y_ptr, rstd_ptr, R, N, eps,
+    q_range, inv_q_range,  # fp32: the scale divisor (qmax, or qmax - qmin) and its fp32 reciprocal
+    QMIN: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr,
+    IN_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, Q_DTYPE: tl.constexpr,
+    RECIP: tl.constexpr, EMULATE: tl.constexpr, STORE_Y: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < R) & (cols[None, :] < N)
+    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+    # Padding loads 0: it adds nothing to the sum of squares, and its y = 0 changes no min/max below.
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    ss = tl.sum(x * x, 1)
+    var = tl.div_rn(ss, tl.zeros_like(ss) + N)  # torch's CPU mean: the sum, then one division
+    rstd = tl.div_rn(tl.zeros_like(var) + 1.0, tl.sqrt_rn(var + eps))  # torch's CPU rsqrt: 1 / sqrt, both IEEE
+    tl.store(rstd_ptr + rows, rstd, mask=rows < R)
+    n = _round_to(x * rstd[:, None], IN_DTYPE, EMULATE)  # hidden.to(input_dtype)
+    y = _round_to(w[None, :] * n, Y_DTYPE, EMULATE)  # weight * hidden: one rounding of an exact product
+    if STORE_Y:
+        _store(y_ptr, offs, y, mask, Y_DTYPE, EMULATE)
+    y = _round_to(y, Q_DTYPE, EMULATE)  # the consumers' x.to(autocast dtype)
+    # From here on qat.kernels.fake_quant._fake_quant_rows_kernel, with fp32 scales (activations).
+    absmax = tl.max(y.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 1).to(tl.float32, bitcast=True)
+    if SYMMETRIC:
+        if RECIP:
+            scale = absmax * inv_q_range
+        else:
+            scale = tl.div_rn(absmax, tl.zeros_like(absmax) + q_range)
+        s = _stored_scale(scale, 0, EMULATE)[:, None]
+        q = tl.div_rn(y, tl.broadcast_to(s, (BLOCK_R, BLOCK_N)))
+        q = (_rint(q) - q) + q
+        out = _clamp(q, QMIN, QMAX) * s
+    else:
+        lo = tl.minimum(tl.min(y, 1), 0.0)
+        hi = tl.maximum(tl.max(y, 1), 0.0)
+        hi = tl.where(absmax == absmax, hi, absmax)
+        if RECIP:
+            scale = (hi - lo) * inv_q_range
+        else:
+            scale = tl.div_rn(hi - lo, tl.zeros_like(hi) + q_range)
+        scale = _stored_scale(scale, 0, EMULATE)
+        zero = _clamp(_rint(tl.div_rn(-lo, scale)), QMIN, QMAX)[:, None]
+        s = scale[:, None]
+        q = tl.div_rn(y, tl.broadcast_to(s, (BLOCK_R, BLOCK_N)))
+        q = (_rint(q) - q) + q
+        out = (_clamp(q + zero, QMIN, QMAX) - zero) * s
+    _store(out_ptr, offs, _round_to(out, Q_DTYPE, EMULATE), mask, Q_DTYPE, EMULATE)
+
+
+# Whether triton.jit made the kernel an interpreted one (TRITON_INTERPRET=1 when this module was imported).
+INTERPRETED = type(_rms_norm_quant_kernel).__name__ == "InterpretedFunction"
+
+
+def rms_norm_quant_rows(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, bits: int, symmetric: bool,
+    out_dtype: Optional[torch.dtype] = None, store_y: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(fake-quantized output in out_dtype, rstd (R,) fp32, y or None) for x of shape (R, N), 1 <= N <= MAX_N;
+    the caller (qat.kernels.fused_rms_norm_quant) checks support."""
+    x = x.detach().contiguous()
+    w = weight.detach().contiguous()
+    R, N = x.shape
+    y_dtype = torch.promote_types(w.dtype, x.dtype)
+    q_dtype = out_dtype or y_dtype
+    out = torch.empty((R, N), dtype=q_dtype, device=x.device)
+    y = torch.empty((R, N), dtype=y_dtype, device=x.device) if store_y else out
+    rstd = torch.empty((R,), dtype=torch.float32, device=x.device)
+    if R == 0:
+        return out, rstd, (y if store_y else None)
+    if symmetric:
+        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        q_range = qmax
+    else:
+        qmin, qmax = 0, 2**bits - 1
+        q_range = qmax - qmin
+    block_r, block_n, warps = _launch_config(R, N)
+    grid = (triton.cdiv(R, block_r),)
+    args = (x, w, out, y, rstd, R, N, float(eps), float(q_range), _reciprocal(q_range))
+    meta = dict(
+        QMIN=float(qmin), QMAX=float(qmax), SYMMETRIC=bool(symmetric),
+        IN_DTYPE=_DTYPE_CODES[x.dtype], Y_DTYPE=_DTYPE_CODES[y_dtype], Q_DTYPE=_DTYPE_CODES[q_dtype],
+        RECIP=bool(x.is_cuda), EMULATE=INTERPRETED, STORE_Y=bool(store_y),
+        BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
+    )
+    if x.is_cuda and x.device.index is not None and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):
+            _rms_norm_quant_kernel[grid](*args, **meta)
+    else:
+        _rms_norm_quant_kernel[grid](*args, **meta)
+    return out, rstd, (y if store_y else None)
