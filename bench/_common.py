@@ -1,9 +1,12 @@
-"""What several benchmarks share: the model shapes they build at random init, and GPU warm-up."""
+"""What several benchmarks share: the model shapes they build at random init, and GPU warm-up; the models
+bench/suite.py's model part makes (a tiny random one for smoke runs, the bundled GGUF as an HF folder)."""
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
+from pathlib import Path
 
 import torch
 
@@ -15,6 +18,9 @@ SHAPES = {
     # Llama-3.2-1B's shape.
     "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                      num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    # A few hundred thousand parameters: CPU smoke runs (bench/suite.py --cpu-smoke) of every code path.
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
 }
 
 
@@ -50,3 +56,38 @@ def matrix_shapes(text: str) -> list[tuple[int, int]]:
     if not out:
         raise argparse.ArgumentTypeError("give at least one <in_features>x<out_features> shape")
     return out
+
+
+def make_tiny_model(path: str) -> int:
+    """The smoke run's model: a random 2-layer Llama with the bundled tokenizer's vocabulary (tests/conftest.py)."""
+    import transformers as tf  # lazy: only bench/suite.py's model part builds models here
+
+    from qat.io.models import load_tokenizer  # lazy: as above
+
+    tok = load_tokenizer("bundled:smollm2-135m")
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.1, eos_token_id=tok.eos_token_id)
+    tf.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return 0
+
+
+def convert_gguf(gguf: str, path: str) -> int:
+    """The bundled GGUF as a bf16 HF folder, the way qat.io.models.bundled_model_path converts it."""
+    import transformers as tf  # lazy: as above
+
+    src = Path(gguf)
+    dense = {"quantization_config": tf.GgufConfig(dequantize=True)} if hasattr(tf, "GgufConfig") else {}
+    tok = tf.AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    model = tf.AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.bfloat16, **dense)
+    model.hf_quantizer = None  # dequantized already: save a plain config
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    tmp = Path(path + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(path)
+    return 0

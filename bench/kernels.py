@@ -9,13 +9,15 @@ For each (K, N) shape and each runtime path
   w4a8   int4 weights, group 128, int8 per-token activations
 it times, with triton.testing.do_bench (median µs), bf16 F.linear on a weight of the same shape and every
 implementation of the path that takes the shape (qat.export.ops.IMPLS: tinygemm, gemv, triton, dequant,
-int_mm; the CPU-style reference is left out; tinygemm is missing from a row when its first-use self-check
+int_mm; the CPU-style reference is left out on CUDA; tinygemm is missing from a row when its first-use self-check
 failed, which it warns about once), prints speedup = bf16 time / implementation time (> 1: faster than bf16), which
 implementation the dispatcher (qat.export.ops.DISPATCH) runs at that M and the best one measured, and
 for M = 1 the roofline of reading the weight once (packed codes + bf16 scales at 3.0e12 B/s).
 The a8 timings include quantizing the activations (the fused per-token kernel).
 Set the thresholds of DISPATCH from this table: the chosen implementation should be the fastest, and
-no chosen one slower than bf16. Needs one CUDA GPU.
+no chosen one slower than bf16. Needs one CUDA GPU; `--device cpu` (or `--cpu-smoke`, with tiny shapes)
+times with the wall clock what runs on CPU (the reference, tinygemm's CPU variant, and the Triton kernels
+under TRITON_INTERPRET=1): a check of this script, not a measurement.
 """
 
 from __future__ import annotations
@@ -53,9 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     p.add_argument("--heat", type=float, default=2.0, help="seconds of matmuls before timing (settles the clocks)")
     p.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="cpu: wall-clock timing of the implementations available on CPU")
     p.add_argument("--cpu-smoke", action="store_true",
-                   help="run every code path on CPU with a wall-clock timer (tiny shapes, TRITON_INTERPRET=1 to "
-                        "include the kernels): checks this script, measures nothing")
+                   help="--device cpu with tiny shapes (TRITON_INTERPRET=1 to include the kernels): checks this "
+                        "script, measures nothing")
     return p.parse_args(argv)
 
 
@@ -81,16 +85,29 @@ def make_layer(k: int, n: int, bits: int, group, seed: int, device: str = "cuda"
     return qweight, scale, None, g
 
 
+def available(impl: str, dev: str) -> bool:
+    """Whether an implementation can run here: on CPU the Triton ones only under TRITON_INTERPRET=1."""
+    from qat.kernels import interpret_mode  # lazy: after the CUDA check, like the other qat imports
+
+    return dev == "cuda" or impl not in ("triton", "gemv", "int_mm") or interpret_mode()
+
+
+def write(path: str, device: str, triton, ops, results: list[dict], complete: bool) -> None:
+    payload = dict(device=device, torch=torch.__version__, triton=triton.__version__, complete=complete,
+                   dispatch={p: [list(e) for e in v] for p, v in ops.DISPATCH.items()}, results=results)
+    Path(path).write_text(json.dumps(payload, indent=2))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    dev = "cpu" if args.cpu_smoke else "cuda"
+    dev = "cpu" if args.cpu_smoke else args.device
     if args.cpu_smoke:  # tiny shapes unless given: the interpreter runs a 4096-wide kernel for hours
         defaults = parse_args([])
         args.m = "1,5" if args.m == defaults.m else args.m
         args.shapes = [(128, 64)] if args.shapes == defaults.shapes else args.shapes
         args.rep, args.rounds, args.heat = 1, 1, 0.0
-    if not args.cpu_smoke and not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing to do.",
+    if dev == "cuda" and not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False; --device cpu for a smoke run)",
               file=sys.stderr)
         return 1
     try:
@@ -133,7 +150,7 @@ def main(argv=None) -> int:
 
                 impls = []
                 for impl in ops.IMPLS[path]:
-                    if impl == "reference":
+                    if (impl == "reference" and dev == "cuda") or not available(impl, dev):
                         continue
                     if ops.resolve_impl(impl, bits, a8, m, n, k, g, x) != impl:
                         continue  # the shape is not one this implementation takes
@@ -163,6 +180,8 @@ def main(argv=None) -> int:
                 if m == 1:
                     row["roofline_us"] = wbytes / HBM_BYTES_PER_S * 1e6
                 results.append(row)
+                if args.json:  # after every row: a run stopped at its time limit keeps what it measured
+                    write(args.json, name, triton, ops, results, complete=False)
                 for j, impl in enumerate(impls):
                     lead = f"{k}x{n}" if j == 0 else ""
                     tail = f"  {chosen:>8} {best:>8}" if j == 0 else ""
@@ -188,9 +207,7 @@ def main(argv=None) -> int:
           + "".join(f"\n  {r['K']}x{r['N']} {r['path']} M={r['M']}: chose {r['chosen']}, best {r['best']}"
                     for r in mismatched))
     if args.json:
-        payload = dict(device=name, torch=torch.__version__, triton=triton.__version__,
-                       dispatch={p: [list(e) for e in v] for p, v in ops.DISPATCH.items()}, results=results)
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+        write(args.json, name, triton, ops, results, complete=True)
         print(f"\nwrote {args.json}")
     return 0
 
