@@ -92,8 +92,15 @@ def _round_to(scale: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor
     if dtype is None or dtype == torch.float32:
         return scale
     # EPS underflows to 0 in fp16; the smallest positive value of the dtype keeps zero rows at zero.
-    tiny = float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)))
+    tiny = _TINY.get(dtype)
+    if tiny is None:
+        tiny = float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)))
     return scale.to(dtype).float().clamp_min(tiny)
+
+
+# Computed once: a tensor-to-float conversion per call would break a torch.compile graph at every quantizer.
+_TINY = {dt: float(torch.nextafter(torch.zeros((), dtype=dt), torch.ones((), dtype=dt)))
+         for dt in (torch.bfloat16, torch.float16)}
 
 
 def range_qparams(
