@@ -95,21 +95,13 @@ def _stored_scale(scale, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _fake_quant_rows_kernel(
-    x_ptr, out_ptr, R, N,
-    q_range, inv_q_range,  # fp32: the scale divisor (qmax, or qmax - qmin) and its fp32 reciprocal
-    QMIN: tl.constexpr, QMAX: tl.constexpr,
-    SYMMETRIC: tl.constexpr, SCALE_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
-    RECIP: tl.constexpr, EMULATE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+def _fake_quant_tile(
+    x, q_range, inv_q_range,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, SCALE_DTYPE: tl.constexpr,
+    RECIP: tl.constexpr, EMULATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_N)
-    mask = (rows[:, None] < R) & (cols[None, :] < N)
-    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
-    # Padding loads 0, which changes neither max|x| nor min(min(x), 0) / max(max(x), 0).
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    """An fp32 [BLOCK_R, BLOCK_N] tile fake-quantized row by row with min/max scales (padding must hold 0),
+    in fp32; what this module's kernel and qat.kernels.norm_quant's share."""
     # max |x| as the max of the bit patterns with the sign cleared: NaN (above +inf) propagates as in
     # torch.amax, where a float max would skip it (on GPU). A row with inf or NaN comes out all NaN.
     absmax = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 1).to(tl.float32, bitcast=True)
@@ -138,6 +130,27 @@ def _fake_quant_rows_kernel(
         y = tl.div_rn(x, tl.broadcast_to(s, (BLOCK_R, BLOCK_N)))
         q = (_rint(y) - y) + y
         out = (_clamp(q + zero, QMIN, QMAX) - zero) * s
+    return out
+
+
+@triton.jit
+def _fake_quant_rows_kernel(
+    x_ptr, out_ptr, R, N,
+    q_range, inv_q_range,  # fp32: the scale divisor (qmax, or qmax - qmin) and its fp32 reciprocal
+    QMIN: tl.constexpr, QMAX: tl.constexpr,
+    SYMMETRIC: tl.constexpr, SCALE_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    RECIP: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < R) & (cols[None, :] < N)
+    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+    # Padding loads 0, which changes neither max|x| nor min(min(x), 0) / max(max(x), 0).
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    out = _fake_quant_tile(x, q_range, inv_q_range, QMIN, QMAX, SYMMETRIC, SCALE_DTYPE, RECIP, EMULATE,
+                           BLOCK_R, BLOCK_N)
     if EMULATE and OUT_DTYPE == 1:  # round to nearest even here, store the top half of the bits
         out = (_round_bf16(out).to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     elif EMULATE and OUT_DTYPE == 2:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fake_quant import _DTYPE_CODES, MAX_N, _clamp, _reciprocal, _rint, _round_bf16, _round_to, _stored_scale
+from .fake_quant import _DTYPE_CODES, MAX_N, _fake_quant_tile, _reciprocal, _round_bf16, _round_to
 from .fake_quant import launch_config as _launch_config
 
 __all__ = ["MAX_N", "rms_norm_quant_rows"]
@@ -59,31 +59,8 @@ def _rms_norm_quant_kernel(
     if STORE_Y:
         _store(y_ptr, offs, y, mask, Y_DTYPE, EMULATE)
     y = _round_to(y, Q_DTYPE, EMULATE)  # the consumers' x.to(autocast dtype)
-    # From here on qat.kernels.fake_quant._fake_quant_rows_kernel, with fp32 scales (activations).
-    absmax = tl.max(y.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 1).to(tl.float32, bitcast=True)
-    if SYMMETRIC:
-        if RECIP:
-            scale = absmax * inv_q_range
-        else:
-            scale = tl.div_rn(absmax, tl.zeros_like(absmax) + q_range)
-        s = _stored_scale(scale, 0, EMULATE)[:, None]
-        q = tl.div_rn(y, tl.broadcast_to(s, (BLOCK_R, BLOCK_N)))
-        q = (_rint(q) - q) + q
-        out = _clamp(q, QMIN, QMAX) * s
-    else:
-        lo = tl.minimum(tl.min(y, 1), 0.0)
-        hi = tl.maximum(tl.max(y, 1), 0.0)
-        hi = tl.where(absmax == absmax, hi, absmax)
-        if RECIP:
-            scale = (hi - lo) * inv_q_range
-        else:
-            scale = tl.div_rn(hi - lo, tl.zeros_like(hi) + q_range)
-        scale = _stored_scale(scale, 0, EMULATE)
-        zero = _clamp(_rint(tl.div_rn(-lo, scale)), QMIN, QMAX)[:, None]
-        s = scale[:, None]
-        q = tl.div_rn(y, tl.broadcast_to(s, (BLOCK_R, BLOCK_N)))
-        q = (_rint(q) - q) + q
-        out = (_clamp(q + zero, QMIN, QMAX) - zero) * s
+    # qat.kernels.fake_quant's tile, with fp32 scales (activations).
+    out = _fake_quant_tile(y, q_range, inv_q_range, QMIN, QMAX, SYMMETRIC, 0, RECIP, EMULATE, BLOCK_R, BLOCK_N)
     _store(out_ptr, offs, _round_to(out, Q_DTYPE, EMULATE), mask, Q_DTYPE, EMULATE)
 
 
