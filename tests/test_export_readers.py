@@ -53,6 +53,12 @@ def _vllm_oracle(group: dict, top_format: str):
     if a is None and w["strategy"] in ("channel", "group") and static_w:
         if fmt == "pack-quantized" and w["num_bits"] in (4, 8):
             return "WNA16"
+    if act_format and a is not None and w.get("type") == a.get("type") == "float":
+        # _is_fp8_w8a8: symmetric static weights per tensor or channel; activations dynamic, or static per tensor
+        if w["symmetric"] and static_w and w["strategy"] in ("tensor", "channel") and (
+                a["dynamic"] or (a["symmetric"] and a["strategy"] == "tensor")):
+            return "W8A8Fp8"  # on capability >= 8.9; below, CompressedTensorsW8A16Fp8
+        return None
     if act_format and a is not None:
         token_dyn = a["strategy"] == "token" and a["dynamic"] and static_w
         # _is_dynamic_token_w8a8
@@ -77,6 +83,7 @@ VLLM = {
     "w4g64": "WNA16", "w4": "WNA16", "w8": "WNA16", "w8g64": "WNA16", "w4g64asym": "WNA16",
     "w8a8": "W8A8Int8", "w8a8kv8": "W8A8Int8", "w4a8kv8": "W4A8Int", "w4g64a8kv4": "W4A8Int",
     "w2g64": None, "w3g64asym": None, "w8asyma8": None, "w4asyma8": None, "w8g64a8": None,
+    "fp8": "W8A8Fp8",
 }
 
 

@@ -26,6 +26,7 @@ from ..keys import EXPORT_KEY, HF_QUANT_KEY, QUANT_KEY
 from ..linear import QuantLinear
 from ..spec import QuantSpec
 from .format import FormatError, compress, file_sha256, kv_record, weight_args
+from .fp8 import Fp8Linear, compress_fp8
 from .readers import model_card, reader_notes
 from .runtime import IntLinear
 
@@ -40,6 +41,8 @@ def compress_linear(layer: QuantLinear, name: str) -> tuple[dict[str, torch.Tens
     if w_spec is None or layer.weight_quantizer is None:
         raise FormatError(f"{name}: an activation-only quantized layer has no integer weights; "
                           "quantize its weights too (e.g. w8a8) or exclude it")
+    if w_spec.format == "fp8":
+        return compress_fp8(layer, name)
     weight_args(w_spec, name)  # refuses a format with no integer codes before quantize is asked for them
     weight = layer.weight.detach()
     codes, scale, zero = layer.weight_quantizer.quantize(weight)
@@ -81,7 +84,7 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
     ignore: list[str] = []
     quantized: set[str] = set()
     for name, mod in model.named_modules():
-        if isinstance(mod, (QuantLinear, IntLinear)):
+        if isinstance(mod, (QuantLinear, IntLinear, Fp8Linear)):
             comp, scheme = compress_linear(mod, name) if isinstance(mod, QuantLinear) else mod.compressed(name)
             for k, t in comp.items():
                 tensors[f"{name}.{k}"] = t
@@ -103,6 +106,7 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
         tensors[k] = t.detach().contiguous()
 
     formats = {g["format"] for g in groups.values()}
+    formats_all = set(formats)
     kv = kv_record(spec.kv if spec is not None else getattr(model, "kv_spec", None))  # IntLinear models: their own
     quant_config = {
         "quant_method": "compressed-tensors",
@@ -135,7 +139,8 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
             "sha256": digests,
         }
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        (tmp / "README.md").write_text(model_card(out.name, spec_label(spec, "custom"), notes, version))
+        kind = "fp8" if formats_all == {"float-quantized"} else "integer"
+        (tmp / "README.md").write_text(model_card(out.name, spec_label(spec, "custom"), notes, version, kind))
         if source is not None:
             for f in COPY_FILES:
                 if (source / f).is_file():

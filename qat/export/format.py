@@ -2,10 +2,11 @@
 
 A converted folder's config.json carries a standard `quantization_config` (quant_method
 "compressed-tensors") in the terms standard readers apply correctly (see `readers`: weight-only layers
-`pack-quantized`, int8-activation layers `int-quantized`), plus a `distqat_export` record: the format
-version, a SHA-256 per weight file (a truncated or edited file is refused, not loaded silently wrong) and
-what the standard has no words for: the integer KV cache (per token or per head and token, dynamic), whose
-compressed-tensors `kv_cache_scheme` would mean one static float8 scale to vLLM.
+`pack-quantized`, int8-activation layers `int-quantized`, fp8 W8A8 layers `float-quantized`), plus a
+`distqat_export` record: the format version, a SHA-256 per weight file (a truncated or edited file is
+refused, not loaded silently wrong) and what the standard has no words for: the integer KV cache (per
+token or per head and token, dynamic), whose compressed-tensors `kv_cache_scheme` would mean one static
+float8 scale to vLLM.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from .pack import pack_int32
 # Version 3 moves the KV cache spec from `kv_cache_scheme` to distqat_export.kv and writes int8-activation
 # layers of any weight width as `int-quantized` (unpacked int8 codes). A folder is written with the lowest
 # version whose readers run it as written, so older distqat versions refuse what they would misread.
+# fp8 folders (`float-quantized`, see `fp8`) need no new version: readers before fp8 refuse float weights by
+# their type rather than misread them.
 FORMAT_VERSION = 3
 READ_VERSIONS = (1, 2, 3)
 
@@ -90,15 +93,17 @@ def layer_format(weight: TensorSpec, act: Optional[TensorSpec]) -> str:
 
 def spec_from_args(args: dict[str, Any], kind: str) -> TensorSpec:
     """A TensorSpec from a compressed-tensors QuantizationArgs dict (ours or another tool's)."""
-    if args.get("type", "int") != "int":
-        raise FormatError(f"{kind}: {args.get('type')} quantization is not an integer format this runtime runs")
+    fmt = {"int": "int", "float": "fp8"}.get(args.get("type", "int"))
+    if fmt is None or (fmt == "fp8" and int(args.get("num_bits", 8)) != 8):
+        raise FormatError(f"{kind}: {args.get('num_bits')}-bit {args.get('type')} quantization is not a format this "
+                          "runtime runs (integers, or 8-bit float as e4m3)")
     strategy = args.get("strategy") or ("group" if args.get("group_size") else "tensor")
     gran = {"tensor": "tensor", "channel": "channel", "group": "group", "token": "token"}.get(strategy)
     if gran is None:
         raise FormatError(f"{kind}: strategy {strategy!r} is not supported (tensor, channel, group, token are)")
     return TensorSpec(
         bits=int(args.get("num_bits", 8)), symmetric=bool(args.get("symmetric", True)), granularity=gran,
-        group_size=args.get("group_size") if gran == "group" else None,
+        group_size=args.get("group_size") if gran == "group" else None, format=fmt,
         dynamic=bool(args.get("dynamic", False)) if kind != "weight" else True,
     )
 

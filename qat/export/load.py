@@ -20,6 +20,7 @@ from ..keys import EXPORT_KEY, HF_QUANT_KEY
 from ..spec import TensorSpec
 from .cache import IntKVCache
 from .format import READ_VERSIONS, FormatError, file_sha256, matches, spec_from_args
+from .fp8 import Fp8Linear, fp8_scheme
 from .runtime import IntLinear
 
 
@@ -78,7 +79,9 @@ def _layer_specs(q: dict[str, Any], linears: dict[str, nn.Linear]) -> LayerSpecs
         w = spec_from_args(group["weights"], "weight")
         a = group.get("input_activations")
         a = spec_from_args(a, "activation") if a else None
-        if a is not None and (a.bits != 8 or a.granularity != "token" or not a.dynamic):
+        if w.format == "fp8" or (a is not None and a.format == "fp8"):
+            fp8_scheme(w, a, f"config group {gname}")  # refuses what Fp8Linear does not run
+        elif a is not None and (a.bits != 8 or a.granularity != "token" or not a.dynamic):
             raise FormatError(f"config group {gname}: activations {a.bits}-bit {a.granularity} "
                               f"{'dynamic' if a.dynamic else 'static'} have no kernel; the runtime runs "
                               "dynamic per-token int8 activations")
@@ -119,7 +122,8 @@ def load_quantized(
     tensors = _read_tensors(files)
     for name, (w, a) in specs.items():
         lin = linears[name]
-        mod = IntLinear(lin.in_features, lin.out_features, w, a, bias=lin.bias is not None, dtype=dtype)
+        cls = Fp8Linear if w.format == "fp8" else IntLinear
+        mod = cls(lin.in_features, lin.out_features, w, a, bias=lin.bias is not None, dtype=dtype)
         prefix = name + "."
         mod.load_compressed({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, name)
         parent_name, _, child = name.rpartition(".")
