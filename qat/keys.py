@@ -13,3 +13,4 @@ PTQ_KEY = "distqat_ptq"
 LLM_INT8_KEY = "distqat_llm_int8"
 HF_QUANT_KEY = "quantization_config"
 EXPORT_KEY = "distqat_export"
+AQLM_KEY = "distqat_aqlm"  # an AQLM model (codes + codebooks + scales, transformers' AQLM layout)

@@ -17,6 +17,7 @@ from .export import load_quantized
 from .io.folders import Folder, Kind, inspect, load_fake_quant
 from .io.models import load_model, resolve_dtype
 from .ptq import llm_int8
+from .ptq.aqlm_linear import load_aqlm
 
 __all__ = ["Folder", "Kind", "inspect", "load"]
 
@@ -38,6 +39,8 @@ def load(
     torch_dtype = resolve_dtype(dtype)
     if folder.kind is Kind.BASE:
         model = load_model(folder.path, torch_dtype, **kwargs)
+    elif folder.kind is Kind.AQLM:
+        model = load_aqlm(folder.path, folder.record, torch_dtype, trust_remote_code=trust_remote_code)
     elif folder.kind is Kind.LLM_INT8:
         model = llm_int8.restore(load_model(folder.path, torch_dtype, **kwargs), folder.record)
     else:

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from ..apply import quantize_model, quantizer_keys
-from ..keys import EXPORT_KEY, HF_QUANT_KEY, LLM_INT8_KEY, PTQ_KEY, QUANT_KEY
+from ..keys import AQLM_KEY, EXPORT_KEY, HF_QUANT_KEY, LLM_INT8_KEY, PTQ_KEY, QUANT_KEY
 from ..spec import QuantSpec, SpecError
 from .models import ModelError, check_remote_code, read_config, resolve_model_path
 
@@ -34,6 +34,7 @@ class Kind(str, Enum):
     PTQ = "ptq"  # fake-quantized with the PTQ grid frozen in its quantizers, as `distqat ptq` writes
     LLM_INT8 = "llm_int8"  # LLM.int8(): fp weights, int8 matmul with fp16 outliers at run time
     INT = "int"  # packed integer weights (compressed-tensors), as `distqat convert` writes
+    AQLM = "aqlm"  # AQLM codes + codebooks + scales (transformers' AQLM layout), as `ptq.method=aqlm` writes
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class Folder:
             return "fp"
         if self.kind is Kind.LLM_INT8:
             return "llm_int8 (saved)"
+        if self.kind is Kind.AQLM:
+            return f"aqlm {self.record.get('num_codebooks')}x{self.record.get('nbits_per_codebook')} (saved)"
         if self.kind is Kind.INT:
             return f"{spec_label(self.spec) if self.spec is not None else 'int'} (int)"
         return f"{spec_label(self.spec, 'quant')} (saved)"
@@ -96,6 +99,8 @@ def inspect(name_or_path: Union[str, Path], what: str = "model.name_or_path") ->
     cfg = read_config(path)
     file = path / "config.json"
     name = str(name_or_path)
+    if AQLM_KEY in cfg:
+        return Folder(name, path, Kind.AQLM, cfg, None, dict(cfg[AQLM_KEY] or {}))
     if EXPORT_KEY in cfg and HF_QUANT_KEY in cfg:
         meta = cfg[EXPORT_KEY] or {}
         spec = _spec(meta["spec"], file, EXPORT_KEY) if meta.get("spec") else None

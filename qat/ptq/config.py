@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from .aqlm import AQLMConfig
 from .awq import AWQConfig
 from .gptq import GPTQConfig
 from .hqq import HQQConfig
@@ -31,6 +32,7 @@ class PTQConfig:
     smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
     hqq: HQQConfig = field(default_factory=HQQConfig)
     llm_int8: LLMInt8Config = field(default_factory=LLMInt8Config)
+    aqlm: AQLMConfig = field(default_factory=AQLMConfig)
 
     # Keys of the flat layout before each method had its own section: the config loader names the new key.
     moved_keys: ClassVar[dict[str, str]] = {

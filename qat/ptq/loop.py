@@ -27,7 +27,7 @@ from ..quantizers import ActQuantizer
 from ..spec import QuantSpec
 from .blocks import block_groups, capture_inputs, check_foldable, collect, decoder_layers, quantizers_off, run_block
 from .config import PTQConfig
-from .grid import freeze, freeze_rtn, frozen_spec
+from .grid import freeze_rtn, frozen_spec
 from .parts import Baseline, Part, PTQReport, Rounding, Transform
 from .registry import build, parse_method
 
@@ -123,6 +123,7 @@ def run_ptq(
             t0 = time.perf_counter()
             freeze_rtn(m)
             report.add(n, time.perf_counter() - t0, "rtn")
+    rounding.finish(model, report)
     if spec.kv is not None:
         kv_quant.install(model, spec.kv)
     setattr(model.config, QUANT_KEY, fspec.to_dict())
@@ -153,9 +154,9 @@ def _quantize_block(layer: nn.Module, transforms: list[Transform], rounding: Rou
             for n in names:
                 q = qmods[n]
                 t0 = time.perf_counter()
-                deq, _, s, z = rounding.round(q.weight, specs[n], g.stats.h if g.stats is not None else None)
+                rounded = rounding.round(q.weight, specs[n], g.stats.h if g.stats is not None else None)
                 on(n)
-                freeze(q, deq, s, z)
+                rounding.freeze(layer, n, q, rounded)
                 report.add(prefix + n, time.perf_counter() - t0, rounding.name)
     statics = [m for m in layer.modules() if isinstance(m, ActQuantizer) and not m.spec.dynamic]
     if statics and inputs is not None:

@@ -17,8 +17,10 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
+from ..linear import QuantLinear
 from ..spec import QuantSpec, TensorSpec
 from .blocks import Group
+from .grid import freeze
 
 # (dequantized weight in the weight's shape, int32 codes or None, scale rows, zero rows or None), the
 # rows laid out as `qat.quantizers.weight_rows` of the spec: what `grid.freeze` stores.
@@ -59,6 +61,13 @@ class Rounding(Part):
     def round(self, weight: torch.Tensor, spec: TensorSpec, h: Optional[torch.Tensor]) -> Rounded:
         """Round one weight (out, in) onto the spec's grid; `h` is its input's H when `needs_hessian`."""
 
+    def freeze(self, layer: nn.Module, name: str, q: QuantLinear, rounded: Rounded) -> None:
+        """Store `round`'s result in the layer's linear `name` (q); a rounding off the grid (AQLM) replaces q."""
+        freeze(q, rounded[0], rounded[2], rounded[3])
+
+    def finish(self, model: nn.Module, report: PTQReport) -> None:  # noqa: B027 - most roundings need nothing
+        """Once every block is done: record what the model's config needs beyond the spec."""
+
 
 @dataclass
 class PTQReport:
@@ -68,6 +77,7 @@ class PTQReport:
     layers: list[dict] = field(default_factory=list)  # name, seconds, algorithm ("awq+gptq")
     calib_tokens: int = 0
     seconds: float = 0.0
+    extra: dict = field(default_factory=dict)  # a method's own results (AQLM: bits per weight)
 
     def add(self, name: str, seconds: float, algorithm: str) -> None:
         """Count `seconds` of `algorithm` on layer `name`; a later part of the method extends its record."""
@@ -80,4 +90,4 @@ class PTQReport:
 
     def to_dict(self) -> dict:
         return {"method": self.method, "spec": self.spec, "calib_tokens": self.calib_tokens,
-                "seconds": self.seconds, "blocks": self.blocks, "layers": self.layers}
+                "seconds": self.seconds, "blocks": self.blocks, "layers": self.layers, **self.extra}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Union
 
+from .aqlm import AQLM
 from .awq import AWQ
 from .gptq import GPTQ
 from .hqq import HQQ
@@ -19,7 +20,7 @@ from .rtn import RTN
 from .smoothquant import SmoothQuant
 
 TRANSFORMS: dict[str, type[Transform]] = {c.name: c for c in (SmoothQuant, AWQ)}  # in the order they apply
-ROUNDINGS: dict[str, type[Rounding]] = {c.name: c for c in (RTN, GPTQ, HQQ)}
+ROUNDINGS: dict[str, type[Rounding]] = {c.name: c for c in (RTN, GPTQ, HQQ, AQLM)}
 BASELINES: dict[str, type[Baseline]] = {c.name: c for c in (LLMInt8,)}
 PARTS: dict[str, type[Part]] = {**TRANSFORMS, **ROUNDINGS, **BASELINES}
 BASE_METHODS = (*ROUNDINGS, *TRANSFORMS, *BASELINES)
