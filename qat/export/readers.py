@@ -70,8 +70,11 @@ def vllm_fp8_scheme(w: dict[str, Any], a: Optional[dict[str, Any]]) -> tuple[Opt
         return None, "vLLM's fp8 W8A8 scheme takes symmetric static weights per tensor or channel"
     if not a.get("dynamic") and not (a["symmetric"] and a["strategy"] == "tensor"):
         return None, "vLLM's fp8 W8A8 scheme takes dynamic or static per-tensor activations"
-    return "W8A8Fp8", ("on GPUs of compute capability 8.9+; older ones run it as W8A16Fp8 (fp8 weights, "
-                       "activations not quantized)")
+    why = "on GPUs of compute capability 8.9+; older ones run it as W8A16Fp8 (fp8 weights, activations not quantized)"
+    if w["strategy"] == "tensor":  # CompressedTensorsW8A8Fp8.process_weights_after_loading: requantize_with_max_scale
+        why += ("; per-tensor weights of fused layers (qkv, gate/up) are re-quantized to their largest scale, "
+                "so they move by up to one e4m3 step")
+    return "W8A8Fp8", why
 
 
 def reader_notes(quant_config: dict[str, Any], kv: Optional[str]) -> list[str]:
