@@ -40,7 +40,7 @@ def load(
     if folder.kind is Kind.BASE:
         model = load_model(folder.path, torch_dtype, **kwargs)
     elif folder.kind is Kind.AQLM:
-        model = load_aqlm(folder.path, folder.record, torch_dtype, trust_remote_code=trust_remote_code)
+        model = load_aqlm(folder.path, folder.record, torch_dtype, **kwargs)
     elif folder.kind is Kind.LLM_INT8:
         model = llm_int8.restore(load_model(folder.path, torch_dtype, **kwargs), folder.record)
     else:

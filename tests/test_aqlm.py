@@ -176,3 +176,13 @@ def test_cli_ptq_aqlm_writes_a_folder_load_reads(tmp_path, bundled_tokenizer):
     assert sum(isinstance(m, AQLMLinear) for m in model.modules()) == 14
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
+
+
+def test_one_codebook_of_16_bits_codes_in_int16():
+    """The paper's 1x16 setting on a layer too small for it: int16 codes, the layer reproduces the result."""
+    w, h = toy(out=4, d=16)
+    r = aqlm(w, h, AQLMConfig(num_codebooks=1, nbits_per_codebook=16, iterations=1, kmeans_iters=1, adam_steps=2))
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(r.history, r.history[1:]))
+    layer = AQLMLinear.from_codes(r.codes, r.codebooks, r.scales, None, F64, 16)
+    assert layer.codes.dtype == torch.int16 and layer.codebooks.shape == (1, 65536, 1, 8)
+    torch.testing.assert_close(layer.weight(), r.weight(), rtol=0, atol=0)

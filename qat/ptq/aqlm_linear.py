@@ -22,7 +22,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..io.models import ModelError
+from ..io.models import ModelError, check_remote_code
 from ..keys import AQLM_KEY, HF_QUANT_KEY
 from ..linear import QuantLinear
 
@@ -130,8 +130,11 @@ def finish_model(model: nn.Module, num_codebooks: int, nbits: int, in_group_size
 
 def load_aqlm(path: Path, record: dict[str, Any], dtype: Optional[torch.dtype] = None,
               **kwargs: Any) -> nn.Module:
-    """An AQLM folder with AQLMLinear layers (no `aqlm` package needed), in eval mode."""
-    cfg = AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
+    """An AQLM folder with AQLMLinear layers (no `aqlm` package needed), in eval mode; kwargs as from_config's
+    (attn_implementation, trust_remote_code)."""
+    remote = kwargs.get("trust_remote_code", False)
+    check_remote_code(Path(path), remote)
+    cfg = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=remote)
     if hasattr(cfg, HF_QUANT_KEY):
         delattr(cfg, HF_QUANT_KEY)
     tensors: dict[str, torch.Tensor] = {}
