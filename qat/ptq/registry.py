@@ -44,7 +44,7 @@ def parse_method(method: Union[str, list, tuple]) -> list[str]:
         raise ValueError(f"ptq.method={method!r}: pick one weight rounding of {list(ROUNDINGS)}, got {rounders}")
     transforms = [p for p in TRANSFORMS if p in parts]
     if rounders and not ROUNDINGS[rounders[0]].takes_transforms and transforms:
-        raise ValueError(f"ptq.method={method!r}: {rounders[0]} is calibration-free and does not compose with "
+        raise ValueError(f"ptq.method={method!r}: {rounders[0]} takes no transform and does not compose with "
                          f"{transforms}")
     return transforms + (rounders or ["rtn"])
 
