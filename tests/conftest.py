@@ -1,5 +1,7 @@
+import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,3 +85,38 @@ def save_tiny_teacher(path, tokenizer, max_positions: int = 128, init_range: flo
     tf.LlamaForCausalLM(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def compressed_tensors_weights(folder) -> dict:
+    """{linear name: its weight as compressed-tensors' own decompressor reads it from a converted folder}."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    qc = QuantizationConfig.model_validate(config["quantization_config"])
+    tensors = load_file(str(Path(folder) / "model.safetensors"))
+    out = {}
+    for group in qc.config_groups.values():
+        compressor = BaseCompressor.load_from_registry(group.format)
+        for name in group.targets:
+            local = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            out[name] = compressor.decompress(local, scheme=group)["weight"]
+    return out
+
+
+def hf_and_fake_quant_logits(model, folder, ids) -> tuple:
+    """(transformers' from_pretrained logits of a converted folder, the fake-quant model's, the fake-quant model's
+    without activation quant): an a8 folder read right equals the second and not the third. Drops the model's
+    input quantizers."""
+    from transformers import AutoModelForCausalLM
+
+    from qat.linear import QuantLinear
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        got, ref = hf(ids).logits, model(ids).logits
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.input_quantizer = None
+        return got, ref, model(ids).logits

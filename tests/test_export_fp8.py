@@ -162,40 +162,23 @@ def test_unsupported_fp8_variants_are_refused_naming_what_converts(tmp_path, spe
 
 
 def test_compressed_tensors_decompresses_the_fp8_folder_to_our_weights(tmp_path):
-    from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import QuantizationConfig
-    from safetensors.torch import load_file
+    from conftest import compressed_tensors_weights
 
-    model = _quantized()
-    out = convert_model(model, tmp_path / "fp8")
-    qc = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
-    tensors = load_file(str(out / "model.safetensors"))
+    out = convert_model(_quantized(), tmp_path / "fp8")
     rt = load_quantized(out)
-    n = 0
-    for group in qc.config_groups.values():
-        compressor = BaseCompressor.load_from_registry(group.format)
-        for name in group.targets:
-            local = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-            dense = compressor.decompress(local, scheme=group)["weight"]
-            assert dense.dtype == torch.float32
-            assert torch.equal(dense, rt.get_submodule(name).dequantized_weight(torch.float32)), name
-            n += 1
-    assert n == N_LINEARS
+    dense = compressed_tensors_weights(out)
+    assert len(dense) == N_LINEARS
+    for name, w in dense.items():
+        assert w.dtype == torch.float32
+        assert torch.equal(w, rt.get_submodule(name).dequantized_weight(torch.float32)), name
 
 
 def test_transformers_from_pretrained_gives_the_fake_quant_logits_on_cpu(tmp_path):
-    from transformers import AutoModelForCausalLM
+    from conftest import hf_and_fake_quant_logits
 
     model = _quantized()
     out = convert_model(model, tmp_path / "fp8")
-    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    ids = _ids()
-    with torch.no_grad():
-        got, ref = hf(ids).logits, model(ids).logits
-        for m in model.modules():
-            if isinstance(m, QuantLinear):
-                m.input_quantizer = None
-        a16 = model(ids).logits
+    got, ref, a16 = hf_and_fake_quant_logits(model, out, _ids())
     assert torch.equal(got, ref)  # weights decompressed, activations fake-quantized per token to e4m3 as ours
     assert not torch.equal(got, a16)
 

@@ -115,26 +115,17 @@ def test_every_converted_scheme_is_one_vllm_matches_to_the_same_numerics(tmp_pat
 
 @pytest.mark.parametrize("scheme", ["w4g64", "w4g64asym", "w4", "w8a8", "w4g64a8"])
 def test_compressed_tensors_decompression_equals_our_dequantized_weights(tmp_path, scheme):
-    from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import QuantizationConfig
-    from safetensors.torch import load_file
+    from conftest import compressed_tensors_weights
 
     model = _quantized(scheme, torch.float32)
     out = convert_model(model, tmp_path / "int")
-    qc = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
-    tensors = load_file(str(out / "model.safetensors"))
     rt = load_quantized(out)
-    n = 0
-    for group in qc.config_groups.values():
-        compressor = BaseCompressor.load_from_registry(group.format)
-        for name in group.targets:
-            local = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-            dense = compressor.decompress(local, scheme=group)["weight"]
-            ours = rt.get_submodule(name).dequantized_weight(torch.float32)
-            assert torch.equal(dense.float(), ours), (scheme, name)
-            assert torch.equal(ours, model.get_submodule(name).quantized_weight().float()), (scheme, name)
-            n += 1
-    assert n == 14
+    dense = compressed_tensors_weights(out)
+    assert len(dense) == 14
+    for name, w in dense.items():
+        ours = rt.get_submodule(name).dequantized_weight(torch.float32)
+        assert torch.equal(w.float(), ours), (scheme, name)
+        assert torch.equal(ours, model.get_submodule(name).quantized_weight().float()), (scheme, name)
 
 
 @pytest.mark.parametrize("scheme", ["w4g64", "w4", "w4g64asym", "w2g64", "w3g64asym"])
@@ -284,19 +275,12 @@ def test_a_custom_spec_without_a_short_name_converts_with_its_card(tmp_path):
 def test_transformers_applies_the_int8_activations_of_int_quantized_folders(tmp_path, scheme):
     # The activation format is what makes compressed-tensors quantize the inputs; in fp32 its per-token int8
     # fake quant and ours agree bit for bit, and differ from the same weights without activation quant.
-    from transformers import AutoModelForCausalLM
+    from conftest import hf_and_fake_quant_logits
 
     model = _quantized(scheme, torch.float32)
     out = convert_model(model, tmp_path / "int")
     assert "drops them" in (out / "README.md").read_text()  # the card warns off dequantize=True here
-    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    ids = _ids()
-    with torch.no_grad():
-        got, ref = hf(ids).logits, model(ids).logits
-        for m in model.modules():
-            if isinstance(m, QuantLinear):
-                m.input_quantizer = None
-        a16 = model(ids).logits
+    got, ref, a16 = hf_and_fake_quant_logits(model, out, _ids())
     assert torch.equal(got, ref)
     assert not torch.equal(got, a16)
 

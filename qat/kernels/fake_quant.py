@@ -95,6 +95,16 @@ def _stored_scale(scale, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _row_tile(R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's BLOCK_R whole rows of an (R, N) row-major tensor: row and column indices, the in-bounds
+    mask and the element offsets."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < R) & (cols[None, :] < N)
+    return rows, cols, mask, rows[:, None].to(tl.int64) * N + cols[None, :]
+
+
+@triton.jit
 def _fake_quant_tile(
     x, q_range, inv_q_range,
     QMIN: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, SCALE_DTYPE: tl.constexpr,
@@ -142,11 +152,7 @@ def _fake_quant_rows_kernel(
     RECIP: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_N)
-    mask = (rows[:, None] < R) & (cols[None, :] < N)
-    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+    rows, cols, mask, offs = _row_tile(R, N, BLOCK_R, BLOCK_N)
     # Padding loads 0, which changes neither max|x| nor min(min(x), 0) / max(max(x), 0).
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     out = _fake_quant_tile(x, q_range, inv_q_range, QMIN, QMAX, SYMMETRIC, SCALE_DTYPE, RECIP, EMULATE,
@@ -169,6 +175,14 @@ def _reciprocal(q: int) -> float:
 
 
 @functools.lru_cache(maxsize=4096)
+def int_grid(bits: int, symmetric: bool) -> tuple[int, int, int]:
+    """(qmin, qmax, the scale divisor): qmax for symmetric grids, qmax - qmin for asymmetric ones."""
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        return -(2 ** (bits - 1)), qmax, qmax
+    return 0, 2**bits - 1, 2**bits - 1
+
+
 def launch_config(R: int, n: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_N, num_warps): whole rows per program, about 4-8K elements per program for short rows."""
     block_n = triton.next_power_of_2(n)
@@ -194,12 +208,7 @@ def fake_quant_rows(
     R, n = x.shape
     if R == 0:
         return out
-    if symmetric:
-        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-        q_range = qmax
-    else:
-        qmin, qmax = 0, 2**bits - 1
-        q_range = qmax - qmin
+    qmin, qmax, q_range = int_grid(bits, symmetric)
     block_r, block_n, warps = launch_config(R, n)
     grid = (triton.cdiv(R, block_r),)
     args = dict(

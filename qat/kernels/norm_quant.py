@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fake_quant import _DTYPE_CODES, MAX_N, _fake_quant_tile, _reciprocal, _round_bf16, _round_to
+from .fake_quant import _DTYPE_CODES, MAX_N, _fake_quant_tile, _reciprocal, _round_bf16, _round_to, _row_tile, int_grid
 from .fake_quant import launch_config as _launch_config
 
 __all__ = ["MAX_N", "rms_norm_quant_rows"]
@@ -42,11 +42,7 @@ def _rms_norm_quant_kernel(
     RECIP: tl.constexpr, EMULATE: tl.constexpr, STORE_Y: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_N)
-    mask = (rows[:, None] < R) & (cols[None, :] < N)
-    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+    rows, cols, mask, offs = _row_tile(R, N, BLOCK_R, BLOCK_N)
     # Padding loads 0: it adds nothing to the sum of squares, and its y = 0 changes no min/max below.
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
@@ -84,12 +80,7 @@ def rms_norm_quant_rows(
     rstd = torch.empty((R,), dtype=torch.float32, device=x.device)
     if R == 0:
         return out, rstd, (y if store_y else None)
-    if symmetric:
-        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-        q_range = qmax
-    else:
-        qmin, qmax = 0, 2**bits - 1
-        q_range = qmax - qmin
+    qmin, qmax, q_range = int_grid(bits, symmetric)
     block_r, block_n, warps = _launch_config(R, N)
     grid = (triton.cdiv(R, block_r),)
     args = (x, w, out, y, rstd, R, N, float(eps), float(q_range), _reciprocal(q_range))
