@@ -52,7 +52,7 @@ def test_qlora_run_lowers_held_out_loss_and_writes_adapters_and_a_merge_that_con
     report = json.loads((out / "merge_report.json").read_text())
     assert report["merge"] == "requant-rtn" and len(report["layers"]) == 14
     # The checkpoint: the adapters, their optimizer state and the base's fingerprint, no base tensor.
-    ckpt = torch.load(out / "checkpoints" / "step=8.ckpt", weights_only=False, map_location="cpu")
+    ckpt = torch.load(out / "checkpoints" / "step=8.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["distqat_base_fingerprint"] == record["fingerprint"]
     assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
     # The merged PTQ folder converts and evaluates like any other.
@@ -98,7 +98,7 @@ def test_deepspeed_zero2_two_processes_and_zero3_refused(tiny_base, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "adapters" / "adapter_model.safetensors").is_file()
     state = torch.load(out / "checkpoints" / "step=8.ckpt" / "checkpoint" / "mp_rank_00_model_states.pt",
-                       weights_only=False, map_location="cpu")
+                       weights_only=True, map_location="cpu")
     assert state["module"] and all("lora_" in k for k in state["module"])  # no base in DeepSpeed's files either
     r = run(*train_args(tiny_base, tmp_path / "z3", "distributed.strategy=deepspeed", "distributed.zero_stage=3"))
     lines = r.stderr.strip().splitlines()

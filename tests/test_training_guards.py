@@ -108,7 +108,7 @@ def test_a_truncated_newest_checkpoint_is_named_with_the_fix(dirs, tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and "step=4.ckpt" in last and "train.resume=never" in last, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
-    torch.load(out / "checkpoints" / "step=2.ckpt", weights_only=False)  # the one before is still whole
+    torch.load(out / "checkpoints" / "step=2.ckpt", weights_only=True)  # the one before is still whole
 
 
 @pytest.mark.parametrize("command", ["train", "generate"])
