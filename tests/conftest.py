@@ -120,3 +120,25 @@ def hf_and_fake_quant_logits(model, folder, ids) -> tuple:
             if isinstance(m, QuantLinear):
                 m.input_quantizer = None
         return got, ref, model(ids).logits
+
+
+def fake_quant_folder(tmp_path, tokenizer, scheme: str):
+    """(the tiny teacher fake-quantized by `scheme` in bf16, its saved folder tmp_path / "fq" with the tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    from qat.apply import quantize_model
+
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_teacher(tmp_path / "teacher", tokenizer),
+                                                 dtype=torch.bfloat16)
+    quantize_model(model, scheme)
+    model.save_pretrained(tmp_path / "fq")
+    tokenizer.save_pretrained(tmp_path / "fq")
+    return model, tmp_path / "fq"
+
+
+def tiny_run_dir(root: Path, tokenizer) -> Path:
+    """`root` holding what a tiny training run reads: `teacher` (256 positions, weights at init range 0.1) and a
+    400-line `corpus.txt`."""
+    save_tiny_teacher(root / "teacher", tokenizer, max_positions=256, init_range=0.1)
+    (root / "corpus.txt").write_text("\n".join(f"Line {i} of a small corpus, for a tiny run." for i in range(400)))
+    return root

@@ -234,18 +234,13 @@ def test_quantized_tied_lm_head_is_untied_in_the_checkpoint(tiny_model, tmp_path
 
 
 def test_eval_scores_a_converted_folder_like_its_fake_quant_source(tmp_path, bundled_tokenizer):
-    from conftest import save_tiny_teacher
-    from transformers import AutoModelForCausalLM
+    from conftest import fake_quant_folder
 
     from qat.export import convert_folder
     from trainer.cli import main
 
-    teacher = save_tiny_teacher(tmp_path / "teacher", bundled_tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.bfloat16)
-    quantize_model(model, "w4g32")
-    model.save_pretrained(tmp_path / "fq")
-    bundled_tokenizer.save_pretrained(tmp_path / "fq")
-    convert_folder(tmp_path / "fq", tmp_path / "int")
+    model, fq = fake_quant_folder(tmp_path, bundled_tokenizer, "w4g32")
+    convert_folder(fq, tmp_path / "int")
     assert (tmp_path / "int" / "tokenizer.json").is_file()
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The quick brown fox jumps over the lazy dog. " * 40)

@@ -154,22 +154,17 @@ def test_transformers_from_pretrained_gives_our_logits_for_weight_only_folders(t
 
 
 def test_written_folders_hold_no_absolute_paths(tmp_path, bundled_tokenizer):
-    from conftest import save_tiny_teacher
-    from transformers import AutoModelForCausalLM
+    from conftest import fake_quant_folder
 
     from qat.export import convert_folder
 
-    teacher = save_tiny_teacher(tmp_path / "teacher", bundled_tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.bfloat16)
-    quantize_model(model, "w4a8kv8")
-    model.save_pretrained(tmp_path / "fq")
-    bundled_tokenizer.save_pretrained(tmp_path / "fq")
-    out = convert_folder(tmp_path / "fq", tmp_path / "int")
+    _, fq = fake_quant_folder(tmp_path, bundled_tokenizer, "w4a8kv8")
+    out = convert_folder(fq, tmp_path / "int")
     cfg = json.loads((out / "config.json").read_text())
     assert "_name_or_path" not in cfg
     from trainer.cli import main
 
-    assert main(["ptq", f"model.name_or_path={teacher}", "ptq.method=rtn", "quant.scheme=w4g32",
+    assert main(["ptq", f"model.name_or_path={tmp_path / 'teacher'}", "ptq.method=rtn", "quant.scheme=w4g32",
                  "ptq.progress=false", f"output_dir={tmp_path / 'ptq'}"]) == 0
     written = [f for d in (out, tmp_path / "ptq" / "model") for f in d.iterdir()]
     assert len(written) > 6

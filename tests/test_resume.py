@@ -10,17 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_teacher
+from conftest import tiny_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def setup_dirs(tmp_path_factory, bundled_tokenizer):
-    root = tmp_path_factory.mktemp("train")
-    save_tiny_teacher(root / "teacher", bundled_tokenizer, max_positions=256, init_range=0.1)
-    (root / "corpus.txt").write_text("\n".join(f"Line {i} of a small corpus, for a tiny run." for i in range(400)))
-    return root
+    return tiny_run_dir(tmp_path_factory.mktemp("train"), bundled_tokenizer)
 
 
 def args(root: Path, out: Path, *extra: str) -> list[str]:
