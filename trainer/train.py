@@ -164,7 +164,8 @@ def model_summary(student: torch.nn.Module, teacher: Optional[torch.nn.Module]) 
 
 def _loggers(out_dir: Path, flush_every: int = 100) -> list:
     """CSV always (written out with each checkpoint, so a killed run loses no row a resume would not log
-    again); TensorBoard as well where it is installed (some cluster images lack it)."""
+    again, but for one window: Lightning saves a step's checkpoint before it logs that step, so a kill between
+    the two loses that step's row); TensorBoard as well where it is installed (some cluster images lack it)."""
     loggers = [CSVLogger(out_dir, name="logs", flush_logs_every_n_steps=flush_every)]
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         loggers.append(TensorBoardLogger(out_dir, name="tb"))
