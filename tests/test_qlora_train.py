@@ -97,8 +97,8 @@ def test_deepspeed_zero2_two_processes_and_zero3_refused(tiny_base, tmp_path):
     r = run("-m", "torch.distributed.run", "--nproc_per_node", "2", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "adapters" / "adapter_model.safetensors").is_file()
-    state = torch.load(out / "checkpoints" / "step=8.ckpt" / "checkpoint" / "mp_rank_00_model_states.pt",
-                       weights_only=True, map_location="cpu")
+    ds_file = out / "checkpoints" / "step=8.ckpt" / "checkpoint" / "mp_rank_00_model_states.pt"
+    state = torch.load(ds_file, weights_only=True, map_location="cpu")
     assert state["module"] and all("lora_" in k for k in state["module"])  # no base in DeepSpeed's files either
     r = run(*train_args(tiny_base, tmp_path / "z3", "distributed.strategy=deepspeed", "distributed.zero_stage=3"))
     lines = r.stderr.strip().splitlines()
