@@ -31,6 +31,13 @@ def triton_available() -> bool:
     return _HAVE_TRITON
 
 
+def _kernel_runs(t: torch.Tensor, bits: int) -> bool:
+    """Whether a kernel of this package can take `t` at `bits`: 2-8 integer bits, on CUDA (or any device in
+    interpret mode), with triton installed."""
+    return (isinstance(bits, int) and 2 <= bits <= 8 and (t.is_cuda or interpret_mode())
+            and triton_available())
+
+
 def fused_fake_quant_rows(
     rows: torch.Tensor, bits: int, symmetric: bool, scale_dtype: Optional[torch.dtype]
 ) -> Optional[torch.Tensor]:
@@ -43,9 +50,7 @@ def fused_fake_quant_rows(
     """
     if rows.dim() != 2 or rows.dtype not in _DTYPES or scale_dtype not in _SCALE_DTYPES:
         return None
-    if not isinstance(bits, int) or not 2 <= bits <= 8:
-        return None
-    if not (rows.is_cuda or interpret_mode()) or not triton_available():
+    if not _kernel_runs(rows, bits):
         return None
     # lazy: triton.jit reads TRITON_INTERPRET when the kernel is defined, and triton is optional on CPU
     from .fake_quant import MAX_N, fake_quant_rows
@@ -71,9 +76,7 @@ def fused_rms_norm_quant(
         return None
     if x.dtype not in _DTYPES or weight.dtype not in _DTYPES or out_dtype not in _SCALE_DTYPES:
         return None
-    if not isinstance(bits, int) or not 2 <= bits <= 8:
-        return None
-    if not (x.is_cuda or interpret_mode()) or not triton_available():
+    if not _kernel_runs(x, bits):
         return None
     # lazy: triton.jit reads TRITON_INTERPRET when the kernel is defined, and triton is optional on CPU
     from .norm_quant import MAX_N, rms_norm_quant_rows
