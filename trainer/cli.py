@@ -82,18 +82,23 @@ def _run_report(cfg: RunConfig) -> int:
     return 0
 
 
+# The PTQ settings train.init=<method> runs with (its method is train.init's; QLoRA's merge reads some too).
+PTQ_SETTINGS = ("ptq.calib_data", "ptq.calib_split", "ptq.n_samples", "ptq.seq_len", "ptq.batch_size", "ptq.device",
+                "ptq.seed", "ptq.progress", "ptq.gptq.*", "ptq.awq.*", "ptq.smoothquant.*", "ptq.hqq.*", "ptq.aqlm.*")
+
 COMMANDS: dict[str, Command] = {
     "generate": Command("the teacher writes its own training text (LLM-QAT data-free)",
                         (*RUN, "seed", *MODEL, "generate.*"), _run_generate),
     "train": Command("QAT: distill the full-precision teacher into the fake-quantized student",
                      (*RUN, "seed", "model.*", "quant.*", "data.*", "train.*", "distributed.*", "lora.*",
-                      "ptq.n_samples", "ptq.gptq.*"), _run_train),
+                      *PTQ_SETTINGS), _run_train),
     "ptq": Command("post-training quantization baselines (RTN, GPTQ, AWQ, SmoothQuant, LLM.int8(), HQQ)",
                    (*RUN, *MODEL, "quant.*", "data.path", "data.text_field", "ptq.*"), _run_ptq),
     "convert": Command("pack a trained or PTQ model into integer weights (compressed-tensors layout)", ()),
-    "pipeline": Command("LLM-QAT end to end: generate, train, then score FP, the RTN start and the trained student",
+    "pipeline": Command("LLM-QAT end to end: generate, train, then score FP, the RTN start, the PTQ baseline and the "
+                        "trained student",
                         (*RUN, "seed", *MODEL, "quant.*", "data.*", "generate.*", "train.*", "distributed.*",
-                         *EVAL), _run_pipeline),
+                         *PTQ_SETTINGS, *EVAL), _run_pipeline),
     "eval": Command("perplexity of the full-precision and the fake-quantized model, with a plot; lm-eval tasks",
                     (*RUN, *MODEL, "quant.*", "data.path", "data.text_field", "eval.*"), _run_eval),
     "bench": Command("speed benchmarks, each as a ratio to bf16", ()),

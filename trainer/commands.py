@@ -7,6 +7,8 @@ a PTQConfig, a model, a tokenizer, paths).
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +23,15 @@ from qat.ptq import check as check_ptq
 from qat.ptq import needs_calibration, run_ptq
 
 from .config import RunConfig, save_config
+
+
+def wait_for(path: Path, timeout_s: float, what: str, ready: Optional[Callable[[], bool]] = None) -> None:
+    """Poll until `path` exists (another rank writes it) and `ready()` holds; a clear error after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not (path.exists() and (ready is None or ready())):
+        if time.monotonic() > deadline:
+            raise FileNotFoundError(f"{path} did not appear within {timeout_s:.0f} s: {what}")
+        time.sleep(2.0)
 
 
 def prepare_output(out_dir: Path, what: str = "output_dir") -> Path:

@@ -87,6 +87,20 @@ class TrainConfig:
     # fake-quantizes a layer's weights in one call, kv_direct scales K/V without reshaping them, compile
     # runs the student under torch.compile.
     speedups: list[str] = field(default_factory=list, metadata={"choices": ("compile",) + SPEEDUPS})
+    # Where the student starts (trainer/init.py): rtn (the base, fake-quantized), a PTQ method (gptq, awq,
+    # smoothquant+gptq, aqlm ...; run first on the training text or ptq.calib_data, with the ptq section's
+    # settings) or a folder written by distqat ptq / distqat train. An AQLM start trains codebooks and scales.
+    init: str = "rtn"
+    # > 0: before distillation, each decoder block trains this many steps to reproduce the full-precision
+    # block's output (EfficientQAT's Block-AP) on blockwise_samples x blockwise_seq_len tokens of the training
+    # text, blockwise_held_out of those sequences kept out to measure; 0: no block-wise stage.
+    blockwise_steps: int = field(default=0, metadata={"range": (0, 1 << 30)})
+    blockwise_lr: float = field(default=1e-4, metadata={"range": (0.0, 1.0)})
+    blockwise_quantizer_lr: float = field(default=1e-3, metadata={"range": (0.0, 1.0)})
+    blockwise_samples: int = field(default=64, metadata={"range": (2, 1 << 24)})
+    blockwise_seq_len: int = field(default=256, metadata={"range": (8, 1 << 20)})
+    blockwise_batch_size: int = field(default=4, metadata={"range": (1, 1 << 16)})
+    blockwise_held_out: int = field(default=4, metadata={"range": (1, 1 << 16)})
 
 
 @dataclass

@@ -62,8 +62,10 @@ def perplexity(
     return math.exp(nll / count)
 
 
-def plot_bars(results: dict[str, float], path: Path, title: str) -> Optional[Path]:
-    """A bar chart of perplexities (lower is better), written atomically; None without matplotlib."""
+def plot_bars(results: dict[str, float], path: Path, title: str,
+              closed: Optional[dict[str, float]] = None) -> Optional[Path]:
+    """A bar chart of perplexities (lower is better), each bar labelled with its value (and, given `closed`, the
+    share of the gap to FP it closes), written atomically; None without matplotlib."""
     try:
         # lazy: matplotlib costs about a second to import and sets a process-wide backend; only plots need it
         import matplotlib
@@ -75,7 +77,9 @@ def plot_bars(results: dict[str, float], path: Path, title: str) -> Optional[Pat
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(results) + 2), 3.5))
     names, values = list(results), list(results.values())
     bars = ax.bar(names, values, color=["#888888" if n == "fp" else "#3b7dd8" for n in names])
-    ax.bar_label(bars, fmt="%.2f")
+    closed = closed or {}
+    ax.bar_label(bars, labels=[f"{v:.2f}" + (f"\n{100 * closed[n]:.0f}% closed" if n in closed else "")
+                               for n, v in zip(names, values)])
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
@@ -144,9 +148,32 @@ def eval_windows(cfg: RunConfig, tokenizer) -> list[list[int]]:
     return windows
 
 
-def score_models(cfg: RunConfig, entries: list[tuple[str, Callable[[], torch.nn.Module]]]) -> dict:
+def gap_closed(ppl: dict[str, float], fp: str, rtn: str) -> dict[str, float]:
+    """For each model but fp: the share of the RTN start's log-perplexity gap to FP it closes,
+    (ln RTN - ln model) / (ln RTN - ln FP); 1 is FP's perplexity, 0 the RTN start's, < 0 worse than RTN."""
+    gap = math.log(ppl[rtn]) - math.log(ppl[fp])
+    if gap <= 0:  # RTN is no worse than FP: there is no gap to close
+        return {}
+    return {k: (math.log(ppl[rtn]) - math.log(v)) / gap for k, v in ppl.items() if k != fp}
+
+
+def gap_table(record: dict) -> str:
+    """Markdown: one row per model with its role (fp, rtn, ptq, qat), perplexity and the gap closed."""
+    role_of = {label: role for role, label in record.get("roles", {}).items()}
+    closed = record.get("gap_closed", {})
+    lines = ["| model | role | perplexity | log-perplexity gap to FP closed |", "|---|---|---|---|"]
+    for label, v in record["perplexity"].items():
+        share = f"{100 * closed[label]:.0f}%" if label in closed else ""
+        lines.append(f"| {label} | {role_of.get(label, '')} | {v:.2f} | {share} |")
+    return "\n".join(lines)
+
+
+def score_models(cfg: RunConfig, entries: list[tuple[str, Callable[[], torch.nn.Module]]],
+                 roles: Optional[dict[str, str]] = None) -> dict:
     """Perplexity of each (label, loader) on the same windows of cfg.data (one model in memory at a time), and
-    its eval.tasks scores; eval.json, eval.png and config.yaml under cfg.output_dir."""
+    its eval.tasks scores; eval.json, eval.png and config.yaml under cfg.output_dir. With `roles` ({"fp": label,
+    "rtn": label, ...}) the record also holds each model's share of the log-perplexity gap closed, and eval.md
+    the table of them."""
     out_dir = Path(cfg.output_dir)
     plan = plan_tasks(cfg.eval)  # before any model loads: lm_eval there, every task known, its data loading
     save_config(cfg, out_dir)
@@ -177,10 +204,16 @@ def score_models(cfg: RunConfig, entries: list[tuple[str, Callable[[], torch.nn.
     }
     if plan is not None:
         record.update(tasks=tasks, task_setup=setup, **({"task_groups": groups} if groups else {}))
+    if roles and {"fp", "rtn"} <= roles.keys():
+        record.update(roles=roles, gap_closed=gap_closed(results, roles["fp"], roles["rtn"]))
     record.update(versions=versions(), device=device_name())
     write_json(out_dir / "eval.json", record)
     if cfg.eval.plot:
-        plot_bars(results, out_dir / "eval.png", f"{cfg.model.name_or_path}, {n_tokens} tokens of {cfg.eval.split}")
+        plot_bars(results, out_dir / "eval.png", f"{cfg.model.name_or_path}, {n_tokens} tokens of {cfg.eval.split}",
+                  record.get("gap_closed"))
+    if "gap_closed" in record:
+        write_text(out_dir / "eval.md", gap_table(record) + "\n")
+        print(gap_table(record))
     print(format_table([(cfg.name, record)]))
     print(f"results: {out_dir / 'eval.json'}", file=sys.stderr)
     return record

@@ -1,10 +1,14 @@
 """`distqat pipeline`: LLM-QAT end to end on one recipe.
 
 1. generate: the full-precision teacher writes the training text itself (data-free, resumable);
-2. train: QAT distils the teacher into the fake-quantized student on that text;
+2. train: the student starts from train.init (RTN, or a PTQ method run first on the generated text), is
+   reconstructed block by block when train.blockwise_steps > 0, and QAT distils the teacher into it on
+   that text (trainer/init.py, trainer/train.py);
 3. eval (rank 0): the full-precision model, its RTN start (the same spec, fake-quantized before any
-   training) and the trained student, scored on the same windows of `data.path` (the bundled
-   Wikipedia test split by default), as one eval.json and one bar plot.
+   training), the PTQ baseline at the same spec (the PTQ start, or smoothquant+gptq when the student starts
+   from RTN) and the trained student, scored on the same windows of `data.path` (the bundled Wikipedia test
+   split by default), as one eval.json (with the share of the log-perplexity gap each closes), one bar plot
+   and one markdown table.
 
 In this command `data.path` is the text it evaluates on; the training text is always the generated one.
 Each step resumes: finished shards are kept and `train.resume=auto` continues from the newest checkpoint.
@@ -13,38 +17,37 @@ Each step resumes: finished shards are kept and `train.resume=auto` continues fr
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 from data.sources import load_texts
 from qat.io.env import rank_world
+from qat.io.folders import inspect
 from qat.io.models import check_spec_fits
+from qat.ptq import check as check_ptq
 
-from .commands import prepare_output, run_generate
+from .commands import prepare_output, run_generate, wait_for
 from .config import RunConfig
 from .eval import base_model, saved_model, score_models
+from .init import check_init, init_method, prepare_start
 from .tasks import plan_tasks
 from .train import run_train
 
-
-def wait_for(path: Path, timeout_s: float, what: str) -> None:
-    """Poll until `path` exists (another rank writes it); a clear error after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise FileNotFoundError(f"{path} did not appear within {timeout_s:.0f} s: {what}")
-        time.sleep(2.0)
+BASELINE = "smoothquant+gptq"  # the PTQ row when the student starts from RTN
 
 
 def run_pipeline(cfg: RunConfig, manifest_timeout_s: float = 24 * 3600) -> dict:
-    """generate -> train -> eval of fp / RTN start / trained; returns the eval record (empty off rank 0)."""
+    """generate -> [PTQ start, block-wise] -> train -> eval of fp / RTN start / PTQ / trained; returns the eval
+    record (empty off rank 0)."""
     if cfg.train.mode != "qat":
         raise ValueError(f"pipeline runs LLM-QAT; train.mode={cfg.train.mode} trains with `distqat train`")
     # Everything the last step needs is checked before the first one spends minutes: the output folder,
-    # the spec against the model's layer widths, the text it scores on, the eval.tasks and their data.
+    # the spec against the model's layer widths, the start, the text it scores on, the eval.tasks and their data.
     prepare_output(Path(cfg.output_dir))
     check_spec_fits(cfg.model.name_or_path, cfg.quant, cfg.model.trust_remote_code)
+    check_init(cfg)
+    if cfg.train.init == "rtn":
+        check_ptq(cfg.quant, replace(cfg.ptq, method=BASELINE))
     load_texts(cfg.data.path, cfg.eval.split, cfg.data.text_field)
     plan_tasks(cfg.eval)
     gen_dir = run_generate(cfg)
@@ -57,6 +60,25 @@ def run_pipeline(cfg: RunConfig, manifest_timeout_s: float = 24 * 3600) -> dict:
     if rank != 0:
         return {}
     fp, rtn = base_model(cfg, False), base_model(cfg, True)
+    ptq_label, ptq_dir = ptq_baseline(train_cfg)
+    ptq = (f"{rtn[0]} ({ptq_label})", saved_model(cfg, str(ptq_dir))[1])
     trained = (f"{rtn[0]} (qat)", saved_model(cfg, str(model_dir))[1])
-    print(f"pipeline: scoring {fp[0]}, {rtn[0]} (RTN start) and {trained[0]} on {cfg.data.path}", file=sys.stderr)
-    return score_models(cfg, [fp, rtn, trained])
+    print(f"pipeline: scoring {fp[0]}, {rtn[0]} (RTN start), {ptq[0]} (PTQ) and {trained[0]} on {cfg.data.path}",
+          file=sys.stderr)
+    roles = {"fp": fp[0], "rtn": rtn[0], "ptq": ptq[0], "qat": trained[0]}
+    return score_models(cfg, [fp, rtn, ptq, trained], roles=roles)
+
+
+def ptq_baseline(train_cfg: RunConfig) -> tuple[str, Path]:
+    """(method, folder) of the PTQ row: the student's PTQ start when it has one, else smoothquant+gptq at the
+    same spec, calibrated as a PTQ start would be (on the generated text, data-free)."""
+    init = train_cfg.train.init
+    if init_method(init) is not None:
+        return init_method(init), Path(train_cfg.output_dir) / "init" / "model"
+    if init != "rtn":
+        folder = inspect(init, "train.init")
+        return str(folder.record.get("method", folder.kind.value)), Path(init)
+    # The same stage a train.init=smoothquant+gptq run builds (and reuses), scored but not trained from.
+    baseline = replace(train_cfg, output_dir=str(Path(train_cfg.output_dir) / "baseline"),
+                       train=replace(train_cfg.train, init=BASELINE, blockwise_steps=0))
+    return BASELINE, prepare_start(baseline)

@@ -12,7 +12,7 @@ import warnings
 import zipfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import lightning as L
 import torch
@@ -26,12 +26,14 @@ from qat.io.atomic import atomic_dir
 from qat.io.env import rank_world
 from qat.io.models import load_model, load_tokenizer
 from qat.io.progress import bars_wanted
+from qat.linear import QuantLinear
 
 from . import qlora
 from .callbacks import QuantStats, TrainProgress
 from .commands import prepare_output
 from .config import RunConfig, save_config
 from .datamodule import TextDataModule
+from .init import check_init, load_student, prepare_start
 from .module import QATModule
 from .optim import lightning_precision, resolve_master_weights
 from .quiet import quiet_libraries
@@ -45,14 +47,21 @@ def master_weights(cfg: RunConfig) -> str:
     return resolve_master_weights(cfg.train.master_weights, d.offload_optimizer or d.offload_params)
 
 
-def build_models(cfg: RunConfig) -> tuple[torch.nn.Module, Optional[torch.nn.Module], QuantReport]:
-    """(student, teacher, report): the student fake-quantized by cfg.quant in its master weights' dtype, the
-    teacher frozen (bf16 on GPU)."""
+def build_models(cfg: RunConfig, start: Optional[Path] = None
+                 ) -> tuple[torch.nn.Module, Optional[torch.nn.Module], Union[QuantReport, str]]:
+    """(student, teacher, report): the student in its master weights' dtype, fake-quantized by cfg.quant or
+    loaded from `start` (train.init's folder, see trainer/init.py), the teacher frozen (bf16 on GPU)."""
     dtype = "bfloat16" if master_weights(cfg) == "bf16" else "float32"
-    student = load_model(cfg.model.name_or_path, dtype, cfg.model.attn_implementation, cfg.model.trust_remote_code)
+    if start is None:
+        student = load_model(cfg.model.name_or_path, dtype, cfg.model.attn_implementation,
+                             cfg.model.trust_remote_code)
+        report: Union[QuantReport, str] = quantize_model(student, cfg.quant)
+    else:
+        student = load_student(cfg, start, dtype)
+        report = f"student: starts from {start} (train.init={cfg.train.init})"
     teacher = None if cfg.train.teacher_topk else _load_teacher(cfg)
-    report = quantize_model(student, cfg.quant)
-    changed = enable_speedups(student, [n for n in cfg.train.speedups if n != "compile"])
+    fake_quant = any(isinstance(m, QuantLinear) for m in student.modules())
+    changed = enable_speedups(student, [n for n in cfg.train.speedups if n != "compile"]) if fake_quant else []
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(student)
     student.config.use_cache = False
@@ -194,6 +203,7 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
     qlora_mode = cfg.train.mode == "qlora"
     if qlora_mode:
         qlora.check(cfg)
+    check_init(cfg)
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     dm = TextDataModule(
         path=cfg.data.path, text_field=cfg.data.text_field, seq_len=cfg.data.seq_len,
@@ -211,7 +221,7 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
         trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
         report = f"qlora: {trainable} adapter parameters on the packed base of {folder.name} ({folder.kind.value})"
     else:
-        student, teacher, report = build_models(cfg)
+        student, teacher, report = build_models(cfg, prepare_start(cfg))
         base_print = None
         report = f"{report}\n{model_summary(student, teacher)}"
     module = QATModule(student, teacher, cfg.train, seed=cfg.seed, base_fingerprint=base_print)
