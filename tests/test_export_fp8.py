@@ -243,3 +243,11 @@ def test_distqat_ptq_smoothquant_fp8_then_convert(tmp_path, bundled_tokenizer):
     ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # fp32, 49k-wide head: summation order alone moves a logit by ~1e-5
         torch.testing.assert_close(rt(ids).logits, fq(ids).logits, rtol=1e-4, atol=5e-5)
+
+
+def test_qlora_refuses_an_fp8_folder_naming_what_it_packs(tmp_path):
+    from qat.qlora.base import build_base
+
+    out = convert_model(_quantized(), tmp_path / "fp8")
+    with pytest.raises(ValueError, match=r"FP8 \(e4m3\) folder: QLoRA packs integer or NF4 grids"):
+        build_base(out, None)

@@ -189,6 +189,15 @@ def test_aqlm_start_finetunes_codebooks_and_scales_with_codes_frozen(dirs, tmp_p
             return float((t.exp() * (t - s)).sum(-1).mean())
 
         assert kl(trained) < kl(start)
+    # Neither convert nor QLoRA takes an AQLM folder; each says what to do with one instead.
+    from qat.export.convert import convert_folder
+    from qat.export.format import FormatError
+    from qat.qlora.base import build_base
+
+    with pytest.raises(FormatError, match="is an AQLM folder .* deployment format already"):
+        convert_folder(trained, tmp_path / "int")
+    with pytest.raises(ValueError, match="is an AQLM folder: .* train.init=<that folder>"):
+        build_base(trained, None)
 
 
 @pytest.mark.parametrize("extra, names", [

@@ -158,6 +158,9 @@ def convert_folder(src: Union[str, Path], out: Union[str, Path], dtype: Optional
     if folder.kind is Kind.LLM_INT8:
         raise FormatError(f"{folder.path} is an LLM.int8() model: its fp16 outlier columns have no place in the "
                           "integer format; evaluate that folder directly")
+    if folder.kind is Kind.AQLM:
+        raise FormatError(f"{folder.path} is an AQLM folder (codes + codebooks in transformers' AQLM layout): it is "
+                          "in its deployment format already; load it with qat.load.load or transformers + aqlm")
     if folder.kind is Kind.BASE:
         raise FormatError(f"{folder.path} holds no distqat quantization (config.json lacks {QUANT_KEY}); "
                           "quantize it first with distqat train or distqat ptq")

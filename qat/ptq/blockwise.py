@@ -2,7 +2,9 @@
 
 Decoder block by block, the fake-quantized student's block trains its weights and quantizer parameters
 (straight-through) so that its output on the student's own inputs reproduces the full-precision block's
-output on the full-precision inputs, by mean squared error. It walks the blocks as the PTQ loop does: layer 0's
+output on the full-precision inputs, by squared error with each hidden channel weighted by the inverse of its
+mean square (see channel_weights: EfficientQAT's plain MSE, measured on the bundled model, spent every block
+after the 12th on one outlier channel it could not move). It walks the blocks as the PTQ loop does: layer 0's
 inputs are captured once, then one student block and its teacher block sit on the device at a time, and the
 trained block's outputs become the next block's inputs, so each block also learns to undo the error the
 blocks before it left. Some calibration sequences are held out: each block's error on them, before and after,
@@ -38,7 +40,9 @@ class BlockwiseConfig:
 @dataclass
 class BlockResult:
     index: int
-    before: float  # held-out mean squared error against the full-precision block, before training
+    # held-out squared error against the full-precision block, each channel's divided by its mean square in
+    # the full-precision outputs (channel_weights), before training
+    before: float
     after: float  # after; a block whose held-out error did not fall is put back as it came (after == before)
     seconds: float
 
@@ -70,12 +74,27 @@ def param_groups(layer: nn.Module, cfg: BlockwiseConfig) -> list[dict]:
     return groups
 
 
-def _mse(layer: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor], kwargs: list[dict]) -> float:
+def channel_weights(targets: list[torch.Tensor]) -> torch.Tensor:
+    """1 / (each hidden channel's mean square over the full-precision block's outputs): a few channels of the
+    residual stream carry activations hundreds of times larger than the rest (at the first token), and in plain
+    MSE their error, which no later block can remove, would be the whole loss."""
+    sq = sum(y.float().pow(2).sum(dim=tuple(range(y.dim() - 1))) for y in targets)
+    n = sum(y.numel() // y.shape[-1] for y in targets)
+    return 1.0 / (sq / n).clamp_min(1e-12)
+
+
+def normalised_error(out: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Mean of (out - y)^2 / (the channel's mean square): 1 is an error as large as the signal."""
+    return ((out.float() - y.float()).pow(2) * w).mean()
+
+
+def _mse(layer: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor], kwargs: list[dict],
+         w: torch.Tensor) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for x, y, kw in zip(inputs, targets, kwargs):
             out = run_block(layer, [x], [kw])[0]
-            total += float((out.float() - y.float()).pow(2).sum())
+            total += float(normalised_error(out, y, w)) * y.numel()
             count += y.numel()
     return total / max(count, 1)
 
@@ -119,12 +138,13 @@ def reconstruct(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, cfg: 
         fp_out = run_block(t_layer, fp_in, kwargs)
         target = [y.to(s_dtype) for y in fp_out]
         train, held = slice(0, n_batches), slice(n_batches, None)
-        before = _mse(s_layer, q_in[held], target[held], kwargs[held])
+        w = channel_weights(target[train])
+        before = _mse(s_layer, q_in[held], target[held], kwargs[held], w)
         after = before
         if cfg.steps:
             saved = {k: v.detach().clone() for k, v in s_layer.state_dict().items()}
-            _train_block(s_layer, q_in[train], target[train], kwargs[train], cfg, gen)
-            after = _mse(s_layer, q_in[held], target[held], kwargs[held])
+            _train_block(s_layer, q_in[train], target[train], kwargs[train], w, cfg, gen)
+            after = _mse(s_layer, q_in[held], target[held], kwargs[held], w)
             if not after < before:  # it overfitted or diverged: the block stays as it came
                 s_layer.load_state_dict(saved)
                 after = before
@@ -143,8 +163,9 @@ def reconstruct(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, cfg: 
 
 
 def _train_block(layer: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor], kwargs: list[dict],
-                 cfg: BlockwiseConfig, gen: torch.Generator) -> None:
-    """cfg.steps AdamW steps on random training batches, cosine-decayed learning rates, MSE to the targets."""
+                 w: torch.Tensor, cfg: BlockwiseConfig, gen: torch.Generator) -> None:
+    """cfg.steps AdamW steps on random training batches, cosine-decayed learning rates, the channel-normalised
+    squared error to the targets."""
     opt = torch.optim.AdamW(param_groups(layer, cfg), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
     was_training = layer.training
@@ -154,7 +175,7 @@ def _train_block(layer: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor
             j = int(torch.randint(len(xs), (1,), generator=gen))
             out = layer(xs[j], **kwargs[j])
             out = out[0] if isinstance(out, (tuple, list)) else out
-            loss = (out.float() - ys[j].float()).pow(2).mean()
+            loss = normalised_error(out, ys[j], w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -64,11 +64,19 @@ def build_base(
     elif folder.kind in (Kind.QAT, Kind.PTQ):
         model = load_fake_quant(folder, resolve_dtype(dtype), **kwargs)
         pack_model(model)
+    elif folder.kind is Kind.INT and folder.spec is not None and folder.spec.weight is not None \
+            and folder.spec.weight.format == "fp8":
+        raise ValueError(f"{folder.path} is an FP8 (e4m3) folder: QLoRA packs integer or NF4 grids; train on its "
+                         "base model with quant.scheme=w4g64 or wnf4g64, or on a ptq/train output of those")
     elif folder.kind is Kind.INT:
         model = load_quantized(folder, dtype=None if dtype == "auto" else resolve_dtype(dtype))
         if folder.spec is not None:  # convert and the merges read the spec from the config, as for QAT folders
             setattr(model.config, QUANT_KEY, folder.spec.to_dict())
         pack_model(model)
+    elif folder.kind is Kind.AQLM:
+        raise ValueError(f"{folder.path} is an AQLM folder: its codes and codebooks are no grid QLoRA can pack; "
+                         "fine-tune its codebooks with distqat train train.init=<that folder>, or train LoRA on its "
+                         "base model with quant.scheme")
     else:
         raise ValueError(f"{folder.path} is an LLM.int8() model: it keeps fp weights, so there is no packed base "
                          "to train on; use its base model with quant.scheme=w8 or another spec")
