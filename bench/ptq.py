@@ -4,7 +4,8 @@
 
 FP, then for each weight setting each method (RTN, GPTQ, AWQ, HQQ), then W8A8 RTN vs SmoothQuant;
 perplexity with trainer.eval.perplexity on spread windows (1024 tokens, 8192 in all) of the bundled
-Wikipedia test split; calibration: --n-samples x --seq-len tokens of the bundled `calib` split.
+Wikipedia test split; calibration: --n-samples x --seq-len tokens of --calib (default: the bundled `calib`
+split; a `distqat generate` folder calibrates data-free, as a QAT run's train.init does).
 Results are appended to the JSON after every run, so a partial run still leaves a table.
 """
 
@@ -31,6 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", default="rtn,gptq,awq,hqq")
     p.add_argument("--w8a8", default="w8a8", help="scheme for the RTN vs SmoothQuant comparison ('' skips)")
     p.add_argument("--w8a8-methods", default="rtn,smoothquant")
+    p.add_argument("--calib", default="bundled:wikitext",
+                   help="calibration text: bundled:wikitext (its --calib-split), a local file or a distqat generate "
+                        "folder (e.g. runs/default/generated: the data-free calibration of train.init)")
+    p.add_argument("--calib-split", default="calib")
     p.add_argument("--n-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=8192)
@@ -58,11 +63,11 @@ def main(argv=None) -> int:
     base = load_model(args.model, dtype="float32")
     windows = spread_windows(token_stream(load_texts("bundled:wikitext", "test"), tok),
                              args.eval_seq_len, args.eval_tokens)
-    calib = calibration_ids(tok, args.n_samples, args.seq_len, "bundled:wikitext", "calib")
+    calib = calibration_ids(tok, args.n_samples, args.seq_len, args.calib, args.calib_split)
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "device": f"{platform.processor() or platform.machine()} CPU, "
         f"{torch.get_num_threads()} threads" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
-        "command": "python " + " ".join(sys.argv), "calib_tokens": int(calib.numel()),
+        "command": "python " + " ".join(sys.argv), "calib": args.calib, "calib_tokens": int(calib.numel()),
         "eval_tokens": sum(len(w) for w in windows),
         "gptq": {k: getattr(GPTQConfig(), k) if getattr(args, k) is None else getattr(args, k)
                  for k in ("act_order", "damp")},

@@ -100,6 +100,14 @@ def test_schedule_and_param_groups(tiny_model):
     assert len(groups["no_decay"]["params"]) == n_norm
     n_scales = sum(1 for n, _ in model2.named_parameters() if n.endswith("weight_quantizer.scale"))
     assert len(groups["quantizer"]["params"]) == n_scales > 0
+    assert "fp_decay" not in groups and groups["no_decay"]["lr"] == 1e-5
+    # fp_lr: only the quantized linears' weights keep lr; embeddings, head and norms take fp_lr.
+    groups = {g["name"]: g for g in param_groups(model2, 1e-3, 0.1, 1e-4, fp_lr=2e-5)}
+    quantized = {id(m.weight) for m in model2.modules() if getattr(m, "weight_quantizer", None) is not None}
+    assert {id(p) for p in groups["decay"]["params"]} == quantized and groups["decay"]["lr"] == 1e-3
+    assert groups["fp_decay"]["lr"] == groups["no_decay"]["lr"] == 2e-5
+    assert id(model2.get_input_embeddings().weight) in {id(p) for p in groups["fp_decay"]["params"]}
+    assert sum(len(g["params"]) for g in groups.values()) == sum(1 for p in model2.parameters() if p.requires_grad)
 
 
 def peaked_llama():

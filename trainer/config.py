@@ -58,6 +58,8 @@ class TrainConfig:
     grad_accum: int = field(default=1, metadata={"range": (1, 1 << 20)})
     lr: float = field(default=2e-5, metadata={"range": (0.0, 1.0)})
     quantizer_lr: float = field(default=1e-4, metadata={"range": (0.0, 1.0)})
+    # The parameters that stay full precision (embeddings, norms, an unquantized head); null: train.lr for all.
+    fp_lr: Optional[float] = field(default=None, metadata={"range": (0.0, 1.0)})
     warmup_steps: int = field(default=0, metadata={"range": (0, 1 << 40)})
     weight_decay: float = field(default=0.0, metadata={"range": (0.0, 1.0)})
     grad_clip: float = field(default=1.0, metadata={"range": (0.0, 1e9)})

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Optional
 
 import torch
 from torch import nn
@@ -130,11 +131,17 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Gener
     return ((bits + noise) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, quantizer_lr: float) -> list[dict]:
-    """Three groups: weights with decay; norms, biases and embeddings-free 1-D tensors without; quantizer
-    parameters (LSQ scales, clipping logits) without decay at their own learning rate."""
-    decay, no_decay, quant = [], [], []
+def param_groups(model: nn.Module, lr: float, weight_decay: float, quantizer_lr: float,
+                 fp_lr: Optional[float] = None) -> list[dict]:
+    """Weights with decay; norms, biases and other 1-D tensors without; quantizer parameters (LSQ scales,
+    clipping logits) without decay at their own learning rate. With `fp_lr`, the parameters that stay in full
+    precision (embeddings, norms, an unquantized head) train at fp_lr and only the quantized linears' weights at
+    lr: an on-grid weight must travel half a grid step before its code changes, a full-precision one need not."""
+    decay, fp_decay, no_decay, quant = [], [], [], []
     quantizers = quantizer_keys(model)
+    quantized = {f"{n}.weight" for n, m in model.named_modules()
+                 if getattr(m, "weight_quantizer", None) is not None}
+    split = fp_lr is not None
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -142,11 +149,15 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, quantizer_lr:
             quant.append(p)
         elif p.ndim < 2 or "norm" in name.lower():
             no_decay.append(p)
+        elif split and name not in quantized:
+            fp_decay.append(p)
         else:
             decay.append(p)
+    other = fp_lr if split else lr
     groups = [
         {"params": decay, "weight_decay": weight_decay, "lr": lr, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "lr": lr, "name": "no_decay"},
+        {"params": fp_decay, "weight_decay": weight_decay, "lr": other, "name": "fp_decay"},
+        {"params": no_decay, "weight_decay": 0.0, "lr": other, "name": "no_decay"},
         {"params": quant, "weight_decay": 0.0, "lr": quantizer_lr, "name": "quantizer"},
     ]
     return [g for g in groups if g["params"]]
