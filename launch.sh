@@ -21,10 +21,11 @@ usage() {
 usage: ./launch.sh [command] [config.yaml] [key=value ...]
        ./launch.sh test [pytest args]
 
-With no arguments: distqat pipeline configs/default.yaml, LLM-QAT W4A8KV8 on the bundled SmolLM2-135M
-sized for a laptop: the model writes its own training text, QAT distils it into the fake-quantized
-student, then FP, the RTN start and the trained student are scored on bundled Wikipedia text
-(runs/default/eval.json and eval.png). On one or more GPUs the same command runs one process per GPU.
+With no arguments: distqat pipeline configs/default.yaml, QAT W4A8KV8 on the bundled SmolLM2-135M
+sized for a laptop: the model writes its own training text, GPTQ calibrated on it gives the student its
+start, QAT distils the teacher into it, then FP, the RTN start, the GPTQ start and the trained student are
+scored on bundled Wikipedia text (runs/default/eval.json, eval.md and eval.png). On one or more GPUs the
+same command runs one process per GPU.
 
 Environment: DISTQAT_HOME (cache for the bundled model/text, default ~/.cache/distqat),
 PYTHON (interpreter used to create .venv, default python3).

@@ -35,12 +35,15 @@ def test_command_help_lists_the_keys_it_reads(command, capsys):
     listed = {line.split("=", 1)[0].strip() for line in out.split("config keys", 1)[1].splitlines()[1:]
               if line.startswith("  ") and "=" in line}
     assert listed == {k for k in schema_keys() if reads(COMMANDS[command].reads, k)}
-    wants = {"train": ["quant.weight.bits", "train.max_steps", "distributed.zero_stage", "lora.r", "train.mode"],
+    # train and pipeline read the ptq settings a PTQ start (train.init=<method>) runs with, not ptq.method.
+    wants = {"train": ["quant.weight.bits", "train.max_steps", "distributed.zero_stage", "lora.r", "train.mode",
+                       "train.init", "ptq.awq.grid", "ptq.n_samples"],
              "eval": ["quant.weight.bits", "eval.max_tokens", "data.path"],
              "ptq": ["quant.weight.bits", "ptq.gptq.damp", "ptq.awq.grid", "ptq.llm_int8.threshold"],
              "generate": ["generate.n_samples", "seed"], "report": ["output_dir"],
-             "pipeline": ["generate.n_samples", "train.max_steps", "eval.max_tokens"]}[command]
-    unread = {"train": ["eval.max_tokens", "ptq.method", "ptq.awq.grid", "generate.n_samples"],
+             "pipeline": ["generate.n_samples", "train.max_steps", "eval.max_tokens", "train.blockwise_steps",
+                          "ptq.gptq.damp"]}[command]
+    unread = {"train": ["eval.max_tokens", "ptq.method", "generate.n_samples"],
               "eval": ["train.max_steps", "distributed.zero_stage", "data.seq_len", "ptq.method"],
               "ptq": ["train.max_steps", "eval.max_tokens", "generate.n_samples"],
               "generate": ["quant.weight.bits", "train.max_steps"], "report": ["model.name_or_path"],

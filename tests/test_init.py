@@ -222,3 +222,15 @@ def test_a_start_folder_of_another_spec_or_model_is_refused(dirs, tmp_path):
     assert r.returncode == 2 and "was quantized as w4g32" in r.stderr and "w2g16" in r.stderr, r.stderr[-2000:]
     r = train(dirs, tmp_path / "bad", "quant.scheme=w4g32", f"train.init={dirs / 'teacher'}")
     assert r.returncode == 2 and "base model" in r.stderr and "train.init=rtn" in r.stderr, r.stderr[-2000:]
+
+
+def test_the_pipelines_ptq_row_for_an_rtn_start_is_the_first_method_the_spec_takes():
+    from trainer.config import load_config
+    from trainer.pipeline import baseline_method
+
+    def method(scheme: str):
+        return baseline_method(load_config(None, [f"quant.scheme={scheme}"]))
+
+    assert method("w4a8kv8") == "smoothquant+gptq"  # activations quantized: SmoothQuant applies
+    assert method("w3g64") == "gptq"  # weight-only: nothing for SmoothQuant to migrate
+    assert method("fp8") == "smoothquant+rtn"  # GPTQ has no fp8 grid

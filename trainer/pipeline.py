@@ -6,9 +6,9 @@
    that text (trainer/init.py, trainer/train.py);
 3. eval (rank 0): the full-precision model, its RTN start (the same spec, fake-quantized before any
    training), the PTQ baseline at the same spec (the PTQ start, or smoothquant+gptq when the student starts
-   from RTN) and the trained student, scored on the same windows of `data.path` (the bundled Wikipedia test
-   split by default), as one eval.json (with the share of the log-perplexity gap each closes), one bar plot
-   and one markdown table.
+   from RTN; gptq for a weight-only spec) and the trained student, scored on the same windows of `data.path`
+   (the bundled Wikipedia test split by default), as one eval.json (with the share of the log-perplexity gap
+   each closes), one bar plot and one markdown table.
 
 In this command `data.path` is the text it evaluates on; the training text is always the generated one.
 Each step resumes: finished shards are kept and `train.resume=auto` continues from the newest checkpoint.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 from data.sources import load_texts
 from qat.io.env import rank_world
@@ -33,7 +34,20 @@ from .init import check_init, init_method, prepare_start
 from .tasks import plan_tasks
 from .train import run_train
 
-BASELINE = "smoothquant+gptq"  # the PTQ row when the student starts from RTN
+# The PTQ row when the student starts from RTN: the first of these the spec allows (SmoothQuant needs quantized
+# activations, GPTQ an integer grid).
+BASELINES = ("smoothquant+gptq", "gptq", "smoothquant+rtn")
+
+
+def baseline_method(cfg: RunConfig) -> Optional[str]:
+    """The PTQ method the pipeline scores beside an RTN-started student, or None when the spec takes none."""
+    for method in BASELINES:
+        try:
+            check_ptq(cfg.quant, replace(cfg.ptq, method=method))
+        except ValueError:
+            continue
+        return method
+    return None
 
 
 def run_pipeline(cfg: RunConfig, manifest_timeout_s: float = 24 * 3600) -> dict:
@@ -46,8 +60,6 @@ def run_pipeline(cfg: RunConfig, manifest_timeout_s: float = 24 * 3600) -> dict:
     prepare_output(Path(cfg.output_dir))
     check_spec_fits(cfg.model.name_or_path, cfg.quant, cfg.model.trust_remote_code)
     check_init(cfg)
-    if cfg.train.init == "rtn":
-        check_ptq(cfg.quant, replace(cfg.ptq, method=BASELINE))
     load_texts(cfg.data.path, cfg.eval.split, cfg.data.text_field)
     plan_tasks(cfg.eval)
     gen_dir = run_generate(cfg)
@@ -60,25 +72,35 @@ def run_pipeline(cfg: RunConfig, manifest_timeout_s: float = 24 * 3600) -> dict:
     if rank != 0:
         return {}
     fp, rtn = base_model(cfg, False), base_model(cfg, True)
-    ptq_label, ptq_dir = ptq_baseline(train_cfg)
-    ptq = (f"{rtn[0]} ({ptq_label})", saved_model(cfg, str(ptq_dir))[1])
     trained = (f"{rtn[0]} (qat)", saved_model(cfg, str(model_dir))[1])
-    print(f"pipeline: scoring {fp[0]}, {rtn[0]} (RTN start), {ptq[0]} (PTQ) and {trained[0]} on {cfg.data.path}",
+    entries, roles = [fp, rtn], {"fp": fp[0], "rtn": rtn[0]}
+    baseline = ptq_baseline(train_cfg)
+    if baseline is not None:
+        ptq = (f"{rtn[0]} ({baseline[0]})", saved_model(cfg, str(baseline[1]))[1])
+        entries.append(ptq)
+        roles["ptq"] = ptq[0]
+    else:
+        print(f"pipeline: no PTQ method of {list(BASELINES)} takes {rtn[0]}; no PTQ row", file=sys.stderr)
+    entries.append(trained)
+    roles["qat"] = trained[0]
+    print(f"pipeline: scoring {', '.join(f'{label} ({role})' for role, label in roles.items())} on {cfg.data.path}",
           file=sys.stderr)
-    roles = {"fp": fp[0], "rtn": rtn[0], "ptq": ptq[0], "qat": trained[0]}
-    return score_models(cfg, [fp, rtn, ptq, trained], roles=roles)
+    return score_models(cfg, entries, roles=roles)
 
 
-def ptq_baseline(train_cfg: RunConfig) -> tuple[str, Path]:
-    """(method, folder) of the PTQ row: the student's PTQ start when it has one, else smoothquant+gptq at the
-    same spec, calibrated as a PTQ start would be (on the generated text, data-free)."""
+def ptq_baseline(train_cfg: RunConfig) -> Optional[tuple[str, Path]]:
+    """(method, folder) of the PTQ row: the student's PTQ start when it has one, else the first of BASELINES the
+    spec allows at the same spec, calibrated as a PTQ start would be (on the generated text, data-free)."""
     init = train_cfg.train.init
     if init_method(init) is not None:
         return init_method(init), Path(train_cfg.output_dir) / "init" / "model"
     if init != "rtn":
         folder = inspect(init, "train.init")
         return str(folder.record.get("method", folder.kind.value)), Path(init)
-    # The same stage a train.init=smoothquant+gptq run builds (and reuses), scored but not trained from.
+    method = baseline_method(train_cfg)
+    if method is None:
+        return None
+    # The same stage a train.init=<method> run builds (and reuses), scored but not trained from.
     baseline = replace(train_cfg, output_dir=str(Path(train_cfg.output_dir) / "baseline"),
-                       train=replace(train_cfg.train, init=BASELINE, blockwise_steps=0))
-    return BASELINE, prepare_start(baseline)
+                       train=replace(train_cfg.train, init=method, blockwise_steps=0))
+    return method, prepare_start(baseline)
