@@ -32,7 +32,7 @@ from data.calib import calibration_ids
 from qat.apply import quantize_model
 from qat.io.atomic import atomic_dir, write_json
 from qat.io.env import rank_world
-from qat.io.folders import Folder, Kind, inspect
+from qat.io.folders import Folder, Kind, inspect, spec_label
 from qat.io.models import ModelError, load_model, load_tokenizer
 from qat.keys import AQLM_KEY, HF_QUANT_KEY, PTQ_KEY
 from qat.load import load
@@ -75,8 +75,9 @@ def check_init(cfg: RunConfig) -> None:
         check_same_model(folder, cfg)
         if folder.kind in (Kind.PTQ, Kind.QAT) and folder.spec is not None:
             if _spec_key(folder.spec) != _spec_key(cfg.quant):
-                raise ValueError(f"train.init={init} was quantized as {folder.label.split(' (')[0]}, but quant "
-                                 f"asks for {_label(cfg.quant)}; set quant to the folder's scheme or start from rtn")
+                raise ValueError(f"train.init={init} was quantized as {spec_label(folder.spec, 'custom settings')}, "
+                                 f"but quant asks for {spec_label(cfg.quant, 'custom settings')}; set quant to the "
+                                 "folder's scheme or start from rtn")
     if cfg.train.blockwise_steps and init_is_aqlm(cfg):
         raise ValueError("train.blockwise_steps reconstructs fake-quantized blocks; an AQLM start has none: "
                          "set train.blockwise_steps=0")
@@ -118,13 +119,6 @@ def _spec_key(spec) -> dict:
     if d.get("weight"):  # PTQ stores its grid as lsq parameters whatever the recipe's learnable says
         d["weight"] = {**d["weight"], "learnable": None}
     return d
-
-
-def _label(spec) -> str:
-    try:
-        return spec.name
-    except ValueError:
-        return "custom settings"
 
 
 # ---------------------------------------------------------------------------------------------
