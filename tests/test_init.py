@@ -161,6 +161,31 @@ def test_blockwise_stage_in_train_writes_its_report_and_the_student_starts_there
     assert r.returncode == 0 and "block-wise reconstruction" in r.stderr, r.stderr[-3000:]
 
 
+def test_a_rotated_start_trains_from_its_ptq_model_and_blockwise_turns_the_teacher(dirs, tmp_path):
+    """train.init=rotate+gptq: the init folder records the rotation, its logits stay near the teacher's (the turn
+    is exact; only the quantization differs), the block-wise stage compares its blocks with the teacher turned the
+    same way (each starts at a quantization-sized error), and with lr 0 the trained folder is that start."""
+    out = tmp_path / "rot"
+    r = train(dirs, out, "quant.scheme=w4g32a8kv8", "train.init=rotate+gptq", "train.blockwise_steps=5",
+              "train.blockwise_samples=12", "train.blockwise_seq_len=32", "train.blockwise_held_out=4",
+              "train.blockwise_lr=1e-4", "train.max_steps=1", "train.lr=0", "train.quantizer_lr=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    start = out / "init" / "model"
+    record = inspect(start).record
+    assert record["method"] == "rotate+gptq" and record["rotate"]["kind"] == "hadamard"
+    ids = batch(dirs)
+    from qat.io.models import load_model
+
+    with torch.no_grad():
+        teacher = load_model(str(dirs / "teacher"), "float32")(ids).logits
+    ptq = logits(start, ids)
+    assert (ptq - teacher).pow(2).mean() < 0.05 * teacher.pow(2).mean()
+    rep = json.loads((out / "blockwise" / "blockwise_report.json").read_text())
+    signal = [b["before"] for b in rep["blocks"]]
+    assert all(b["after"] <= b["before"] for b in rep["blocks"]) and max(signal) < 0.1, signal
+    assert torch.equal(logits(out / "model", ids), logits(out / "blockwise" / "model", ids))
+
+
 def test_aqlm_start_finetunes_codebooks_and_scales_with_codes_frozen(dirs, tmp_path):
     """AQLM + KD: train.init=aqlm codes the model first, then distillation trains only its codebooks and scales;
     the folder it writes is still an AQLM folder (transformers' layout) whose logits are the student's, and it

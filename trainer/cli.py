@@ -84,7 +84,8 @@ def _run_report(cfg: RunConfig) -> int:
 
 # The PTQ settings train.init=<method> runs with (its method is train.init's; QLoRA's merge reads some too).
 PTQ_SETTINGS = ("ptq.calib_data", "ptq.calib_split", "ptq.n_samples", "ptq.seq_len", "ptq.batch_size", "ptq.device",
-                "ptq.seed", "ptq.progress", "ptq.gptq.*", "ptq.awq.*", "ptq.smoothquant.*", "ptq.hqq.*", "ptq.aqlm.*")
+                "ptq.seed", "ptq.progress", "ptq.gptq.*", "ptq.awq.*", "ptq.smoothquant.*", "ptq.hqq.*", "ptq.aqlm.*",
+                "ptq.rotate.*")
 
 COMMANDS: dict[str, Command] = {
     "generate": Command("the teacher writes its own training text (LLM-QAT data-free)",
@@ -92,7 +93,7 @@ COMMANDS: dict[str, Command] = {
     "train": Command("QAT: distill the full-precision teacher into the fake-quantized student",
                      (*RUN, "seed", "model.*", "quant.*", "data.*", "train.*", "distributed.*", "lora.*",
                       *PTQ_SETTINGS), _run_train),
-    "ptq": Command("post-training quantization baselines (RTN, GPTQ, AWQ, SmoothQuant, LLM.int8(), HQQ)",
+    "ptq": Command("post-training quantization (RTN, GPTQ, AWQ, SmoothQuant, LLM.int8(), HQQ, AQLM; rotation)",
                    (*RUN, *MODEL, "quant.*", "data.path", "data.text_field", "ptq.*"), _run_ptq),
     "convert": Command("pack a trained or PTQ model into integer weights (compressed-tensors layout)", ()),
     "pipeline": Command("LLM-QAT end to end: generate, train, then score FP, the RTN start, the PTQ baseline and the "

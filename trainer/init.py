@@ -40,6 +40,7 @@ from qat.ptq import check as check_ptq
 from qat.ptq.aqlm_linear import AQLMLinear, aqlm_config
 from qat.ptq.blockwise import BlockwiseConfig, reconstruct
 from qat.ptq.registry import BASELINES, METHODS
+from qat.ptq.rotate import rotate_model, rotation_of
 
 from .commands import ptq_command, wait_for
 from .config import RunConfig
@@ -207,6 +208,10 @@ def run_blockwise(cfg: RunConfig, start: Optional[Path], stage: Path) -> Path:
                           cfg.data.text_field, seed=cfg.seed)
     student = load_student(cfg, start, "float32")
     teacher = load_model(m.name_or_path, "float32", m.attn_implementation, m.trust_remote_code).eval()
+    if start is not None and (turn := rotation_of(inspect(start, "train.init").config)) is not None:
+        # A rotated start's blocks compute in the turned basis: compare them with the teacher turned the same way
+        # (the same settings give the same matrices; the teacher's function does not change).
+        rotate_model(teacher, turn)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"train: block-wise reconstruction, {t.blockwise_steps} steps a block on {ids.shape[0]} x "
           f"{ids.shape[1]} tokens of {cfg.data.path}", file=sys.stderr)

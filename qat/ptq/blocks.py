@@ -91,6 +91,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def outside_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules of model.model that are not the decoder layers (embeddings, rotary table, final norm): what runs
+    before layer 0 has to sit on the block loop's device while layer 0's inputs are captured."""
+    layers = decoder_layers(model)
+    return [c for c in model.model.children() if c is not layers]
+
+
 def is_llama_layout(layer: nn.Module) -> bool:
     names = {n for n, _ in layer.named_modules()}
     need = {p for prev, _, group in LLAMA_GROUPS for p in [prev, *group]}

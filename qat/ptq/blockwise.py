@@ -24,7 +24,7 @@ from torch import nn
 
 from ..linear import QuantLinear
 from ..quantizers import ActQuantizer, WeightQuantizer
-from .blocks import capture_inputs, decoder_layers, run_block
+from .blocks import capture_inputs, decoder_layers, outside_layers, run_block
 
 
 @dataclass
@@ -120,7 +120,7 @@ def reconstruct(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, cfg: 
     t_dtype = next(p for p in teacher.parameters() if p.is_floating_point()).dtype
     t0_all = time.perf_counter()
     # The embedding and rotary tables run once, on the teacher (the student's are the same, untrained).
-    outside = [c for c in teacher.model.children() if c is not t_layers]
+    outside = outside_layers(teacher)
     for c in outside:
         c.to(device)
     inputs, kwargs = capture_inputs(teacher, ids.to(device), b, device)

@@ -11,6 +11,7 @@ from .gptq import GPTQConfig
 from .hqq import HQQConfig
 from .llm_int8 import LLMInt8Config
 from .registry import METHODS
+from .rotate import RotateConfig
 from .smoothquant import SmoothQuantConfig
 
 
@@ -33,6 +34,7 @@ class PTQConfig:
     hqq: HQQConfig = field(default_factory=HQQConfig)
     llm_int8: LLMInt8Config = field(default_factory=LLMInt8Config)
     aqlm: AQLMConfig = field(default_factory=AQLMConfig)
+    rotate: RotateConfig = field(default_factory=RotateConfig)
 
     # Keys of the flat layout before each method had its own section: the config loader names the new key.
     moved_keys: ClassVar[dict[str, str]] = {

@@ -25,10 +25,19 @@ from ..keys import LLM_INT8_KEY, PTQ_KEY, QUANT_KEY
 from ..linear import QuantLinear
 from ..quantizers import ActQuantizer
 from ..spec import QuantSpec
-from .blocks import block_groups, capture_inputs, check_foldable, collect, decoder_layers, quantizers_off, run_block
+from .blocks import (
+    block_groups,
+    capture_inputs,
+    check_foldable,
+    collect,
+    decoder_layers,
+    outside_layers,
+    quantizers_off,
+    run_block,
+)
 from .config import PTQConfig
 from .grid import freeze_rtn, frozen_spec
-from .parts import Baseline, Part, PTQReport, Rounding, Transform
+from .parts import Baseline, ModelTransform, Part, PTQReport, Rounding, Transform
 from .registry import build, parse_method
 
 
@@ -83,7 +92,8 @@ def run_ptq(
     if isinstance(parts[0], Baseline):
         return parts[0].quantize(model, spec)
     name = "+".join(p.name for p in parts)
-    *transforms, rounding = parts
+    turns = [p for p in parts if isinstance(p, ModelTransform)]
+    *transforms, rounding = [p for p in parts if not isinstance(p, ModelTransform)]
     if transforms:
         check_foldable(model, name)
     needs_data = _calibrates(spec, parts)
@@ -95,11 +105,17 @@ def run_ptq(
     report = PTQReport(method=name, spec=_spec_label(spec))
     device = _device(cfg.device)
     home = next(model.parameters()).device
+    record: dict[str, Any] = {"method": name}
+    for turn in turns:
+        t0 = time.perf_counter()
+        record[turn.name] = report.extra[turn.name] = turn.apply_model(model, device)
+        report.extra[turn.name]["seconds"] = time.perf_counter() - t0
     quantize_model(model, replace(fspec, kv=None))
     inputs = kwargs = None
     if needs_data:
         report.calib_tokens = int(calib_ids.numel())
-        _move_outside_layers(model, device)
+        for child in outside_layers(model):
+            child.to(device)
         inputs, kwargs = capture_inputs(model, calib_ids, cfg.batch_size, device)
         inputs = [x.to(device) for x in inputs]
         kwargs = [_to(kw, device) for kw in kwargs]
@@ -127,7 +143,7 @@ def run_ptq(
     if spec.kv is not None:
         kv_quant.install(model, spec.kv)
     setattr(model.config, QUANT_KEY, fspec.to_dict())
-    setattr(model.config, PTQ_KEY, {"method": name, "calib_tokens": report.calib_tokens})
+    setattr(model.config, PTQ_KEY, {**record, "calib_tokens": report.calib_tokens})
     report.seconds = time.perf_counter() - t_start
     return model, report
 
@@ -171,14 +187,6 @@ def _quantize_block(layer: nn.Module, transforms: list[Transform], rounding: Rou
 def _count(report: PTQReport, prefix: str, names: list[str], seconds: float, part: Part) -> None:
     for n in names:
         report.add(prefix + n, seconds / len(names), part.name)
-
-
-def _move_outside_layers(model: nn.Module, device: torch.device) -> None:
-    """The modules that run before decoder layer 0 (embeddings, rotary embedding) onto the device."""
-    layers = decoder_layers(model)
-    for child in model.model.children():
-        if child is not layers:
-            child.to(device)
 
 
 def _to(obj: Any, device: torch.device) -> Any:

@@ -1,8 +1,9 @@
 """The parts a PTQ method is made of, and the report they fill.
 
-The block loop (`loop.py`) composes at most one `Transform` per kind (SmoothQuant, AWQ: rescale or clip
-weights against their calibration inputs, folding what they change into the op before them, so the
-full-precision model computes the same function) and exactly one `Rounding` (RTN, GPTQ, HQQ: put each
+The block loop (`loop.py`) first runs a `ModelTransform` (the rotation: it turns the whole model, embeddings
+included, so it cannot go block by block), then composes at most one `Transform` per kind (SmoothQuant, AWQ:
+rescale or clip weights against their calibration inputs, folding what they change into the op before them, so
+the full-precision model computes the same function) and exactly one `Rounding` (RTN, GPTQ, HQQ: put each
 weight on the integer grid and choose its scales). Each method is one module holding its algorithm, its
 config dataclass (nested under `ptq.<name>` in the run config) and its part; `registry.py` lists them.
 A `Baseline` (LLM.int8()) is a method of its own that no loop composes.
@@ -41,6 +42,17 @@ class Transform(Part):
     def apply(self, layer: nn.Module, group: Group, specs: dict[str, TensorSpec]) -> list[str]:
         """Transform one group of linears sharing an input (statistics in `group.stats`); `specs` holds the
         quantized linears of the group. Returns the names of the linears it changed (for the report)."""
+
+
+class ModelTransform(Part):
+    """A whole-model transform that the block loop runs before its first block (the rotation): exact in full
+    precision, it changes every layer and the embeddings at once, so it cannot go block by block."""
+
+    needs_calibration: ClassVar[bool] = False
+
+    @abstractmethod
+    def apply_model(self, model: nn.Module, device: torch.device) -> dict:
+        """Transform the full-precision model in place; returns the record a saved folder keeps of it."""
 
 
 class Baseline(Part):

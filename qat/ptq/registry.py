@@ -1,7 +1,8 @@
 """The PTQ methods: which parts exist, how a `ptq.method` string composes them, and the whole-model baselines.
 
 A method is one rounding (rtn, gptq, hqq) after any transforms (smoothquant, awq) in this order, e.g.
-`awq+gptq`; a bare transform rounds with rtn. A baseline (llm_int8) replaces the model's linears on its own
+`awq+gptq`, all after the whole-model rotation when it is named (`rotate+gptq`); a bare transform rounds with
+rtn. A baseline (llm_int8) replaces the model's linears on its own
 and composes with nothing. A new part is a module with its algorithm, its config dataclass and its
 `Transform` / `Rounding` / `Baseline` class, listed here and given a field of its name in `PTQConfig`.
 """
@@ -15,20 +16,24 @@ from .awq import AWQ
 from .gptq import GPTQ
 from .hqq import HQQ
 from .llm_int8 import LLMInt8
-from .parts import Baseline, Part, Rounding, Transform
+from .parts import Baseline, ModelTransform, Part, Rounding, Transform
+from .rotate import Rotate
 from .rtn import RTN
 from .smoothquant import SmoothQuant
 
+MODEL_TRANSFORMS: dict[str, type[ModelTransform]] = {c.name: c for c in (Rotate,)}  # before the block loop
 TRANSFORMS: dict[str, type[Transform]] = {c.name: c for c in (SmoothQuant, AWQ)}  # in the order they apply
 ROUNDINGS: dict[str, type[Rounding]] = {c.name: c for c in (RTN, GPTQ, HQQ, AQLM)}
 BASELINES: dict[str, type[Baseline]] = {c.name: c for c in (LLMInt8,)}
-PARTS: dict[str, type[Part]] = {**TRANSFORMS, **ROUNDINGS, **BASELINES}
-BASE_METHODS = (*ROUNDINGS, *TRANSFORMS, *BASELINES)
-METHODS = BASE_METHODS + ("smoothquant+rtn", "smoothquant+gptq", "awq+rtn", "awq+gptq", "smoothquant+awq+gptq")
+PARTS: dict[str, type[Part]] = {**MODEL_TRANSFORMS, **TRANSFORMS, **ROUNDINGS, **BASELINES}
+BASE_METHODS = (*ROUNDINGS, *TRANSFORMS, *BASELINES, *MODEL_TRANSFORMS)
+METHODS = BASE_METHODS + ("smoothquant+rtn", "smoothquant+gptq", "awq+rtn", "awq+gptq", "smoothquant+awq+gptq",
+                          "rotate+rtn", "rotate+gptq", "rotate+hqq", "rotate+smoothquant+gptq", "rotate+awq+gptq")
 
 
 def parse_method(method: Union[str, list, tuple]) -> list[str]:
-    """'awq+gptq' or ['awq', 'gptq'] -> ['awq', 'gptq'] (transforms first, then one rounding); ValueError if invalid."""
+    """'awq+gptq' or ['awq', 'gptq'] -> ['awq', 'gptq'] (the rotation, transforms, then one rounding); ValueError
+    if invalid."""
     parts = [str(p).strip().lower() for p in (method if isinstance(method, (list, tuple)) else str(method).split("+"))]
     parts = [p for p in parts if p]
     bad = [p for p in parts if p not in BASE_METHODS]
@@ -46,7 +51,7 @@ def parse_method(method: Union[str, list, tuple]) -> list[str]:
     if rounders and not ROUNDINGS[rounders[0]].takes_transforms and transforms:
         raise ValueError(f"ptq.method={method!r}: {rounders[0]} takes no transform and does not compose with "
                          f"{transforms}")
-    return transforms + (rounders or ["rtn"])
+    return [p for p in MODEL_TRANSFORMS if p in parts] + transforms + (rounders or ["rtn"])
 
 
 def build(steps: list[str], cfg: Any) -> list[Part]:

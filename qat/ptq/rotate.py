@@ -1,0 +1,243 @@
+"""Rotation (QuaRot, SpinQuant's R1/R2 without online Hadamards): fold orthogonal matrices into the weights so the
+full-precision model computes the same function while the weights and activations that get quantized lose their
+outlier channels.
+
+The residual stream turns by one orthogonal Q (hidden x hidden): every RMSNorm weight is first folded into the
+linears it feeds (so the norms are plain x / rms(x), which commutes with Q), the embedding rows and the head's
+columns turn by Q, each linear reading the stream turns its input columns (W Q) and each linear writing it turns its
+output rows (Q^T W). With `heads`, each attention head's values turn by one head_dim x head_dim matrix too (v_proj's
+rows, o_proj's columns). Q is a Hadamard matrix with random signs (`kind=hadamard`, QuaRot's choice; sizes
+2^k * (p + 1) with p a prime = 3 mod 4, e.g. 576 = 8 * 72) or a random orthogonal matrix (`kind=random`). Both come
+from `seed`, so the same settings give the same rotation in any process (block-wise training rotates its
+full-precision reference with the start's record).
+
+The rotated model is the original architecture with its norm weights at 1 and its head untied from the embedding
+(the final norm's weight is folded into the head), so every loader, `convert` and the int kernels take it as it
+is. What it costs: the untied head's parameters (vocab x hidden more floats).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import nn
+
+from ..spec import QuantSpec
+from .blocks import decoder_layers, is_llama_layout
+from .parts import ModelTransform
+
+KINDS = ("hadamard", "random")
+READS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+WRITES = ("self_attn.o_proj", "mlp.down_proj")
+ROTATE_KEY = "rotate"  # in a PTQ record (config.json) and the student's distqat_init: the settings of the turn
+
+
+@dataclass
+class RotateConfig:
+    """`ptq.rotate`: which orthogonal matrices turn the model (hadamard or random), per-head values too, the seed."""
+
+    kind: str = field(default="hadamard", metadata={"choices": KINDS})
+    heads: bool = True
+    seed: int = 0
+
+
+def _is_prime(n: int) -> bool:
+    return n > 1 and all(n % k for k in range(2, int(n**0.5) + 1))
+
+
+def _paley(q: int) -> torch.Tensor:
+    """Paley's construction I: a Hadamard matrix of order q + 1 for a prime q = 3 mod 4."""
+    residues = {(i * i) % q for i in range(1, q)}
+    idx = torch.arange(q)
+    diff = (idx[None, :] - idx[:, None]) % q
+    chi = torch.tensor([0.0] + [1.0 if a in residues else -1.0 for a in range(1, q)], dtype=torch.float64)[diff]
+    s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    s[0, 1:] = 1.0
+    s[1:, 0] = -1.0
+    s[1:, 1:] = chi
+    return torch.eye(q + 1, dtype=torch.float64) + s
+
+
+@lru_cache(maxsize=8)
+def _hadamard_factors(n: int) -> Optional[tuple[int, ...]]:
+    """Orders whose Kronecker product is n: powers of two (Sylvester) and Paley orders p + 1; None if none fit."""
+    if n & (n - 1) == 0:
+        return (n,)
+    for m in range(4, n + 1, 4):
+        if n % m == 0 and m & (m - 1) and _is_prime(m - 1) and (m - 1) % 4 == 3:
+            rest = _hadamard_factors(n // m)
+            if rest is not None:
+                return (m, *rest)
+    return None
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """An n x n matrix of +-1 with H H^T = n I (float64); ValueError for an order this construction lacks."""
+    factors = _hadamard_factors(n)
+    if factors is None:
+        raise ValueError(f"no Hadamard matrix of order {n} here (orders 2^k * (p + 1), p a prime = 3 mod 4); "
+                         "use ptq.rotate.kind=random")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    for m in factors:
+        if m & (m - 1) == 0:
+            f = torch.ones(1, 1, dtype=torch.float64)
+            while f.shape[0] < m:
+                f = torch.cat([torch.cat([f, f], 1), torch.cat([f, -f], 1)], 0)
+        else:
+            f = _paley(m - 1)
+        h = torch.kron(h, f)
+    return h
+
+
+def orthogonal(n: int, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """An n x n orthogonal matrix (float64): a Hadamard matrix with random signs on its rows, or Haar-random."""
+    if kind == "hadamard":
+        signs = torch.randint(0, 2, (n,), generator=generator).to(torch.float64) * 2 - 1
+        return signs[:, None] * hadamard(n) / n**0.5
+    if kind == "random":
+        q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+        return q * torch.sign(torch.diagonal(r))[None, :]  # Haar: fix QR's sign ambiguity
+    raise ValueError(f"ptq.rotate.kind={kind!r}: use one of {KINDS}")
+
+
+def _head_dims(config: Any) -> tuple[int, int, int]:
+    heads = int(config.num_attention_heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    hd = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return heads, kv, hd
+
+
+def check_rotatable(model: nn.Module, method: str = "rotate") -> None:
+    """One-line ValueError unless the model is a pre-norm Llama-layout decoder with plain RMSNorms (where the fold
+    is exact); the rotation itself checks the logits afterwards."""
+    config = getattr(model, "config", None)
+    mtype = getattr(config, "model_type", "") or ""
+    if mtype.startswith("gemma"):
+        raise ValueError(f"ptq.method={method}: {mtype}'s RMSNorm computes (1 + weight) * x_hat and scales its "
+                         "embeddings, so the rotation cannot fold into it; drop rotate from the method")
+    layers = decoder_layers(model)
+    if not is_llama_layout(layers[0]):
+        raise ValueError(f"ptq.method={method} folds rotations into the Llama layout (self_attn.{{q,k,v,o}}_proj, "
+                         f"mlp.{{gate,up,down}}_proj, input_layernorm, post_attention_layernorm); "
+                         f"{type(layers[0]).__name__} does not have it")
+    norms = [(f"layers.{i}.{n}", layer.get_submodule(n)) for i, layer in enumerate(layers)
+             for n in ("input_layernorm", "post_attention_layernorm")]
+    final = getattr(model.model, "norm", None)
+    norms.append(("norm", final))
+    for name, norm in norms:
+        if norm is None or "rmsnorm" not in type(norm).__name__.lower() or getattr(norm, "bias", None) is not None:
+            raise ValueError(f"ptq.method={method}: model.{name} is {type(norm).__name__}, not a bias-free RMSNorm; "
+                             "the rotation needs one before each group of linears (drop rotate from the method)")
+    if model.get_output_embeddings() is None or getattr(model.get_output_embeddings(), "bias", None) is not None:
+        raise ValueError(f"ptq.method={method}: the model needs a bias-free linear head (lm_head)")
+
+
+def _probe(model: nn.Module) -> torch.Tensor:
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.arange(16, device=model.get_input_embeddings().weight.device).mul(7919).remainder(vocab)[None]
+    return model(ids, use_cache=False).logits.float()
+
+
+@torch.no_grad()
+def rotate_model(model: nn.Module, cfg: RotateConfig, device: Optional[torch.device] = None) -> dict:
+    """Turn `model` in place (full-precision model, before quantization) and return the record of the turn.
+
+    The arithmetic runs in float64 on `device` (the weights' own device when None), one weight at a time, and the
+    results are cast back to each weight's dtype. Checks the logits on a probe before and after: a layer this
+    fold does not describe (a norm after the attention, say) fails with a ValueError instead of a broken model.
+    """
+    check_rotatable(model)
+    layers = decoder_layers(model)
+    config = model.config
+    hidden = int(config.hidden_size)
+    heads, kv_heads, hd = _head_dims(config)
+    if cfg.heads and (layers[0].get_submodule("self_attn.v_proj").out_features != kv_heads * hd
+                      or layers[0].get_submodule("self_attn.o_proj").in_features != heads * hd):
+        raise ValueError("ptq.rotate.heads=true: v_proj/o_proj do not have num_key_value_heads/num_attention_heads "
+                         f"x head_dim={hd} features; set ptq.rotate.heads=false")
+    was_training = model.training
+    model.eval()
+    before = _probe(model)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    dev = device or next(model.parameters()).device
+    q = orthogonal(hidden, cfg.kind, gen).to(dev)
+    qh = orthogonal(hd, cfg.kind, gen).to(dev) if cfg.heads else None
+
+    def update(p: torch.Tensor, fn) -> None:
+        p.copy_(fn(p.detach().to(dev, torch.float64)).to(p.device, p.dtype))
+
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr():
+        head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
+    for cfg_obj in {id(config): config, id(getattr(config, "text_config", config)): getattr(config, "text_config",
+                                                                                          config)}.values():
+        if hasattr(cfg_obj, "tie_word_embeddings"):
+            cfg_obj.tie_word_embeddings = False
+
+    def fold_norm(norm: nn.Module, linears: list[nn.Module]) -> None:
+        g = norm.weight.detach().to(dev, torch.float64)
+        for lin in linears:
+            update(lin.weight, lambda w: w * g[None, :])
+        norm.weight.fill_(1.0)
+
+    for layer in layers:
+        fold_norm(layer.input_layernorm, [layer.get_submodule(n) for n in READS[:3]])
+        fold_norm(layer.post_attention_layernorm, [layer.get_submodule(n) for n in READS[3:]])
+    fold_norm(model.model.norm, [head])
+
+    update(embed.weight, lambda w: w @ q)
+    update(head.weight, lambda w: w @ q)
+    for layer in layers:
+        for n in READS:
+            update(layer.get_submodule(n).weight, lambda w: w @ q)
+        for n in WRITES:
+            lin = layer.get_submodule(n)
+            update(lin.weight, lambda w: q.T @ w)
+            if lin.bias is not None:
+                update(lin.bias, lambda b: b @ q)
+        if qh is not None:
+            v, o = layer.self_attn.v_proj, layer.self_attn.o_proj
+            update(v.weight, lambda w: torch.einsum("ji,hjc->hic", qh, w.view(kv_heads, hd, -1)).reshape(w.shape))
+            if v.bias is not None:
+                update(v.bias, lambda b: (b.view(kv_heads, hd) @ qh).reshape(b.shape))
+            update(o.weight, lambda w: (w.view(w.shape[0], heads, hd) @ qh).reshape(w.shape))
+
+    after = _probe(model)
+    err = ((after - before).norm() / before.norm().clamp_min(1e-12)).item()
+    tol = 1e-3 if next(model.parameters()).dtype in (torch.float32, torch.float64) else 5e-2
+    model.train(was_training)
+    if not err <= tol:
+        raise ValueError(f"ptq.method=rotate: the rotated {type(model).__name__} is not the same function (relative "
+                         f"logit change {err:.3g} > {tol:g}); its layers are not the pre-norm layout the rotation "
+                         "assumes: drop rotate from the method")
+    return {**asdict(cfg), "hidden": hidden, "head_dim": hd, "probe_rel_change": err}
+
+
+def rotation_of(config: Any) -> Optional[RotateConfig]:
+    """The rotation a saved model's config records (PTQ result, or a student started from one); None if none."""
+    for key in ("distqat_ptq", "distqat_init"):
+        rec = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if isinstance(rec, dict) and isinstance(rec.get(ROTATE_KEY), dict):
+            r = rec[ROTATE_KEY]
+            return RotateConfig(kind=r["kind"], heads=bool(r["heads"]), seed=int(r["seed"]))
+    return None
+
+
+class Rotate(ModelTransform):
+    """The `rotate` part of a PTQ method (`rotate+gptq`): turns the model before the block loop's first block."""
+
+    name: ClassVar[str] = "rotate"
+
+    def __init__(self, cfg: Optional[RotateConfig] = None) -> None:
+        self.cfg = cfg or RotateConfig()
+
+    def check(self, spec: QuantSpec) -> None:
+        if self.cfg.kind not in KINDS:
+            raise ValueError(f"ptq.rotate.kind={self.cfg.kind!r}: use one of {KINDS}")
+
+    def apply_model(self, model: nn.Module, device: torch.device) -> dict:
+        return rotate_model(model, self.cfg, device)
