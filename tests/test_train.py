@@ -109,6 +109,24 @@ def test_schedule_and_param_groups(tiny_model):
     assert id(model2.get_input_embeddings().weight) in {id(p) for p in groups["fp_decay"]["params"]}
     assert sum(len(g["params"]) for g in groups.values()) == sum(1 for p in model2.parameters() if p.requires_grad)
 
+    # lr_relative: each quantized linear's weight and scales at lr x (its RMS / the median RMS); a weight 4x
+    # smaller than the others gets a quarter of the rate, and an Adam step then moves the same share of its grid.
+    with torch.no_grad():
+        model2.model.layers[0].self_attn.q_proj.weight.mul_(0.25)
+    rms = {n: m.weight.float().pow(2).mean().sqrt().item() for n, m in model2.named_modules()
+           if getattr(m, "weight_quantizer", None) is not None}
+    median = torch.tensor(sorted(rms.values())).median().item()
+    groups = {g["name"]: g for g in param_groups(model2, 1e-3, 0.1, 1e-4, lr_relative=True)}
+    for n, r in rms.items():
+        assert groups[f"{n}.weight"]["lr"] == pytest.approx(1e-3 * r / median, rel=1e-6)
+        assert groups[f"{n}.weight_quantizer"]["lr"] == pytest.approx(1e-4 * r / median, rel=1e-6)
+        assert groups[f"{n}.weight_quantizer"]["weight_decay"] == 0.0
+    q0 = groups["model.layers.0.self_attn.q_proj.weight"]["lr"]
+    assert q0 == pytest.approx(0.25 * groups["model.layers.0.self_attn.k_proj.weight"]["lr"], rel=0.2)
+    assert "quantizer" not in groups and groups["no_decay"]["lr"] == 1e-3
+    assert sum(len(g["params"]) for g in groups.values()) == sum(1 for p in model2.parameters() if p.requires_grad)
+    assert sum(p.numel() for g in groups.values() for p in g["params"]) == sum(p.numel() for p in model2.parameters())
+
 
 def peaked_llama():
     """A tiny random Llama with larger weights, so its next-token distributions are peaked and 4-bit

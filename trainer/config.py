@@ -60,6 +60,9 @@ class TrainConfig:
     quantizer_lr: float = field(default=1e-4, metadata={"range": (0.0, 1.0)})
     # The parameters that stay full precision (embeddings, norms, an unquantized head); null: train.lr for all.
     fp_lr: Optional[float] = field(default=None, metadata={"range": (0.0, 1.0)})
+    # Each quantized linear's weight and scales at lr x (its weight RMS / the median over quantized linears):
+    # the same share of its grid a step (a rotated start's folded norms make some weights several times smaller).
+    lr_relative: bool = False
     warmup_steps: int = field(default=0, metadata={"range": (0, 1 << 40)})
     weight_decay: float = field(default=0.0, metadata={"range": (0.0, 1.0)})
     grad_clip: float = field(default=1.0, metadata={"range": (0.0, 1e9)})

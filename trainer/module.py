@@ -161,7 +161,7 @@ class QATModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.cfg
-        groups = param_groups(self.student, cfg.lr, cfg.weight_decay, cfg.quantizer_lr, cfg.fp_lr)
+        groups = param_groups(self.student, cfg.lr, cfg.weight_decay, cfg.quantizer_lr, cfg.fp_lr, cfg.lr_relative)
         if resolve_master_weights(cfg.master_weights) == "bf16":
             opt = AdamWBF16(groups, lr=cfg.lr, compensation=cfg.compensation, seed=self.seed)
         else:

@@ -132,20 +132,30 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Gener
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, quantizer_lr: float,
-                 fp_lr: Optional[float] = None) -> list[dict]:
+                 fp_lr: Optional[float] = None, lr_relative: bool = False) -> list[dict]:
     """Weights with decay; norms, biases and other 1-D tensors without; quantizer parameters (LSQ scales,
     clipping logits) without decay at their own learning rate. With `fp_lr`, the parameters that stay in full
     precision (embeddings, norms, an unquantized head) train at fp_lr and only the quantized linears' weights at
-    lr: an on-grid weight must travel half a grid step before its code changes, a full-precision one need not."""
+    lr: an on-grid weight must travel half a grid step before its code changes, a full-precision one need not.
+
+    With `lr_relative`, each quantized linear gets a group of its own: its weight at lr and its weight
+    quantizer's parameters at quantizer_lr, both times (the weight's RMS / the median RMS of the quantized
+    weights). Adam moves every parameter by about lr a step whatever its size, so a linear whose weights are 4x
+    smaller (a rotation folded a norm of 0.25 into them) would cross 4x more of its grid per step; scaled, every
+    linear moves the same share of its grid."""
     decay, fp_decay, no_decay, quant = [], [], [], []
     quantizers = quantizer_keys(model)
-    quantized = {f"{n}.weight" for n, m in model.named_modules()
-                 if getattr(m, "weight_quantizer", None) is not None}
+    qmods = {n: m for n, m in model.named_modules() if getattr(m, "weight_quantizer", None) is not None}
+    quantized = {f"{n}.weight" for n in qmods}
     split = fp_lr is not None
+    own: dict[str, list] = {}  # lr_relative: quantized module -> [weight, its weight quantizer's parameters]
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name in quantizers:
+        mod = name.rsplit(".", 1)[0] if name in quantized else name.split(".weight_quantizer.")[0]
+        if lr_relative and mod in qmods and (name in quantized or ".weight_quantizer." in name):
+            own.setdefault(mod, []).append((name, p))
+        elif name in quantizers:
             quant.append(p)
         elif p.ndim < 2 or "norm" in name.lower():
             no_decay.append(p)
@@ -160,6 +170,16 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, quantizer_lr:
         {"params": no_decay, "weight_decay": 0.0, "lr": other, "name": "no_decay"},
         {"params": quant, "weight_decay": 0.0, "lr": quantizer_lr, "name": "quantizer"},
     ]
+    if own:
+        rms = {m: qmods[m].weight.detach().float().pow(2).mean().sqrt().item() for m in own}
+        median = float(torch.tensor(sorted(rms.values())).median().item()) or 1.0
+        for m, params in own.items():
+            ratio = rms[m] / median
+            weights = [p for n, p in params if n in quantized]
+            scales = [p for n, p in params if n not in quantized]
+            groups.append({"params": weights, "weight_decay": weight_decay, "lr": lr * ratio, "name": f"{m}.weight"})
+            groups.append({"params": scales, "weight_decay": 0.0, "lr": quantizer_lr * ratio,
+                           "name": f"{m}.weight_quantizer"})
     return [g for g in groups if g["params"]]
 
 
