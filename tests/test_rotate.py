@@ -82,6 +82,21 @@ def test_the_rotated_model_computes_the_same_function(family, tied, kind):
     assert record["kind"] == kind and record["seed"] == 1 and record["hidden"] == 64 and record["head_dim"] == 16
 
 
+def test_a_rotated_tied_model_saves_and_loads_untied(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = model_of("llama", tied=True, dtype=torch.float32)
+    x = ids(2, 16)
+    with torch.no_grad():
+        rotate_model(model, RotateConfig())
+        out = model(x).logits
+    model.save_pretrained(tmp_path / "r")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "r", dtype=torch.float32).eval()
+    assert again.lm_head.weight.data_ptr() != again.get_input_embeddings().weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, out)
+
+
 def test_the_rotation_spreads_an_outlier_channel_and_quantizes_better():
     """A residual channel 30x the others (a norm weight) makes per-token int8 activations and int4 weight rows
     coarse; turned, the inputs of q/k/v lose the outlier and W4A8 RTN lands closer to the full-precision model."""

@@ -173,10 +173,10 @@ def rotate_model(model: nn.Module, cfg: RotateConfig, device: Optional[torch.dev
     head = model.get_output_embeddings()
     if head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr():
         head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
-    for cfg_obj in {id(config): config, id(getattr(config, "text_config", config)): getattr(config, "text_config",
-                                                                                          config)}.values():
-        if hasattr(cfg_obj, "tie_word_embeddings"):
-            cfg_obj.tie_word_embeddings = False
+    text = getattr(config, "text_config", None)
+    for c in [config] + ([text] if text is not None and text is not config else []):
+        if hasattr(c, "tie_word_embeddings"):
+            c.tie_word_embeddings = False  # else loading the saved folder would tie the head back to the embedding
 
     def fold_norm(norm: nn.Module, linears: list[nn.Module]) -> None:
         g = norm.weight.detach().to(dev, torch.float64)
