@@ -148,13 +148,17 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, quantizer_lr:
     qmods = {n: m for n, m in model.named_modules() if getattr(m, "weight_quantizer", None) is not None}
     quantized = {f"{n}.weight" for n in qmods}
     split = fp_lr is not None
-    own: dict[str, list] = {}  # lr_relative: quantized module -> [weight, its weight quantizer's parameters]
+    # lr_relative: the parameters of each quantized linear that take its rate (its weight, its weight quantizer's)
+    owner = {} if not lr_relative else {
+        **{f"{n}.weight": n for n in qmods},
+        **{f"{n}.weight_quantizer.{k}": n for n, m in qmods.items() for k, _ in m.weight_quantizer.named_parameters()},
+    }
+    own: dict[str, list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        mod = name.rsplit(".", 1)[0] if name in quantized else name.split(".weight_quantizer.")[0]
-        if lr_relative and mod in qmods and (name in quantized or ".weight_quantizer." in name):
-            own.setdefault(mod, []).append((name, p))
+        if name in owner:
+            own.setdefault(owner[name], []).append((name, p))
         elif name in quantizers:
             quant.append(p)
         elif p.ndim < 2 or "norm" in name.lower():

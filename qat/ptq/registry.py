@@ -2,9 +2,9 @@
 
 A method is one rounding (rtn, gptq, hqq) after any transforms (smoothquant, awq) in this order, e.g.
 `awq+gptq`, all after the whole-model rotation when it is named (`rotate+gptq`); a bare transform rounds with
-rtn. A baseline (llm_int8) replaces the model's linears on its own
-and composes with nothing. A new part is a module with its algorithm, its config dataclass and its
-`Transform` / `Rounding` / `Baseline` class, listed here and given a field of its name in `PTQConfig`.
+rtn. A baseline (llm_int8) replaces the model's linears on its own and composes with nothing. A new part is a
+module with its algorithm, its config dataclass and its `ModelTransform` / `Transform` / `Rounding` /
+`Baseline` class, listed here and given a field of its name in `PTQConfig`.
 """
 
 from __future__ import annotations
