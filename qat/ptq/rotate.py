@@ -178,22 +178,20 @@ def rotate_model(model: nn.Module, cfg: RotateConfig, device: Optional[torch.dev
         if hasattr(c, "tie_word_embeddings"):
             c.tie_word_embeddings = False  # else loading the saved folder would tie the head back to the embedding
 
-    def fold_norm(norm: nn.Module, linears: list[nn.Module]) -> None:
-        g = norm.weight.detach().to(dev, torch.float64)
-        for lin in linears:
-            update(lin.weight, lambda w: w * g[None, :])
+    def take_norm(norm: nn.Module) -> torch.Tensor:
+        g = norm.weight.detach().to(dev, torch.float64).clone()
         norm.weight.fill_(1.0)
+        return g[None, :]
 
-    for layer in layers:
-        fold_norm(layer.input_layernorm, [layer.get_submodule(n) for n in READS[:3]])
-        fold_norm(layer.post_attention_layernorm, [layer.get_submodule(n) for n in READS[3:]])
-    fold_norm(model.model.norm, [head])
-
+    # Each linear reading the stream: its norm's weight folded into its columns, then turned (one rounding).
+    g = take_norm(model.model.norm)
+    update(head.weight, lambda w: (w * g) @ q)
     update(embed.weight, lambda w: w @ q)
-    update(head.weight, lambda w: w @ q)
     for layer in layers:
+        g_attn, g_mlp = take_norm(layer.input_layernorm), take_norm(layer.post_attention_layernorm)
         for n in READS:
-            update(layer.get_submodule(n).weight, lambda w: w @ q)
+            g = g_attn if n.startswith("self_attn.") else g_mlp
+            update(layer.get_submodule(n).weight, lambda w, g=g: (w * g) @ q)
         for n in WRITES:
             lin = layer.get_submodule(n)
             update(lin.weight, lambda w: q.T @ w)
