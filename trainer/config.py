@@ -60,8 +60,7 @@ class TrainConfig:
     quantizer_lr: float = field(default=1e-4, metadata={"range": (0.0, 1.0)})
     # The parameters that stay full precision (embeddings, norms, an unquantized head); null: train.lr for all.
     fp_lr: Optional[float] = field(default=None, metadata={"range": (0.0, 1.0)})
-    # Each quantized linear's weight and scales at lr x (its weight RMS / the median over quantized linears):
-    # the same share of its grid a step (a rotated start's folded norms make some weights several times smaller).
+    # Each quantized linear's weight and scales at lr x its weight RMS / the median (rotated starts need it).
     lr_relative: bool = False
     warmup_steps: int = field(default=0, metadata={"range": (0, 1 << 40)})
     weight_decay: float = field(default=0.0, metadata={"range": (0.0, 1.0)})
@@ -92,13 +91,11 @@ class TrainConfig:
     # fake-quantizes a layer's weights in one call, kv_direct scales K/V without reshaping them, compile
     # runs the student under torch.compile.
     speedups: list[str] = field(default_factory=list, metadata={"choices": ("compile",) + SPEEDUPS})
-    # Where the student starts (trainer/init.py): rtn (the base, fake-quantized), a PTQ method (gptq, awq,
-    # smoothquant+gptq, aqlm ...; run first on the training text or ptq.calib_data, with the ptq section's
-    # settings) or a folder written by distqat ptq / distqat train. An AQLM start trains codebooks and scales.
+    # Where the student starts (trainer/init.py): rtn (the base, fake-quantized), a PTQ method (gptq, rotate+gptq,
+    # aqlm ...; run first on the training text or ptq.calib_data) or a folder of distqat ptq / distqat train.
     init: str = "rtn"
-    # > 0: before distillation, each decoder block trains this many steps to reproduce the full-precision
-    # block's output (EfficientQAT's Block-AP) on blockwise_samples x blockwise_seq_len tokens of the training
-    # text, blockwise_held_out of those sequences kept out to measure; 0: no block-wise stage.
+    # > 0: before distillation each decoder block trains this many steps to reproduce the full-precision block
+    # (EfficientQAT's Block-AP) on blockwise_samples x blockwise_seq_len training tokens, some held out; 0: none.
     blockwise_steps: int = field(default=0, metadata={"range": (0, 1 << 30)})
     blockwise_lr: float = field(default=1e-4, metadata={"range": (0.0, 1.0)})
     blockwise_quantizer_lr: float = field(default=1e-3, metadata={"range": (0.0, 1.0)})
