@@ -6,10 +6,10 @@ The residual stream turns by one orthogonal Q (hidden x hidden): every RMSNorm w
 linears it feeds (so the norms are plain x / rms(x), which commutes with Q), the embedding rows and the head's
 columns turn by Q, each linear reading the stream turns its input columns (W Q) and each linear writing it turns its
 output rows (Q^T W). With `heads`, each attention head's values turn by one head_dim x head_dim matrix too (v_proj's
-rows, o_proj's columns). Q is a Hadamard matrix with random signs (`kind=hadamard`, QuaRot's choice; sizes
-2^k * (p + 1) with p a prime = 3 mod 4, e.g. 576 = 8 * 72) or a random orthogonal matrix (`kind=random`). Both come
-from `seed`, so the same settings give the same rotation in any process (block-wise training rotates its
-full-precision reference with the start's record).
+rows, o_proj's columns). Q is a Hadamard matrix with random signs (`kind=hadamard`, QuaRot's choice; sizes that
+are products of 2^k and orders p + 1 with p a prime = 3 mod 4, e.g. 576 = 12 * 12 * 4) or a random orthogonal
+matrix (`kind=random`). Both come from `seed`, so the same settings give the same rotation in any process
+(block-wise training rotates its full-precision reference with the start's record).
 
 The rotated model is the original architecture with its norm weights at 1 and its head untied from the embedding
 (the final norm's weight is folded into the head), so every loader, `convert` and the int kernels take it as it
@@ -78,7 +78,7 @@ def hadamard(n: int) -> torch.Tensor:
     """An n x n matrix of +-1 with H H^T = n I (float64); ValueError for an order this construction lacks."""
     factors = _hadamard_factors(n)
     if factors is None:
-        raise ValueError(f"no Hadamard matrix of order {n} here (orders 2^k * (p + 1), p a prime = 3 mod 4); "
+        raise ValueError(f"no Hadamard matrix of order {n} here (products of 2^k and p + 1, p a prime = 3 mod 4); "
                          "use ptq.rotate.kind=random")
     h = torch.ones(1, 1, dtype=torch.float64)
     for m in factors:
