@@ -104,18 +104,19 @@ def is_llama_layout(layer: nn.Module) -> bool:
     return need <= names
 
 
-def check_foldable(model: nn.Module, method: str) -> None:
-    """AWQ/SmoothQuant fold scales into RMSNorm weights: only y = w * x_hat norms and the Llama layout."""
+def check_foldable(model: nn.Module, method: str, what: str = "scales") -> None:
+    """AWQ/SmoothQuant fold scales (rotate: rotations) into RMSNorm weights and the linears they feed: only
+    y = w * x_hat norms and the Llama layout."""
     mtype = getattr(getattr(model, "config", None), "model_type", "") or ""
     if mtype.startswith("gemma"):
         raise ValueError(
-            f"ptq.method={method}: {mtype}'s RMSNorm computes (1 + weight) * x_hat, so scales cannot be folded "
+            f"ptq.method={method}: {mtype}'s RMSNorm computes (1 + weight) * x_hat, so {what} cannot be folded "
             "into it here; use rtn, gptq or hqq"
         )
     layer = decoder_layers(model)[0]
     if not is_llama_layout(layer):
         raise ValueError(
-            f"ptq.method={method} folds scales into norms/linears of the Llama layout "
+            f"ptq.method={method} folds {what} into norms/linears of the Llama layout "
             "(self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm); "
             f"{type(layer).__name__} does not have it"
         )

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..spec import QuantSpec
-from .blocks import decoder_layers, is_llama_layout
+from .blocks import check_foldable, decoder_layers
 from .parts import ModelTransform
 
 KINDS = ("hadamard", "random")
@@ -113,16 +113,8 @@ def _head_dims(config: Any) -> tuple[int, int, int]:
 def check_rotatable(model: nn.Module, method: str = "rotate") -> None:
     """One-line ValueError unless the model is a pre-norm Llama-layout decoder with plain RMSNorms (where the fold
     is exact); the rotation itself checks the logits afterwards."""
-    config = getattr(model, "config", None)
-    mtype = getattr(config, "model_type", "") or ""
-    if mtype.startswith("gemma"):
-        raise ValueError(f"ptq.method={method}: {mtype}'s RMSNorm computes (1 + weight) * x_hat and scales its "
-                         "embeddings, so the rotation cannot fold into it; drop rotate from the method")
+    check_foldable(model, method, "rotations")
     layers = decoder_layers(model)
-    if not is_llama_layout(layers[0]):
-        raise ValueError(f"ptq.method={method} folds rotations into the Llama layout (self_attn.{{q,k,v,o}}_proj, "
-                         f"mlp.{{gate,up,down}}_proj, input_layernorm, post_attention_layernorm); "
-                         f"{type(layers[0]).__name__} does not have it")
     norms = [(f"layers.{i}.{n}", layer.get_submodule(n)) for i, layer in enumerate(layers)
              for n in ("input_layernorm", "post_attention_layernorm")]
     final = getattr(model.model, "norm", None)
