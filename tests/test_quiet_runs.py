@@ -1,5 +1,6 @@
 """Quiet, honest runs: no library noise on a run's output, steady progress lines where stderr is a log, and
-master_weights=auto computing in fp32 on CPU (saved in the dtype it trained in)."""
+master_weights=auto keeping fp32 masters on CPU (saved in the dtype it trained in), and when train.autocast
+computes in bf16."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from conftest import save_tiny_teacher
 from safetensors import safe_open
 
 from qat.io.progress import ProgressLines, duration
+from trainer import optim
 from trainer.callbacks import TrainProgress
 from trainer.config import load_config
 from trainer.optim import lightning_precision, resolve_master_weights
@@ -108,6 +110,7 @@ def test_master_weights_auto_is_fp32_on_cpu_bf16_on_cuda_and_given_ones_stand(mo
     cpu = load_config(None, ["distributed.strategy=deepspeed"])
     assert cpu.train.master_weights == "auto"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(optim, "cpu_multiplies_bf16", lambda: False)
     assert resolve_master_weights("auto") == "fp32" and lightning_precision("fp32") == "32-true"
     assert "bf16" not in deepspeed_config(cpu.distributed, cpu.train)  # fp32 ZeRO: bf16 compute is slow on CPU
     asked = load_config(None, ["distributed.strategy=deepspeed", "train.master_weights=bf16"])
@@ -202,3 +205,36 @@ def test_perplexity_prints_whole_lines_not_a_bar_to_a_log(teacher, capfd, monkey
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("fp: tokens 32/96 (33%) | ") and "tokens/s" in lines[0], err
     assert ppl == perplexity(model, windows, progress=False)
+
+
+@pytest.mark.parametrize("cuda, hw_bf16, autocast, deepspeed, want", [
+    (False, True, "auto", False, "bf16-mixed"),  # AVX512-BF16 / AMX: bf16 matmuls are the fast ones
+    (False, False, "auto", False, "32-true"),  # emulated bf16 is no faster than fp32
+    (False, True, "auto", True, "32-true"),  # DeepSpeed on CPU: fp32 ZeRO, the path tested there
+    (False, True, "off", False, "32-true"),
+    (False, False, "on", False, "bf16-mixed"),  # asked for: given
+    (True, False, "auto", True, "bf16-mixed"),
+    (True, False, "off", False, "32-true"),
+])
+def test_autocast_follows_the_machine_unless_given(monkeypatch, cuda, hw_bf16, autocast, deepspeed, want):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(optim, "cpu_multiplies_bf16", lambda: hw_bf16)
+    assert lightning_precision("fp32", autocast, deepspeed=deepspeed) == want
+    assert lightning_precision("bf16", autocast, deepspeed=deepspeed) == "bf16-true"  # bf16 masters: no autocast
+
+
+def test_autocast_on_under_deepspeed_on_cpu_is_refused_with_the_fix(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="train.autocast=auto or off, or distributed.strategy=ddp"):
+        lightning_precision("fp32", "on", deepspeed=True)
+
+
+def test_cpu_precision_bench_prints_both_tables(capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import cpu_precision
+
+    assert cpu_precision.main(["--shape", "tiny", "--steps", "1", "--batch", "1", "--seq", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "bf16 dot-product instructions" in out and "head 16x64 @ 64x512" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip().startswith(("32-true", "bf16-"))}
+    assert rows["32-true"][-1] == "1.000" and float(rows["bf16-mixed"][-1]) > 0

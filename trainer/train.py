@@ -236,7 +236,8 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
         accelerator="gpu" if torch.cuda.is_available() else "cpu",
         devices=devices, num_nodes=num_nodes, strategy=strategy,
         # QLoRA: every tensor keeps its dtype (the adapters lora.dtype, the base the model's)
-        precision="32-true" if qlora_mode else lightning_precision(cfg.train.master_weights),
+        precision="32-true" if qlora_mode else lightning_precision(
+            cfg.train.master_weights, cfg.train.autocast, deepspeed="deepspeed" in type(strategy).__name__.lower()),
         max_steps=cfg.train.max_steps, accumulate_grad_batches=cfg.train.grad_accum,
         gradient_clip_val=None if "deepspeed" in type(strategy).__name__.lower() else cfg.train.grad_clip,
         logger=_loggers(out_dir, cfg.train.save_every),
