@@ -238,6 +238,8 @@ CASES = [
     C("train-deepspeed-offload-bf16", lambda d, o: tr(d, o, "distributed.strategy=deepspeed",
       "distributed.offload_optimizer=true", "train.master_weights=bf16"), 2,
       ("distributed.offload_optimizer", "train.master_weights=fp32")),
+    C("train-deepspeed-autocast-on-cpu", lambda d, o: tr(d, o, "distributed.strategy=deepspeed",
+      "train.autocast=always"), 2, ("train.autocast=always", "distributed.strategy=ddp")),
     C("train-qlora-zero3", lambda d, o: tr(d, o, "train.mode=qlora", "distributed.strategy=deepspeed",
       "distributed.zero_stage=3"), 2, "distributed.zero_stage=3"),
     C("train-qlora-qalora-merge-plain-lora", lambda d, o: tr(d, o, "train.mode=qlora", "lora.merge=qalora",

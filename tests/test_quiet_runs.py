@@ -211,10 +211,10 @@ def test_perplexity_prints_whole_lines_not_a_bar_to_a_log(teacher, capfd, monkey
     (False, True, "auto", False, "bf16-mixed"),  # AVX512-BF16 / AMX: bf16 matmuls are the fast ones
     (False, False, "auto", False, "32-true"),  # emulated bf16 is no faster than fp32
     (False, True, "auto", True, "32-true"),  # DeepSpeed on CPU: fp32 ZeRO, the path tested there
-    (False, True, "off", False, "32-true"),
-    (False, False, "on", False, "bf16-mixed"),  # asked for: given
+    (False, True, "never", False, "32-true"),
+    (False, False, "always", False, "bf16-mixed"),  # asked for: given
     (True, False, "auto", True, "bf16-mixed"),
-    (True, False, "off", False, "32-true"),
+    (True, False, "never", False, "32-true"),
 ])
 def test_autocast_follows_the_machine_unless_given(monkeypatch, cuda, hw_bf16, autocast, deepspeed, want):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
@@ -225,8 +225,8 @@ def test_autocast_follows_the_machine_unless_given(monkeypatch, cuda, hw_bf16, a
 
 def test_autocast_on_under_deepspeed_on_cpu_is_refused_with_the_fix(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="train.autocast=auto or off, or distributed.strategy=ddp"):
-        lightning_precision("fp32", "on", deepspeed=True)
+    with pytest.raises(ValueError, match="train.autocast=auto or never, or distributed.strategy=ddp"):
+        lightning_precision("fp32", "always", deepspeed=True)
 
 
 def test_cpu_precision_bench_prints_both_tables(capsys):

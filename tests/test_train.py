@@ -139,7 +139,7 @@ def peaked_llama():
     return tf.LlamaForCausalLM(cfg).eval()
 
 
-@pytest.mark.parametrize("master, autocast", [("bf16", "auto"), ("fp32", "off"), ("fp32", "on")])
+@pytest.mark.parametrize("master, autocast", [("bf16", "auto"), ("fp32", "never"), ("fp32", "always")])
 def test_tiny_qat_run_lowers_kd_loss(master, autocast):
     teacher, student = peaked_llama(), peaked_llama()
     dtype = torch.bfloat16 if master == "bf16" else torch.float32

@@ -58,13 +58,13 @@ def lightning_precision(master: str, autocast: str = "auto", deepspeed: bool = F
     multiplies bf16 in hardware, except under DeepSpeed on CPU, whose fp32 ZeRO path is the one tested there."""
     if master == "bf16":
         return "bf16-true"
-    if deepspeed and autocast == "on" and not torch.cuda.is_available():
-        raise ValueError("train.autocast=on: DeepSpeed on CPU trains in fp32 ZeRO only; use train.autocast=auto or "
-                         "off, or distributed.strategy=ddp for bf16 autocast on CPU")
+    if deepspeed and autocast == "always" and not torch.cuda.is_available():
+        raise ValueError("train.autocast=always: DeepSpeed on CPU trains in fp32 ZeRO only; use train.autocast=auto "
+                         "or never, or distributed.strategy=ddp for bf16 autocast on CPU")
     if autocast == "auto":
         cuda = torch.cuda.is_available()
-        autocast = "on" if cuda or (cpu_multiplies_bf16() and not deepspeed) else "off"
-    return "bf16-mixed" if autocast == "on" else "32-true"
+        autocast = "always" if cuda or (cpu_multiplies_bf16() and not deepspeed) else "never"
+    return "bf16-mixed" if autocast == "always" else "32-true"
 
 
 class AdamWBF16(torch.optim.Optimizer):

@@ -64,7 +64,8 @@ class TrainConfig:
     master_weights: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp32")})
     # With fp32 masters, whether matmuls run in bf16 autocast (fake quant stays fp32). auto: on CUDA, and on CPUs
     # that multiply bf16 in hardware (AVX512-BF16, AMX; not under DeepSpeed), where a step ran 2.5x as fast.
-    autocast: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})
+    # always/never rather than on/off, which YAML reads as booleans.
+    autocast: str = field(default="auto", metadata={"choices": ("auto", "always", "never")})
     compensation: str = field(default="kahan", metadata={"choices": ("kahan", "stochastic", "none")})
     gradient_checkpointing: bool = False
     save_every: int = field(default=200, metadata={"range": (1, 1 << 40)})
