@@ -63,7 +63,7 @@ class TrainConfig:
     # fp32 on CPU and under DeepSpeed offload.
     master_weights: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp32")})
     # With fp32 masters, whether matmuls run in bf16 autocast (fake quant stays fp32). auto: on CUDA, and on CPUs
-    # that multiply bf16 in hardware (AVX512-BF16, AMX; not under DeepSpeed), where a step ran 2.5x as fast.
+    # that multiply bf16 in hardware (AVX512-BF16, AMX; not under DeepSpeed), where a step ran 2.1x as fast.
     # always/never rather than on/off, which YAML reads as booleans.
     autocast: str = field(default="auto", metadata={"choices": ("auto", "always", "never")})
     compensation: str = field(default="kahan", metadata={"choices": ("kahan", "stochastic", "none")})
