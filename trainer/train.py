@@ -216,9 +216,10 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
         topk_batch_size=cfg.train.micro_batch_size, format=cfg.data.format, packing=cfg.data.packing,
     )
     strategy = make_strategy(cfg.distributed, cfg.train, devices * num_nodes)  # refuses bad settings before loading
+    on_deepspeed = "deepspeed" in type(strategy).__name__.lower()
     # QLoRA: every tensor keeps its dtype (the adapters lora.dtype, the base the model's)
-    precision = "32-true" if qlora_mode else lightning_precision(
-        cfg.train.master_weights, cfg.train.autocast, deepspeed="deepspeed" in type(strategy).__name__.lower())
+    precision = "32-true" if qlora_mode else lightning_precision(cfg.train.master_weights, cfg.train.autocast,
+                                                                 deepspeed=on_deepspeed)
     if qlora_mode:
         student, teacher, base_print, folder = qlora.build(cfg, lambda: _load_teacher(cfg), enable_checkpointing)
         trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
@@ -240,7 +241,7 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
         devices=devices, num_nodes=num_nodes, strategy=strategy,
         precision=precision,
         max_steps=cfg.train.max_steps, accumulate_grad_batches=cfg.train.grad_accum,
-        gradient_clip_val=None if "deepspeed" in type(strategy).__name__.lower() else cfg.train.grad_clip,
+        gradient_clip_val=None if on_deepspeed else cfg.train.grad_clip,
         logger=_loggers(out_dir, cfg.train.save_every),
         callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), QuantStats(cfg.train.stats_every),
                    # Where no bar is drawn (a log), steady whole lines instead.
