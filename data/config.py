@@ -12,7 +12,9 @@ class GenerateConfig:
     max_length: int = field(default=1024, metadata={"range": (6, 1 << 20)})  # tokens per sample, all in
     batch_size: int = field(default=32, metadata={"range": (1, 1 << 16)})
     shard_size: int = field(default=256, metadata={"range": (1, 1 << 30)})  # samples per shard file
-    first_token: str = field(default="sample", metadata={"choices": ("sample", "enumerate")})
+    # sample: uniform over the vocabulary (LLM-QAT); word: uniform over the entries that spell a capitalised word
+    # (" The", "Paris"), so samples open as prose rather than mid-word or in code; enumerate: id order
+    first_token: str = field(default="sample", metadata={"choices": ("sample", "word", "enumerate")})
     greedy_lengths: list[int] = field(default_factory=lambda: [3, 4, 5])
     temperature: float = field(default=1.0, metadata={"range": (1e-4, 100.0)})
     top_k: int = field(default=0, metadata={"range": (0, 1 << 30)})  # 0: the full softmax

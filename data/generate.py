@@ -16,6 +16,7 @@ exists, `manifest.json` (counts and token totals). A rerun skips finished shards
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -89,13 +90,23 @@ def sample_next(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k
     return idx.clamp_max(logits.shape[-1] - 1)
 
 
-def candidate_first_tokens(tokenizer, vocab_size: int) -> torch.Tensor:
-    """Vocabulary ids a sample may start with: every id the tokenizer knows, special tokens skipped."""
+_CAPITALISED_WORD = re.compile(r"^ ?[A-Z][a-z]+$")
+
+
+def candidate_first_tokens(tokenizer, vocab_size: int, words_only: bool = False) -> torch.Tensor:
+    """Vocabulary ids a sample may start with: every id the tokenizer knows, special tokens skipped; with
+    `words_only`, only those that decode to a capitalised word, space-led or not."""
     special = set(tokenizer.all_special_ids)
     # Added tokens flagged special (SmolLM2's <repo_name>, <filename> ...) are not always listed above.
     special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
     n = min(vocab_size, len(tokenizer))
-    return torch.tensor([i for i in range(n) if i not in special], dtype=torch.long)
+    ids = [i for i in range(n) if i not in special]
+    if words_only:
+        ids = [i for i, text in zip(ids, tokenizer.batch_decode([[i] for i in ids])) if _CAPITALISED_WORD.match(text)]
+        if not ids:
+            raise GenerateError("generate.first_token=word: no vocabulary entry of the teacher's tokenizer spells a "
+                                "capitalised Latin-script word; use generate.first_token=sample")
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def chat_prefix(tokenizer) -> list[int]:
@@ -226,7 +237,7 @@ def generate(
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
     eos_id = tokenizer.eos_token_id
-    firsts = candidate_first_tokens(tokenizer, model.config.vocab_size)
+    firsts = candidate_first_tokens(tokenizer, model.config.vocab_size, words_only=g.first_token == "word")
     shard_size = max(g.batch_size, g.shard_size // g.batch_size * g.batch_size)  # whole batches per shard
     n_shards = -(-g.n_samples // shard_size)
     mine = [k for k in range(n_shards) if k % world == rank and not shard_path(out_dir, k).exists()]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import torch
 from conftest import save_tiny_teacher
 
-from data.generate import GenerateError, counter_uniform, sample_next
+from data.generate import GenerateError, candidate_first_tokens, counter_uniform, sample_next
 from trainer.commands import run_generate
 from trainer.config import ConfigError, load_config
 
@@ -71,6 +72,11 @@ def test_first_tokens_enumerate_and_skip_special(tiny_teacher, tmp_path, bundled
     assert firsts == expected
     sampled = run_generate(cfg_for(tiny_teacher, tmp_path / "s"), progress=False)
     assert not set(ids[0] for ids in read(sampled).values()) & special
+    # word: every sample opens with a vocabulary entry that spells a capitalised word, and not all the same one.
+    words = run_generate(cfg_for(tiny_teacher, tmp_path / "w", "generate.first_token=word"), progress=False)
+    opening = [bundled_tokenizer.decode([ids[0]]) for ids in read(words).values()]
+    assert all(re.fullmatch(r" ?[A-Z][a-z]+", w) for w in opening), opening
+    assert len(set(opening)) >= 8, opening
 
 
 def test_same_seed_same_samples_and_ranks_do_not_matter(tiny_teacher, tmp_path):
@@ -165,3 +171,19 @@ def test_two_processes_make_the_same_set_as_one(tiny_teacher, tmp_path):
     assert read(tmp_path / "two") == one
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert manifest["samples"] == 10
+
+
+def test_word_openings_need_a_capitalised_word_in_the_vocabulary():
+    class LowercaseTokenizer:  # a vocabulary of lowercase pieces only
+        all_special_ids = [0]
+        added_tokens_decoder: dict = {}
+
+        def __len__(self):
+            return 4
+
+        def batch_decode(self, rows):
+            return [["<s>", " the", "cat", "ing"][r[0]] for r in rows]
+
+    assert candidate_first_tokens(LowercaseTokenizer(), 4).tolist() == [1, 2, 3]
+    with pytest.raises(GenerateError, match="first_token=sample"):
+        candidate_first_tokens(LowercaseTokenizer(), 4, words_only=True)
