@@ -29,7 +29,7 @@ from qat.io.progress import bars_wanted
 from qat.linear import QuantLinear
 
 from . import qlora
-from .callbacks import QuantStats, TrainProgress
+from .callbacks import CtrlC, QuantStats, TrainProgress
 from .commands import prepare_output
 from .config import RunConfig, save_config
 from .datamodule import TextDataModule
@@ -243,7 +243,7 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
         max_steps=cfg.train.max_steps, accumulate_grad_batches=cfg.train.grad_accum,
         gradient_clip_val=None if on_deepspeed else cfg.train.grad_clip,
         logger=_loggers(out_dir, cfg.train.save_every),
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), QuantStats(cfg.train.stats_every),
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), QuantStats(cfg.train.stats_every), CtrlC(),
                    # Where no bar is drawn (a log), steady whole lines instead.
                    *([] if bars_wanted() else [TrainProgress(cfg.train.progress_every_s)])],
         log_every_n_steps=1, max_time=max_time, deterministic=False, use_distributed_sampler=False,
