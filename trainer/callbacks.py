@@ -119,7 +119,6 @@ class CtrlC(L.Callback):
 
     def __init__(self) -> None:
         self.pending = False
-        self._installed = False
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.pending = True
@@ -129,12 +128,11 @@ class CtrlC(L.Callback):
         if threading.current_thread() is threading.main_thread() and \
                 signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             signal.signal(signal.SIGINT, self._handler)
-            self._installed = True
 
     def uninstall(self) -> None:
-        if self._installed and signal.getsignal(signal.SIGINT) == self._handler:
+        # Only while ours is in place: Lightning ignores SIGINT while it shuts down after a ctrl-C.
+        if signal.getsignal(signal.SIGINT) == self._handler:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-        self._installed = False
 
     def check(self) -> None:
         if self.pending:
