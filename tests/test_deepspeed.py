@@ -65,3 +65,17 @@ def test_offload_with_bf16_masters_is_refused_before_any_work():
         deepspeed_config(cfg.distributed, cfg.train)
     cfg = load_config(None, ["distributed.offload_optimizer=true", "train.master_weights=fp32"])
     assert deepspeed_config(cfg.distributed, cfg.train)["zero_force_ds_cpu_optimizer"] is False
+
+
+def test_end_process_group_destroys_the_group_and_is_a_no_op_without_one(tmp_path):
+    import torch.distributed as dist
+
+    from qat.io.env import end_process_group
+
+    if dist.is_initialized():
+        pytest.skip("this pytest process already has a process group")
+    end_process_group()  # none yet: nothing to do, no error
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    end_process_group()
+    assert not dist.is_initialized()

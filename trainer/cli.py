@@ -223,7 +223,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), "")
     who = f"distqat {command}" if command in COMMANDS else "distqat"
     try:
-        return _dispatch(argv)
+        code = _dispatch(argv)
+        if "torch.distributed" in sys.modules:  # lazy: a command that made a process group imported it, --help not
+            from qat.io.env import end_process_group
+
+            end_process_group()
+        return code
     except KeyboardInterrupt:
         if debug:
             raise

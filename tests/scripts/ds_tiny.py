@@ -15,6 +15,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]
 warnings.filterwarnings("ignore")
 
 from qat.apply import quantize_model  # noqa: E402
+from qat.io.env import end_process_group  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.module import QATModule  # noqa: E402
 from trainer.optim import lightning_precision  # noqa: E402
@@ -71,6 +72,7 @@ def main():
     local_teacher = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in teacher.parameters())
     torch.save({"state": state, "losses": rec.losses, "teacher_numel": teacher_numel,
                 "teacher_local_numel": local_teacher}, f"{out}/rank{trainer.global_rank}.pt")
+    end_process_group()  # as distqat's CLI does: a group left to interpreter exit aborted a run (1 in 12)
 
 
 if __name__ == "__main__":
