@@ -4,12 +4,14 @@ H = 2/n X^T X from the calibration inputs of the layer; damping adds `damp` * me
 diagonal; columns are processed in blocks of `block_size` with lazy updates of the rest of the
 matrix; `act_order` visits columns by decreasing diag(H). With groups, `static_groups` (always on
 with act_order, so the groups stay contiguous and the result packs) takes each group's scale from
-the weight before any update; otherwise a group's scale is computed when GPTQ reaches it.
+the weight before any update; otherwise a group's scale is computed when GPTQ reaches it. `clip` picks
+each row's (group's) scale by the clipping search of `scale_method=mse` instead of its min/max, as the GPTQ
+reference's `mse` quantizer and QuaRot's `w_clip` do.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Optional
 
 import torch
@@ -30,6 +32,10 @@ class GPTQConfig:
     act_order: bool = True
     static_groups: bool = True
     true_sequential: bool = True
+    # Search each row's (group's) clipping range rather than take its min/max. After a Hadamard rotation
+    # the weights are near-Gaussian and min/max spends the int4 grid on the tails: rotate+gptq on the bundled
+    # model scored 22.16 with it against 26.39 without, on the same calibration tokens (docs/ACCURACY.md).
+    clip: bool = False
 
 
 @torch.no_grad()
@@ -143,4 +149,6 @@ class GPTQ(Rounding):
 
     def round(self, weight: torch.Tensor, spec: TensorSpec, h: Optional[torch.Tensor]) -> Rounded:
         c = self.cfg
+        if c.clip and spec.scale_method == "minmax":  # a scale method the user chose is kept
+            spec = replace(spec, scale_method="mse")
         return gptq(weight, h, spec, c.damp, c.block_size, c.act_order, c.static_groups, weight.dtype)
