@@ -102,6 +102,31 @@ def test_end_to_end_tiny_llama(method, scheme, tmp_path):
             torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-5)
 
 
+def test_gptq_clip_on_a_model_is_recorded_and_converts(tmp_path):
+    """`ptq.gptq.clip` end to end: every layer's scales are at most min/max's, the folder records the GPTQ settings
+    it was made with (the pipeline names its PTQ row from them), and it converts to the same model."""
+    from qat.io.folders import inspect
+    from trainer.pipeline import ptq_label
+
+    x = ids(2, 16, seed=1)
+    outs, scales = {}, {}
+    for clip in (False, True):
+        cfg = PTQConfig(method="gptq", progress=False, batch_size=2, gptq=GPTQConfig(clip=clip))
+        model, _ = run_ptq(tiny_llama(), parse("w4"), cfg, ids())
+        model.save_pretrained(tmp_path / str(clip))
+        record = inspect(tmp_path / str(clip)).record
+        assert record["gptq"]["clip"] is clip
+        assert ptq_label(record["method"], record) == ("gptq, clip" if clip else "gptq")
+        outs[clip] = model(x).logits
+        scales[clip] = [m.weight_quantizer.quantize(m.weight)[1] for m in model.modules() if isinstance(m, QuantLinear)]
+    assert all(bool((c <= m).all()) for c, m in zip(scales[True], scales[False]))
+    assert sum(int((c < m).sum()) for c, m in zip(scales[True], scales[False])) > 0
+    assert not torch.equal(outs[True], outs[False])
+    rt = load(convert_folder(tmp_path / "True", tmp_path / "int"))
+    torch.testing.assert_close(rt(x).logits, outs[True], rtol=1e-5, atol=1e-5)
+    assert ptq_label("awq", {"gptq": {"clip": True}}) == "awq"  # no GPTQ in the method: nothing to name
+
+
 def test_static_activation_scales_calibrated_block_by_block(tmp_path):
     from qat.quantizers import ActQuantizer
     from qat.spec import TensorSpec

@@ -17,9 +17,9 @@ Each step resumes: finished shards are kept and `train.resume=auto` continues fr
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from data.sources import load_texts
 from qat.io.env import rank_world
@@ -88,19 +88,27 @@ def run_pipeline(cfg: RunConfig, manifest_timeout_s: float = 24 * 3600) -> dict:
     return score_models(cfg, entries, roles=roles)
 
 
+def ptq_label(method: str, settings: dict[str, Any]) -> str:
+    """The PTQ row's name: the method, and ", clip" where its GPTQ searched the clipping (`ptq.gptq.clip`), which
+    moves a start by more than the choice of method does."""
+    clipped = "gptq" in method.split("+") and bool(settings.get("gptq", {}).get("clip"))
+    return f"{method}, clip" if clipped else method
+
+
 def ptq_baseline(train_cfg: RunConfig) -> Optional[tuple[str, Path]]:
-    """(method, folder) of the PTQ row: the student's PTQ start when it has one, else the first of BASELINES the
-    spec allows at the same spec, calibrated as a PTQ start would be (on the generated text, data-free)."""
+    """(label, folder) of the PTQ row (`ptq_label`): the student's PTQ start when it has one, else the first of
+    BASELINES the spec allows at the same spec, calibrated as a PTQ start would be (on the generated text,
+    data-free)."""
     init = train_cfg.train.init
     if init_method(init) is not None:
-        return init_method(init), Path(train_cfg.output_dir) / "init" / "model"
+        return ptq_label(init_method(init), asdict(train_cfg.ptq)), Path(train_cfg.output_dir) / "init" / "model"
     if init != "rtn":
         folder = inspect(init, "train.init")
-        return str(folder.record.get("method", folder.kind.value)), Path(init)
+        return ptq_label(str(folder.record.get("method", folder.kind.value)), folder.record), Path(init)
     method = baseline_method(train_cfg)
     if method is None:
         return None
     # The same stage a train.init=<method> run builds (and reuses), scored but not trained from.
     baseline = replace(train_cfg, output_dir=str(Path(train_cfg.output_dir) / "baseline"),
                        train=replace(train_cfg.train, init=method, blockwise_steps=0))
-    return method, prepare_start(baseline)
+    return ptq_label(method, asdict(train_cfg.ptq)), prepare_start(baseline)
