@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="GPTQ act-order (static groups); default: ptq.gptq's (on)")
     p.add_argument("--damp", type=float, default=None,
                    help="GPTQ damping (fraction of mean diag H); default: ptq.gptq's (0.1)")
+    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ's clipping search; default: ptq.gptq's (off)")
     p.add_argument("--no-fp", action="store_true", help="skip the FP evaluation")
     p.add_argument("--json", metavar="PATH", help="write the results to this JSON file (after every run)")
     return p.parse_args(argv)
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
         "command": "python " + " ".join(sys.argv), "calib": args.calib, "calib_tokens": int(calib.numel()),
         "eval_tokens": sum(len(w) for w in windows),
         "gptq": {k: getattr(GPTQConfig(), k) if getattr(args, k) is None else getattr(args, k)
-                 for k in ("act_order", "damp")},
+                 for k in ("act_order", "damp", "clip")},
         "runs": [],
     }
 
@@ -95,7 +97,8 @@ def main(argv=None) -> int:
         jobs += [(args.w8a8, m) for m in args.w8a8_methods.split(",") if m]
     for scheme, method in jobs:
         model = copy.deepcopy(base)
-        gptq_opts = {k: v for k, v in (("act_order", args.act_order), ("damp", args.damp)) if v is not None}
+        gptq_opts = {k: v for k, v in (("act_order", args.act_order), ("damp", args.damp), ("clip", args.clip))
+                     if v is not None}
         cfg = PTQConfig(method=method, n_samples=args.n_samples, seq_len=args.seq_len, progress=False,
                         gptq=GPTQConfig(**gptq_opts))
         t0 = time.perf_counter()
