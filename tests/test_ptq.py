@@ -86,9 +86,9 @@ def test_gptq_defaults_generalise_when_calibration_underrepresents_directions(sc
 
 @pytest.mark.parametrize("scheme", ["w4", "w3g16"])
 def test_gptq_clip_shrinks_the_grid_and_lowers_the_output_error(scheme):
-    """`ptq.gptq.clip`: on Gaussian weights (what a Hadamard rotation leaves) min/max spends the grid on the
-    tails; the clipping search takes smaller scales and GPTQ's output error falls, on the calibration inputs
-    and on held-out ones. A scale method the spec names is left alone."""
+    """`ptq.gptq.clip`: on Gaussian weights min/max spends the grid on each row's few largest entries; the
+    clipping search takes smaller scales and GPTQ's output error falls, on the calibration inputs and on
+    held-out ones. A scale method the spec names is left alone."""
     spec = parse(scheme).weight
     x, xt = correlated(outliers=0), correlated(outliers=0, sample_seed=5)
     h, ht = x.T @ x / len(x), xt.T @ xt / len(xt)
