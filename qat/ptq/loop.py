@@ -106,8 +106,8 @@ def run_ptq(
     device = _device(cfg.device)
     home = next(model.parameters()).device
     record: dict[str, Any] = {"method": name}
-    # Each part's settings travel with the folder: a start is labelled and reused by what made it (GPTQ with and
-    # without its clipping search differ by 4 points of perplexity on the bundled model).
+    # Each part's settings travel with the folder, so a start says what made it: the pipeline names its PTQ row
+    # from them (GPTQ with and without its clipping search differ by 4 points of perplexity on the bundled model).
     for part in transforms + [rounding]:
         settings = getattr(part, "cfg", None)
         if is_dataclass(settings):
