@@ -17,7 +17,7 @@ Each step resumes: finished shards are kept and `train.resume=auto` continues fr
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -76,7 +76,10 @@ def run_pipeline(cfg: RunConfig, manifest_timeout_s: float = 24 * 3600) -> dict:
     entries, roles = [fp, rtn], {"fp": fp[0], "rtn": rtn[0]}
     baseline = ptq_baseline(train_cfg)
     if baseline is not None:
-        ptq = (f"{rtn[0]} ({baseline[0]})", saved_model(cfg, str(baseline[1]))[1])
+        method, folder = baseline
+        # Named from the folder's own record: every start, built here or given, says there how it was made.
+        ptq = (f"{rtn[0]} ({ptq_label(method, inspect(folder, 'the PTQ row').record)})",
+               saved_model(cfg, str(folder))[1])
         entries.append(ptq)
         roles["ptq"] = ptq[0]
     else:
@@ -96,19 +99,18 @@ def ptq_label(method: str, settings: dict[str, Any]) -> str:
 
 
 def ptq_baseline(train_cfg: RunConfig) -> Optional[tuple[str, Path]]:
-    """(label, folder) of the PTQ row (`ptq_label`): the student's PTQ start when it has one, else the first of
-    BASELINES the spec allows at the same spec, calibrated as a PTQ start would be (on the generated text,
-    data-free)."""
+    """(method, folder) of the PTQ row: the student's PTQ start when it has one, else the first of BASELINES the
+    spec allows at the same spec, calibrated as a PTQ start would be (on the generated text, data-free)."""
     init = train_cfg.train.init
     if init_method(init) is not None:
-        return ptq_label(init_method(init), asdict(train_cfg.ptq)), Path(train_cfg.output_dir) / "init" / "model"
+        return init_method(init), Path(train_cfg.output_dir) / "init" / "model"
     if init != "rtn":
         folder = inspect(init, "train.init")
-        return ptq_label(str(folder.record.get("method", folder.kind.value)), folder.record), Path(init)
+        return str(folder.record.get("method", folder.kind.value)), Path(init)
     method = baseline_method(train_cfg)
     if method is None:
         return None
     # The same stage a train.init=<method> run builds (and reuses), scored but not trained from.
     baseline = replace(train_cfg, output_dir=str(Path(train_cfg.output_dir) / "baseline"),
                        train=replace(train_cfg.train, init=method, blockwise_steps=0))
-    return ptq_label(method, asdict(train_cfg.ptq)), prepare_start(baseline)
+    return method, prepare_start(baseline)
