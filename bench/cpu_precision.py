@@ -1,6 +1,6 @@
 """Benchmark: bf16 against fp32 on this CPU, the measurement behind train.autocast=auto.
 
-    python bench/cpu_precision.py [--shape smollm2-135m|llama-1b|tiny] [--batch 4] [--seq 256] [--steps 3]
+    python -m bench.cpu_precision [--shape smollm2-135m|llama-1b|tiny] [--batch 4] [--seq 256] [--steps 3]
                                   [--scheme w4a8kv8] [--threads N]
 
 Two tables, each with the ratio to fp32 measured in the same process:
@@ -17,13 +17,10 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from bench._common import SHAPES  # noqa: E402
+from bench._common import SHAPES
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,6 +1,6 @@
 """Benchmark: decode tokens/s of a converted (integer) model against its bf16 original, on one GPU.
 
-    python bench/decode.py [--shapes smollm2-135m,llama-1b] [--batches 1,16] [--scheme w4g128] [--json out.json]
+    python -m bench.decode [--shapes smollm2-135m,llama-1b] [--batches 1,16] [--scheme w4g128] [--json out.json]
 
 Both models run the same decode step — one token per sequence against a static KV cache (bf16 for
 both, so the comparison is about the linear layers) — captured once as a CUDA graph and replayed,
@@ -22,12 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from bench._common import SHAPES, model_shapes  # noqa: E402
-from qat.io.models import cache_kwarg  # noqa: E402
+from bench._common import SHAPES, model_shapes
+from qat.io.models import cache_kwarg
 
 
 def parse_args(argv=None):

@@ -1,6 +1,6 @@
 """Benchmark: QuantLinear forward+backward (fused fake-quant kernel vs reference ops) against bf16 nn.Linear.
 
-    python bench/fake_quant.py [--tokens 8192] [--json results.json]
+    python -m bench.fake_quant [--tokens 8192] [--json results.json]
 
 For each shape (in -> out) and scheme it times, with triton.testing.do_bench (median ms):
   bf16   nn.Linear forward + backward (bf16 weight and input, input requires grad)
@@ -19,12 +19,10 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from bench._common import heat, matrix_shapes  # noqa: E402
+from bench._common import heat, matrix_shapes
 
 
 def parse_args(argv=None) -> argparse.Namespace:

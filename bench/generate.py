@@ -1,6 +1,6 @@
 """Benchmark: tokens/s of distqat's data-free generation against transformers' generate.
 
-    python bench/generate.py [--model bundled:smollm2-135m | --random] [--batch 64] [--length 256]
+    python -m bench.generate [--model bundled:smollm2-135m | --random] [--batch 64] [--length 256]
 
 Same teacher, same settings (full-softmax sampling after a greedy prefix, every sample run to
 max length) in one process:
@@ -20,11 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from bench._common import SHAPES  # noqa: E402
+from bench._common import SHAPES
 
 # SmolLM2-135M's shape (the bundled model), for --random.
 SMOLLM2_135M = {**SHAPES["smollm2-135m"], "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,

@@ -17,4 +17,4 @@ else
 fi
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-exec "$PY" bench/suite.py "$@"
+exec "$PY" -m bench.suite "$@"

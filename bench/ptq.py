@@ -1,6 +1,6 @@
 """Benchmark: perplexity of PTQ baselines on the bundled model, and quantization time per layer.
 
-    python bench/ptq.py [--settings w4g64,w3g64,...] [--methods rtn,gptq,awq,hqq] [--json out.json]
+    python -m bench.ptq [--settings w4g64,w3g64,...] [--methods rtn,gptq,awq,hqq] [--json out.json]
 
 FP, then for each weight setting each method (RTN, GPTQ, AWQ, HQQ), then W8A8 RTN vs SmoothQuant;
 perplexity with trainer.eval.perplexity on spread windows (1024 tokens, 8192 in all) of the bundled
@@ -19,9 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
+import torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,6 +1,6 @@
 """Benchmark: peak memory and step time of QLoRA (packed int4 / NF4 base) against LoRA on a bf16 base.
 
-    python bench/qlora_memory.py [--shapes smollm2-135m,llama-1b] [--batch 1] [--seq 256] [--json out.json]
+    python -m bench.qlora_memory [--shapes smollm2-135m,llama-1b] [--batch 1] [--seq 256] [--json out.json]
 
 For each shape (random init: speed and memory do not depend on the weights), the same model, batch and
 LoRA adapters (rank --rank on every linear of the decoder, fp32, AdamW) train for --steps steps as
@@ -26,11 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from bench._common import SHAPES, model_shapes  # noqa: E402
+from bench._common import SHAPES, model_shapes
 
 VARIANTS = {"lora": None, "qlora-int4": "w4g64", "qlora-nf4": "wnf4g64"}
 GB = 1 << 30

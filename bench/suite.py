@@ -1,13 +1,13 @@
 """Every GPU figure docs/BENCHMARKS.md still lacks, measured by one command (bench/gpu_suite.sh wraps it).
 
-    python bench/suite.py --out DIR [--model /root/stash/model.gguf|HF folder] [--budget part=seconds ...]
+    python -m bench.suite --out DIR [--model /root/stash/model.gguf|HF folder] [--budget part=seconds ...]
                           [--parts a,b] [--total 480] [--cpu-smoke]
 
 Parts, in this order, each a subprocess with its own time limit (a part that overruns is stopped and recorded
 as timeout, one that crashes as failed, and the next part runs; the whole run stops starting parts at --total):
   cuda_tests  pytest -k cuda over tests/ (junit xml: passed/failed/skipped counts and failing names)
   train_step  bench/train_step.py: the QAT / KD step ratio of kd, qat, +compile and the qat.fast speed-ups
-  kernels     bench/kernels.py: the integer runtime linears (W4A16 incl. tinygemm, W8A16, W8A8, W4A8) vs bf16
+  kernels     bench/int_kernels.py: the integer runtime linears (W4A16 incl. tinygemm, W8A16, W8A8, W4A8) vs bf16
   decode      bench/decode.py: decode tokens/s of converted models vs bf16
   model       the bundled model as an HF folder (converted from its GGUF where --model is one)
   zero2/zero3 `python -m trainer train configs/llm_qat/w4a8kv8.yaml` under DeepSpeed ZeRO-2/3, a few steps
@@ -76,7 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 # The parts: each returns (command or None when nothing needs running, extra environment, parse(record) -> dict
 # of results), or raises Skip.
 def py(script: str, *args) -> list[str]:
-    return [sys.executable, str(ROOT / script), *map(str, args)]
+    """bench/<name>.py as the module bench.<name>, run from the checkout's root (its cwd)."""
+    return [sys.executable, "-m", "bench." + Path(script).stem, *map(str, args)]
 
 
 def common(fn: str, *args) -> list[str]:  # bench._common.<fn>(*args) in a subprocess: the model part's helpers
@@ -146,7 +147,7 @@ def part_kernels(ctx):
                   "best": r["best"], "max_rel_diff": max(r["max_rel_diff"].values(), default=None)}
                  for r in raw.get("results", [])]
         return {"rows": table, "complete": bool(raw.get("complete"))}
-    return py("bench/kernels.py", *flags, "--json", out), env, parse
+    return py("bench/int_kernels.py", *flags, "--json", out), env, parse
 
 
 def part_decode(ctx):

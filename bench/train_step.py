@@ -1,6 +1,6 @@
 """Benchmark: the QAT distillation step against the same KD step without fake quant, and memory.
 
-    python bench/train_step.py [--shape smollm2-135m|llama-1b|tiny] [--batch 4] [--seq 1024] [--scheme w4a8kv8]
+    python -m bench.train_step [--shape smollm2-135m|llama-1b|tiny] [--batch 4] [--seq 1024] [--scheme w4a8kv8]
                                [--variants kd,qat,qat+compile,qat+norm_quant,...] [--device cuda|cpu]
 
 On one GPU, in one process, bf16 (BF16 master weights, AdamWBF16 with Kahan compensation):
@@ -26,11 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from bench._common import SHAPES  # noqa: E402
+from bench._common import SHAPES
 
 PARAMS = {"1B": 1.24e9, "7B": 6.74e9, "70B": 70.6e9}
 # Bytes per parameter of the student (weights, grads, optimizer state) and of the frozen bf16 teacher.

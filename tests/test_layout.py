@@ -4,6 +4,7 @@ imports at the top of each file (a lazy one says why), and modules of a readable
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,41 @@ def test_no_source_file_over_400_lines(folder):
     long = {str(p.relative_to(ROOT)): n for p in python_files(folder)
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"split these along their seams: {long}"
+
+
+def installed_top_level_names() -> dict[str, str]:
+    """{import name: what provides it} for the standard library and every installed distribution but distqat."""
+    names = {n: "the standard library" for n in sys.stdlib_module_names}
+    for name, dists in importlib.metadata.packages_distributions().items():
+        if "distqat" not in dists:
+            names[name] = ", ".join(dists)
+    return names
+
+
+# Folders whose modules run with the folder itself on sys.path: a script's own folder (python bench/x.py,
+# python tests/scripts/x.py) and the test folder (pytest's rootdir-relative imports of conftest and test files).
+SCRIPT_FOLDERS = ("bench", "tests", "tests/scripts")
+
+
+@pytest.mark.parametrize("folder", SCRIPT_FOLDERS)
+def test_no_module_shadows_an_installed_package(folder):
+    """bench/kernels.py once hid Hugging Face's `kernels`, which transformers 5.25 imports, from every bench script
+    run with bench/ on sys.path: a module named like an installed top-level package takes its place."""
+    taken = installed_top_level_names()
+    here = ROOT / folder
+    mods = [p.stem for p in here.glob("*.py")] + [p.parent.name for p in here.glob("*/__init__.py")]
+    clashes = {m: taken[m] for m in mods if m in taken and m != "__init__"}
+    assert not clashes, f"{folder}/: rename these, they shadow installed packages: {clashes}"
+
+
+def test_the_checkout_packages_shadow_nothing_installed():
+    taken = installed_top_level_names()
+    assert not {p: taken[p] for p in (*PACKAGES, "bench") if p in taken}
+
+
+def test_benches_are_a_package_run_as_modules():
+    """python -m bench.<name> puts the checkout's root on sys.path, not bench/; no bench edits sys.path."""
+    assert (ROOT / "bench" / "__init__.py").is_file()
+    for path in python_files("bench"):
+        assert "sys.path.insert" not in path.read_text(), path
+    assert '-m bench.suite' in (ROOT / "bench" / "gpu_suite.sh").read_text()

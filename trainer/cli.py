@@ -158,9 +158,13 @@ def run_bench(argv: list[str]) -> int:
     if name not in names:
         print(f"distqat bench: error: no benchmark {name!r}; choose one of {names}", file=sys.stderr)
         return 2
+    # As a module of the bench package (python -m bench.<name>): a script's folder on sys.path would shadow
+    # installed packages of the same name (bench/kernels.py once hid Hugging Face's `kernels` from transformers).
+    if str(BENCH_DIR.parent) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR.parent))
     sys.argv = [str(BENCH_DIR / f"{name}.py"), *argv[1:]]
     try:
-        runpy.run_path(sys.argv[0], run_name="__main__")
+        runpy.run_module(f"bench.{name}", run_name="__main__", alter_sys=True)
     except SystemExit as e:  # the scripts end with SystemExit(main())
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     return 0

@@ -215,7 +215,7 @@ def gemv_supported(bits: int, group_size: int, dtype: torch.dtype) -> bool:
 
 def gemv_config(m: int, n: int, bits: int, group_size: int) -> dict:
     """BLOCK_M rows of x share each weight tile (up to 4); BLOCK_W words along K (at most a group's,
-    up to 32); BLOCK_N rows so that a step reads GEMV_WORDS words. Untuned: bench/kernels.py times it."""
+    up to 32); BLOCK_N rows so that a step reads GEMV_WORDS words. Untuned: bench/int_kernels.py times it."""
     bm = min(triton.next_power_of_2(max(m, 1)), 4)
     bw = min(32, _pow2_divisor(group_size, 1 << 20) // (32 // bits))
     bn = max(16, min(256, GEMV_WORDS // bw, triton.next_power_of_2(max(n, 1))))

@@ -1,6 +1,6 @@
 """Benchmark: the integer runtime linears (qat.export.ops) against bf16 F.linear, per path, shape and M.
 
-    python bench/kernels.py [--m 1,16,64,256,1024,4096] [--json results.json]
+    python -m bench.int_kernels [--m 1,16,64,256,1024,4096] [--json results.json]
 
 For each (K, N) shape and each runtime path
   w4a16  int4 weights, group 128, bf16 activations
@@ -29,12 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from bench._common import heat, matrix_shapes  # noqa: E402
+from bench._common import heat, matrix_shapes
 
 HBM_BYTES_PER_S = 3.0e12  # H100 SXM HBM3, what a weight-bound kernel can hope for
 PATHS = {  # name -> (bits, group (None: per channel), int8 activations)
@@ -107,13 +105,13 @@ def main(argv=None) -> int:
         args.shapes = [(128, 64)] if args.shapes == defaults.shapes else args.shapes
         args.rep, args.rounds, args.heat = 1, 1, 0.0
     if dev == "cuda" and not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False; --device cpu for a smoke run)",
+        print("bench.int_kernels needs a CUDA GPU (torch.cuda.is_available() is False; --device cpu for a smoke run)",
               file=sys.stderr)
         return 1
     try:
         import triton
     except ImportError:
-        print("bench/kernels.py needs triton (pip install triton).", file=sys.stderr)
+        print("bench.int_kernels needs triton (pip install triton).", file=sys.stderr)
         return 1
 
     from qat.export import ops
