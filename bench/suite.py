@@ -5,7 +5,7 @@
 
 Parts, in this order, each a subprocess with its own time limit (a part that overruns is stopped and recorded
 as timeout, one that crashes as failed, and the next part runs; the whole run stops starting parts at --total):
-  cuda_tests  pytest -k cuda over tests/ (junit xml: passed/failed/skipped counts and failing names)
+  cuda_tests  pytest -m cuda over tests/ (junit xml: passed/failed/skipped counts and failing names)
   train_step  bench/train_step.py: the QAT / KD step ratio of kd, qat, +compile and the qat.fast speed-ups
   kernels     bench/int_kernels.py: the integer runtime linears (W4A16 incl. tinygemm, W8A16, W8A8, W4A8) vs bf16
   decode      bench/decode.py: decode tokens/s of converted models vs bf16
@@ -75,8 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # The parts: each returns (command or None when nothing needs running, extra environment, parse(record) -> dict
 # of results), or raises Skip.
-def py(script: str, *args) -> list[str]:
-    """bench/<name>.py as the module bench.<name>, run from the checkout's root (its cwd)."""
+def py(script: str, *args) -> list[str]:  # bench/<name>.py as the module bench.<name>, from the checkout's root
     return [sys.executable, "-m", "bench." + Path(script).stem, *map(str, args)]
 
 
@@ -91,7 +90,7 @@ def part_cuda_tests(ctx):
     xml = ctx.out / "cuda_tests.xml"
     # The smoke run takes two files whose CUDA tests skip at once on CPU; the GPU run all of tests/.
     where = ["tests/test_ptq.py", "tests/test_kernels.py"] if ctx.smoke else ["tests"]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rA", "-k", "cuda", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rA", "-m", "cuda", "-p", "no:cacheprovider",
            "--continue-on-collection-errors", f"--junitxml={xml}", *where]
     return cmd, {}, lambda rec: junit_counts(xml)
 

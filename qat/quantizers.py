@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .device import device_path
 from .kernels import fused_fake_quant_rows
 from .spec import TensorSpec
 
@@ -212,11 +213,12 @@ def fake_quant(
     """Dynamic fake quant of rows with scales from `spec.scale_method`, in the dtype of `rows`.
 
     minmax scales clip nothing, so the gradient is the identity; clipping searches mask it.
-    On CUDA the minmax int path runs as one fused kernel; `use_kernel=False` forces the reference.
+    On the device path (`qat.device`) the minmax int path runs as one fused kernel; `use_kernel=False` forces
+    the reference.
     """
     # Under torch.compile the reference ops below are traced instead: Inductor fuses them into the
     # producer of `rows`, which an opaque kernel launch would prevent.
-    if (use_kernel and spec.scale_method == "minmax" and spec.format == "int" and rows.is_cuda
+    if (use_kernel and spec.scale_method == "minmax" and spec.format == "int" and device_path(rows, "fake_quant")
             and not torch.compiler.is_compiling()):
         out = fused_fake_quant_rows(rows, spec.bits, spec.symmetric, scale_dtype)
         if out is not None:

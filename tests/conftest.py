@@ -1,6 +1,8 @@
+import importlib
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,52 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# The device lane: the second run of `./launch.sh test`, `TRITON_INTERPRET=1 pytest -m lane`. Triton then runs its
+# kernels on CPU tensors, so every dispatcher that asks `qat.device.device_path` takes the branch a GPU takes; the
+# tests marked `lane` run again there and compare that branch with the reference on tiny shapes.
+LANE = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+# The Triton launchers behind each dispatcher's device branch (and tinygemm's, which runs aten's CPU variant on
+# CPU tensors): `kernel_calls` counts their calls, so a lane test can assert that its branch really ran.
+LAUNCHERS = {
+    "fake_quant": ("qat.kernels.fake_quant", "fake_quant_rows"),
+    "norm_quant": ("qat.kernels.norm_quant", "rms_norm_quant_rows"),
+    "dequantize": ("qat.export.triton_ops", "dequantize"),
+    "linear_a16": ("qat.export.triton_ops", "linear_a16"),
+    "linear_gemv": ("qat.export.triton_ops", "linear_gemv"),
+    "quantize_act_int8": ("qat.export.triton_ops", "quantize_act_int8"),
+    "linear_a8": ("qat.export.triton_ops", "linear_a8"),
+    "tinygemm": ("qat.export.ops", "linear_tinygemm"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU-only tests carry @pytest.mark.cuda, and skip here without a GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (pytest -m cuda runs these on one)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch) -> Counter:
+    """{launcher name: calls during this test}; empty outside the lane, where no device branch runs on CPU."""
+    calls: Counter = Counter()
+    if not LANE:
+        return calls
+    for name, (module, attr) in LAUNCHERS.items():
+        mod = importlib.import_module(module)
+        real = getattr(mod, attr)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(mod, attr, spy)
+    return calls
 
 
 def tiny_config(family: str):

@@ -207,7 +207,7 @@ def _offline_target():
 
 @needs_triton
 @pytest.mark.parametrize("part", ["a8", "a16", "gemv", "dequant", "act_quant"])
-def test_kernels_compile_for_cuda_offline(part, monkeypatch):
+def test_kernels_compile_for_a_gpu_target_offline(part, monkeypatch):
     """Every Triton kernel with every tile configuration its launcher can choose compiles to TTIR for
     sm_90; every seventh case goes on to a cubin (bundled ptxas) and must fit in an H100's shared memory."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -21,7 +21,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
-needs_cuda = pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU and triton")
+
+
+def needs_cuda(test):
+    """A GPU-only test of a Triton kernel (conftest skips @pytest.mark.cuda without a GPU)."""
+    return pytest.mark.cuda(needs_triton(test))
 
 
 def _weight(n: int, k: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:

@@ -281,7 +281,7 @@ def test_transformers_applies_the_int8_activations_of_int_quantized_folders(tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM needs a CUDA GPU")
+@pytest.mark.cuda  # vLLM runs on a GPU
 @pytest.mark.parametrize("scheme", ["w4g64", "w8a8"])
 def test_vllm_generates_what_load_quantized_generates(tmp_path, bundled_tokenizer, scheme):
     vllm = pytest.importorskip("vllm")

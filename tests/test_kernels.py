@@ -19,7 +19,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
-needs_cuda = pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU and triton")
+
+
+def needs_cuda(test):
+    """A GPU-only test of a Triton kernel (conftest skips @pytest.mark.cuda without a GPU)."""
+    return pytest.mark.cuda(needs_triton(test))
+
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}

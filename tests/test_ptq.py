@@ -207,7 +207,7 @@ def test_llm_int8_fast_path_arithmetic_on_cpu(monkeypatch):
     assert 0 < (got - ref).abs().max() < 1e-2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_llm_int8_cuda_matches_cpu():
     torch.manual_seed(0)
     lin = nn.Linear(64, 48)

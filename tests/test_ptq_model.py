@@ -243,7 +243,7 @@ def test_blocks_visit_the_device_one_at_a_time(monkeypatch):
     assert peak == 1 and not resident
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 @pytest.mark.parametrize("method", ["gptq", "awq", "smoothquant"])
 def test_one_block_resident_on_cuda(method):
     """The model stays on the CPU; each block visits the GPU; the result matches a CPU run."""

@@ -106,7 +106,7 @@ def test_durations_and_a_count_without_tokens():
     assert lines.update(20) is None  # 1 s since the last line: not due
 
 
-def test_master_weights_auto_is_fp32_on_cpu_bf16_on_cuda_and_given_ones_stand(monkeypatch):
+def test_master_weights_auto_follows_the_device_and_given_ones_stand(monkeypatch):
     cpu = load_config(None, ["distributed.strategy=deepspeed"])
     assert cpu.train.master_weights == "auto"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

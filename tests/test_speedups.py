@@ -359,8 +359,8 @@ def test_triton_norm_kernel_in_the_interpreter():
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-6000:]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
-                    reason="needs a CUDA GPU and triton")
+@pytest.mark.cuda
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_triton_norm_kernel_on_cuda():
     assert _check_kernel("cuda") == []
     model, ref = tiny().cuda(), tiny().cuda()

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..device import device_path
 from ..linear import QuantLinear
 from ..quantizers import FP8_MAX, minmax_qparams, weight_rows
 from ..spec import TensorSpec
@@ -91,7 +92,7 @@ _SCALED_MM_FAILED: set[tuple] = set()
 def scaled_mm_supported(x: torch.Tensor, n: int, k: int) -> bool:
     """Whether `torch._scaled_mm` may run this shape: CUDA, compute capability >= 8.9, K and N multiples of 16,
     no earlier failure for this (device, dtype), and not DISTQAT_INT_KERNELS=0 (which forces the reference)."""
-    if not (x.is_cuda and hasattr(torch, "_scaled_mm")) or k % 16 or n % 16 or not kernels_enabled():
+    if not (device_path(x, "scaled_mm") and hasattr(torch, "_scaled_mm")) or k % 16 or n % 16 or not kernels_enabled():
         return False
     if torch.cuda.get_device_capability(x.device) < (8, 9):
         return False

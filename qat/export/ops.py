@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..kernels import interpret_mode, triton_available
+from ..device import device_path
 from .pack import packed_cols
 from .reference import (
     a8_epilogue_reference,
@@ -67,11 +67,11 @@ _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Where the chosen implementation does not take the shape or dtype, `resolve_impl` falls back
 # (tinygemm -> dequant, gemv -> triton, triton -> dequant).
 #
-# Measured (bench/kernels.py, 2026-11-23, H100 80GB HBM3, torch 2.11+cu130, triton 3.6.0; speedup =
+# Measured (bench/int_kernels.py, 2026-11-23, H100 80GB HBM3, torch 2.11+cu130, triton 3.6.0; speedup =
 # bf16 F.linear time / implementation time; docs/gpu_runs/kernels-h100-2026-11-23.json):
 #   w4a16 g128: the old Triton GEMM 0.09-0.15x at M = 1/16 (4096x11008, M = 1: 531 us vs 48 us);
 #               dequant 0.45-0.58x at small M, 0.87-0.92x at M = 4096.
-#               tinygemm, timed separately on the same H100 (not by bench/kernels.py): 2.1-2.4x at
+#               tinygemm, timed separately on the same H100 (not by bench/int_kernels.py): 2.1-2.4x at
 #               M = 1 (32 us vs 57 us, 1x4096 . 4096x11008), 0.56x at M = 32, 0.04x from M = 512.
 #   w8a16 per channel: Triton 1.14x / 1.32x (4096x4096 / 4096x11008) at M = 1, 1.08x / 1.34x at M = 16,
 #               0.30-0.39x at M >= 256, where dequant is 0.44-0.56x.
@@ -79,7 +79,7 @@ _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Triton for w8a16 up to M = 16, dequant above.
 # NOT measured: every W*A8 path (its kernel did not compile under triton 3.6 in that run; fixed since),
 # the GEMV kernel, the rewritten 4-bit unpacking of the Triton GEMMs and dequantization kernel, and the
-# tinygemm integration itself (its self-check and pack cache). Re-run `python bench/kernels.py` on an
+# tinygemm integration itself (its self-check and pack cache). Re-run `python -m bench.int_kernels` on an
 # H100 and set the thresholds from its table.
 _INF = 1 << 62
 DISPATCH: dict[str, tuple[tuple[int, str], ...]] = {
@@ -145,9 +145,13 @@ def _check_layout(qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[tor
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    if not kernels_enabled():
-        return False
-    return (t.is_cuda or interpret_mode()) and triton_available()
+    return kernels_enabled() and device_path(t, "int_linear")
+
+
+def _fallback(x: torch.Tensor) -> str:
+    """Where a kernel does not take a layer: dequantize-then-GEMM on the device path; on CPU the exact
+    reference, which is as fast."""
+    return "dequant" if device_path(x, "int_linear") else "reference"
 
 
 def _triton_ops():
@@ -168,18 +172,17 @@ def resolve_impl(
             return "reference"
         impl = choose_impl(path_name(bits, a8), m)
     if impl == "int_mm" and not (a8 and bits == 8 and group_size == k and m > 16 and k % 8 == 0 and n % 8 == 0
-                                 and x.is_cuda):
+                                 and device_path(x, "int_mm")):
         impl = "triton"
     if impl == "tinygemm" and not (not a8 and tinygemm_supported(bits, group_size, k, n, x)):
-        impl = "dequant" if x.is_cuda else "reference"
+        impl = _fallback(x)
     if impl == "gemv" and (a8 or not _triton_ops().gemv_supported(bits, group_size, x.dtype)):
         impl = "triton"
     if impl == "triton":
         triton_ops = _triton_ops()
         ok = triton_ops.a8_supported(bits, group_size, k) if a8 else triton_ops.a16_supported(bits, group_size, x.dtype)
         if not ok:
-            # The dequantize-then-GEMM path runs any width; on CPU the exact reference is as fast.
-            impl = "dequant" if x.is_cuda else "reference"
+            impl = _fallback(x)  # the dequantize-then-GEMM path runs any width
     if impl not in IMPLS[path_name(bits, a8)]:
         raise ValueError(f"unknown impl {impl!r} for {path_name(bits, a8)}; one of {IMPLS[path_name(bits, a8)]}")
     return impl
@@ -224,7 +227,7 @@ def linear_a16(
         y = linear_tinygemm(x2, qweight, scale, zero, group_size, k, bias)
         if y is not None:
             return y.reshape(out_shape)
-        impl = "dequant" if x.is_cuda else "reference"  # not usable for this layer (see tinygemm.prepared)
+        impl = _fallback(x)  # not usable for this layer (see tinygemm.prepared)
     if impl == "gemv":
         return _triton_ops().linear_gemv(x2, qweight, scale, zero, bits, group_size, bias).reshape(out_shape)
     if impl == "triton":

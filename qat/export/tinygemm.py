@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from ..device import on_cuda
 from .pack import unpack_int32
 from .reference import dequantize_reference
 
@@ -33,7 +34,7 @@ def tinygemm_supported(bits: int, group_size: int, k: int, n: int, x: torch.Tens
         return False
     if x.dtype != torch.bfloat16 or not _tinygemm_inner_k_tiles(k) or k % group_size or n % 16:
         return False
-    if x.is_cuda:
+    if on_cuda(x):
         return torch.version.hip is None and hasattr(torch.ops.aten, "_weight_int4pack_mm")
     return x.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
@@ -51,14 +52,14 @@ def tinygemm_scales_and_zeros(scale: torch.Tensor, zero: Optional[torch.Tensor])
 def _tinygemm_pack(u: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
     """Unsigned codes (N, K) -> the op's packed weight. CUDA takes two codes per byte, the first in the
     high nibble (torch >= 2.5, as gpt-fast / torchao pack them); the CPU op takes int32 codes."""
-    if u.is_cuda:
+    if on_cuda(u):
         w8 = ((u[:, ::2] << 4) | u[:, 1::2]).to(torch.uint8)
         return torch.ops.aten._convert_weight_to_int4pack(w8.contiguous(), inner_k_tiles)
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.to(torch.int32).contiguous(), inner_k_tiles)
 
 
 def _tinygemm_mm(x2d: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.Tensor) -> torch.Tensor:
-    if x2d.is_cuda:
+    if on_cuda(x2d):
         return torch.ops.aten._weight_int4pack_mm(x2d, packed, group_size, sz)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, packed, group_size, sz)
 
@@ -83,7 +84,7 @@ def prepared(
         return cached[1]
     if scale.dtype != torch.bfloat16:
         return None  # rounding other scales to bf16 would change the weights
-    if qweight.is_cuda and torch.cuda.is_current_stream_capturing():
+    if on_cuda(qweight) and torch.cuda.is_current_stream_capturing():
         return None  # conversion and the self-check synchronise: not inside a graph capture
     k = in_features
     try:

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..device import on_cuda
 from ..kernels.fake_quant import _clamp, _reciprocal, _rint
 from .triton_common import (
     _DTYPE_CODES,
@@ -97,7 +98,7 @@ def quantize_act_int8(x2d: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor,
     q_range = 127 if symmetric else 255
     _act_quant_kernel[(triton.cdiv(m, br),)](
         x, xq, xs, xs if xz is None else xz, m, k, x.stride(0), _reciprocal(q_range), float(q_range),
-        SYMMETRIC=bool(symmetric), RECIP=bool(x.is_cuda), BLOCK_R=br, BLOCK_K=bk, num_warps=warps,
+        SYMMETRIC=bool(symmetric), RECIP=on_cuda(x), BLOCK_R=br, BLOCK_K=bk, num_warps=warps,
     )
     return xq, xs, xz
 

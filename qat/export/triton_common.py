@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..device import on_cuda
 from ..kernels.fake_quant import _round_bf16, _round_fp16
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -119,7 +120,7 @@ def _num_sms(device_index: int) -> int:
 
 
 def _device_index(t: torch.Tensor) -> int:
-    return (t.device.index if t.device.index is not None else torch.cuda.current_device()) if t.is_cuda else -1
+    return (t.device.index if t.device.index is not None else torch.cuda.current_device()) if on_cuda(t) else -1
 
 
 def _device_sms(t: torch.Tensor) -> int:
@@ -129,7 +130,7 @@ def _device_sms(t: torch.Tensor) -> int:
 
 
 def gemm_config(m: int, n: int, max_bk: int, a8: bool) -> dict:
-    """Tile sizes and warps by M (untuned defaults; bench/kernels.py times them). Small M is bound by
+    """Tile sizes and warps by M (untuned defaults; bench/int_kernels.py times them). Small M is bound by
     weight bytes: narrow M tiles, long K tiles; large M is compute bound: big tiles."""
     if m <= 16:
         bm, bn, bk, warps, stages = 16, 64, 128, 4, 4

@@ -3,39 +3,24 @@
 `fused_fake_quant_rows` is what `qat.quantizers.fake_quant` calls for the min/max integer path on
 CUDA; `fused_rms_norm_quant` is the RMSNorm + per-token fake quant of `qat.fast`'s norm_quant. Both run
 on CPU tensors too when TRITON_INTERPRET=1 is set before triton is first imported (the Triton
-interpreter, for tests on machines without a GPU).
+interpreter, for tests on machines without a GPU); `qat.device.device_path` says which.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import Optional
 
 import torch
 
+from ..device import device_path, interpret_mode, triton_available
+
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SCALE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
-_HAVE_TRITON: Optional[bool] = None
 
 
-def interpret_mode() -> bool:
-    """True when Triton kernels run in the interpreter (TRITON_INTERPRET=1), which accepts CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-
-
-def triton_available() -> bool:
-    global _HAVE_TRITON
-    if _HAVE_TRITON is None:
-        _HAVE_TRITON = importlib.util.find_spec("triton") is not None
-    return _HAVE_TRITON
-
-
-def _kernel_runs(t: torch.Tensor, bits: int) -> bool:
-    """Whether a kernel of this package can take `t` at `bits`: 2-8 integer bits, on CUDA (or any device in
-    interpret mode), with triton installed."""
-    return (isinstance(bits, int) and 2 <= bits <= 8 and (t.is_cuda or interpret_mode())
-            and triton_available())
+def _kernel_runs(t: torch.Tensor, bits: int, op: str) -> bool:
+    """Whether kernel `op` of this package can take `t` at `bits`: 2-8 integer bits, on its device path."""
+    return isinstance(bits, int) and 2 <= bits <= 8 and device_path(t, op)
 
 
 def fused_fake_quant_rows(
@@ -50,7 +35,7 @@ def fused_fake_quant_rows(
     """
     if rows.dim() != 2 or rows.dtype not in _DTYPES or scale_dtype not in _SCALE_DTYPES:
         return None
-    if not _kernel_runs(rows, bits):
+    if not _kernel_runs(rows, bits, "fake_quant"):
         return None
     # lazy: triton.jit reads TRITON_INTERPRET when the kernel is defined, and triton is optional on CPU
     from .fake_quant import MAX_N, fake_quant_rows
@@ -76,7 +61,7 @@ def fused_rms_norm_quant(
         return None
     if x.dtype not in _DTYPES or weight.dtype not in _DTYPES or out_dtype not in _SCALE_DTYPES:
         return None
-    if not _kernel_runs(x, bits):
+    if not _kernel_runs(x, bits, "norm_quant"):
         return None
     # lazy: triton.jit reads TRITON_INTERPRET when the kernel is defined, and triton is optional on CPU
     from .norm_quant import MAX_N, rms_norm_quant_rows

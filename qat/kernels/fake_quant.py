@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..device import launch_device, on_cuda
+
 MAX_N = 32768  # longest row handled by one program; longer rows (per-tensor scales) use the reference
 _DTYPE_CODES = {None: 0, torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -214,12 +216,9 @@ def fake_quant_rows(
     args = dict(
         QMIN=float(qmin), QMAX=float(qmax), SYMMETRIC=bool(symmetric),
         SCALE_DTYPE=_DTYPE_CODES[scale_dtype], OUT_DTYPE=_DTYPE_CODES[x.dtype],
-        RECIP=bool(x.is_cuda), EMULATE=INTERPRETED,
+        RECIP=on_cuda(x), EMULATE=INTERPRETED,
         BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
     )
-    if x.is_cuda and x.device.index is not None and x.device.index != torch.cuda.current_device():
-        with torch.cuda.device(x.device):
-            _fake_quant_rows_kernel[grid](x, out, R, n, float(q_range), _reciprocal(q_range), **args)
-    else:
+    with launch_device(x):
         _fake_quant_rows_kernel[grid](x, out, R, n, float(q_range), _reciprocal(q_range), **args)
     return out

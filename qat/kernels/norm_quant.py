@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..device import launch_device, on_cuda
 from .fake_quant import _DTYPE_CODES, MAX_N, _fake_quant_tile, _reciprocal, _round_bf16, _round_to, _row_tile, int_grid
 from .fake_quant import launch_config as _launch_config
 
@@ -87,12 +88,9 @@ def rms_norm_quant_rows(
     meta = dict(
         QMIN=float(qmin), QMAX=float(qmax), SYMMETRIC=bool(symmetric),
         IN_DTYPE=_DTYPE_CODES[x.dtype], Y_DTYPE=_DTYPE_CODES[y_dtype], Q_DTYPE=_DTYPE_CODES[q_dtype],
-        RECIP=bool(x.is_cuda), EMULATE=INTERPRETED, STORE_Y=bool(store_y),
+        RECIP=on_cuda(x), EMULATE=INTERPRETED, STORE_Y=bool(store_y),
         BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
     )
-    if x.is_cuda and x.device.index is not None and x.device.index != torch.cuda.current_device():
-        with torch.cuda.device(x.device):
-            _rms_norm_quant_kernel[grid](*args, **meta)
-    else:
+    with launch_device(x):
         _rms_norm_quant_kernel[grid](*args, **meta)
     return out, rstd, (y if store_y else None)

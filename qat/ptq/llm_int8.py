@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
+from ..device import device_path
 from ..keys import LLM_INT8_KEY
 from ..spec import QuantSpec
 from .parts import Baseline, PTQReport
@@ -97,7 +98,7 @@ class Int8OutlierLinear(nn.Linear):
         cols = self.outlier_columns(x2)
         wq, ws = self.int8_weight()
         xq, xs = int8_rows(x2.masked_fill(cols, 0))
-        fast = x.is_cuda if self.fast_path is None else self.fast_path
+        fast = device_path(x, "int_mm") if self.fast_path is None else self.fast_path
         acc = torch.float32 if fast else torch.float64
         y = int_matmul(xq, wq, fast).to(acc) * xs.to(acc) * ws.t().to(acc)
         if bool(cols.any()):

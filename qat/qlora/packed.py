@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import device_path
 from ..export import ops
 from ..export.pack import pack_int32, unpack_int32
 from ..export.runtime import IntLinear
@@ -149,7 +150,8 @@ class PackedLinear(IntLinear):
         if self.nf4:
             idx = unpack_int32(self.qweight, 4, k).long()
             w = NF4_LEVELS.to(idx.device, wide)[idx].reshape(n, -1, g) * self.group_scales().to(wide).unsqueeze(-1)
-        elif wide == torch.float64 or self.offset is not None or not ops.kernels_enabled() or not self.qweight.is_cuda:
+        elif (wide == torch.float64 or self.offset is not None or not ops.kernels_enabled()
+              or not device_path(self.qweight, "int_linear")):
             # (code - zero) * scale with the codes widened once. The integers (|code - zero| <= 255) are exact in
             # every float dtype, and a product of two bf16/fp16 values is exact in fp32, so computing in the
             # scales' own dtype rounds once, as fake quant's fp32 product cast to that dtype does: the same bits
