@@ -12,6 +12,7 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from qat.apply import quantize_model
+from qat.export.pack import unpack_int32
 from qat.linear import QuantLinear
 from qat.qlora.adapters import add_adapters, load_adapters, save_adapters
 from qat.qlora.base import fingerprint, pack_model
@@ -226,3 +227,44 @@ def test_the_base_comes_from_a_saved_fake_quant_folder_or_an_integer_checkpoint(
         assert not any(p.requires_grad for p in base.parameters())
         with torch.no_grad():
             assert torch.equal(base(x).logits, load(tmp_path / folder)(x).logits), folder
+
+
+@pytest.mark.lane
+@pytest.mark.parametrize("scheme,variant", [("w4g32", "lora"), ("w4g32asym", "qalora"), ("w8g32asym", "lora"),
+                                            ("w2g32", "lora")])
+def test_a_step_on_the_packed_base_takes_the_runtime_dequantizer_on_the_device_path(scheme, variant, kernel_calls,
+                                                                                    monkeypatch):
+    """On the device path (a GPU; the Triton interpreter in the lane) the packed base dequantizes through the integer
+    runtime's kernel, bit for bit the torch path's weight. Until this test a GPU run left that weight unassigned:
+    UnboundLocalError at the first step of every int4 and QA-LoRA recipe."""
+    from qat.device import device_path
+
+    _, packed = fake_and_packed(scheme, torch.bfloat16)
+    layers = [m for m in packed.modules() if isinstance(m, PackedLinear)]
+    on_device = device_path(layers[0].qweight, "int_linear")
+    monkeypatch.setenv("DISTQAT_INT_KERNELS", "0")  # the torch path, the reference
+    want = [m.dequantized_weight(torch.bfloat16) for m in layers]
+    monkeypatch.delenv("DISTQAT_INT_KERNELS")
+    got = [m.dequantized_weight(torch.bfloat16) for m in layers]
+    assert kernel_calls["dequantize"] == (len(layers) if on_device else 0)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    m = layers[1]  # and the torch path against (code - zero) * scale in float64
+    bits, g = m.bits, m.group_size
+    u = unpack_int32(m.qweight, bits, m.in_features).long() if bits < 8 else m.qweight.long() + 128
+    z = torch.full(m.scale.shape, 1 << (bits - 1)) if m.zero is None else m.zero.long() + (128 if bits == 8 else 0)
+    ref = (u - z.repeat_interleave(g, 1)).double() * m.scale.double().repeat_interleave(g, 1)
+    assert torch.equal(want[1], ref.to(torch.bfloat16))
+
+    model = add_adapters(packed, LoRAConfig(r=2, dropout=0.0, variant=variant))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = kernel_calls["dequantize"]
+    x = ids()
+    loss = torch.nn.functional.cross_entropy(model(x).logits.float().flatten(0, 1), x.flatten())
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert grads and all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+    # each frozen linear dequantizes in forward, and again in backward where its input needs a gradient (not the
+    # first layer's q/k/v, which read the frozen embedding): no weight is kept for backward
+    assert kernel_calls["dequantize"] - before == (2 * len(layers) - 3 if on_device else 0)

@@ -150,8 +150,11 @@ class PackedLinear(IntLinear):
         if self.nf4:
             idx = unpack_int32(self.qweight, 4, k).long()
             w = NF4_LEVELS.to(idx.device, wide)[idx].reshape(n, -1, g) * self.group_scales().to(wide).unsqueeze(-1)
-        elif (wide == torch.float64 or self.offset is not None or not ops.kernels_enabled()
-              or not device_path(self.qweight, "int_linear")):
+        elif (wide == torch.float32 and self.offset is None and ops.kernels_enabled()
+              and device_path(self.qweight, "int_linear")):
+            # The runtime's dequantization (its Triton kernel on the device path): the numbers below, bit for bit.
+            return ops.dequantize_weight(self.qweight, self.scale, self.zero, self.bits, g, k, dtype)
+        else:
             # (code - zero) * scale with the codes widened once. The integers (|code - zero| <= 255) are exact in
             # every float dtype, and a product of two bf16/fp16 values is exact in fp32, so computing in the
             # scales' own dtype rounds once, as fake quant's fp32 product cast to that dtype does: the same bits
