@@ -42,11 +42,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def lane_only(test):
+    """A test of a Triton kernel itself, on CPU tensors: it runs in the device lane, where the interpreter is on."""
+    skip = pytest.mark.skipif(not LANE, reason="runs in the device lane: TRITON_INTERPRET=1 pytest -m lane")
+    return pytest.mark.lane(skip(test))
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch) -> Counter:
-    """{launcher name: calls during this test}; empty outside the lane, where no device branch runs on CPU."""
+    """{launcher name: calls during this test}; empty on CPU outside the lane, where no device branch runs."""
     calls: Counter = Counter()
-    if not LANE:
+    if not (LANE or torch.cuda.is_available()):
         return calls
     for name, (module, attr) in LAUNCHERS.items():
         mod = importlib.import_module(module)

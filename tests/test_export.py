@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import LANE
 
 from qat.apply import quantize_model
 from qat.export import convert_model, load_quantized
@@ -92,6 +93,7 @@ def _ids(vocab=128, n=24, seed=0):
     return torch.randint(0, vocab, (2, n), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.lane
 @pytest.mark.parametrize("scheme", ["w4g32", "w4g32asym", "w3g32asym", "w8", "w4"])
 def test_weight_only_runtime_equals_fake_quant_exactly(tiny_model, tmp_path, scheme):
     model = _quantized(tiny_model, scheme)
@@ -104,6 +106,7 @@ def test_weight_only_runtime_equals_fake_quant_exactly(tiny_model, tmp_path, sch
     assert torch.equal(ref, got)  # the dequantized weights are bit-identical, the matmuls the same
 
 
+@pytest.mark.lane
 @pytest.mark.parametrize("scheme", ["w8a8", "w4a8kv8", "w4g32a8kv4", "w8asyma8"])
 def test_int8_activation_runtime_matches_fake_quant_within_bf16_rounding(tiny_model, tmp_path, scheme):
     model = _quantized(tiny_model, scheme)
@@ -118,30 +121,32 @@ def test_int8_activation_runtime_matches_fake_quant_within_bf16_rounding(tiny_mo
     assert err < 0.05 * ref.abs().max().item()
 
 
-def test_generate_with_the_integer_kv_cache_matches_fake_quant(tiny_model, tmp_path):
+@pytest.mark.parametrize("kv,bits", [("w4g32a8kv8", 8), pytest.param("w4g32a8kv4", 4, marks=pytest.mark.lane)])
+def test_generate_with_the_integer_kv_cache_matches_fake_quant(tiny_model, tmp_path, kv, bits, kernel_calls):
     from transformers import DynamicCache
 
     from qat.export.cache import IntKVCache
     from qat.io.models import cache_kwarg
 
-    for kv, bits in (("w4g32a8kv8", 8), ("w4g32a8kv4", 4)):
-        model = _quantized(tiny_model, kv, torch.float32)
-        rt = load_quantized(convert_model(model, tmp_path / kv))
-        ids = _ids(n=8, seed=1)
-        kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
-        arg = cache_kwarg(model)  # `cache` on current transformers, `past_key_values` before
-        ref = model.generate(ids, **{arg: DynamicCache()}, **kw)
-        cache = IntKVCache(rt.kv_spec, 2)
-        got = rt.generate(ids, **{arg: cache}, **kw)
-        assert torch.equal(ref, got), kv
-        assert torch.equal(rt.generate(ids, **kw), got)  # the default cache is the integer one
-        # codes take bits/8 bytes per element (+ one fp32 scale per token or head-token)
-        full = 2 * 2 * 2 * (8 + 11) * 2 * 16 * 4  # layers * k/v * batch * tokens * kv heads * head_dim * fp32
-        assert cache.nbytes() < full * (bits / 32 + 0.15)
-        with torch.no_grad():  # prefill logits with and without the cache agree bit for bit
-            a = rt(ids, **{arg: IntKVCache(rt.kv_spec, 2)}, use_cache=True).logits
-            b = rt(ids, use_cache=False).logits
-        assert torch.equal(a, b)
+    new = 4 if LANE else 12  # the interpreter runs every decode step's kernels: fewer steps in the lane
+    model = _quantized(tiny_model, kv, torch.float32)
+    rt = load_quantized(convert_model(model, tmp_path / kv))
+    ids = _ids(n=8, seed=1)
+    kw = dict(max_new_tokens=new, do_sample=False, pad_token_id=0)
+    arg = cache_kwarg(model)  # `cache` on current transformers, `past_key_values` before
+    ref = model.generate(ids, **{arg: DynamicCache()}, **kw)
+    cache = IntKVCache(rt.kv_spec, 2)
+    got = rt.generate(ids, **{arg: cache}, **kw)
+    assert torch.equal(ref, got), kv
+    assert kernel_calls["linear_a8"] > 0 if LANE else not kernel_calls  # decode steps on the int8 kernel
+    assert torch.equal(rt.generate(ids, **kw), got)  # the default cache is the integer one
+    # codes take bits/8 bytes per element (+ one fp32 scale per token or head-token)
+    full = 2 * 2 * 2 * (8 + new - 1) * 2 * 16 * 4  # layers * k/v * batch * tokens * kv heads * head_dim * fp32
+    assert cache.nbytes() < full * (bits / 32 + 0.15)
+    with torch.no_grad():  # prefill logits with and without the cache agree bit for bit
+        a = rt(ids, **{arg: IntKVCache(rt.kv_spec, 2)}, use_cache=True).logits
+        b = rt(ids, use_cache=False).logits
+    assert torch.equal(a, b)
 
 
 def test_tampered_or_truncated_checkpoints_are_refused(tiny_model, tmp_path):
@@ -253,6 +258,7 @@ def test_eval_scores_a_converted_folder_like_its_fake_quant_source(tmp_path, bun
     assert ppl["w4g32 (int)"] == ppl["w4g32 (saved)"]  # weight-only: the same logits bit for bit
 
 
+@pytest.mark.lane
 def test_linears_with_bias_convert_exactly(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -54,6 +54,7 @@ def _fp8_spec(w_gran="channel", a_gran="token", dynamic=True):
                      activation=TensorSpec(bits=8, format="fp8", granularity=a_gran, dynamic=dynamic))
 
 
+@pytest.mark.lane
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("w_gran", ["channel", "tensor"])
 def test_fp8_round_trip_weights_bit_equal_logits_within_rounding(tmp_path, dtype, w_gran):
@@ -93,6 +94,7 @@ def test_fp8_round_trip_weights_bit_equal_logits_within_rounding(tmp_path, dtype
                                                   for k in tensors)
 
 
+@pytest.mark.lane
 def test_fp8_linear_matches_a_float64_reference_and_the_fake_quant_activation():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(5, 7, 256, generator=g) * torch.logspace(-2, 1, 256)  # outlier channels

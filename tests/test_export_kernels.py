@@ -1,7 +1,7 @@
 """The Triton kernels of the integer runtime (qat.export.triton_ops) against the reference ops.
 
-- In the interpreter (TRITON_INTERPRET=1 must be set before triton is imported, so they run in a
-  subprocess: `python tests/test_export_kernels.py interpreter`): dequantization and activation codes
+- In the interpreter (TRITON_INTERPRET=1 must be set before triton is imported, so they run in the device
+  lane, `TRITON_INTERPRET=1 pytest -m lane`): dequantization and activation codes
   exactly, W*A8 outputs exactly without split-K (same fp32 epilogue order) and within fp32 rounding
   with it, W*A16 within one output ulp of the reference (the GEMV, which does not round the weight to
   the activation dtype, within two).
@@ -15,10 +15,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import lane_only
 from test_export_ops import (  # noqa: F401 - _no_interpreter: the autouse fixture, here too
     HAVE_TRITON,
     ROOT,
@@ -33,7 +35,7 @@ from test_export_ops import (  # noqa: F401 - _no_interpreter: the autouse fixtu
 )
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels in the interpreter (a subprocess with TRITON_INTERPRET=1).
+# Triton kernels in the interpreter (the device lane).
 
 # (M, K, N, group (None: per channel), bits, weight symmetric, activation symmetric, dtype, bias)
 KERNEL_CASES = [
@@ -145,18 +147,12 @@ def _check_interpreter() -> list[str]:
     return errors
 
 
-CHECKS = {"interpreter": _check_interpreter}
-
-
 @needs_triton
+@lane_only
 def test_triton_kernels_in_interpreter():
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    env.pop("DISTQAT_INT_KERNELS", None)
-    proc = subprocess.run([sys.executable, __file__, "interpreter"], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, f"interpreter checks failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
-    assert "OK" in proc.stdout
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
+        assert _check_interpreter() == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,13 +305,3 @@ def test_cuda_paths_match_reference(bits, wsym, group, act_sym, m, monkeypatch):
         out = ops.linear_a8(x, qweight, scale, zero, bits, g, k, act_sym, bias=bias, impl=impl)
         assert _ulp_close(out, ref8, bound * 1.02 + ref8.double().abs(), torch.bfloat16), f"a8 {impl}"
 
-
-if __name__ == "__main__":
-    import warnings
-
-    warnings.filterwarnings("ignore", category=RuntimeWarning)
-    failures = CHECKS[sys.argv[1]]()
-    for f in failures:
-        print("FAIL", f)
-    print("OK" if not failures else f"{len(failures)} failures")
-    sys.exit(1 if failures else 0)

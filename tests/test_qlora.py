@@ -44,6 +44,7 @@ def fake_and_packed(scheme, dtype=torch.float32, double_quant=False, **shape):
     return fq, packed
 
 
+@pytest.mark.lane
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_base_computes_what_fake_quant_computes(scheme, dtype):
@@ -130,6 +131,7 @@ def test_only_adapters_train_and_the_base_stays_bit_identical():
     assert fingerprint(model.base_model.model) == print_base
 
 
+@pytest.mark.lane
 def test_gradients_equal_the_fake_quant_reference():
     """LoRA on the packed base vs the same LoRA on the fake-quant model's plain dequantized linears."""
     fq, packed = fake_and_packed("w4g32asym")

@@ -1,20 +1,16 @@
 """qat.fast's speed-ups against the reference path: the same logits and the same gradient of every trainable
 parameter, bit for bit (torch.equal) wherever the maths is the same; within rounding only for the Triton
-norm kernel, whose sum of squares runs in another order. The kernel runs here in the Triton interpreter, in a
-subprocess (TRITON_INTERPRET must be set before triton is imported): this file run as a script.
+norm kernel, whose sum of squares runs in another order. The kernel runs here in the Triton interpreter, in the
+device lane (`TRITON_INTERPRET=1 pytest -m lane`: TRITON_INTERPRET must be set before triton is imported).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import lane_only, tiny_config
 from torch import nn
 
 import qat.fast as fast
@@ -25,7 +21,6 @@ from qat.linear import QuantLinear
 from qat.quantizers import ActQuantizer
 from qat.spec import TensorSpec, parse
 
-ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = [[name] for name in fast.SPEEDUPS] + [list(fast.SPEEDUPS)]
 
 
@@ -320,7 +315,7 @@ def _check_kernel(device: str = "cpu") -> list[str]:
     return errors
 
 
-def _check_model() -> list[str]:
+def _check_model(monkeypatch) -> list[str]:
     import qat.kernels
 
     errors, used = [], []
@@ -331,7 +326,7 @@ def _check_model() -> list[str]:
         used.append(out is not None)
         return out
 
-    fast.fused_rms_norm_quant = counted
+    monkeypatch.setattr(fast, "fused_rms_norm_quant", counted)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):  # seen: 2e-7 and 0
         model = tiny(dtype=dtype)
         fast.enable(model, ["norm_quant"])
@@ -348,15 +343,16 @@ def _check_model() -> list[str]:
     return errors
 
 
-CHECKS = {"kernel": _check_kernel, "model": _check_model}
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@lane_only
+def test_triton_norm_kernel_in_the_interpreter():
+    assert _check_kernel() == []
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_triton_norm_kernel_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, __file__, *CHECKS], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-6000:]
+@lane_only
+def test_triton_norm_kernel_in_a_model_in_the_interpreter(monkeypatch):
+    assert _check_model(monkeypatch) == []
 
 
 @pytest.mark.cuda
@@ -370,10 +366,3 @@ def test_triton_norm_kernel_on_cuda():
     for k in ref_grads:
         assert (grads[k] - ref_grads[k]).norm() <= 1e-3 * ref_grads[k].norm(), k
 
-
-if __name__ == "__main__":
-    failures = [f for name in sys.argv[1:] for f in CHECKS[name]()]
-    for f in failures:
-        print("FAIL", f)
-    print("OK" if not failures else f"{len(failures)} failures")
-    sys.exit(1 if failures else 0)
