@@ -4,9 +4,11 @@ bench/suite.py's model part makes (a tiny random one for smoke runs, the bundled
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -22,6 +24,15 @@ SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
 }
+
+
+def missing_gpu_stack(name: str, need_cuda: bool, hint: str = "") -> Optional[str]:
+    """None where a Triton benchmark can run here, else the line that says what is missing."""
+    if need_cuda and not torch.cuda.is_available():
+        return f"{name} needs a CUDA GPU (torch.cuda.is_available() is False{hint})"
+    if importlib.util.find_spec("triton") is None:
+        return f"{name} needs triton (pip install triton)."
+    return None
 
 
 def heat(seconds: float) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench._common import heat, matrix_shapes
+from bench._common import heat, matrix_shapes, missing_gpu_stack
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,15 +67,11 @@ def fwd_bwd(module: nn.Module, x: torch.Tensor, dy: torch.Tensor):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/fake_quant.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing to do.",
-              file=sys.stderr)
+    missing = missing_gpu_stack("bench.fake_quant", need_cuda=True, hint="; nothing to do")
+    if missing:
+        print(missing, file=sys.stderr)
         return 1
-    try:
-        import triton
-    except ImportError:
-        print("bench/fake_quant.py needs triton (pip install triton).", file=sys.stderr)
-        return 1
+    import triton
 
     from qat.kernels import fused_fake_quant_rows
     from qat.linear import QuantLinear

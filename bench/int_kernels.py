@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench._common import heat, matrix_shapes
+from bench._common import heat, matrix_shapes, missing_gpu_stack
 
 HBM_BYTES_PER_S = 3.0e12  # H100 SXM HBM3, what a weight-bound kernel can hope for
 PATHS = {  # name -> (bits, group (None: per channel), int8 activations)
@@ -104,15 +104,11 @@ def main(argv=None) -> int:
         args.m = "1,5" if args.m == defaults.m else args.m
         args.shapes = [(128, 64)] if args.shapes == defaults.shapes else args.shapes
         args.rep, args.rounds, args.heat = 1, 1, 0.0
-    if dev == "cuda" and not torch.cuda.is_available():
-        print("bench.int_kernels needs a CUDA GPU (torch.cuda.is_available() is False; --device cpu for a smoke run)",
-              file=sys.stderr)
+    missing = missing_gpu_stack("bench.int_kernels", need_cuda=dev == "cuda", hint="; --device cpu for a smoke run")
+    if missing:
+        print(missing, file=sys.stderr)
         return 1
-    try:
-        import triton
-    except ImportError:
-        print("bench.int_kernels needs triton (pip install triton).", file=sys.stderr)
-        return 1
+    import triton
 
     from qat.export import ops
 
