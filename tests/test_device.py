@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -92,3 +93,31 @@ def test_every_gpu_only_test_carries_the_marker(request):
     gpu_only = {n for n, m in marks.items() if "cuda" in m}
     assert any("vllm" in n for n in gpu_only)
     assert len(gpu_only) >= 50
+
+
+def functions(node: ast.AST, prefix: str = ""):
+    """(qualified name, node) of every function and method defined in `node`."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.ClassDef):
+            yield from functions(child, prefix + child.name + ".")
+        elif isinstance(child, ast.FunctionDef):
+            yield prefix + child.name, child
+
+
+def test_the_lane_coverage_report_covers_every_dispatcher():
+    """tests/scripts/lane_coverage.py reports on its DISPATCHERS: each is a function of its file, and every function
+    in qat/ that calls device_path is one of them, so a new dispatcher cannot drop out of the report."""
+    sys.path.insert(0, str(ROOT / "tests" / "scripts"))
+    try:
+        import lane_coverage
+    finally:
+        sys.path.remove(str(ROOT / "tests" / "scripts"))
+    listed = {(rel, name) for rel, names in lane_coverage.DISPATCHERS.items() for name in names}
+    for rel, name in listed:
+        assert name in lane_coverage.spans(ROOT / rel), (rel, name)
+    callers = {(str(path.relative_to(ROOT)), name) for path in (ROOT / "qat").rglob("*.py")
+               for name, fn in functions(ast.parse(path.read_text()))
+               if "device_path" in {c.func.id for c in ast.walk(fn) if isinstance(c, ast.Call)
+                                    and isinstance(c.func, ast.Name)}}
+    callers.discard(("qat/device.py", "device_path"))
+    assert len(callers) >= 8 and callers <= listed, callers - listed
