@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..device import on_cuda
+from ..device import device_path, on_cuda
 from .pack import unpack_int32
 from .reference import dequantize_reference
 
@@ -34,7 +34,7 @@ def tinygemm_supported(bits: int, group_size: int, k: int, n: int, x: torch.Tens
         return False
     if x.dtype != torch.bfloat16 or not _tinygemm_inner_k_tiles(k) or k % group_size or n % 16:
         return False
-    if on_cuda(x):
+    if device_path(x, "tinygemm_cuda"):
         return torch.version.hip is None and hasattr(torch.ops.aten, "_weight_int4pack_mm")
     return x.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
