@@ -62,6 +62,8 @@ unlocked() { [[ "${DISTQAT_UNLOCKED:-0}" != "0" ]]; }
 
 lock_python() { sed -n 's/^# python: //p' "$LOCK"; }
 
+py_version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])'; }
+
 install_project() {
   local py=$1 stamp
   stamp="$(dirname "$py")/../.distqat-installed"
@@ -72,7 +74,7 @@ install_project() {
     return
   fi
   local have
-  have=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  have=$(py_version "$py")
   if unlocked; then
     say "installing distqat and the newest releases pyproject.toml allows (DISTQAT_UNLOCKED; about a minute)"
   else
@@ -164,7 +166,7 @@ relock() {
   {
     echo "# The versions ./launch.sh test (the suite and its device lane) last passed with; launch.sh installs"
     echo "# them unless DISTQAT_UNLOCKED=1. Written by ./launch.sh relock on $(date -u +%Y-%m-%d), on $(uname -sm)."
-    echo "# python: $("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+    echo "# python: $(py_version "$py")"
     # Local build labels go (torch==2.13.0+cpu -> torch==2.13.0): the pin then fits the CPU and the CUDA build.
     "$py" -m pip freeze --all --exclude-editable | grep -v -i -E '^(distqat)([=@ ]|$)' | grep -v '^#' \
       | sed -E 's/^([A-Za-z0-9_.-]+==[^+ ]+)\+[^ ]*$/\1/'

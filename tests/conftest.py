@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from qat.device import interpret_mode
+
 # Everything runs offline: a test that reaches for a hub fails instead of downloading.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -16,7 +18,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # The device lane: the second run of `./launch.sh test`, `TRITON_INTERPRET=1 pytest -m lane`. Triton then runs its
 # kernels on CPU tensors, so every dispatcher that asks `qat.device.device_path` takes the branch a GPU takes; the
 # tests marked `lane` run again there and compare that branch with the reference on tiny shapes.
-LANE = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+LANE = interpret_mode()
 
 # The Triton launchers behind each dispatcher's device branch (and tinygemm's, which runs aten's CPU variant on
 # CPU tensors): `kernel_calls` counts their calls, so a lane test can assert that its branch really ran.

@@ -93,15 +93,6 @@ def test_every_gpu_only_test_carries_the_marker(request):
     assert len(gpu_only) >= 50
 
 
-def functions(node: ast.AST, prefix: str = ""):
-    """(qualified name, node) of every function and method defined in `node`."""
-    for child in ast.iter_child_nodes(node):
-        if isinstance(child, ast.ClassDef):
-            yield from functions(child, prefix + child.name + ".")
-        elif isinstance(child, ast.FunctionDef):
-            yield prefix + child.name, child
-
-
 def test_the_lane_coverage_report_covers_every_dispatcher():
     """tests/scripts/lane_coverage.py reports on its DISPATCHERS: each is a function of its file, and every function
     in qat/ that calls device_path is one of them, so a new dispatcher cannot drop out of the report."""
@@ -114,7 +105,7 @@ def test_the_lane_coverage_report_covers_every_dispatcher():
     for rel, name in listed:
         assert name in lane_coverage.spans(ROOT / rel), (rel, name)
     callers = {(str(path.relative_to(ROOT)), name) for path in (ROOT / "qat").rglob("*.py")
-               for name, fn in functions(ast.parse(path.read_text()))
+               for name, fn in lane_coverage.functions(ast.parse(path.read_text()))
                if "device_path" in {c.func.id for c in ast.walk(fn) if isinstance(c, ast.Call)
                                     and isinstance(c.func, ast.Name)}}
     callers.discard(("qat/device.py", "device_path"))

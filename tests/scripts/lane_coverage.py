@@ -36,19 +36,18 @@ DISPATCHERS = {
 }
 
 
+def functions(node: ast.AST, prefix: str = ""):
+    """(qualified name, node) of every function and method defined in `node` (Class.method for methods)."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.ClassDef):
+            yield from functions(child, prefix + child.name + ".")
+        elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield prefix + child.name, child
+
+
 def spans(path: Path) -> dict[str, tuple[int, int]]:
     """{qualified name: (first line, last line)} of the functions of a file."""
-    out: dict[str, tuple[int, int]] = {}
-
-    def visit(node: ast.AST, prefix: str) -> None:
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                out[prefix + child.name] = (child.lineno, child.end_lineno)
-            elif isinstance(child, ast.ClassDef):
-                visit(child, prefix + child.name + ".")
-
-    visit(ast.parse(path.read_text()), "")
-    return out
+    return {name: (fn.lineno, fn.end_lineno) for name, fn in functions(ast.parse(path.read_text()))}
 
 
 def run_lane(data: Path) -> int:
