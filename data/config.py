@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
+
+from qat.options import setting
 
 
 @dataclass
 class GenerateConfig:
-    n_samples: int = field(default=1024, metadata={"range": (1, 1 << 40)})
-    max_length: int = field(default=1024, metadata={"range": (6, 1 << 20)})  # tokens per sample, all in
-    batch_size: int = field(default=32, metadata={"range": (1, 1 << 16)})
-    shard_size: int = field(default=256, metadata={"range": (1, 1 << 30)})  # samples per shard file
-    # sample: uniform over the vocabulary (LLM-QAT); word: uniform over the entries that spell a capitalised word
-    # (" The", "Paris"), so samples open as prose rather than mid-word or in code; enumerate: id order
-    first_token: str = field(default="sample", metadata={"choices": ("sample", "word", "enumerate")})
-    greedy_lengths: list[int] = field(default_factory=lambda: [3, 4, 5])
-    temperature: float = field(default=1.0, metadata={"range": (1e-4, 100.0)})
-    top_k: int = field(default=0, metadata={"range": (0, 1 << 30)})  # 0: the full softmax
-    top_p: float = field(default=1.0, metadata={"range": (1e-6, 1.0)})
-    on_eos: str = field(default="stop", metadata={"choices": ("stop", "continue")})
-    chat_template: bool = False  # samples start as an assistant turn of the teacher's chat template
-    out_dir: Optional[str] = None  # default: <output_dir>/generated
-    # CUDA graphs for decode: auto on CUDA only; "always"/"never" rather than on/off, which YAML reads as booleans
-    compile: str = field(default="auto", metadata={"choices": ("auto", "always", "never")})
-    # Where stderr is not a terminal (a log): seconds between progress lines, instead of a progress bar.
-    progress_every_s: float = field(default=30.0, metadata={"range": (0.0, 86400.0)})
+    n_samples: int = setting(1024, range=(1, 1 << 40), help="samples the teacher writes")
+    max_length: int = setting(1024, range=(6, 1 << 20), help="tokens per sample, all in")
+    batch_size: int = setting(32, range=(1, 1 << 16), help="samples generated at once")
+    shard_size: int = setting(256, range=(1, 1 << 30), help="samples per shard file")
+    first_token: str = setting("sample", choices=("sample", "word", "enumerate"),
+                               help="each sample's first token: uniform over the vocabulary (LLM-QAT), over the "
+                               "entries that spell a capitalised word (' The', 'Paris': samples open as prose), or "
+                               "in id order")
+    greedy_lengths: list[int] = setting(factory=lambda: [3, 4, 5], help="LLM-QAT's hybrid sampling: the first "
+                                        "tokens picked greedily, one length per sample in turn; the rest sampled")
+    temperature: float = setting(1.0, range=(1e-4, 100.0), help="sampling temperature")
+    top_k: int = setting(0, range=(0, 1 << 30), help="sample from the k likeliest tokens; 0: the full softmax")
+    top_p: float = setting(1.0, range=(1e-6, 1.0), help="nucleus sampling's probability mass")
+    on_eos: str = setting("stop", choices=("stop", "continue"), help="a sample that writes EOS ends there, or "
+                          "goes on past it")
+    chat_template: bool = setting(False, help="samples start as an assistant turn of the teacher's chat template")
+    out_dir: Optional[str] = setting(None, help="where the shards go; null: <output_dir>/generated")
+    # "always"/"never" rather than on/off, which YAML reads as booleans
+    compile: str = setting("auto", choices=("auto", "always", "never"), help="CUDA graphs for decode (auto: on "
+                           "CUDA only)")
+    progress_every_s: float = setting(30.0, range=(0.0, 86400.0), help="where stderr is not a terminal (a log): "
+                                      "seconds between progress lines, instead of a progress bar")

@@ -30,10 +30,10 @@ from . import quantizers
 from .kernels import fused_rms_norm_quant
 from .kv import attention_modules
 from .linear import QuantLinear, SharedInput
+from .options import SPEEDUPS
 from .quantizers import ActQuantizer, act_rows, weight_rows
 from .spec import TensorSpec
 
-SPEEDUPS = ("norm_quant", "weight_batch", "kv_direct")
 TRAINER_SPEEDUPS = ("compile",)  # accepted by `enable`, applied by the trainer
 
 

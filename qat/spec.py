@@ -8,9 +8,11 @@ definition. Short names ("w4a8kv8", "w4g64asym", "fp8") parse to specs and back.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from fnmatch import fnmatchcase
 from typing import Any, Optional
+
+from .options import setting
 
 GRANULARITIES = ("tensor", "channel", "group", "token", "head")
 FORMATS = ("int", "fp8", "nf4")
@@ -34,15 +36,19 @@ class TensorSpec:
     dynamic: activations/kv compute their scale from each batch; False uses a calibrated scale.
     """
 
-    bits: int = field(default=8, metadata={"range": (2, 8)})
-    symmetric: bool = True
-    granularity: str = field(default="channel", metadata={"choices": GRANULARITIES})
-    group_size: Optional[int] = field(default=None, metadata={"range": (2, 1 << 20)})
-    format: str = field(default="int", metadata={"choices": FORMATS})
-    scale_method: str = field(default="minmax", metadata={"choices": SCALE_METHODS})
-    percentile: float = field(default=99.9, metadata={"range": (50.0, 100.0)})
-    learnable: str = field(default="none", metadata={"choices": LEARNABLE})
-    dynamic: bool = True
+    bits: int = setting(8, range=(2, 8), help="bits per value (int: 2 to 8; fp8 and nf4 fix their own)")
+    symmetric: bool = setting(True, help="a grid centred on zero (no zero point); false: asymmetric with a zero point")
+    granularity: str = setting("channel", choices=GRANULARITIES,
+                               help="one scale per tensor, output channel, group of input columns, token, or head")
+    group_size: Optional[int] = setting(None, range=(2, 1 << 20),
+                                        help="input columns sharing a scale (granularity=group only)")
+    format: str = setting("int", choices=FORMATS, help="integer grid, fp8 (e4m3), or nf4 (weights only)")
+    scale_method: str = setting("minmax", choices=SCALE_METHODS,
+                                help="how a scale is chosen: the range, an MSE search, or a percentile")
+    percentile: float = setting(99.9, range=(50.0, 100.0), help="the percentile scale_method=percentile takes")
+    learnable: str = setting("none", choices=LEARNABLE,
+                             help="lsq learns the step size; lwc learns clipping factors (weights); none: fixed")
+    dynamic: bool = setting(True, help="activations/kv: a scale from each batch; false: a calibrated scale")
 
     @property
     def qmin(self) -> int:
@@ -156,15 +162,17 @@ class QuantSpec:
     keys given after it (in a later file or on the command line) adjust them.
     """
 
-    scheme: Optional[str] = None
-    weight: Optional[TensorSpec] = field(default_factory=lambda: TensorSpec(bits=4))
-    activation: Optional[TensorSpec] = None
-    kv: Optional[TensorSpec] = None
-    # Module-name patterns (fnmatch) of linears to quantize / leave alone; lm_head stays fp by default.
-    include: list[str] = field(default_factory=lambda: ["*"])
-    exclude: list[str] = field(default_factory=lambda: ["lm_head", "*.lm_head"])
-    # Mixed precision: {pattern: short name}, e.g. {"*.down_proj": "w8a8"}; the first match wins.
-    overrides: dict[str, str] = field(default_factory=dict)
+    scheme: Optional[str] = setting(None, help="a short name (w4a8kv8, w4g64, fp8 ...) standing for the "
+                                    "weight/activation/kv keys; keys given after it adjust them")
+    weight: Optional[TensorSpec] = setting(factory=lambda: TensorSpec(bits=4),
+                                           help="how weights are quantized; null: left in high precision")
+    activation: Optional[TensorSpec] = setting(None, help="how linears' inputs are quantized; null: not quantized")
+    kv: Optional[TensorSpec] = setting(None, help="how the KV cache is quantized; null: not quantized")
+    include: list[str] = setting(factory=lambda: ["*"], help="module-name patterns (fnmatch) of linears to quantize")
+    exclude: list[str] = setting(factory=lambda: ["lm_head", "*.lm_head"],
+                                 help="module-name patterns of linears left in high precision (the head by default)")
+    overrides: dict[str, str] = setting(factory=dict, help="mixed precision: {pattern: short name}, e.g. "
+                                        "{'*.down_proj': w8a8}; the first match wins")
 
     def check(self) -> QuantSpec:
         if self.scheme is not None:

@@ -16,7 +16,7 @@ The layer becomes an `AQLMLinear` (`aqlm_linear.py`): the layout transformers' A
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -25,25 +25,8 @@ from torch import nn
 from ..linear import QuantLinear
 from ..spec import QuantSpec, TensorSpec
 from .aqlm_linear import AQLMLinear, bits_per_weight, finish_model
+from .config import AQLMConfig
 from .parts import Rounded, Rounding
-
-
-@dataclass
-class AQLMConfig:
-    """`ptq.aqlm`: M codebooks of 2^B codewords of `in_group_size` weights (2x8: ~2 bits a weight plus codebooks
-    and scales; 1x16 is the paper's other setting but needs a GPU); the search and update knobs; `damp` adds
-    that fraction of mean(diag H) to H's diagonal (held-out text, as GPTQ's damp)."""
-
-    num_codebooks: int = field(default=2, metadata={"range": (1, 8)})
-    nbits_per_codebook: int = field(default=8, metadata={"range": (1, 16)})
-    in_group_size: int = field(default=8, metadata={"range": (1, 64)})
-    beam_size: int = field(default=4, metadata={"range": (1, 256)})
-    iterations: int = field(default=3, metadata={"range": (0, 1000)})
-    kmeans_iters: int = field(default=10, metadata={"range": (0, 1000)})
-    adam_steps: int = field(default=40, metadata={"range": (0, 100000)})
-    lr: float = field(default=1e-2, metadata={"range": (0.0, 1.0)})
-    damp: float = field(default=0.01, metadata={"range": (0.0, 10.0)})
-    seed: int = 0
 
 
 @dataclass

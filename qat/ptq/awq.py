@@ -13,7 +13,6 @@ minimise the same output error (q/k are not clipped, as in the reference), and c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 import torch
@@ -22,19 +21,9 @@ from torch import nn
 from ..quantizers import fake_quant_values, range_qparams, weight_rows
 from ..spec import TensorSpec
 from .blocks import Group, fold, foldable
+from .config import AWQConfig
 from .grid import output_error, rtn
 from .parts import Transform
-
-
-@dataclass
-class AWQConfig:
-    """`ptq.awq`: grid points of the scale exponent alpha; the clipping search (on/off, its grid, the
-    largest shrink of a row's range)."""
-
-    grid: int = field(default=20, metadata={"range": (1, 1000)})
-    clip: bool = True
-    clip_grid: int = field(default=20, metadata={"range": (1, 1000)})
-    max_shrink: float = field(default=0.5, metadata={"range": (0.0, 0.99)})
 
 
 @torch.no_grad()

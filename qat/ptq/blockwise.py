@@ -25,16 +25,7 @@ from torch import nn
 from ..linear import QuantLinear
 from ..quantizers import ActQuantizer, WeightQuantizer
 from .blocks import capture_inputs, decoder_layers, outside_layers, run_block
-
-
-@dataclass
-class BlockwiseConfig:
-    steps: int = 0  # optimizer steps per block; 0 skips the stage
-    lr: float = 1e-4  # the block's weights
-    quantizer_lr: float = 1e-3  # its quantizer parameters (LSQ scales and zero points, LWC clipping)
-    batch_size: int = 4  # sequences per step
-    held_out: int = 4  # sequences kept out of training; each block's error is reported on them
-    progress: bool = True
+from .config import BlockwiseConfig
 
 
 @dataclass

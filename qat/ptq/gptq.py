@@ -11,32 +11,16 @@ reference's `mse` quantizer and QuaRot's `w_clip` do.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import ClassVar, Optional
 
 import torch
 
 from ..quantizers import NF4_LEVELS
 from ..spec import QuantSpec, TensorSpec
+from .config import GPTQConfig
 from .grid import qparams
 from .parts import Rounded, Rounding
-
-
-@dataclass
-class GPTQConfig:
-    """`ptq.gptq`. act_order and damp 0.1 (not the paper's 0.01) measured best on held-out text: with a few
-    thousand calibration tokens the error feedback otherwise overfits them (docs/PTQ_RESULTS.md)."""
-
-    damp: float = field(default=0.1, metadata={"range": (0.0, 10.0)})
-    block_size: int = field(default=128, metadata={"range": (1, 1 << 20)})
-    act_order: bool = True
-    static_groups: bool = True
-    true_sequential: bool = True
-    # Search each row's (group's) clipping range rather than take its min/max, which spends the grid on a few
-    # large weights: on the bundled model the search shrank the median row's int4 range to 0.75 (0.78 after
-    # the rotation), and rotate+gptq scored 22.16 with it against 26.39 without (docs/ACCURACY.md). Off by
-    # default, as in the GPTQ reference, so `gptq` is the published algorithm.
-    clip: bool = False
 
 
 @torch.no_grad()

@@ -9,26 +9,15 @@ scale. Each row keeps the iterate with the lowest error (iteration 0 is RTN, so 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 import torch
 
 from ..quantizers import EPS, _round_to, weight_rows
 from ..spec import QuantSpec, TensorSpec
+from .config import HQQConfig
 from .grid import qparams
 from .parts import Rounded, Rounding
-
-
-@dataclass
-class HQQConfig:
-    """`ptq.hqq`: the half-quadratic solver's iterations, l_p norm of the outlier term, and its penalty
-    beta, multiplied by kappa every iteration."""
-
-    iters: int = field(default=20, metadata={"range": (1, 10000)})
-    lp_norm: float = field(default=0.7, metadata={"range": (0.01, 2.0)})
-    beta: float = field(default=10.0, metadata={"range": (1e-6, 1e9)})
-    kappa: float = field(default=1.01, metadata={"range": (1.0, 10.0)})
 
 
 def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:

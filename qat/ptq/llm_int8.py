@@ -13,7 +13,6 @@ in the fake-quant grid or the integer format.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, ClassVar, Optional
 
@@ -23,16 +22,10 @@ from torch import nn
 from ..device import device_path
 from ..keys import LLM_INT8_KEY
 from ..spec import QuantSpec
+from .config import LLMInt8Config
 from .parts import Baseline, PTQReport
 
 EPS = 1e-8
-
-
-@dataclass
-class LLMInt8Config:
-    """`ptq.llm_int8`: input features above `threshold` in magnitude run in fp16 (the paper's 6.0)."""
-
-    threshold: float = field(default=6.0, metadata={"range": (0.0, 1e9)})
 
 
 def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,8 @@
 A method is one rounding (rtn, gptq, hqq) after any transforms (smoothquant, awq) in this order, e.g.
 `awq+gptq`, all after the whole-model rotation when it is named (`rotate+gptq`); a bare transform rounds with
 rtn. A baseline (llm_int8) replaces the model's linears on its own and composes with nothing. A new part is a
-module with its algorithm, its config dataclass and its `ModelTransform` / `Transform` / `Rounding` /
-`Baseline` class, listed here and given a field of its name in `PTQConfig`.
+module with its algorithm and its `ModelTransform` / `Transform` / `Rounding` / `Baseline` class, listed here; its
+name and its settings section go in `config.py` (light, for the run-config schema), checked against this list.
 """
 
 from __future__ import annotations
@@ -13,6 +13,14 @@ from typing import Any, Union
 
 from .aqlm import AQLM
 from .awq import AWQ
+from .config import (
+    BASE_METHODS,
+    BASELINE_NAMES,
+    METHODS,
+    MODEL_TRANSFORM_NAMES,
+    ROUNDING_NAMES,
+    TRANSFORM_NAMES,
+)
 from .gptq import GPTQ
 from .hqq import HQQ
 from .llm_int8 import LLMInt8
@@ -26,9 +34,9 @@ TRANSFORMS: dict[str, type[Transform]] = {c.name: c for c in (SmoothQuant, AWQ)}
 ROUNDINGS: dict[str, type[Rounding]] = {c.name: c for c in (RTN, GPTQ, HQQ, AQLM)}
 BASELINES: dict[str, type[Baseline]] = {c.name: c for c in (LLMInt8,)}
 PARTS: dict[str, type[Part]] = {**MODEL_TRANSFORMS, **TRANSFORMS, **ROUNDINGS, **BASELINES}
-BASE_METHODS = (*ROUNDINGS, *TRANSFORMS, *BASELINES, *MODEL_TRANSFORMS)
-METHODS = BASE_METHODS + ("smoothquant+rtn", "smoothquant+gptq", "awq+rtn", "awq+gptq", "smoothquant+awq+gptq",
-                          "rotate+rtn", "rotate+gptq", "rotate+hqq", "rotate+smoothquant+gptq", "rotate+awq+gptq")
+if (tuple(ROUNDINGS), tuple(TRANSFORMS), tuple(BASELINES), tuple(MODEL_TRANSFORMS)) != (
+        ROUNDING_NAMES, TRANSFORM_NAMES, BASELINE_NAMES, MODEL_TRANSFORM_NAMES):
+    raise ImportError("qat.ptq.config's part names differ from the classes in qat.ptq.registry; list each part in both")
 
 
 def parse_method(method: Union[str, list, tuple]) -> list[str]:

@@ -18,7 +18,7 @@ is. What it costs: the untied head's parameters (vocab x hidden more floats).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import lru_cache
 from typing import Any, ClassVar, Optional
 
@@ -27,21 +27,13 @@ from torch import nn
 
 from ..spec import QuantSpec
 from .blocks import check_foldable, decoder_layers
+from .config import ROTATE_KINDS, RotateConfig
 from .parts import ModelTransform
 
-KINDS = ("hadamard", "random")
+KINDS = ROTATE_KINDS
 READS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 WRITES = ("self_attn.o_proj", "mlp.down_proj")
 ROTATE_KEY = "rotate"  # in a PTQ record (config.json) and the student's distqat_init: the settings of the turn
-
-
-@dataclass
-class RotateConfig:
-    """`ptq.rotate`: which orthogonal matrices turn the model (hadamard or random), per-head values too, the seed."""
-
-    kind: str = field(default="hadamard", metadata={"choices": KINDS})
-    heads: bool = True
-    seed: int = 0
 
 
 def _is_prime(n: int) -> bool:

@@ -8,7 +8,6 @@ and the weights' columns multiplied by s. The fp model computes the same functio
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -16,14 +15,8 @@ from torch import nn
 
 from ..spec import QuantSpec, TensorSpec
 from .blocks import Group, fold, foldable
+from .config import SmoothQuantConfig
 from .parts import Transform
-
-
-@dataclass
-class SmoothQuantConfig:
-    """`ptq.smoothquant`: alpha, how much of the outliers' range moves from the activations to the weights."""
-
-    alpha: float = field(default=0.5, metadata={"range": (0.0, 1.0)})
 
 
 @torch.no_grad()
