@@ -14,21 +14,25 @@ from typing import Optional
 
 from safetensors import SafetensorError
 
-from .config import ConfigError, RunConfig, describe_schema, load_config, override_keys, reads, to_yaml
+from .config import ConfigError, RunConfig, command_reads, describe_schema, load_config, override_keys, reads, to_yaml
 
-MODEL = ("model.*",)
 RUN = ("name", "output_dir")
-EVAL = ("eval.split", "eval.max_tokens", "eval.seq_len", "eval.batch_size", "eval.plot", "eval.tasks",
-        "eval.task_dir", "eval.task_limit", "eval.num_fewshot")
 
 
 @dataclass(frozen=True)
 class Command:
     help: str
-    # The config keys (fnmatch patterns) the command reads: its --help lists them, and its command line may
-    # set no others (a recipe may: one file serves several commands).
-    reads: tuple[str, ...]
+    # The config sections the command's code takes (a section reads all its keys, "data:text" the keys of that
+    # group, a plain name one key), and those it leaves alone: its --help lists their keys, and its command line
+    # may set no others (a recipe may: one file serves several commands).
+    sections: tuple[str, ...] = ()
     run: Optional[Callable[[RunConfig], int]] = None
+    skips: tuple[str, ...] = ()
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """The key patterns (fnmatch; "!" leaves out) derived from the sections."""
+        return command_reads(self.sections, self.skips)
 
 
 def _run_eval(cfg: RunConfig) -> int:
@@ -82,27 +86,27 @@ def _run_report(cfg: RunConfig) -> int:
     return 0
 
 
-# The PTQ settings train.init=<method> runs with (its method is train.init's; QLoRA's merge reads some too).
-PTQ_SETTINGS = ("ptq.calib_data", "ptq.calib_split", "ptq.n_samples", "ptq.seq_len", "ptq.batch_size", "ptq.device",
-                "ptq.seed", "ptq.progress", "ptq.gptq.*", "ptq.awq.*", "ptq.smoothquant.*", "ptq.hqq.*", "ptq.aqlm.*",
-                "ptq.rotate.*")
+# A PTQ start (train.init=<method>) runs with the ptq section's settings but train.init's method, and a baseline
+# (llm_int8) trains nothing; QLoRA's merge reads some of them too.
+NOT_FOR_A_START = ("ptq.method", "ptq.llm_int8")
 
 COMMANDS: dict[str, Command] = {
     "generate": Command("the teacher writes its own training text (LLM-QAT data-free)",
-                        (*RUN, "seed", *MODEL, "generate.*"), _run_generate),
+                        (*RUN, "seed", "model", "generate"), _run_generate),
     "train": Command("QAT: distill the full-precision teacher into the fake-quantized student",
-                     (*RUN, "seed", "model.*", "quant.*", "data.*", "train.*", "distributed.*", "lora.*",
-                      *PTQ_SETTINGS), _run_train),
+                     (*RUN, "seed", "model", "quant", "data", "train", "distributed", "lora", "ptq"), _run_train,
+                     skips=NOT_FOR_A_START),
     "ptq": Command("post-training quantization (RTN, GPTQ, AWQ, SmoothQuant, LLM.int8(), HQQ, AQLM; rotation)",
-                   (*RUN, *MODEL, "quant.*", "data.path", "data.text_field", "ptq.*"), _run_ptq),
-    "convert": Command("pack a trained or PTQ model into integer weights (compressed-tensors layout)", ()),
+                   (*RUN, "model", "quant", "data:text", "ptq"), _run_ptq),
+    "convert": Command("pack a trained or PTQ model into integer weights (compressed-tensors layout)"),
+    # The pipeline scores every model it compares (eval.compare is its own) and trains with train.mode=qat.
     "pipeline": Command("LLM-QAT end to end: generate, train, then score FP, the RTN start, the PTQ baseline and the "
                         "trained student",
-                        (*RUN, "seed", *MODEL, "quant.*", "data.*", "generate.*", "train.*", "distributed.*",
-                         *PTQ_SETTINGS, *EVAL), _run_pipeline),
+                        (*RUN, "seed", "model", "quant", "data", "generate", "train", "distributed", "ptq", "eval"),
+                        _run_pipeline, skips=(*NOT_FOR_A_START, "eval.compare")),
     "eval": Command("perplexity of the full-precision and the fake-quantized model, with a plot; lm-eval tasks",
-                    (*RUN, *MODEL, "quant.*", "data.path", "data.text_field", "eval.*"), _run_eval),
-    "bench": Command("speed benchmarks, each as a ratio to bf16", ()),
+                    (*RUN, "model", "quant", "data:text", "eval"), _run_eval),
+    "bench": Command("speed benchmarks, each as a ratio to bf16"),
     "report": Command("collect the results of runs into one table and plot", RUN, _run_report),
 }
 
@@ -125,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("folder", help="the folder distqat train (its model/) or distqat ptq wrote")
             p.add_argument("--out", help="the integer checkpoint's folder (default: <folder>-int)")
             continue
-        options = f"config keys {name} reads (key=default {{allowed values}}):\n" + "\n".join(
-            describe_schema(only=cmd.reads))
+        options = f"config keys {name} reads (key=default {{allowed values}} or [range], then what it does):\n" + \
+            "\n".join(describe_schema(only=cmd.reads))
         p = sub.add_parser(name, help=cmd.help, description=cmd.help, epilog=options,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("config", nargs="?", help="recipe YAML (e.g. configs/default.yaml); omitted: defaults")
@@ -188,7 +192,8 @@ def _load(args: argparse.Namespace) -> RunConfig:
         for key in override_keys(overrides):
             if not reads(wanted, key):
                 raise ConfigError(f"{args.command} does not read '{key}' (command line); it reads: "
-                                  f"{', '.join(wanted)}")
+                                  f"{', '.join(p for p in wanted if not p.startswith('!'))}"
+                                  + "".join(f", not {p[1:]}" for p in wanted if p.startswith("!")))
     return cfg
 
 

@@ -9,8 +9,11 @@ closest valid key. Nothing runs before the whole config is valid.
 from __future__ import annotations
 
 import difflib
+import functools
+import textwrap
 import typing
-from dataclasses import fields, is_dataclass
+from collections.abc import Iterator
+from dataclasses import Field, fields, is_dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -19,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qat.io.atomic import write_text
+from qat.options import help_of
 from qat.spec import SpecError, parse
 
 # The sections live in trainer.schema; importers take them from here, with the loader.
@@ -52,6 +56,7 @@ def _unwrap(tp: Any) -> Any:
     return tp
 
 
+@functools.lru_cache(maxsize=None)  # typing.get_type_hints is slow, and --help walks every section per command
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: (_unwrap(hints[f.name]), f) for f in fields(cls)}
@@ -244,7 +249,7 @@ def save_config(cfg: RunConfig, out_dir: Union[str, Path], name: str = "config.y
 
 def _defaults(cls: type = RunConfig, prefix: str = "", instance: Any = None):
     """(dotted key, default, field, section type) of every setting, read from a default instance, so that a
-    section whose default is off (quant.activation) shows as one key with None."""
+    section whose default is off (quant.activation in a weight-only spec) shows as one key with None."""
     instance = cls() if instance is None else instance
     for name, (tp, f) in _field_types(cls).items():
         full, value = f"{prefix}{name}", getattr(instance, name)
@@ -254,14 +259,53 @@ def _defaults(cls: type = RunConfig, prefix: str = "", instance: Any = None):
             yield full, value, f, tp if is_dataclass(tp) else None
 
 
+def _sections(cls: type = RunConfig, prefix: str = "") -> Iterator[tuple[str, Field, type]]:
+    """(dotted name, field, type) of every section and subsection ("ptq", "ptq.gptq", "quant.weight")."""
+    for name, (tp, f) in _field_types(cls).items():
+        if is_dataclass(tp):
+            yield f"{prefix}{name}", f, tp
+            yield from _sections(tp, f"{prefix}{name}.")
+
+
 def schema_keys() -> list[str]:
     """Every key `describe_schema` lists, dotted ("quant.weight.bits"; "quant.activation" while it is off)."""
     return [key for key, *_ in _defaults()]
 
 
+def schema_fields() -> list[tuple[str, Field]]:
+    """(dotted name, field) of every key and every section: each carries its help text."""
+    keys = [(key, f) for key, _, f, _ in _defaults()]
+    return keys + [(name, f) for name, f, _ in _sections()]
+
+
+@functools.lru_cache(maxsize=None)
+def command_reads(sections: tuple[str, ...], skips: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The key patterns of what a command reads, from the sections its code takes: a section ("model", "ptq.gptq")
+    reads all its keys, "section:group" the keys its schema puts in that group (data:text: the text's path and
+    field), a plain key itself; `skips` (keys or sections) are left out, written "!pattern"."""
+    known = {name: tp for name, _, tp in _sections()}
+    out: list[str] = []
+    for ref in sections:
+        section, _, group = ref.partition(":")
+        if group:
+            out += [f"{section}.{f.name}" for f in fields(known[section]) if f.metadata.get("group") == group]
+        elif section in known:
+            out.append(f"{section}.*")
+        elif section in dict(schema_fields()):
+            out.append(section)
+        else:
+            raise KeyError(f"{ref!r} is neither a section nor a key of the run config")
+    for skip in skips:
+        out += [f"!{skip}"] + ([f"!{skip}.*"] if skip in known else [])
+    return tuple(out)
+
+
 def reads(patterns: tuple[str, ...], key: str) -> bool:
-    """Whether a command that reads `patterns` ("model.*", "data.path") reads `key` (or a section holding it)."""
-    return any(fnmatchcase(key, p) or p.startswith(key + ".") for p in patterns)
+    """Whether a command that reads `patterns` ("model.*", "data.path", "!ptq.method") reads `key` (or a section
+    holding it)."""
+    if any(fnmatchcase(key, p[1:]) for p in patterns if p.startswith("!")):
+        return False
+    return any(fnmatchcase(key, p) or p.startswith(key + ".") for p in patterns if not p.startswith("!"))
 
 
 def override_keys(overrides: list[str]) -> list[str]:
@@ -269,19 +313,37 @@ def override_keys(overrides: list[str]) -> list[str]:
     return [item.split("=", 1)[0].strip() for item in overrides]
 
 
-def describe_schema(only: Optional[tuple[str, ...]] = None) -> list[str]:
-    """One line per key with its default and allowed values: the `--help` listing of options (of the keys
-    matching `only`, when given)."""
-    lines = []
+def _allowed(f: Field) -> str:
+    if f.metadata.get("choices"):
+        return f"  {{{'|'.join(map(str, f.metadata['choices']))}}}"
+    if f.metadata.get("range"):
+        lo, hi = f.metadata["range"]
+        # The ranges' upper ends of 2^20 and more only keep a typo from asking for an absurd size: not a limit.
+        return f"  [>= {lo}]" if hi >= 1 << 20 else f"  [{lo} to {hi}]"
+    return ""
+
+
+def describe_schema(only: Optional[tuple[str, ...]] = None, width: int = 118) -> list[str]:
+    """The `--help` listing of options (of the keys matching `only`, when given), grouped by section: a heading
+    with each section's help, then each key as `key=default {allowed values}` or `[range]`, its help below."""
+    helps = {name: help_of(f) for name, f, _ in _sections()}
+    lines: list[str] = []
+    heading = None
     for key, value, f, section in _defaults():
         if only is not None and not reads(only, key):
             continue
+        parent = key.rpartition(".")[0]
+        if parent != heading:
+            heading = parent
+            lines.append(f"{parent or 'run'}: {helps.get(parent, 'the run')}")
         if section is not None:
             inner = ", ".join(x.name for x in fields(section))
-            lines.append(f"  {key}=None  (off; a scheme turns it on, e.g. quant.scheme=w4a8kv8; its keys: {inner})")
-            continue
-        extra = f"  {{{'|'.join(map(str, f.metadata['choices']))}}}" if f.metadata.get("choices") else ""
-        lines.append(f"  {key}={value}{extra}")
+            text = f"{help_of(f)} (off; a scheme turns it on, e.g. quant.scheme=w4a8kv8; its keys: {inner})"
+            lines.append(f"  {key}=None")
+        else:
+            text = help_of(f)
+            lines.append(f"  {key}={value}{_allowed(f)}")
+        lines += textwrap.wrap(text, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return lines
 
 

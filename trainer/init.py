@@ -9,7 +9,7 @@ train.init:
 - a folder written by `distqat ptq` or `distqat train` (or an AQLM folder): the student starts from it.
 An AQLM start trains its codebooks and scales only (the codes stay frozen), as AQLM's fine-tuning does.
 
-With train.blockwise_steps > 0, the start is then reconstructed block by block against the full-precision
+With train.blockwise.steps > 0, the start is then reconstructed block by block against the full-precision
 model (qat.ptq.blockwise) into <output_dir>/blockwise/model before the end-to-end distillation.
 
 Each stage's folder carries the settings that made it (start.json); a rerun reuses it when they match (a
@@ -38,34 +38,33 @@ from qat.keys import AQLM_KEY, HF_QUANT_KEY, PTQ_KEY
 from qat.load import load
 from qat.ptq import check as check_ptq
 from qat.ptq.aqlm_linear import AQLMLinear, aqlm_config
-from qat.ptq.blockwise import BlockwiseConfig, reconstruct
+from qat.ptq.blockwise import reconstruct
 from qat.ptq.registry import BASELINES, METHODS
 from qat.ptq.rotate import rotate_model, rotation_of
 
 from .commands import ptq_command, wait_for
-from .config import RunConfig
+from .config import RunConfig, TrainConfig
 
 START_FILE = "start.json"
 ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "vocab_size")
 
 
-def init_method(init: str) -> Optional[str]:
-    """The PTQ method train.init names (None for rtn and for a folder)."""
-    name = init.strip().lower()
-    return name if name in METHODS and name != "rtn" else None
+def init_method(init: Optional[str], mode: str = "qat") -> Optional[str]:
+    """The PTQ method train.init names (None for rtn and for a folder; null is the recommended start)."""
+    return replace(TrainConfig(), init=init, mode=mode).start.method
 
 
 def check_init(cfg: RunConfig) -> None:
     """train.init and the blockwise settings are usable: a one-line error naming the key and the fix, before any
     model loads."""
-    init = cfg.train.init
-    if cfg.train.mode != "qat" and (init != "rtn" or cfg.train.blockwise_steps):
-        raise ValueError(f"train.init and train.blockwise_steps set up a QAT student; train.mode={cfg.train.mode} "
-                         "trains adapters on its own base: leave them at rtn and 0")
-    if init == "rtn":
+    start, init = cfg.train.start, cfg.train.init
+    if cfg.train.mode != "qat" and (init not in (None, "rtn") or cfg.train.blockwise.steps):
+        raise ValueError(f"train.init and train.blockwise.steps set up a QAT student; train.mode={cfg.train.mode} "
+                         "trains adapters on its own base: leave them at null (or rtn) and 0")
+    if start.kind == "rtn":
         pass
-    elif (method := init_method(init)) is not None:
+    elif (method := start.method) is not None:
         if method in BASELINES:
             raise ValueError(f"train.init={init}: {method} keeps full-precision weights and trains nothing; "
                              f"use rtn, a PTQ rounding ({', '.join(m for m in METHODS if m not in BASELINES)}) "
@@ -79,16 +78,33 @@ def check_init(cfg: RunConfig) -> None:
                 raise ValueError(f"train.init={init} was quantized as {spec_label(folder.spec, 'custom settings')}, "
                                  f"but quant asks for {spec_label(cfg.quant, 'custom settings')}; set quant to the "
                                  "folder's scheme or start from rtn")
-    if cfg.train.blockwise_steps and init_is_aqlm(cfg):
-        raise ValueError("train.blockwise_steps reconstructs fake-quantized blocks; an AQLM start has none: "
-                         "set train.blockwise_steps=0")
+    if cfg.train.blockwise.steps and init_is_aqlm(cfg):
+        raise ValueError("train.blockwise.steps reconstructs fake-quantized blocks; an AQLM start has none: "
+                         "set train.blockwise.steps=0")
 
 
 def init_is_aqlm(cfg: RunConfig) -> bool:
-    init = cfg.train.init
-    if init_method(init) == "aqlm":
+    start = cfg.train.start
+    if start.method == "aqlm":
         return True
-    return init_method(init) is None and init != "rtn" and inspect(init, "train.init").kind is Kind.AQLM
+    return start.kind == "folder" and inspect(start.path, "train.init").kind is Kind.AQLM
+
+
+def lr_relative(cfg: RunConfig) -> bool:
+    """train.lr_relative, null resolved: on for a rotated start (a rotating PTQ method, or a folder that was
+    rotated), whose folded norms leave q/k/v/gate/up weights several times smaller than o/down, with one line
+    saying so; off otherwise."""
+    t = cfg.train
+    if t.lr_relative is not None:
+        return t.lr_relative
+    start = t.start
+    rotated = t.mode == "qat" and (start.rotates or (
+        start.kind == "folder" and Path(start.path).expanduser().exists()
+        and rotation_of(inspect(start.path, "train.init").config) is not None))
+    if rotated and rank_world()[0] == 0:
+        print(f"train: train.lr_relative=true, as a rotated start (train.init={start.method or start.path}) needs; "
+              "set train.lr_relative=false to turn it off", file=sys.stderr)
+    return rotated
 
 
 def start_folder_of(path: str, key: str) -> Folder:
@@ -130,11 +146,11 @@ def _settings(cfg: RunConfig, stage: str) -> dict[str, Any]:
     """What a stage's folder depends on: reused only when all of it matches."""
     s: dict[str, Any] = {"stage": stage, "model": cfg.model.name_or_path, "quant": cfg.quant.to_dict(),
                          "init": cfg.train.init, "data": cfg.data.path, "seed": cfg.seed}
-    if init_method(cfg.train.init):
+    if cfg.train.start.method:
         s["ptq"] = json.loads(json.dumps(asdict(cfg.ptq), default=str))
     if stage == "blockwise":
-        s["blockwise"] = asdict(blockwise_config(cfg))
-        s["blockwise_data"] = [cfg.train.blockwise_samples, cfg.train.blockwise_seq_len]
+        # progress changes no number: toggling it must not redo the stage
+        s["blockwise"] = {k: v for k, v in asdict(cfg.train.blockwise).items() if k != "progress"}
     return s
 
 
@@ -148,22 +164,16 @@ def _reusable(stage_dir: Path, settings: dict[str, Any]) -> bool:
         return False
 
 
-def blockwise_config(cfg: RunConfig) -> BlockwiseConfig:
-    t = cfg.train
-    return BlockwiseConfig(steps=t.blockwise_steps, lr=t.blockwise_lr, quantizer_lr=t.blockwise_quantizer_lr,
-                           batch_size=t.blockwise_batch_size, held_out=t.blockwise_held_out)
-
-
 def prepare_start(cfg: RunConfig, timeout_s: float = 24 * 3600) -> Optional[Path]:
     """The folder the student starts from (None: RTN on the base model), built on rank 0 where it is missing or
     was made with other settings; the other ranks wait until it is there with this run's settings."""
     check_init(cfg)
     out = Path(cfg.output_dir)
     rank = rank_world()[0]
-    init = cfg.train.init
+    init = cfg.train.start
     start: Optional[Path] = None
     stages: list[tuple[Path, dict[str, Any]]] = []
-    if (method := init_method(init)) is not None:
+    if (method := init.method) is not None:
         stage = out / "init"
         stages.append((stage, _settings(cfg, "init")))
         if rank == 0 and not _reusable(*stages[-1]):
@@ -173,9 +183,9 @@ def prepare_start(cfg: RunConfig, timeout_s: float = 24 * 3600) -> Optional[Path
             ptq_command(replace(cfg, output_dir=str(stage), ptq=replace(cfg.ptq, method=method)))
             write_json(stage / START_FILE, stages[-1][1])
         start = stage / "model"
-    elif init != "rtn":
-        start = Path(init)
-    if cfg.train.blockwise_steps:
+    elif init.kind == "folder":
+        start = Path(init.path)
+    if cfg.train.blockwise.steps:
         stage = out / "blockwise"
         stages.append((stage, _settings(cfg, "blockwise")))
         if rank == 0 and not _reusable(*stages[-1]):
@@ -202,9 +212,9 @@ def _clear(stage: Path) -> None:
 def run_blockwise(cfg: RunConfig, start: Optional[Path], stage: Path) -> Path:
     """Reconstruct the start (or the RTN student) block by block against the base model on the training text;
     writes stage/model and stage/blockwise_report.json."""
-    m, t = cfg.model, cfg.train
+    m, b = cfg.model, cfg.train.blockwise
     tok = load_tokenizer(m.name_or_path, m.trust_remote_code)
-    ids = calibration_ids(tok, t.blockwise_samples, t.blockwise_seq_len, cfg.data.path, "train",
+    ids = calibration_ids(tok, b.samples, b.seq_len, cfg.data.path, "train",
                           cfg.data.text_field, seed=cfg.seed)
     student = load_student(cfg, start, "float32")
     teacher = load_model(m.name_or_path, "float32", m.attn_implementation, m.trust_remote_code).eval()
@@ -213,9 +223,9 @@ def run_blockwise(cfg: RunConfig, start: Optional[Path], stage: Path) -> Path:
         # (the same settings give the same matrices; the teacher's function does not change).
         rotate_model(teacher, turn)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"train: block-wise reconstruction, {t.blockwise_steps} steps a block on {ids.shape[0]} x "
+    print(f"train: block-wise reconstruction, {b.steps} steps a block on {ids.shape[0]} x "
           f"{ids.shape[1]} tokens of {cfg.data.path}", file=sys.stderr)
-    report = reconstruct(student, teacher, ids, blockwise_config(cfg), device, cfg.seed)
+    report = reconstruct(student, teacher, ids, b, device, cfg.seed)
     with atomic_dir(stage / "model") as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

@@ -2,7 +2,7 @@
 
 1. generate: the full-precision teacher writes the training text itself (data-free, resumable);
 2. train: the student starts from train.init (RTN, or a PTQ method run first on the generated text), is
-   reconstructed block by block when train.blockwise_steps > 0, and QAT distils the teacher into it on
+   reconstructed block by block when train.blockwise.steps > 0, and QAT distils the teacher into it on
    that text (trainer/init.py, trainer/train.py);
 3. eval (rank 0): the full-precision model, its RTN start (the same spec, fake-quantized before any
    training), the PTQ baseline at the same spec (the PTQ start, or smoothquant+gptq when the student starts
@@ -30,7 +30,7 @@ from qat.ptq import check as check_ptq
 from .commands import prepare_output, run_generate, wait_for
 from .config import RunConfig
 from .eval import base_model, saved_model, score_models
-from .init import check_init, init_method, prepare_start
+from .init import check_init, prepare_start
 from .tasks import plan_tasks
 from .train import run_train
 
@@ -101,16 +101,17 @@ def ptq_label(method: str, settings: dict[str, Any]) -> str:
 def ptq_baseline(train_cfg: RunConfig) -> Optional[tuple[str, Path]]:
     """(method, folder) of the PTQ row: the student's PTQ start when it has one, else the first of BASELINES the
     spec allows at the same spec, calibrated as a PTQ start would be (on the generated text, data-free)."""
-    init = train_cfg.train.init
-    if init_method(init) is not None:
-        return init_method(init), Path(train_cfg.output_dir) / "init" / "model"
-    if init != "rtn":
-        folder = inspect(init, "train.init")
-        return str(folder.record.get("method", folder.kind.value)), Path(init)
+    start = train_cfg.train.start
+    if start.method is not None:
+        return start.method, Path(train_cfg.output_dir) / "init" / "model"
+    if start.kind == "folder":
+        folder = inspect(start.path, "train.init")
+        return str(folder.record.get("method", folder.kind.value)), Path(start.path)
     method = baseline_method(train_cfg)
     if method is None:
         return None
     # The same stage a train.init=<method> run builds (and reuses), scored but not trained from.
     baseline = replace(train_cfg, output_dir=str(Path(train_cfg.output_dir) / "baseline"),
-                       train=replace(train_cfg.train, init=method, blockwise_steps=0))
+                       train=replace(train_cfg.train, init=method,
+                                     blockwise=replace(train_cfg.train.blockwise, steps=0)))
     return method, prepare_start(baseline)

@@ -33,10 +33,11 @@ from .callbacks import CtrlC, QuantStats, TrainProgress
 from .commands import prepare_output
 from .config import RunConfig, save_config
 from .datamodule import TextDataModule
-from .init import check_init, load_student, prepare_start
+from .init import check_init, load_student, lr_relative, prepare_start
 from .module import QATModule
 from .optim import lightning_precision, resolve_master_weights
 from .quiet import quiet_libraries
+from .schema import Resume
 from .strategy import make_strategy
 
 
@@ -118,13 +119,14 @@ def check_checkpoint(path: Path, how: str) -> None:
 def find_resume(ckpt_dir: Path, resume: str) -> Optional[str]:
     """resume=auto: the newest checkpoint under ckpt_dir (None when there is none); never: None. The one picked
     is checked whole first."""
-    if resume == "never":
+    how = Resume.parse(resume)
+    if how.kind == "never":
         return None
-    if resume != "auto":
-        if not Path(resume).exists():
+    if how.kind == "path":
+        if not Path(how.path).exists():
             raise FileNotFoundError(f"train.resume={resume!r} does not exist; use auto, never or a checkpoint path")
-        check_checkpoint(Path(resume), f"train.resume={resume}")
-        return resume
+        check_checkpoint(Path(how.path), f"train.resume={resume}")
+        return how.path
     found = checkpoints(ckpt_dir)
     if not found:
         return None
@@ -189,7 +191,7 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
     out_dir = Path(cfg.output_dir)
     quiet_libraries()
     # From here on (and in the config.yaml saved with the run) auto is what it resolved to on this machine.
-    cfg = replace(cfg, train=replace(cfg.train, master_weights=master_weights(cfg)))
+    cfg = replace(cfg, train=replace(cfg.train, master_weights=master_weights(cfg), lr_relative=lr_relative(cfg)))
     # The frozen teacher is in eval mode on purpose; Lightning's warning about it would only alarm users.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     # A mid-epoch resume is exact here (ResumableSampler restores the data order from the step); Lightning
