@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import PUBLISHED
 
 from qat.load import Kind, inspect, load
 from qat.ptq import PTQConfig, run_ptq
@@ -164,7 +165,8 @@ def test_cli_ptq_aqlm_writes_a_folder_load_reads(tmp_path, bundled_tokenizer):
     teacher = save_tiny_teacher(tmp_path / "teacher", bundled_tokenizer)
     out = tmp_path / "out"
     knobs = [f"ptq.aqlm.{k}={v}" for k, v in FAST.items()]
-    r = subprocess.run([sys.executable, "-m", "trainer", "ptq", f"model.name_or_path={teacher}", f"output_dir={out}",
+    r = subprocess.run([sys.executable, "-m", "trainer", "ptq", PUBLISHED,
+                        f"model.name_or_path={teacher}", f"output_dir={out}",
                         "quant.scheme=w2", "ptq.method=aqlm", "ptq.progress=false", "ptq.n_samples=4",
                         "ptq.seq_len=32", *knobs], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -32,8 +32,9 @@ def test_command_help_lists_the_keys_it_reads(command, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert f"distqat {command}" in out and "--print-config" in out
+    # A key's line is indented two spaces (its help below it, six; section headings none).
     listed = {line.split("=", 1)[0].strip() for line in out.split("config keys", 1)[1].splitlines()[1:]
-              if line.startswith("  ") and "=" in line}
+              if line.startswith("  ") and not line.startswith("   ") and "=" in line}
     assert listed == {k for k in schema_keys() if reads(COMMANDS[command].reads, k)}
     # train and pipeline read the ptq settings a PTQ start (train.init=<method>) runs with, not ptq.method.
     wants = {"train": ["quant.weight.bits", "train.max_steps", "distributed.zero_stage", "lora.r", "train.mode",
@@ -41,7 +42,7 @@ def test_command_help_lists_the_keys_it_reads(command, capsys):
              "eval": ["quant.weight.bits", "eval.max_tokens", "data.path"],
              "ptq": ["quant.weight.bits", "ptq.gptq.damp", "ptq.awq.grid", "ptq.llm_int8.threshold"],
              "generate": ["generate.n_samples", "seed"], "report": ["output_dir"],
-             "pipeline": ["generate.n_samples", "train.max_steps", "eval.max_tokens", "train.blockwise_steps",
+             "pipeline": ["generate.n_samples", "train.max_steps", "eval.max_tokens", "train.blockwise.steps",
                           "ptq.gptq.damp"]}[command]
     unread = {"train": ["eval.max_tokens", "ptq.method", "generate.n_samples"],
               "eval": ["train.max_steps", "distributed.zero_stage", "data.seq_len", "ptq.method"],

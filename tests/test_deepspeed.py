@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PUBLISHED
 
 SCRIPT = Path(__file__).parent / "scripts" / "ds_tiny.py"
 
@@ -60,10 +61,10 @@ def test_offload_with_bf16_masters_is_refused_before_any_work():
     from trainer.config import load_config
     from trainer.strategy import deepspeed_config
 
-    cfg = load_config(None, ["distributed.offload_optimizer=true", "train.master_weights=bf16"])
+    cfg = load_config(PUBLISHED, ["distributed.offload_optimizer=true", "train.master_weights=bf16"])
     with pytest.raises(ValueError, match="master_weights=fp32"):
         deepspeed_config(cfg.distributed, cfg.train)
-    cfg = load_config(None, ["distributed.offload_optimizer=true", "train.master_weights=fp32"])
+    cfg = load_config(PUBLISHED, ["distributed.offload_optimizer=true", "train.master_weights=fp32"])
     assert deepspeed_config(cfg.distributed, cfg.train)["zero_force_ds_cpu_optimizer"] is False
 
 

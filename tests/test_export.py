@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LANE
+from conftest import LANE, PUBLISHED
 
 from qat.apply import quantize_model
 from qat.export import convert_model, load_quantized
@@ -251,7 +251,8 @@ def test_eval_scores_a_converted_folder_like_its_fake_quant_source(tmp_path, bun
     corpus.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     ppl = {}
     for name in ("fq", "int"):
-        assert main(["eval", f"model.name_or_path={tmp_path / name}", f"data.path={corpus}", "eval.max_tokens=96",
+        assert main(["eval", PUBLISHED,
+                     f"model.name_or_path={tmp_path / name}", f"data.path={corpus}", "eval.max_tokens=96",
                      "eval.seq_len=32", "model.dtype=bfloat16", f"output_dir={tmp_path / ('ev' + name)}"]) == 0
         ppl.update(json.loads((tmp_path / ("ev" + name) / "eval.json").read_text())["perplexity"])
     assert set(ppl) == {"w4g32 (saved)", "w4g32 (int)"}

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import PUBLISHED
 
 from qat.apply import quantize_model
 from qat.export import convert_folder, convert_model, load_quantized
@@ -235,7 +236,7 @@ def test_distqat_ptq_smoothquant_fp8_then_convert(tmp_path, bundled_tokenizer):
     from trainer.cli import main
 
     teacher = save_tiny_teacher(tmp_path / "teacher", bundled_tokenizer)
-    assert main(["ptq", f"model.name_or_path={teacher}", "ptq.method=smoothquant+rtn", "quant.scheme=fp8",
+    assert main(["ptq", PUBLISHED, f"model.name_or_path={teacher}", "ptq.method=smoothquant+rtn", "quant.scheme=fp8",
                  "ptq.progress=false", "ptq.n_samples=4", "ptq.seq_len=32", f"output_dir={tmp_path / 'ptq'}"]) == 0
     folder = inspect(tmp_path / "ptq" / "model")
     assert folder.kind is Kind.PTQ and folder.spec.weight.format == "fp8"

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import PUBLISHED
 
 from qat.apply import quantize_model
 from qat.export import convert_model, load_quantized
@@ -164,7 +165,7 @@ def test_written_folders_hold_no_absolute_paths(tmp_path, bundled_tokenizer):
     assert "_name_or_path" not in cfg
     from trainer.cli import main
 
-    assert main(["ptq", f"model.name_or_path={tmp_path / 'teacher'}", "ptq.method=rtn", "quant.scheme=w4g32",
+    assert main(["ptq", PUBLISHED, f"model.name_or_path={tmp_path / 'teacher'}", "ptq.method=rtn", "quant.scheme=w4g32",
                  "ptq.progress=false", f"output_dir={tmp_path / 'ptq'}"]) == 0
     written = [f for d in (out, tmp_path / "ptq" / "model") for f in d.iterdir()]
     assert len(written) > 6

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import save_tiny_teacher
+from conftest import PUBLISHED, save_tiny_teacher
 
 from data.generate import GenerateError, candidate_first_tokens, counter_uniform, sample_next
 from trainer.commands import run_generate
@@ -27,7 +27,7 @@ def tiny_teacher(tmp_path_factory, bundled_tokenizer):
 
 
 def cfg_for(teacher, out, *extra):
-    return load_config(None, [f"model.name_or_path={teacher}", "model.dtype=float32", f"generate.out_dir={out}",
+    return load_config(PUBLISHED, [f"model.name_or_path={teacher}", "model.dtype=float32", f"generate.out_dir={out}",
                               "generate.n_samples=10", "generate.max_length=24", "generate.batch_size=4",
                               "generate.shard_size=4", *extra])
 
@@ -96,7 +96,8 @@ def test_kill_and_resume_gives_every_sample_once(tiny_teacher, tmp_path):
     reference = read(run_generate(cfg_for(tiny_teacher, tmp_path / "ref", "generate.n_samples=24",
                                           "generate.max_length=48"), progress=False))
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "trainer", "generate", f"model.name_or_path={tiny_teacher}", "model.dtype=float32",
+    args = [sys.executable, "-m", "trainer", "generate", PUBLISHED,
+            f"model.name_or_path={tiny_teacher}", "model.dtype=float32",
             f"generate.out_dir={out}", "generate.n_samples=24", "generate.max_length=48", "generate.batch_size=4",
             "generate.shard_size=4"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -160,7 +161,8 @@ def test_bundled_teacher_writes_english(tmp_path):
 def test_two_processes_make_the_same_set_as_one(tiny_teacher, tmp_path):
     """Two real processes (as launch.sh/torchrun start them: RANK, WORLD_SIZE) share one folder."""
     one = read(run_generate(cfg_for(tiny_teacher, tmp_path / "one"), progress=False))
-    cmd = [sys.executable, "-m", "trainer", "generate", f"model.name_or_path={tiny_teacher}", "model.dtype=float32",
+    cmd = [sys.executable, "-m", "trainer", "generate", PUBLISHED,
+           f"model.name_or_path={tiny_teacher}", "model.dtype=float32",
            f"generate.out_dir={tmp_path / 'two'}", "generate.n_samples=10", "generate.max_length=24",
            "generate.batch_size=4", "generate.shard_size=4"]
     procs = [subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"},

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config, tiny_run_dir
+from conftest import PUBLISHED, tiny_config, tiny_run_dir
 from safetensors.torch import load_file
 
 from qat.apply import quantize_model
@@ -32,7 +32,7 @@ def dirs(tmp_path_factory, bundled_tokenizer):
 
 
 def train(root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "trainer", "train", f"model.name_or_path={root / 'teacher'}",
+    argv = [sys.executable, "-m", "trainer", "train", PUBLISHED, f"model.name_or_path={root / 'teacher'}",
             f"data.path={root / 'corpus.txt'}", "data.seq_len=32", "train.save_every=100", "train.val_every=1000",
             "train.micro_batch_size=2", "distributed.strategy=single", "ptq.n_samples=8", "ptq.seq_len=32",
             "ptq.progress=false", f"output_dir={out}", *extra]
@@ -86,12 +86,12 @@ def test_build_models_from_a_ptq_folder_makes_every_float_parameter_trainable(di
     from trainer.config import load_config
     from trainer.train import build_models
 
-    r = subprocess.run([sys.executable, "-m", "trainer", "ptq", f"model.name_or_path={dirs / 'teacher'}",
+    r = subprocess.run([sys.executable, "-m", "trainer", "ptq", PUBLISHED, f"model.name_or_path={dirs / 'teacher'}",
                         f"data.path={dirs / 'corpus.txt'}", "quant.scheme=w4g32", "ptq.method=awq",
                         "ptq.n_samples=8", "ptq.seq_len=32", "ptq.progress=false", f"output_dir={tmp_path}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
-    cfg = load_config(None, [f"model.name_or_path={dirs / 'teacher'}", "quant.scheme=w4g32",
+    cfg = load_config(PUBLISHED, [f"model.name_or_path={dirs / 'teacher'}", "quant.scheme=w4g32",
                              f"train.init={tmp_path / 'model'}"])
     student, teacher, report = build_models(cfg, tmp_path / "model")
     assert all(p.requires_grad for p in student.parameters())
@@ -140,8 +140,8 @@ def test_blockwise_puts_back_a_block_it_made_worse():
 
 def test_blockwise_stage_in_train_writes_its_report_and_the_student_starts_there(dirs, tmp_path):
     out = tmp_path / "bw"
-    r = train(dirs, out, "quant.scheme=w2g16a8kv8", "train.blockwise_steps=20", "train.blockwise_samples=12",
-              "train.blockwise_seq_len=32", "train.blockwise_held_out=4", "train.blockwise_lr=1e-3",
+    r = train(dirs, out, "quant.scheme=w2g16a8kv8", "train.blockwise.steps=20", "train.blockwise.samples=12",
+              "train.blockwise.seq_len=32", "train.blockwise.held_out=4", "train.blockwise.lr=1e-3",
               "train.max_steps=1", "train.lr=0", "train.quantizer_lr=0")
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((out / "blockwise" / "blockwise_report.json").read_text())
@@ -151,12 +151,12 @@ def test_blockwise_stage_in_train_writes_its_report_and_the_student_starts_there
     ids = batch(dirs)
     assert torch.equal(logits(out / "model", ids), logits(out / "blockwise" / "model", ids))
     # A rerun with the same settings reuses the stage; other settings rebuild it.
-    r = train(dirs, out, "quant.scheme=w2g16a8kv8", "train.blockwise_steps=20", "train.blockwise_samples=12",
-              "train.blockwise_seq_len=32", "train.blockwise_held_out=4", "train.blockwise_lr=1e-3",
+    r = train(dirs, out, "quant.scheme=w2g16a8kv8", "train.blockwise.steps=20", "train.blockwise.samples=12",
+              "train.blockwise.seq_len=32", "train.blockwise.held_out=4", "train.blockwise.lr=1e-3",
               "train.max_steps=2", "train.lr=0", "train.quantizer_lr=0", "train.resume=never")
     assert r.returncode == 0 and "block-wise reconstruction" not in r.stderr, r.stderr[-3000:]
-    r = train(dirs, out, "quant.scheme=w2g16a8kv8", "train.blockwise_steps=5", "train.blockwise_samples=12",
-              "train.blockwise_seq_len=32", "train.blockwise_held_out=4", "train.max_steps=2",
+    r = train(dirs, out, "quant.scheme=w2g16a8kv8", "train.blockwise.steps=5", "train.blockwise.samples=12",
+              "train.blockwise.seq_len=32", "train.blockwise.held_out=4", "train.max_steps=2",
               "train.resume=never")
     assert r.returncode == 0 and "block-wise reconstruction" in r.stderr, r.stderr[-3000:]
 
@@ -166,9 +166,9 @@ def test_a_rotated_start_trains_from_its_ptq_model_and_blockwise_turns_the_teach
     is exact; only the quantization differs), the block-wise stage compares its blocks with the teacher turned the
     same way (each starts at a quantization-sized error), and with lr 0 the trained folder is that start."""
     out = tmp_path / "rot"
-    r = train(dirs, out, "quant.scheme=w4g32a8kv8", "train.init=rotate+gptq", "train.blockwise_steps=5",
-              "train.blockwise_samples=12", "train.blockwise_seq_len=32", "train.blockwise_held_out=4",
-              "train.blockwise_lr=1e-4", "train.max_steps=1", "train.lr=0", "train.quantizer_lr=0")
+    r = train(dirs, out, "quant.scheme=w4g32a8kv8", "train.init=rotate+gptq", "train.blockwise.steps=5",
+              "train.blockwise.samples=12", "train.blockwise.seq_len=32", "train.blockwise.held_out=4",
+              "train.blockwise.lr=1e-4", "train.max_steps=1", "train.lr=0", "train.quantizer_lr=0")
     assert r.returncode == 0, r.stderr[-3000:]
     start = out / "init" / "model"
     record = inspect(start).record
@@ -239,7 +239,7 @@ def test_bad_starts_fail_in_one_line_before_any_work(dirs, tmp_path, extra, name
 
 
 def test_a_start_folder_of_another_spec_or_model_is_refused(dirs, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "trainer", "ptq", f"model.name_or_path={dirs / 'teacher'}",
+    r = subprocess.run([sys.executable, "-m", "trainer", "ptq", PUBLISHED, f"model.name_or_path={dirs / 'teacher'}",
                         f"data.path={dirs / 'corpus.txt'}", "quant.scheme=w4g32", "ptq.method=rtn",
                         f"output_dir={tmp_path / 'p'}"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -254,7 +254,7 @@ def test_the_pipelines_ptq_row_for_an_rtn_start_is_the_first_method_the_spec_tak
     from trainer.pipeline import baseline_method
 
     def method(scheme: str):
-        return baseline_method(load_config(None, [f"quant.scheme={scheme}"]))
+        return baseline_method(load_config(PUBLISHED, [f"quant.scheme={scheme}"]))
 
     assert method("w4a8kv8") == "smoothquant+gptq"  # activations quantized: SmoothQuant applies
     assert method("w3g64") == "gptq"  # weight-only: nothing for SmoothQuant to migrate

@@ -12,7 +12,7 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from conftest import save_tiny_teacher  # noqa: E402
+from conftest import PUBLISHED, save_tiny_teacher  # noqa: E402
 
 from trainer.cli import main  # noqa: E402
 
@@ -202,7 +202,8 @@ def test_num_fewshot_and_task_limit_reach_lm_eval(setup):
 def test_pipeline_checks_its_tasks_before_generating(setup, capsys):
     out = setup / "pipe"
     capsys.readouterr()
-    assert main(["pipeline", f"model.name_or_path={setup / 'teacher'}", f"data.path={setup / 'corpus.txt'}",
+    assert main(["pipeline", PUBLISHED, f"model.name_or_path={setup / 'teacher'}",
+                 f"data.path={setup / 'corpus.txt'}",
                  "quant.scheme=w4g32", "eval.tasks=[tiny_hub]", f"eval.task_dir={setup / 'tasks'}",
                  f"output_dir={out}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from conftest import PUBLISHED
 from torch import nn
 
 from data.calib import calibration_ids
@@ -275,7 +276,7 @@ def test_cli_bad_inputs_one_line_before_loading(tmp_path, bundled_tokenizer):
     calib.write_text("A short calibration text of a few dozen tokens, far fewer than asked for.\n" * 3)
 
     def ptq(*overrides):
-        r = subprocess.run([sys.executable, "-m", "trainer", "ptq", f"model.name_or_path={teacher}",
+        r = subprocess.run([sys.executable, "-m", "trainer", "ptq", PUBLISHED, f"model.name_or_path={teacher}",
                             f"output_dir={tmp_path / 'out'}", "ptq.progress=false", *overrides],
                            cwd=root, capture_output=True, text=True, timeout=300)
         lines = r.stderr.strip().splitlines()

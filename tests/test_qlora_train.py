@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_teacher
+from conftest import PUBLISHED, save_tiny_teacher
 
 from qat.load import Kind, inspect, load
 
@@ -27,7 +27,7 @@ def tiny_base(tmp_path_factory, bundled_tokenizer):
 
 
 def train_args(base, out, *extra):
-    return ["-m", "trainer", "train", f"model.name_or_path={base}", "quant.scheme=w4g32", "train.mode=qlora",
+    return ["-m", "trainer", "train", PUBLISHED, f"model.name_or_path={base}", "quant.scheme=w4g32", "train.mode=qlora",
             "data.path=bundled:instructions", "data.format=instructions", "data.seq_len=64", "train.max_steps=8",
             "train.micro_batch_size=2", "train.lr=2e-3", "train.save_every=4", "train.val_every=1000",
             "train.keep_last=5", "lora.r=4", "distributed.strategy=single", f"output_dir={out}", *extra]
@@ -61,7 +61,7 @@ def test_qlora_run_lowers_held_out_loss_and_writes_adapters_and_a_merge_that_con
     assert r.returncode == 0, r.stderr[-2000:]
     corpus = tmp_path / "c.txt"
     corpus.write_text("Instructions and answers, short and plain. " * 30)
-    r = run("-m", "trainer", "eval", f"model.name_or_path={out / 'int'}", f"data.path={corpus}",
+    r = run("-m", "trainer", "eval", PUBLISHED, f"model.name_or_path={out / 'int'}", f"data.path={corpus}",
             "eval.max_tokens=64", "eval.seq_len=32", f"output_dir={tmp_path / 'ev'}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert list(json.loads((tmp_path / "ev" / "eval.json").read_text())["perplexity"]) == ["w4g32 (int)"]

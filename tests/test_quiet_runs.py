@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import save_tiny_teacher
+from conftest import PUBLISHED, save_tiny_teacher
 from safetensors import safe_open
 
 from qat.io.progress import ProgressLines, duration
@@ -107,13 +107,13 @@ def test_durations_and_a_count_without_tokens():
 
 
 def test_master_weights_auto_follows_the_device_and_given_ones_stand(monkeypatch):
-    cpu = load_config(None, ["distributed.strategy=deepspeed"])
+    cpu = load_config(PUBLISHED, ["distributed.strategy=deepspeed"])
     assert cpu.train.master_weights == "auto"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(optim, "cpu_multiplies_bf16", lambda: False)
     assert resolve_master_weights("auto") == "fp32" and lightning_precision("fp32") == "32-true"
     assert "bf16" not in deepspeed_config(cpu.distributed, cpu.train)  # fp32 ZeRO: bf16 compute is slow on CPU
-    asked = load_config(None, ["distributed.strategy=deepspeed", "train.master_weights=bf16"])
+    asked = load_config(PUBLISHED, ["distributed.strategy=deepspeed", "train.master_weights=bf16"])
     assert resolve_master_weights("bf16") == "bf16" and lightning_precision("bf16") == "bf16-true"
     assert deepspeed_config(asked.distributed, asked.train)["bf16"] == {
         "enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
@@ -123,7 +123,7 @@ def test_master_weights_auto_follows_the_device_and_given_ones_stand(monkeypatch
     assert lightning_precision("fp32") == "bf16-mixed"  # classic mixed precision on a GPU
     assert deepspeed_config(cpu.distributed, cpu.train)["bf16"]["bf16_master_weights_and_grads"] is True
     # DeepSpeed offloads bf16 masters only with its own CPU Adam: auto takes fp32 there, a given bf16 is refused.
-    offload = load_config(None, ["distributed.strategy=deepspeed", "distributed.offload_optimizer=true"])
+    offload = load_config(PUBLISHED, ["distributed.strategy=deepspeed", "distributed.offload_optimizer=true"])
     assert resolve_master_weights("auto", offload=True) == "fp32"
     assert deepspeed_config(offload.distributed, offload.train)["bf16"] == {"enabled": True}
     offload.train.master_weights = "bf16"
@@ -137,7 +137,7 @@ def test_the_student_is_built_in_its_master_weights_dtype(teacher, master):
 
     dtype = torch.bfloat16 if master == "bf16" or (master == "auto" and torch.cuda.is_available()) else torch.float32
 
-    cfg = load_config(None, [f"model.name_or_path={teacher}", "quant.scheme=w4a8kv8",
+    cfg = load_config(PUBLISHED, [f"model.name_or_path={teacher}", "quant.scheme=w4a8kv8",
                              f"train.master_weights={master}"])
     student, frozen, _ = build_models(cfg)
     assert {p.dtype for n, p in student.named_parameters() if "_quantizer" not in n} == {dtype}
@@ -152,7 +152,8 @@ def test_generate_writes_lines_to_a_log_and_passes_the_cache_by_its_current_name
     monkeypatch.delenv("DISTQAT_PROGRESS", raising=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert main(["generate", f"model.name_or_path={teacher}", "model.dtype=float32", f"generate.out_dir={tmp_path}",
+        assert main(["generate", PUBLISHED,
+                     f"model.name_or_path={teacher}", "model.dtype=float32", f"generate.out_dir={tmp_path}",
                      "generate.n_samples=6", "generate.max_length=16", "generate.batch_size=2",
                      "generate.progress_every_s=0"]) == 0
     err = capfd.readouterr().err

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_run_dir
+from conftest import PUBLISHED, tiny_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ def setup_dirs(tmp_path_factory, bundled_tokenizer):
 
 
 def args(root: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "trainer", "train", f"model.name_or_path={root / 'teacher'}",
+    return [sys.executable, "-m", "trainer", "train", PUBLISHED, f"model.name_or_path={root / 'teacher'}",
             f"data.path={root / 'corpus.txt'}", "data.seq_len=32", "train.max_steps=16", "train.save_every=4",
             "train.keep_last=10", "train.val_every=1000", "train.lr=3e-4", "train.warmup_steps=2",
             "train.micro_batch_size=2", "distributed.strategy=single", f"output_dir={out}",
@@ -77,7 +77,7 @@ def test_kill_and_resume_gives_the_same_losses(setup_dirs, tmp_path):
     # `distqat eval` reads the consolidated folder as the trained, fake-quantized model it is.
     import json
 
-    r = subprocess.run([sys.executable, "-m", "trainer", "eval", f"model.name_or_path={ref / 'model'}",
+    r = subprocess.run([sys.executable, "-m", "trainer", "eval", PUBLISHED, f"model.name_or_path={ref / 'model'}",
                         f"data.path={setup_dirs / 'corpus.txt'}", "eval.max_tokens=64", "eval.seq_len=32",
                         "model.dtype=bfloat16", f"output_dir={tmp_path / 'ev'}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -136,7 +136,7 @@ def test_pipeline_generates_trains_and_scores_fp_rtn_ptq_and_qat(setup_dirs, tmp
     teacher = pretrained_tiny_teacher(setup_dirs, tmp_path / "teacher")
     out = tmp_path / "pipe"
     r = subprocess.run(
-        [sys.executable, "-m", "trainer", "pipeline", f"model.name_or_path={teacher}",
+        [sys.executable, "-m", "trainer", "pipeline", PUBLISHED, f"model.name_or_path={teacher}",
          f"data.path={setup_dirs / 'corpus.txt'}", "quant.scheme=w2g16a8kv8", "generate.n_samples=48",
          "generate.max_length=33", "generate.batch_size=16", "generate.shard_size=16", "data.seq_len=32",
          "train.max_steps=24", "train.lr=1e-3", "train.warmup_steps=2", "train.micro_batch_size=4",

@@ -10,7 +10,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import lane_only, tiny_config
+from conftest import PUBLISHED, lane_only, tiny_config
 from torch import nn
 
 import qat.fast as fast
@@ -242,14 +242,14 @@ def test_the_config_key_and_build_models(monkeypatch, capsys):
     import trainer.train
     from trainer.config import ConfigError, load_config
 
-    assert load_config(None, []).train.speedups == []
+    assert load_config(PUBLISHED, []).train.speedups == []
     with pytest.raises(ConfigError, match=r"'fused' in train.speedups=\['kv_direct', 'fused'\].*allowed values: "
                                           r"compile, norm_quant, weight_batch, kv_direct"):
-        load_config(None, ["train.speedups=[kv_direct,fused]"])
+        load_config(PUBLISHED, ["train.speedups=[kv_direct,fused]"])
     with pytest.raises(ConfigError, match="apply to train.mode=qat"):
-        load_config(None, ["train.mode=qlora", "train.speedups=[compile]"])
+        load_config(PUBLISHED, ["train.mode=qlora", "train.speedups=[compile]"])
     monkeypatch.setattr(trainer.train, "load_model", lambda *a, **k: tiny_config("llama")[0](tiny_config("llama")[1]))
-    cfg = load_config(None, ["quant.scheme=w4a8kv8", "train.teacher_topk=8",
+    cfg = load_config(PUBLISHED, ["quant.scheme=w4a8kv8", "train.teacher_topk=8",
                              "train.speedups=[norm_quant,kv_direct,compile]"])
     student, _, _ = trainer.train.build_models(cfg)
     assert sum(isinstance(m, fast.FakeQuantRMSNorm) for m in student.modules()) == 4
@@ -257,7 +257,7 @@ def test_the_config_key_and_build_models(monkeypatch, capsys):
     assert student._compiled_call_impl is not None  # compiled in place (not run here: see below)
     err = capsys.readouterr().err
     assert "speed-up norm_quant:" in err and "speed-up kv_direct:" in err and "speed-up compile:" in err
-    student, _, _ = trainer.train.build_models(load_config(None, ["quant.scheme=w4a8kv8", "train.teacher_topk=8"]))
+    student, _, _ = trainer.train.build_models(load_config(PUBLISHED, ["quant.scheme=w4a8kv8", "train.teacher_topk=8"]))
     assert student._compiled_call_impl is None and capsys.readouterr().err == ""
 
 

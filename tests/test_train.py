@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import PUBLISHED
 
 from qat.apply import quantize_model
 from trainer.config import load_config
@@ -146,7 +147,7 @@ def test_tiny_qat_run_lowers_kd_loss(master, autocast):
     teacher.to(torch.bfloat16)
     student.to(dtype)
     quantize_model(student, "w4a8kv8")
-    cfg = load_config(None, [f"train.master_weights={master}", "train.lr=3e-4", "train.max_steps=30",
+    cfg = load_config(PUBLISHED, [f"train.master_weights={master}", "train.lr=3e-4", "train.max_steps=30",
                              "train.warmup_steps=3"]).train
     module = QATModule(student, teacher, cfg)
     g = torch.Generator().manual_seed(0)
@@ -171,7 +172,7 @@ def test_a_bf16_autocast_step_matches_the_fp32_step_to_bf16_precision():
     agree with the fp32 step to bf16's resolution, not bit for bit."""
     teacher, student = peaked_llama(), peaked_llama()
     quantize_model(student, "w4a8kv8")
-    module = QATModule(student, teacher, load_config(None, ["train.master_weights=fp32"]).train)
+    module = QATModule(student, teacher, load_config(PUBLISHED, ["train.master_weights=fp32"]).train)
     ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     runs = {}
@@ -313,7 +314,7 @@ def test_tiny_qat_run_from_cached_topk_lowers_the_full_kd_loss():
     teacher, student = peaked_llama(), peaked_llama()
     teacher.to(torch.bfloat16)
     quantize_model(student, "w4a8kv8")
-    cfg = load_config(None, ["train.lr=3e-4", "train.max_steps=30", "train.warmup_steps=3",
+    cfg = load_config(PUBLISHED, ["train.lr=3e-4", "train.max_steps=30", "train.warmup_steps=3",
                              "train.master_weights=fp32"]).train
     g = torch.Generator().manual_seed(0)
     data = []
@@ -349,7 +350,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 
             enable_checkpointing(student)
         student.train()
-        cfg = load_config(None, []).train
+        cfg = load_config(PUBLISHED, []).train
         module = QATModule(student, teacher, cfg)
         ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
         loss = module.losses({"input_ids": ids, "attention_mask": torch.ones_like(ids)})["loss"]

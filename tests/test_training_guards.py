@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_run_dir
+from conftest import PUBLISHED, tiny_run_dir
 from safetensors.torch import load_file, save_file
 
 from trainer.callbacks import CtrlC
@@ -27,7 +27,7 @@ def dirs(tmp_path_factory, bundled_tokenizer):
 
 
 def train(dirs, model, out, *extra):
-    return [sys.executable, "-m", "trainer", "train", f"model.name_or_path={model}",
+    return [sys.executable, "-m", "trainer", "train", PUBLISHED, f"model.name_or_path={model}",
             f"data.path={dirs / 'corpus.txt'}", "data.seq_len=32", "train.max_steps=6", "train.save_every=2",
             "train.keep_last=2", "train.val_every=1000", "train.micro_batch_size=2", "train.lr=3e-4",
             "distributed.strategy=single", f"output_dir={out}", *extra]
@@ -125,7 +125,8 @@ def test_a_truncated_newest_checkpoint_is_named_with_the_fix(dirs, tmp_path):
 def test_ctrl_c_ends_in_one_distqat_line_after_the_progress_bars(command, dirs, tmp_path):
     out = tmp_path / command
     args = train(dirs, dirs / "teacher", out, "train.max_steps=400") if command == "train" else [
-        sys.executable, "-m", "trainer", "generate", f"model.name_or_path={dirs / 'teacher'}", "model.dtype=float32",
+        sys.executable, "-m", "trainer", "generate", PUBLISHED, f"model.name_or_path={dirs / 'teacher'}",
+        "model.dtype=float32",
         f"generate.out_dir={out}", "generate.n_samples=4000", "generate.max_length=64", "generate.batch_size=4",
         "generate.shard_size=8"]
     # A suite started in the background of a shell without job control inherits SIGINT ignored, and so would the
