@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import pytest
-from conftest import save_tiny_teacher
+from conftest import PUBLISHED, save_tiny_teacher
 
 from trainer.cli import COMMANDS, main
 
@@ -106,29 +106,29 @@ def d(tmp_path_factory, bundled_tokenizer) -> Path:
 
 
 def ev(d: Path, o: Path, *kv: str) -> list[str]:
-    return ["eval", f"model.name_or_path={d / 'tiny_base'}", f"data.path={d / 'text.txt'}", "eval.max_tokens=64",
-            "eval.seq_len=32", f"output_dir={o}", *kv]
+    return ["eval", PUBLISHED, f"model.name_or_path={d / 'tiny_base'}", f"data.path={d / 'text.txt'}",
+            "eval.max_tokens=64", "eval.seq_len=32", f"output_dir={o}", *kv]
 
 
 def pq(d: Path, o: Path, *kv: str) -> list[str]:
-    return ["ptq", f"model.name_or_path={d / 'tiny_base'}", "ptq.method=rtn", "quant.scheme=w4g32",
+    return ["ptq", PUBLISHED, f"model.name_or_path={d / 'tiny_base'}", "ptq.method=rtn", "quant.scheme=w4g32",
             f"data.path={d / 'text.txt'}", f"output_dir={o}", *kv]
 
 
 def tr(d: Path, o: Path, *kv: str) -> list[str]:
-    return ["train", f"model.name_or_path={d / 'tiny_base'}", "quant.scheme=w4g32", f"data.path={d / 'text.txt'}",
-            "data.seq_len=32", "train.max_steps=2", "train.val_every=1000", "distributed.strategy=single",
-            f"output_dir={o}", *kv]
+    return ["train", PUBLISHED, f"model.name_or_path={d / 'tiny_base'}", "quant.scheme=w4g32",
+            f"data.path={d / 'text.txt'}", "data.seq_len=32", "train.max_steps=2", "train.val_every=1000",
+            "distributed.strategy=single", f"output_dir={o}", *kv]
 
 
 def gen(d: Path, o: Path, *kv: str) -> list[str]:
-    return ["generate", f"model.name_or_path={d / 'tiny_base'}", "generate.n_samples=4", "generate.max_length=12",
-            "generate.batch_size=2", f"output_dir={o}", *kv]
+    return ["generate", PUBLISHED, f"model.name_or_path={d / 'tiny_base'}", "generate.n_samples=4",
+            "generate.max_length=12", "generate.batch_size=2", f"output_dir={o}", *kv]
 
 
 def pl(d: Path, o: Path, *kv: str) -> list[str]:
-    return ["pipeline", f"model.name_or_path={d / 'tiny_base'}", f"data.path={d / 'text.txt'}", "quant.scheme=w4g32",
-            "generate.n_samples=4", "generate.max_length=12", "generate.batch_size=2",
+    return ["pipeline", PUBLISHED, f"model.name_or_path={d / 'tiny_base'}", f"data.path={d / 'text.txt'}",
+            "quant.scheme=w4g32", "generate.n_samples=4", "generate.max_length=12", "generate.batch_size=2",
             "data.seq_len=8", "train.max_steps=1", "eval.max_tokens=64", "eval.seq_len=32", f"output_dir={o}", *kv]
 
 
