@@ -17,7 +17,7 @@ from .export import load_quantized
 from .io.folders import Folder, Kind, inspect, load_fake_quant
 from .io.models import load_model, resolve_dtype
 from .ptq import llm_int8
-from .ptq.aqlm_linear import load_aqlm
+from .ptq.aqlm_folder import load_aqlm
 
 __all__ = ["Folder", "Kind", "inspect", "load"]
 

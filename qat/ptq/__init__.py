@@ -9,8 +9,8 @@ quantizers, so `qat.load.load` reloads it and convert/eval read it like a QAT mo
 parts (`parts.py`) listed in `registry.py`, one module each with its own config section.
 """
 
+from ..runtime.llm_int8 import Int8OutlierLinear
 from .config import PTQConfig
-from .llm_int8 import Int8OutlierLinear
 from .loop import check, needs_calibration, run_ptq
 from .parts import Baseline, PTQReport, Rounding, Transform
 from .registry import METHODS, parse_method

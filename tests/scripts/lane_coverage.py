@@ -26,12 +26,12 @@ DISPATCHERS = {
     "qat/device.py": ["device_path", "launch_device"],
     "qat/quantizers.py": ["fake_quant"],
     "qat/kernels/__init__.py": ["_kernel_runs", "fused_fake_quant_rows", "fused_rms_norm_quant"],
-    "qat/export/ops.py": ["_use_triton", "_fallback", "resolve_impl", "dequantize_weight", "linear_a16",
-                          "quantize_act_int8", "linear_a8"],
-    "qat/export/tinygemm.py": ["tinygemm_supported", "_tinygemm_pack", "_tinygemm_mm", "prepared"],
-    "qat/export/fp8.py": ["scaled_mm_supported", "linear_fp8"],
-    "qat/ptq/llm_int8.py": ["int_matmul", "Int8OutlierLinear.forward"],
-    "qat/qlora/packed.py": ["PackedLinear.dequantized_weight"],
+    "qat/runtime/ops.py": ["_use_triton", "_fallback", "resolve_impl", "dequantize_weight", "linear_a16",
+                           "quantize_act_int8", "linear_a8"],
+    "qat/runtime/tinygemm.py": ["tinygemm_supported", "_tinygemm_pack", "_tinygemm_mm", "prepared"],
+    "qat/runtime/fp8.py": ["scaled_mm_supported", "linear_fp8"],
+    "qat/runtime/llm_int8.py": ["int_matmul", "Int8OutlierLinear.forward"],
+    "qat/runtime/packed.py": ["PackedLinear.dequantized_weight"],
     "qat/fast.py": ["_RMSNormQuant.forward"],
 }
 

@@ -3,7 +3,7 @@
 Layout of one converted weight (out N, in K, group size g, G = K // g groups; g == K is per channel):
 
 - bits != 8: `qweight` int32 (N, ceil(K * bits / 32)), the unsigned codes u in [0, 2**bits) packed by
-  `qat.export.pack.pack_int32`; `zero` None (symmetric: z = 2**(bits-1)) or unsigned zeros (N, G).
+  `qat.runtime.pack.pack_int32`; `zero` None (symmetric: z = 2**(bits-1)) or unsigned zeros (N, G).
 - bits == 8: `qweight` int8 (N, K), the signed codes q = u - 128; `zero` None (z = 0) or the signed
   zeros z_u - 128 (N, G).
 - `scale` (N, G) in bf16/fp16/fp32, exact in its dtype; the weight is (code - zero) * scale.
@@ -14,14 +14,13 @@ trained fake-quant weight bit for bit. The 8-bit activation path quantizes each 
 fake-quant activation quantizer would, then accumulates integer products exactly (int32 on the GPU,
 float64 on the CPU, where every partial sum is an integer below 2**53) and applies the scales in fp32.
 
-On CPU tensors the torch reference of `qat.export.reference` runs. On CUDA the Triton kernels of
-`qat.export.triton_ops`, torch's int4 tinygemm kernel or a dequantize-then-cuBLAS path run, chosen per
+On CPU tensors the torch reference of `qat.runtime.reference` runs. On CUDA the Triton kernels of
+`qat.runtime.triton_ops`, torch's int4 tinygemm kernel or a dequantize-then-cuBLAS path run, chosen per
 path and number of tokens M from `DISPATCH`; DISTQAT_INT_KERNELS=0 forces the reference.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
@@ -56,7 +55,7 @@ _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #            Not bit-exact for asymmetric grids: tinygemm takes the zero as a bf16 float.
 #   gemv     w4a16, 2/4-bit weights, small M: a Triton GEMV on CUDA cores (packed words read once,
 #            split-K over >= 4 programs per SM).
-#   triton   the fused Triton GEMM of qat.export.triton_ops (int codes unpacked in the main loop; for a8
+#   triton   the fused Triton GEMM of qat.runtime.triton_ops (int codes unpacked in the main loop; for a8
 #            int8 tensor-core dots with scales, zero points and bias in the epilogue)
 #   dequant  a16: the Triton dequantization kernel writes the weight once in x.dtype, then cuBLAS
 #            (F.linear). a8: the activation is quantized (fused kernel) and dequantized to x.dtype, the
@@ -155,7 +154,7 @@ def _fallback(x: torch.Tensor) -> str:
 
 
 def _triton_ops():
-    """qat.export.triton_ops, imported on first use of a kernel."""
+    """qat.runtime.triton_ops, imported on first use of a kernel."""
     # lazy: triton.jit reads TRITON_INTERPRET when the kernels are defined, and triton is optional on CPU
     from . import triton_ops
 
@@ -312,7 +311,3 @@ def _linear_a8_int_mm(xq, xs, xz, qweight, scale, zero, bias, dtype) -> torch.Te
         y = y + bias.float()
     return y.to(dtype)
 
-
-def roofline_weight_bytes(n: int, k: int, bits: int, group_size: int, scale_bytes: int = 2) -> int:
-    """Bytes a linear must read at least for its weight: packed codes plus scales (benchmarks' roofline)."""
-    return n * math.ceil(k * bits / 8) + n * (k // group_size) * scale_bytes
