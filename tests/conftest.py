@@ -30,7 +30,7 @@ LAUNCHERS = {
     "linear_gemv": ("qat.runtime.triton_ops", "linear_gemv"),
     "quantize_act_int8": ("qat.runtime.triton_ops", "quantize_act_int8"),
     "linear_a8": ("qat.runtime.triton_ops", "linear_a8"),
-    "tinygemm": ("qat.runtime.ops", "linear_tinygemm"),
+    "tinygemm": ("qat.runtime.int_kernels", "linear_tinygemm"),
 }
 
 

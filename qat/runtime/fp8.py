@@ -27,7 +27,7 @@ from torch import nn
 from ..device import device_path
 from ..quantizers import FP8_MAX, minmax_qparams
 from ..spec import TensorSpec
-from .ops import kernels_enabled
+from .int_kernels import kernels_enabled
 
 __all__ = ["FP8", "FP8_SUPPORTED", "Fp8Linear", "unsupported", "quantize_act_fp8", "linear_fp8",
            "scaled_mm_supported"]
