@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kernels.fake_quant import _round_to
+from ..kernels.fake_quant import round_to
 from .triton_common import (
     DTYPE_CODES,
     KERNEL_BITS,
@@ -112,7 +112,7 @@ def _a16_kernel(
         if EMULATE:
             # The interpreter's dot misreads bit-cast bf16 tiles: dot in fp32 on values rounded to
             # X_DTYPE, which is what a 16-bit dot with fp32 accumulation computes.
-            acc += tl.dot(x.to(tl.float32), _round_to(w, X_DTYPE, True), input_precision="ieee")
+            acc += tl.dot(x.to(tl.float32), round_to(w, X_DTYPE, True), input_precision="ieee")
         elif IEEE:
             acc += tl.dot(x, w, input_precision="ieee")
         else:

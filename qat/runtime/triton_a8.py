@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..device import on_cuda
-from ..kernels.fake_quant import _clamp, _reciprocal, _rint
+from ..kernels.fake_quant import clamp, reciprocal, rint
 from .triton_common import (
     DTYPE_CODES,
     KERNEL_BITS,
@@ -60,7 +60,7 @@ def _act_quant_kernel(
             scale = tl.div_rn(absmax, tl.zeros_like(absmax) + q_range)
         scale = tl.maximum(scale, 1e-8)  # qat.quantizers.EPS
         y = tl.div_rn(x, tl.broadcast_to(scale[:, None], (BLOCK_R, BLOCK_K)))
-        q = _clamp(_rint(y), -128.0, 127.0)
+        q = clamp(rint(y), -128.0, 127.0)
         zero = tl.zeros_like(scale)
     else:
         lo = tl.minimum(tl.min(x, 1), 0.0)
@@ -70,9 +70,9 @@ def _act_quant_kernel(
         else:
             scale = tl.div_rn(hi - lo, tl.zeros_like(hi) + q_range)
         scale = tl.maximum(scale, 1e-8)
-        zero = _clamp(_rint(tl.div_rn(-lo, scale)), 0.0, 255.0)
+        zero = clamp(rint(tl.div_rn(-lo, scale)), 0.0, 255.0)
         y = tl.div_rn(x, tl.broadcast_to(scale[:, None], (BLOCK_R, BLOCK_K)))
-        q = _clamp(_rint(y) + zero[:, None], 0.0, 255.0) - 128.0
+        q = clamp(rint(y) + zero[:, None], 0.0, 255.0) - 128.0
         tl.store(z_ptr + rows, zero.to(tl.int32) - 128, mask=rmask)
     tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], q.to(tl.int32).to(tl.int8), mask=mask)
     tl.store(s_ptr + rows, scale, mask=rmask)
@@ -97,7 +97,7 @@ def quantize_act_int8(x2d: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor,
     warps = 2 if elems <= 1024 else 4 if elems <= 2048 else 8 if elems <= 8192 else 16
     q_range = 127 if symmetric else 255
     _act_quant_kernel[(triton.cdiv(m, br),)](
-        x, xq, xs, xs if xz is None else xz, m, k, x.stride(0), _reciprocal(q_range), float(q_range),
+        x, xq, xs, xs if xz is None else xz, m, k, x.stride(0), reciprocal(q_range), float(q_range),
         SYMMETRIC=bool(symmetric), RECIP=on_cuda(x), BLOCK_R=br, BLOCK_K=bk, num_warps=warps,
     )
     return xq, xs, xz

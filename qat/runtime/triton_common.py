@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ..device import on_cuda
-from ..kernels.fake_quant import _round_bf16, _round_fp16
+from ..kernels.fake_quant import round_bf16, round_fp16
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 KERNEL_BITS = (2, 4, 8)  # widths the kernels unpack (a code never spans two words)
@@ -42,12 +42,12 @@ def cast(v, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
     """fp32 v -> DTYPE (0 fp32, 1 bf16, 2 fp16), round to nearest even on every backend."""
     if DTYPE == 1:
         if EMULATE:
-            return (_round_bf16(v).to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            return (round_bf16(v).to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
         else:
             return v.to(tl.bfloat16)
     elif DTYPE == 2:
         if EMULATE:
-            return _round_fp16(v).to(tl.float16)
+            return round_fp16(v).to(tl.float16)
         else:
             return v.to(tl.float16)
     else:
