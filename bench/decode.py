@@ -72,7 +72,7 @@ def build(shape: str, scheme: str, lm_heads: list[str], tmp: Path, device: str =
 
 def weight_bytes(model) -> int:
     """Bytes a decode step must read: every linear's weights (the embedding lookup reads one row)."""
-    from qat.export.runtime import IntLinear
+    from qat.runtime.int_linear import IntLinear
 
     seen, n = set(), 0
     for m in model.modules():

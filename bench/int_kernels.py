@@ -1,4 +1,4 @@
-"""Benchmark: the integer runtime linears (qat.export.ops) against bf16 F.linear, per path, shape and M.
+"""Benchmark: the integer runtime linears (qat.runtime.ops) against bf16 F.linear, per path, shape and M.
 
     python -m bench.int_kernels [--m 1,16,64,256,1024,4096] [--json results.json]
 
@@ -8,10 +8,10 @@ For each (K, N) shape and each runtime path
   w8a8   int8 per-channel weights, int8 per-token activations
   w4a8   int4 weights, group 128, int8 per-token activations
 it times, with triton.testing.do_bench (median µs), bf16 F.linear on a weight of the same shape and every
-implementation of the path that takes the shape (qat.export.ops.IMPLS: tinygemm, gemv, triton, dequant,
+implementation of the path that takes the shape (qat.runtime.ops.IMPLS: tinygemm, gemv, triton, dequant,
 int_mm; the CPU-style reference is left out on CUDA; tinygemm is missing from a row when its first-use self-check
 failed, which it warns about once), prints speedup = bf16 time / implementation time (> 1: faster than bf16), which
-implementation the dispatcher (qat.export.ops.DISPATCH) runs at that M and the best one measured, and
+implementation the dispatcher (qat.runtime.ops.DISPATCH) runs at that M and the best one measured, and
 for M = 1 the roofline of reading the weight once (packed codes + bf16 scales at 3.0e12 B/s).
 The a8 timings include quantizing the activations (the fused per-token kernel).
 Set the thresholds of DISPATCH from this table: the chosen implementation should be the fastest, and
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -71,9 +72,14 @@ def bench_us(fn, rep: int, cuda: bool = True) -> float:
     return 1e3 * float(do_bench(fn, warmup=25, rep=rep, return_mode="median"))
 
 
+def roofline_weight_bytes(n: int, k: int, bits: int, group_size: int, scale_bytes: int = 2) -> int:
+    """Bytes a linear must read at least for its weight: packed codes plus scales (the roofline)."""
+    return n * math.ceil(k * bits / 8) + n * (k // group_size) * scale_bytes
+
+
 def make_layer(k: int, n: int, bits: int, group, seed: int, device: str = "cuda"):
     """Random converted weights in the runtime layout (symmetric), and their bf16 dequantization."""
-    from qat.export.pack import pack_int32
+    from qat.runtime.pack import pack_int32
 
     g = group or k
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -110,7 +116,7 @@ def main(argv=None) -> int:
         return 1
     import triton
 
-    from qat.export import ops
+    from qat.runtime import ops
 
     ms = [int(v) for v in args.m.split(",") if v.strip()]
     shapes = args.shapes
@@ -133,7 +139,7 @@ def main(argv=None) -> int:
         for path in paths:
             bits, group, a8 = PATHS[path]
             qweight, scale, zero, g = make_layer(k, n, bits, min(group or k, k), seed=k + n, device=dev)
-            wbytes = ops.roofline_weight_bytes(n, k, bits, g)
+            wbytes = roofline_weight_bytes(n, k, bits, g)
             for m in ms:
                 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
 

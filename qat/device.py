@@ -26,7 +26,7 @@ import torch
 TRITON_OPS: dict[str, str] = {
     "fake_quant": "qat/kernels/fake_quant.py: per-row min/max int fake quant (weights, activations, KV cache)",
     "norm_quant": "qat/kernels/norm_quant.py: RMSNorm + per-token fake quant (train.speedups=[norm_quant])",
-    "int_linear": "qat/export/triton_*.py: weight dequantization, the W*A16 / W*A8 GEMMs and GEMV, int8 "
+    "int_linear": "qat/runtime/triton_*.py: weight dequantization, the W*A16 / W*A8 GEMMs and GEMV, int8 "
                   "activation codes (the integer runtime and the QLoRA packed base); the dispatcher's tinygemm "
                   "choice runs aten's CPU variant of tinygemm on CPU tensors",
 }
@@ -36,7 +36,7 @@ CUDA_ONLY: dict[str, str] = {
     "tinygemm_cuda": "torch.ops.aten._weight_int4pack_mm: tinygemm's CUDA kernel and its nibble packing (on CPU "
                      "the dispatcher's tinygemm branch runs _weight_int4pack_mm_for_cpu, which packs int32 codes)",
     "int_mm": "torch._int_mm: cuBLAS's int8 GEMM (w8a8 per channel, impl='int_mm'; LLM.int8()'s int8 part)",
-    "scaled_mm": "torch._scaled_mm: the fp8 GEMM of compute capability 8.9+ (qat.export.fp8.Fp8Linear)",
+    "scaled_mm": "torch._scaled_mm: the fp8 GEMM of compute capability 8.9+ (qat.runtime.fp8.Fp8Linear)",
 }
 
 _HAVE_TRITON: Optional[bool] = None

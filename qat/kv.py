@@ -24,7 +24,7 @@ from .quantizers import ActQuantizer
 from .spec import TensorSpec
 
 PREFIX = "distqat_kv_"
-# Set on K/V tensors that an integer cache (qat.export.cache) returns: already quantized, bit for bit
+# Set on K/V tensors that an integer cache (qat.runtime.kv_cache) returns: already quantized, bit for bit
 # what fake quant would give, so quantizing them again would only add rounding noise.
 QUANTIZED_MARK = "_distqat_kv_quantized"
 

@@ -1,8 +1,9 @@
 """`load(path)`: any folder distqat reads or writes, as a model ready to run.
 
-It sits above PTQ and export because it dispatches to them: the kind comes from `qat.io.folders.inspect`,
-base and fake-quant (QAT, PTQ) models load there, LLM.int8() models are restored by `qat.ptq.llm_int8`,
-integer checkpoints load in `qat.export`.
+The kind comes from `qat.io.folders.inspect`; base and fake-quant (QAT, PTQ) models load there. The other kinds
+hold `qat.runtime` layers, but each is read by the code that defines its format: integer checkpoints by
+`qat.export`, AQLM folders by `qat.ptq.aqlm_folder`, LLM.int8() models by `qat.ptq.llm_int8`. So this module is a
+layer of its own just above PTQ and export (the lowest that can reach all three), and below `qat.qlora`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .export import load_quantized
 from .io.folders import Folder, Kind, inspect, load_fake_quant
 from .io.models import load_model, resolve_dtype
 from .ptq import llm_int8
-from .ptq.aqlm_linear import load_aqlm
+from .ptq.aqlm_folder import load_aqlm
 
 __all__ = ["Folder", "Kind", "inspect", "load"]
 

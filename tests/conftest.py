@@ -28,12 +28,12 @@ LANE = interpret_mode()
 LAUNCHERS = {
     "fake_quant": ("qat.kernels.fake_quant", "fake_quant_rows"),
     "norm_quant": ("qat.kernels.norm_quant", "rms_norm_quant_rows"),
-    "dequantize": ("qat.export.triton_ops", "dequantize"),
-    "linear_a16": ("qat.export.triton_ops", "linear_a16"),
-    "linear_gemv": ("qat.export.triton_ops", "linear_gemv"),
-    "quantize_act_int8": ("qat.export.triton_ops", "quantize_act_int8"),
-    "linear_a8": ("qat.export.triton_ops", "linear_a8"),
-    "tinygemm": ("qat.export.ops", "linear_tinygemm"),
+    "dequantize": ("qat.runtime.triton_ops", "dequantize"),
+    "linear_a16": ("qat.runtime.triton_ops", "linear_a16"),
+    "linear_gemv": ("qat.runtime.triton_ops", "linear_gemv"),
+    "quantize_act_int8": ("qat.runtime.triton_ops", "quantize_act_int8"),
+    "linear_a8": ("qat.runtime.triton_ops", "linear_a8"),
+    "tinygemm": ("qat.runtime.int_kernels", "linear_tinygemm"),
 }
 
 

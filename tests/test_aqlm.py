@@ -19,8 +19,8 @@ from conftest import PUBLISHED
 from qat.load import Kind, inspect, load
 from qat.ptq import PTQConfig, run_ptq
 from qat.ptq.aqlm import AQLMConfig, aqlm, beam_search, reconstruct
-from qat.ptq.aqlm_linear import AQLMLinear, dequantize, pack_codes, unpack_codes
 from qat.ptq.grid import output_error, rtn
+from qat.runtime.aqlm import AQLMLinear, dequantize, pack_codes, unpack_codes
 from qat.spec import parse
 
 F64 = torch.float64

@@ -13,9 +13,9 @@ from conftest import LANE, PUBLISHED
 from qat.apply import quantize_model
 from qat.export import convert_model, load_quantized
 from qat.export.format import FormatError
-from qat.export.pack import pack_int32, unpack_int32
-from qat.export.runtime import IntLinear
 from qat.linear import QuantLinear
+from qat.runtime.int_linear import IntLinear
+from qat.runtime.pack import pack_int32, unpack_int32
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,8 +125,8 @@ def test_int8_activation_runtime_matches_fake_quant_within_bf16_rounding(tiny_mo
 def test_generate_with_the_integer_kv_cache_matches_fake_quant(tiny_model, tmp_path, kv, bits, kernel_calls):
     from transformers import DynamicCache
 
-    from qat.export.cache import IntKVCache
     from qat.io.models import cache_kwarg
+    from qat.runtime.kv_cache import IntKVCache
 
     new = 4 if LANE else 12  # the interpreter runs every decode step's kernels: fewer steps in the lane
     model = _quantized(tiny_model, kv, torch.float32)

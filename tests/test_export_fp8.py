@@ -13,11 +13,11 @@ from conftest import PUBLISHED
 from qat.apply import quantize_model
 from qat.export import convert_folder, convert_model, load_quantized
 from qat.export.format import FormatError
-from qat.export.fp8 import FP8, Fp8Linear, linear_fp8, quantize_act_fp8, scaled_mm_supported
 from qat.export.readers import vllm_scheme
 from qat.linear import QuantLinear
 from qat.load import load
 from qat.quantizers import fake_quant
+from qat.runtime.fp8 import FP8, Fp8Linear, linear_fp8, quantize_act_fp8, scaled_mm_supported
 from qat.spec import QuantSpec, TensorSpec, parse
 
 N_LINEARS = 14  # 2 layers x (q, k, v, o, gate, up, down)

@@ -1,4 +1,4 @@
-"""The Triton kernels of the integer runtime (qat.export.triton_ops) against the reference ops.
+"""The Triton kernels of the integer runtime (qat.runtime.triton_ops) against the reference ops.
 
 - In the interpreter (TRITON_INTERPRET=1 must be set before triton is imported, so they run in the device
   lane, `TRITON_INTERPRET=1 pytest -m lane`): dequantization and activation codes
@@ -63,7 +63,7 @@ def _ulp_close(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, dtype:
 
 
 def _check_interpreter() -> list[str]:
-    from qat.export import ops, reference, triton_common, triton_ops
+    from qat.runtime import ops, reference, triton_common, triton_ops
 
     errors = []
 
@@ -126,7 +126,7 @@ def _check_interpreter() -> list[str]:
     # The kill switch sends everything to the reference even where kernels could run.
     os.environ["DISTQAT_INT_KERNELS"] = "0"
     try:
-        import qat.export.triton_ops as T
+        import qat.runtime.triton_ops as T
 
         saved, T.linear_a8 = T.linear_a8, None  # would raise if called
         w = _weight(32, 64, torch.bfloat16)
@@ -212,7 +212,7 @@ def test_kernels_compile_for_a_gpu_target_offline(part, monkeypatch):
 import sys
 sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
 import test_export_kernels as t
-from qat.export import triton_cases
+import triton_cases
 target = t._offline_target_or_exit()
 cases = [c for c in triton_cases.compile_cases(flag_variants=False) if c["name"].split()[0] == {part!r}]
 assert cases, "no cases"
@@ -244,7 +244,7 @@ def test_int_dots_name_their_out_dtype():
     this. Every tl.dot given an accumulator must name out_dtype."""
     import ast
 
-    trees = [ast.parse(path.read_text()) for path in sorted((ROOT / "qat" / "export").glob("triton_*.py"))]
+    trees = [ast.parse(path.read_text()) for path in sorted((ROOT / "qat" / "runtime").glob("triton_*.py"))]
     dots = [n for tree in trees for n in ast.walk(tree) if isinstance(n, ast.Call)
             and isinstance(n.func, ast.Attribute) and n.func.attr == "dot" and isinstance(n.func.value, ast.Name)
             and n.func.value.id == "tl"]
@@ -276,7 +276,7 @@ CUDA_CASES = [
 @pytest.mark.parametrize("bits,wsym,group,act_sym", CUDA_CASES)
 @pytest.mark.parametrize("m", [1, 16, 100, 1024])
 def test_cuda_paths_match_reference(bits, wsym, group, act_sym, m, monkeypatch):
-    from qat.export import ops, reference
+    from qat.runtime import ops, reference
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     k, n = 4096, 1024
@@ -293,7 +293,7 @@ def test_cuda_paths_match_reference(bits, wsym, group, act_sym, m, monkeypatch):
         # tinygemm rounds an asymmetric zero to bf16 and may accumulate differently: twice the bound.
         tol = 2 if impl in ("tinygemm", "gemv", None) else 1
         assert _ulp_close(out, ref16, tol * bound, torch.bfloat16), f"a16 {impl}"
-    from qat.export import tinygemm
+    from qat.runtime import tinygemm
 
     if bits == 4 and group in tinygemm.TINYGEMM_GROUPS:  # the packing convention held on this GPU
         assert tinygemm._tinygemm_state["disabled"] is None, tinygemm._tinygemm_state["disabled"]

@@ -1,4 +1,4 @@
-"""The integer runtime ops (qat.export.ops) against the fake-quant numerics and exact integer arithmetic.
+"""The integer runtime ops (qat.runtime.ops) against the fake-quant numerics and exact integer arithmetic.
 
 - CPU reference: dequantized weights equal the trained fake-quant weights bit for bit; per-token int8
   activation codes reproduce the fake-quant activation exactly; the W*A8 accumulation equals an int64
@@ -64,8 +64,8 @@ def _spec(bits: int, symmetric: bool, group: int | None, method: str = "minmax")
 def convert(w: torch.Tensor, spec):
     """(fake-quant weight, qweight, scale, zero, group_size, unsigned codes, unsigned zeros) as convert + load
     lay them out: packed unsigned codes (int8 signed ones for 8 bits), zeros in the matching domain."""
-    from qat.export.pack import pack_int32
     from qat.quantizers import WeightQuantizer
+    from qat.runtime.pack import pack_int32
 
     wq = WeightQuantizer(spec, w)
     with torch.no_grad():
@@ -117,7 +117,7 @@ WEIGHT_CASES = [
 @pytest.mark.lane
 @pytest.mark.parametrize("bits,sym,group,dtype", WEIGHT_CASES)
 def test_dequantize_equals_fake_quant(bits, sym, group, dtype, kernel_calls):
-    from qat.export.ops import dequantize_weight
+    from qat.runtime.ops import dequantize_weight
 
     w = _weight(48, 128, dtype, seed=bits)
     fq, qweight, scale, zero, g, u, zu = convert(w, _spec(bits, sym, group))
@@ -133,7 +133,7 @@ def test_dequantize_equals_fake_quant(bits, sym, group, dtype, kernel_calls):
 @pytest.mark.lane
 def test_dequantize_clipping_scales():
     """mse-searched (clipping) scales: codes at the grid edges still dequantize to the fake-quant weight."""
-    from qat.export.ops import dequantize_weight
+    from qat.runtime.ops import dequantize_weight
 
     for sym in (True, False):
         w = _weight(32, 64, torch.bfloat16, seed=5)
@@ -145,8 +145,8 @@ def test_dequantize_clipping_scales():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("sym", [True, False])
 def test_quantize_act_int8_equals_fake_quant(dtype, sym, kernel_calls):
-    from qat.export.ops import quantize_act_int8
     from qat.quantizers import fake_quant
+    from qat.runtime.ops import quantize_act_int8
     from qat.spec import TensorSpec
 
     x = _acts((9, 96), dtype)
@@ -174,13 +174,8 @@ def test_quantize_act_int8_equals_fake_quant(dtype, sym, kernel_calls):
     (3, False, 64, False), (2, True, 32, True),
 ])
 def test_linear_a8_integer_accumulation_exact(bits, wsym, group, asym_act, kernel_calls):
-    from qat.export.ops import (
-        a8_epilogue_reference,
-        group_accumulate_reference,
-        linear_a8,
-        quantize_act_int8,
-        resolve_impl,
-    )
+    from qat.runtime.ops import linear_a8, quantize_act_int8, resolve_impl
+    from qat.runtime.reference import a8_epilogue_reference, group_accumulate_reference
 
     k, n = 128, 48
     w = _weight(n, k, torch.bfloat16, seed=bits)
@@ -207,7 +202,7 @@ def test_linear_a8_integer_accumulation_exact(bits, wsym, group, asym_act, kerne
 
 def test_linear_a8_extreme_codes_exact():
     """Codes at both ends of the grids (products 255 * 255) over a long group still sum exactly."""
-    from qat.export.ops import group_accumulate_reference
+    from qat.runtime.reference import group_accumulate_reference
 
     k, n = 4096, 4
     u = torch.tensor([0, 255]).repeat(n, k // 2)
@@ -223,7 +218,7 @@ def test_linear_a8_extreme_codes_exact():
 @pytest.mark.lane
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_linear_a16_reference(dtype):
-    from qat.export.ops import linear_a16, resolve_impl
+    from qat.runtime.ops import linear_a16, resolve_impl
 
     w = _weight(48, 128, dtype)
     fq, qweight, scale, zero, g, _, _ = convert(w, _spec(4, False, 32))
@@ -240,8 +235,8 @@ def test_linear_a16_reference(dtype):
 @pytest.mark.lane
 def test_linear_a8_close_to_fake_quant_model():
     """The integer path computes the fake-quant model's product, only more exactly (one rounding)."""
-    from qat.export.ops import linear_a8
     from qat.quantizers import fake_quant
+    from qat.runtime.ops import linear_a8
     from qat.spec import TensorSpec
 
     w = _weight(48, 128, torch.float32)
@@ -255,7 +250,7 @@ def test_linear_a8_close_to_fake_quant_model():
 
 
 def test_layout_errors_and_dispatch(monkeypatch):
-    from qat.export import ops
+    from qat.runtime import ops
 
     qweight = torch.zeros(4, 8, dtype=torch.int32)  # 4 bits x 64 columns
     scale = torch.ones(4, 2, dtype=torch.bfloat16)
@@ -289,7 +284,7 @@ needs_tinygemm_cpu = pytest.mark.skipif(not HAVE_TINYGEMM_CPU, reason="torch lac
 
 @pytest.fixture
 def fresh_tinygemm(monkeypatch):
-    from qat.export import tinygemm
+    from qat.runtime import tinygemm
 
     monkeypatch.setitem(tinygemm._tinygemm_state, "disabled", None)
     return tinygemm
@@ -302,7 +297,7 @@ def test_tinygemm_scale_zero_convention_cpu(sym, group, fresh_tinygemm, monkeypa
     """(u - 8) * scale + zero with zero = (8 - z) * scale is our (u - z) * scale: tinygemm's output is
     the fake-quant linear within bf16 rounding (asymmetric zeros are rounded to bf16), and the repacked
     weight is built once and cached on the qweight tensor."""
-    from qat.export import ops
+    from qat.runtime import ops
 
     tg = fresh_tinygemm
     k, n = 512, 48
@@ -331,7 +326,7 @@ def test_tinygemm_scale_zero_convention_cpu(sym, group, fresh_tinygemm, monkeypa
 def test_tinygemm_self_check_falls_back(fresh_tinygemm, monkeypatch):
     """A packing that disagrees with the dequantized weight is caught on first use: one warning, the
     reference result, and tinygemm is never chosen again in the process."""
-    from qat.export import ops
+    from qat.runtime import ops
 
     tg = fresh_tinygemm
     k, n = 256, 32

@@ -12,6 +12,7 @@ from conftest import PUBLISHED
 
 from qat.apply import quantize_model
 from qat.export import convert_model, load_quantized
+from qat.export.layers import load_compressed
 from qat.export.readers import vllm_scheme
 from qat.linear import QuantLinear
 from qat.spec import QuantSpec, TensorSpec
@@ -208,8 +209,8 @@ def test_older_format_versions_still_load_with_their_kv_cache(tmp_path):
 
 
 def test_generate_takes_the_cache_under_either_name(tmp_path):
-    from qat.export.cache import IntKVCache
     from qat.io.models import cache_kwarg
+    from qat.runtime.kv_cache import IntKVCache
 
     rt = load_quantized(convert_model(_quantized("w4g64a8kv8", torch.float32), tmp_path / "int"))
     ids = _ids(n=8, seed=1)
@@ -251,7 +252,7 @@ def test_w4a8_layers_are_unpacked_int8_and_run_as_before(tmp_path):
                        dtype=torch.float32)
     prefix = "model.layers.0.mlp.down_proj."
     with pytest.raises(ValueError, match="down_proj.weight holds codes outside the 4-bit range"):
-        layer.load_compressed({k[len(prefix):]: v for k, v in bad.items() if k.startswith(prefix)}, "down_proj")
+        load_compressed(layer, {k[len(prefix):]: v for k, v in bad.items() if k.startswith(prefix)}, "down_proj")
 
 
 def test_a_custom_spec_without_a_short_name_converts_with_its_card(tmp_path):

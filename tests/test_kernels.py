@@ -150,15 +150,15 @@ def _check_rounding() -> list[str]:
     import triton
     import triton.language as tl
 
-    from qat.kernels.fake_quant import _round_to
+    from qat.kernels.fake_quant import round_to
 
-    globals()["_round_to"] = _round_to  # a jit function resolves the functions it calls in its globals
+    globals()["round_to"] = round_to  # a jit function resolves the functions it calls in its globals
 
     @triton.jit
     def kernel(x_ptr, o_ptr, N, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
         c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + c, mask=c < N, other=0.0)
-        tl.store(o_ptr + c, _round_to(x, DTYPE, True), mask=c < N)
+        tl.store(o_ptr + c, round_to(x, DTYPE, True), mask=c < N)
 
     g = torch.Generator().manual_seed(0)
     patterns = torch.randint(0, 2**32, (1 << 16,), generator=g, dtype=torch.int64).to(torch.int32)

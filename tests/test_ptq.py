@@ -16,7 +16,7 @@ from qat.ptq.awq import search_clip, search_scale
 from qat.ptq.gptq import GPTQ, GPTQConfig, gptq
 from qat.ptq.grid import freeze, frozen_spec, output_error, rtn
 from qat.ptq.hqq import hqq
-from qat.ptq.llm_int8 import reference_llm_int8
+from qat.runtime.llm_int8 import EPS
 from qat.spec import parse
 
 F64 = torch.float64
@@ -156,6 +156,22 @@ def test_hqq_lowers_weight_error_vs_rtn():
         torch.testing.assert_close(again.double(), deq, rtol=1e-6, atol=1e-6)
 
 
+def reference_llm_int8(x: torch.Tensor, w: torch.Tensor, threshold: float, bias=None) -> torch.Tensor:
+    """Float64 reference of LLM.int8()'s computation (Int8OutlierLinear), written out apart from it."""
+    x2 = x.reshape(-1, x.shape[-1]).double()
+    w = w.double()
+    cols = (x2.abs() > threshold).any(0)
+    xr = x2.masked_fill(cols, 0)
+    xs = (xr.abs().amax(-1, keepdim=True) / 127).clamp_min(EPS)
+    ws = (w.abs().amax(-1, keepdim=True) / 127).clamp_min(EPS)
+    xq = torch.round(xr / xs).clamp(-127, 127)
+    wq = torch.round(w / ws).clamp(-127, 127)
+    y = (xq @ wq.t()) * xs * ws.t() + x2[:, cols] @ w[:, cols].t()
+    if bias is not None:
+        y = y + bias.double()
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
 def test_llm_int8_equals_fp_matmul_when_threshold_covers_all_columns():
     torch.manual_seed(0)
     lin = nn.Linear(64, 48, dtype=F64)
@@ -180,7 +196,7 @@ def test_llm_int8_matches_float64_reference():
 def test_llm_int8_fast_path_arithmetic_on_cpu(monkeypatch):
     """The CUDA path's arithmetic (torch._int_mm with int32 accumulation, fp32 rescale, fp16 outliers),
     forced on CPU where torch._int_mm exists too: exact integer products, and close to the reference."""
-    from qat.ptq.llm_int8 import int_matmul
+    from qat.runtime.llm_int8 import int_matmul
 
     g = torch.Generator().manual_seed(0)
     a = torch.randint(-127, 128, (32, 64), generator=g, dtype=torch.int8)

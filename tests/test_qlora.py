@@ -12,13 +12,13 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from qat.apply import quantize_model
-from qat.export.pack import unpack_int32
 from qat.linear import QuantLinear
 from qat.qlora.adapters import add_adapters, load_adapters, save_adapters
 from qat.qlora.base import fingerprint, pack_model
 from qat.qlora.config import LoRAConfig
-from qat.qlora.packed import PackedLinear, weight_bytes_ratio
 from qat.quantizers import NF4_LEVELS, weight_rows
+from qat.runtime.pack import unpack_int32
+from qat.runtime.packed import PackedLinear, weight_bytes_ratio
 from qat.spec import parse
 from trainer.train import enable_checkpointing
 

@@ -14,7 +14,7 @@ from qat.load import Kind, inspect, load
 from qat.qlora.adapters import add_adapters
 from qat.qlora.config import LoRAConfig
 from qat.qlora.merge import merge_bf16, merge_qalora, merge_requant
-from qat.qlora.packed import PackedLinear
+from qat.runtime.packed import PackedLinear
 
 
 def with_adapters(scheme="w4g32asym", dtype=torch.float32, zero=False, std=0.05, **lora):

@@ -56,7 +56,7 @@ def _unwrap(tp: Any) -> Any:
     return tp
 
 
-@functools.lru_cache(maxsize=None)  # typing.get_type_hints is slow, and --help walks every section per command
+@functools.cache  # typing.get_type_hints is slow, and --help walks every section per command
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: (_unwrap(hints[f.name]), f) for f in fields(cls)}
@@ -278,7 +278,7 @@ def schema_fields() -> list[tuple[str, Field]]:
     return keys + [(name, f) for name, f, _ in _sections()]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def command_reads(sections: tuple[str, ...], skips: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The key patterns of what a command reads, from the sections its code takes: a section ("model", "ptq.gptq")
     reads all its keys, "section:group" the keys its schema puts in that group (data:text: the text's path and

@@ -37,10 +37,11 @@ from qat.io.models import ModelError, load_model, load_tokenizer
 from qat.keys import AQLM_KEY, HF_QUANT_KEY, PTQ_KEY
 from qat.load import load
 from qat.ptq import check as check_ptq
-from qat.ptq.aqlm_linear import AQLMLinear, aqlm_config
+from qat.ptq.aqlm_folder import aqlm_config
 from qat.ptq.blockwise import reconstruct
 from qat.ptq.registry import BASELINES, METHODS
 from qat.ptq.rotate import rotate_model, rotation_of
+from qat.runtime.aqlm import AQLMLinear
 
 from .commands import ptq_command, wait_for
 from .config import RunConfig, TrainConfig

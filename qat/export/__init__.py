@@ -3,13 +3,15 @@
     distqat convert <model folder> --out <folder>      # or qat.export.convert_folder
     model = qat.load.load(<folder>)                    # or qat.export.load_quantized
 
-fp8 (W8A8 e4m3) layers convert to the float-quantized layout and run as `Fp8Linear` (`fp8.py`).
+fp8 (W8A8 e4m3) layers convert to the float-quantized layout (`fp8.py`). The layers a converted folder runs as
+(`IntLinear`, `Fp8Linear`, the integer KV cache `IntKVCache`) and their kernels are `qat.runtime`'s; the names
+stay importable from here, where users of the integer checkpoint have always found them.
 """
 
-from .cache import IntKVCache
+from ..runtime.fp8 import Fp8Linear
+from ..runtime.int_linear import IntLinear
+from ..runtime.kv_cache import IntKVCache
 from .convert import convert_folder, convert_model
-from .fp8 import Fp8Linear
 from .load import load_quantized
-from .runtime import IntLinear
 
 __all__ = ["convert_folder", "convert_model", "load_quantized", "IntLinear", "Fp8Linear", "IntKVCache"]

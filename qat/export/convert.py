@@ -24,11 +24,13 @@ from ..io.atomic import atomic_dir, check_dir
 from ..io.folders import Kind, inspect, load_fake_quant, spec_label
 from ..keys import EXPORT_KEY, HF_QUANT_KEY, QUANT_KEY
 from ..linear import QuantLinear
+from ..runtime.fp8 import Fp8Linear
+from ..runtime.int_linear import IntLinear
 from ..spec import QuantSpec
 from .format import FormatError, compress, file_sha256, kv_record, weight_args
-from .fp8 import Fp8Linear, compress_fp8
+from .fp8 import compress_fp8
+from .layers import compressed
 from .readers import model_card, reader_notes
-from .runtime import IntLinear
 
 SHARD_BYTES = 4 << 30
 COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -85,7 +87,7 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
     quantized: set[str] = set()
     for name, mod in model.named_modules():
         if isinstance(mod, (QuantLinear, IntLinear, Fp8Linear)):
-            comp, scheme = compress_linear(mod, name) if isinstance(mod, QuantLinear) else mod.compressed(name)
+            comp, scheme = compress_linear(mod, name) if isinstance(mod, QuantLinear) else compressed(mod, name)
             for k, t in comp.items():
                 tensors[f"{name}.{k}"] = t
             quantized.add(name)

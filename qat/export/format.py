@@ -19,8 +19,8 @@ from typing import Any, Optional
 
 import torch
 
+from ..runtime.pack import pack_int32
 from ..spec import TensorSpec
-from .pack import pack_int32
 
 # Version 2 adds `weight_offset`, a real-valued part of the zero point (per output row and weight group,
 # in weight units: W = (code - zero) * scale + offset), which a QA-LoRA merge folds its adapter into.

@@ -17,11 +17,13 @@ from .. import kv as kv_quant
 from ..io.folders import Folder, inspect
 from ..io.models import CACHE_KWARGS, cache_kwarg
 from ..keys import EXPORT_KEY, HF_QUANT_KEY
+from ..runtime.fp8 import Fp8Linear
+from ..runtime.int_linear import IntLinear
+from ..runtime.kv_cache import IntKVCache
 from ..spec import TensorSpec
-from .cache import IntKVCache
 from .format import READ_VERSIONS, FormatError, file_sha256, matches, spec_from_args
-from .fp8 import Fp8Linear, fp8_scheme
-from .runtime import IntLinear
+from .fp8 import fp8_scheme
+from .layers import load_compressed
 
 
 def _checked_config(folder: Folder) -> dict[str, Any]:
@@ -125,7 +127,7 @@ def load_quantized(
         cls = Fp8Linear if w.format == "fp8" else IntLinear
         mod = cls(lin.in_features, lin.out_features, w, a, bias=lin.bias is not None, dtype=dtype)
         prefix = name + "."
-        mod.load_compressed({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, name)
+        load_compressed(mod, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, name)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, mod)
     rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in specs}

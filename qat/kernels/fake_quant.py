@@ -35,20 +35,22 @@ MAX_N = 32768  # longest row handled by one program; longer rows (per-tensor sca
 _DTYPE_CODES = {None: 0, torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
+# Rounding helpers that the norm-quant kernel and the runtime's Triton kernels (qat/runtime/triton_*.py) call
+# too, so that every kernel rounds alike: public names, imported from here.
 @triton.jit
-def _clamp(x, lo: tl.constexpr, hi: tl.constexpr):
+def clamp(x, lo: tl.constexpr, hi: tl.constexpr):
     x = tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL)
     return tl.minimum(x, hi, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
-def _rint(y):
+def rint(y):
     """torch.round (half to even) for finite y with |y| < 2^22 or |y| >= 2^23; NaN and inf pass through."""
     return tl.where(tl.abs(y) < 4194304.0, (y + 12582912.0) - 12582912.0, y)
 
 
 @triton.jit
-def _round_bf16(v):
+def round_bf16(v):
     """fp32 -> the nearest bf16 (ties to even), as fp32, by bit arithmetic."""
     b = v.to(tl.uint32, bitcast=True)
     b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
@@ -56,7 +58,7 @@ def _round_bf16(v):
 
 
 @triton.jit
-def _round_fp16(v):
+def round_fp16(v):
     """fp32 -> the nearest fp16 (ties to even, subnormals, overflow to inf), as fp32, by fp32 arithmetic."""
     bits = v.to(tl.uint32, bitcast=True)
     a = tl.abs(v)
@@ -71,16 +73,16 @@ def _round_fp16(v):
 
 
 @triton.jit
-def _round_to(v, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+def round_to(v, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
     """v (fp32) rounded to DTYPE (0: fp32, 1: bf16, 2: fp16) and back to fp32, ties to even."""
     if DTYPE == 1:
         if EMULATE:
-            v = _round_bf16(v)
+            v = round_bf16(v)
         else:
             v = v.to(tl.bfloat16).to(tl.float32)
     elif DTYPE == 2:
         if EMULATE:
-            v = _round_fp16(v)
+            v = round_fp16(v)
         else:
             v = v.to(tl.float16).to(tl.float32)
     return v
@@ -90,7 +92,7 @@ def _round_to(v, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 def _stored_scale(scale, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
     """The scale clamped at EPS and rounded to its storage dtype, as qat.quantizers.range_qparams does."""
     # 1e-8: qat.quantizers.EPS, the smallest scale.
-    scale = _round_to(tl.maximum(scale, 1e-8, propagate_nan=tl.PropagateNan.ALL), DTYPE, EMULATE)
+    scale = round_to(tl.maximum(scale, 1e-8, propagate_nan=tl.PropagateNan.ALL), DTYPE, EMULATE)
     if DTYPE == 2:  # EPS underflows to 0 in fp16: keep the smallest fp16 subnormal instead
         scale = tl.maximum(scale, 5.960464477539063e-08, propagate_nan=tl.PropagateNan.ALL)
     return scale
@@ -125,8 +127,8 @@ def _fake_quant_tile(
         scale = _stored_scale(scale, SCALE_DTYPE, EMULATE)
         s = scale[:, None]
         y = tl.div_rn(x, tl.broadcast_to(s, (BLOCK_R, BLOCK_N)))
-        q = (_rint(y) - y) + y
-        out = _clamp(q, QMIN, QMAX) * s
+        q = (rint(y) - y) + y
+        out = clamp(q, QMIN, QMAX) * s
     else:
         lo = tl.minimum(tl.min(x, 1), 0.0)
         hi = tl.maximum(tl.max(x, 1), 0.0)
@@ -137,11 +139,11 @@ def _fake_quant_tile(
         else:
             scale = tl.div_rn(hi - lo, tl.zeros_like(hi) + q_range)
         scale = _stored_scale(scale, SCALE_DTYPE, EMULATE)
-        zero = _clamp(_rint(tl.div_rn(-lo, scale)), QMIN, QMAX)[:, None]
+        zero = clamp(rint(tl.div_rn(-lo, scale)), QMIN, QMAX)[:, None]
         s = scale[:, None]
         y = tl.div_rn(x, tl.broadcast_to(s, (BLOCK_R, BLOCK_N)))
-        q = (_rint(y) - y) + y
-        out = (_clamp(q + zero, QMIN, QMAX) - zero) * s
+        q = (rint(y) - y) + y
+        out = (clamp(q + zero, QMIN, QMAX) - zero) * s
     return out
 
 
@@ -160,9 +162,9 @@ def _fake_quant_rows_kernel(
     out = _fake_quant_tile(x, q_range, inv_q_range, QMIN, QMAX, SYMMETRIC, SCALE_DTYPE, RECIP, EMULATE,
                            BLOCK_R, BLOCK_N)
     if EMULATE and OUT_DTYPE == 1:  # round to nearest even here, store the top half of the bits
-        out = (_round_bf16(out).to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        out = (round_bf16(out).to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     elif EMULATE and OUT_DTYPE == 2:
-        out = _round_fp16(out)
+        out = round_fp16(out)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -171,7 +173,7 @@ INTERPRETED = type(_fake_quant_rows_kernel).__name__ == "InterpretedFunction"
 
 
 @functools.cache
-def _reciprocal(q: int) -> float:
+def reciprocal(q: int) -> float:
     """The fp32 1/q that torch's CUDA division of a tensor by the Python number q multiplies with."""
     return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(float(q), dtype=torch.float32))
 
@@ -220,5 +222,5 @@ def fake_quant_rows(
         BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
     )
     with launch_device(x):
-        _fake_quant_rows_kernel[grid](x, out, R, n, float(q_range), _reciprocal(q_range), **args)
+        _fake_quant_rows_kernel[grid](x, out, R, n, float(q_range), reciprocal(q_range), **args)
     return out

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..device import launch_device, on_cuda
-from .fake_quant import _DTYPE_CODES, MAX_N, _fake_quant_tile, _reciprocal, _round_bf16, _round_to, _row_tile, int_grid
+from .fake_quant import _DTYPE_CODES, MAX_N, _fake_quant_tile, _row_tile, int_grid, reciprocal, round_bf16, round_to
 from .fake_quant import launch_config as _launch_config
 
 __all__ = ["MAX_N", "rms_norm_quant_rows"]
@@ -30,7 +30,7 @@ __all__ = ["MAX_N", "rms_norm_quant_rows"]
 def _store(ptr, offs, v, mask, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
     """Store fp32 `v`, already rounded to DTYPE, into a DTYPE tensor (the interpreter's bf16 cast truncates)."""
     if EMULATE and DTYPE == 1:
-        v = (_round_bf16(v).to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        v = (round_bf16(v).to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     tl.store(ptr + offs, v.to(ptr.dtype.element_ty), mask=mask)
 
 
@@ -51,14 +51,14 @@ def _rms_norm_quant_kernel(
     var = tl.div_rn(ss, tl.zeros_like(ss) + N)  # torch's CPU mean: the sum, then one division
     rstd = tl.div_rn(tl.zeros_like(var) + 1.0, tl.sqrt_rn(var + eps))  # torch's CPU rsqrt: 1 / sqrt, both IEEE
     tl.store(rstd_ptr + rows, rstd, mask=rows < R)
-    n = _round_to(x * rstd[:, None], IN_DTYPE, EMULATE)  # hidden.to(input_dtype)
-    y = _round_to(w[None, :] * n, Y_DTYPE, EMULATE)  # weight * hidden: one rounding of an exact product
+    n = round_to(x * rstd[:, None], IN_DTYPE, EMULATE)  # hidden.to(input_dtype)
+    y = round_to(w[None, :] * n, Y_DTYPE, EMULATE)  # weight * hidden: one rounding of an exact product
     if STORE_Y:
         _store(y_ptr, offs, y, mask, Y_DTYPE, EMULATE)
-    y = _round_to(y, Q_DTYPE, EMULATE)  # the consumers' x.to(autocast dtype)
+    y = round_to(y, Q_DTYPE, EMULATE)  # the consumers' x.to(autocast dtype)
     # qat.kernels.fake_quant's tile, with fp32 scales (activations).
     out = _fake_quant_tile(y, q_range, inv_q_range, QMIN, QMAX, SYMMETRIC, 0, RECIP, EMULATE, BLOCK_R, BLOCK_N)
-    _store(out_ptr, offs, _round_to(out, Q_DTYPE, EMULATE), mask, Q_DTYPE, EMULATE)
+    _store(out_ptr, offs, round_to(out, Q_DTYPE, EMULATE), mask, Q_DTYPE, EMULATE)
 
 
 # Whether triton.jit made the kernel an interpreted one (TRITON_INTERPRET=1 when this module was imported).
@@ -84,7 +84,7 @@ def rms_norm_quant_rows(
     qmin, qmax, q_range = int_grid(bits, symmetric)
     block_r, block_n, warps = _launch_config(R, N)
     grid = (triton.cdiv(R, block_r),)
-    args = (x, w, out, y, rstd, R, N, float(eps), float(q_range), _reciprocal(q_range))
+    args = (x, w, out, y, rstd, R, N, float(eps), float(q_range), reciprocal(q_range))
     meta = dict(
         QMIN=float(qmin), QMAX=float(qmax), SYMMETRIC=bool(symmetric),
         IN_DTYPE=_DTYPE_CODES[x.dtype], Y_DTYPE=_DTYPE_CODES[y_dtype], Q_DTYPE=_DTYPE_CODES[q_dtype],

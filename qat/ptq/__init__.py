@@ -20,7 +20,7 @@ from typing import Any
 _HOMES = {
     "PTQConfig": "config", "METHODS": "config", "check": "loop", "needs_calibration": "loop", "run_ptq": "loop",
     "Baseline": "parts", "PTQReport": "parts", "Rounding": "parts", "Transform": "parts", "parse_method": "registry",
-    "Int8OutlierLinear": "llm_int8",
+    "Int8OutlierLinear": "llm_int8",  # re-exported there from qat.runtime.llm_int8
 }
 
 

@@ -10,7 +10,7 @@ the rows are independent); (b) codebooks by Adam on the objective with the codes
 lowers it), then each row's scale by its closed-form least squares. Every step keeps or lowers the
 objective, so it falls monotonically across iterations (`AQLMResult.history`).
 
-The layer becomes an `AQLMLinear` (`aqlm_linear.py`): the layout transformers' AQLM integration loads.
+The layer becomes an `AQLMLinear` (`qat.runtime.aqlm`): the layout transformers' AQLM integration loads.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from ..linear import QuantLinear
+from ..runtime.aqlm import AQLMLinear, bits_per_weight
 from ..spec import QuantSpec, TensorSpec
-from .aqlm_linear import AQLMLinear, bits_per_weight, finish_model
+from .aqlm_folder import finish_model
 from .config import AQLMConfig
 from .parts import Rounded, Rounding
 

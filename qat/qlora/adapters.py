@@ -21,8 +21,8 @@ from peft.tuners.lora.variants import QALoraLinearVariant
 from torch import nn
 
 from ..io.atomic import write_json
+from ..runtime.packed import PackedLinear
 from .config import LoRAConfig
-from .packed import PackedLinear
 
 RECORD = "distqat_qlora.json"  # beside peft's files: the base the adapters were trained on
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -17,13 +17,14 @@ import torch
 from torch import nn
 
 from ..apply import quantize_model
-from ..export import IntLinear, load_quantized
+from ..export import load_quantized
 from ..io.folders import Folder, Kind, inspect, load_fake_quant
 from ..io.models import load_model, resolve_dtype
 from ..keys import QUANT_KEY
 from ..linear import QuantLinear
+from ..runtime.int_linear import IntLinear
+from ..runtime.packed import PackedLinear
 from ..spec import QuantSpec
-from .packed import PackedLinear
 
 
 def pack_model(model: nn.Module, double_quant: bool = False) -> list[str]:

@@ -27,9 +27,9 @@ from ..ptq import PTQConfig, run_ptq
 from ..ptq.gptq import GPTQConfig
 from ..ptq.grid import freeze, frozen_spec
 from ..quantizers import _round_to, dequantize_codes, minmax_qparams, quantize_codes, weight_rows
+from ..runtime.packed import PackedLinear
 from ..spec import QuantSpec
 from .adapters import PackedLoraLinear
-from .packed import PackedLinear
 
 
 def _adapted(peft_model: PeftModel) -> dict[str, tuple[PackedLoraLinear, str]]:

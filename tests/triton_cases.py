@@ -1,7 +1,8 @@
-"""The offline compile check's cases: every Triton kernel of `triton_a16` and `triton_a8` with every tile
-configuration its launcher can pick, as `triton.compile` arguments.
+"""The offline compile check's cases: every Triton kernel of `qat.runtime.triton_a16` and `qat.runtime.triton_a8`
+with every tile configuration its launcher can pick, as `triton.compile` arguments. Test code, kept out of the
+package: it reaches the kernels' jitted functions themselves.
 
-No GPU is needed to compile: tests/test_export_ops.py compiles these for a CUDA target, so a kernel
+No GPU is needed to compile: tests/test_export_kernels.py compiles these for a CUDA target, so a kernel
 that the interpreter runs but the compiler rejects (as the int8 dot did on triton 3.6) fails in CI.
 """
 
@@ -10,8 +11,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from .triton_a8 import _a8_kernel, _act_quant_kernel, a8_supported
-from .triton_a16 import (
+from qat.runtime.triton_a8 import _a8_kernel, _act_quant_kernel, a8_supported
+from qat.runtime.triton_a16 import (
     GEMV_BITS,
     _a16_kernel,
     _dequant_kernel,
@@ -20,7 +21,7 @@ from .triton_a16 import (
     gemv_config,
     gemv_supported,
 )
-from .triton_common import _DTYPE_CODES, KERNEL_BITS, _pow2_divisor, gemm_config
+from qat.runtime.triton_common import DTYPE_CODES, KERNEL_BITS, gemm_config, pow2_divisor
 
 _PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 _CASE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -59,7 +60,7 @@ def compile_cases(flag_variants: bool = True) -> list[dict]:
         for j, dt in enumerate(_CASE_DTYPES):
             for has_zero in (False, True):
                 c = dict(BITS=bits, HAS_ZERO=has_zero, ZERO_OFFSET=0 if bits == 8 else 1 << (bits - 1),
-                         OUT_DTYPE=_DTYPE_CODES[dt], EMULATE=False, BLOCK_N=32, BLOCK_K=128)
+                         OUT_DTYPE=DTYPE_CODES[dt], EMULATE=False, BLOCK_N=32, BLOCK_K=128)
                 ptrs = dict(w_ptr="*i8" if bits == 8 else "*i32", s_ptr=_PTR[dt], z_ptr="*i8" if bits == 8 else "*u8",
                             out_ptr=_PTR[dt])
                 add(("dequant", bits, j, has_zero), _case(f"dequant b{bits} {dt} z{int(has_zero)}",
@@ -72,7 +73,7 @@ def compile_cases(flag_variants: bool = True) -> list[dict]:
                 for g in groups:
                     if not (a8_supported(4, g, g) if a8 else a16_supported(4, g, torch.bfloat16)):
                         continue
-                    cfg = gemm_config(m, n, _pow2_divisor(g, 128), a8=a8)
+                    cfg = gemm_config(m, n, pow2_divisor(g, 128), a8=a8)
                     for bits in KERNEL_BITS:
                         dts = _CASE_DTYPES if flag_variants else (_CASE_DTYPES[i % 3],)
                         for dt in dts:
@@ -88,13 +89,13 @@ def compile_cases(flag_variants: bool = True) -> list[dict]:
                             if a8:
                                 c = dict(BITS=bits, HAS_WZERO=zero, ZERO_OFFSET=0 if bits == 8 else 1 << (bits - 1),
                                          HAS_XZERO=not zero or bias, HAS_BIAS=bias, ATOMIC=atomic,
-                                         OUT_DTYPE=_DTYPE_CODES[dt], EMULATE=False, **tiles)
+                                         OUT_DTYPE=DTYPE_CODES[dt], EMULATE=False, **tiles)
                                 ptrs = dict(xq_ptr="*i8", xs_ptr="*fp32", xz_ptr="*i32", w_ptr=wptr, s_ptr=_PTR[dt],
                                             z_ptr=zptr, b_ptr=_PTR[dt], out_ptr="*fp32" if atomic else _PTR[dt])
                                 fn, name = _a8_kernel, "a8"
                             else:
                                 c = dict(BITS=bits, HAS_ZERO=zero, ZERO_OFFSET=0 if bits == 8 else 1 << (bits - 1),
-                                         HAS_BIAS=bias, ATOMIC=atomic, X_DTYPE=_DTYPE_CODES[dt],
+                                         HAS_BIAS=bias, ATOMIC=atomic, X_DTYPE=DTYPE_CODES[dt],
                                          IEEE=dt == torch.float32, EMULATE=False, **tiles)
                                 ptrs = dict(x_ptr=_PTR[dt], w_ptr=wptr, s_ptr=_PTR[dt], z_ptr=zptr, b_ptr=_PTR[dt],
                                             out_ptr="*fp32" if atomic else _PTR[dt])
@@ -118,7 +119,7 @@ def compile_cases(flag_variants: bool = True) -> list[dict]:
                         i += 1
                         zero, bias, atomic = bool(i & 1), bool(i & 2), bool(i & 4)
                         tiles = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
-                        c = dict(BITS=bits, HAS_ZERO=zero, HAS_BIAS=bias, ATOMIC=atomic, X_DTYPE=_DTYPE_CODES[dt],
+                        c = dict(BITS=bits, HAS_ZERO=zero, HAS_BIAS=bias, ATOMIC=atomic, X_DTYPE=DTYPE_CODES[dt],
                                  EMULATE=False, **tiles)
                         ptrs = dict(x_ptr=_PTR[dt], w_ptr="*i32", s_ptr=_PTR[dt], z_ptr="*u8", b_ptr=_PTR[dt],
                                     out_ptr="*fp32" if atomic else _PTR[dt])

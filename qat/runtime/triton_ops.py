@@ -1,7 +1,7 @@
-"""Triton kernels of the integer runtime, the one module `qat.export.ops` calls them through:
-dequantization, W4/W8 x A16 GEMM, W2/W4 x A16 GEMV (`qat.export.triton_a16`), int8 activation quant and
-W8/W4 x A8 GEMM (`qat.export.triton_a8`). Their shared helpers and conventions are in
-`qat.export.triton_common`; split-K sizing reads `triton_common._num_sms`.
+"""Triton kernels of the integer runtime, the one module `qat.runtime.ops` calls them through:
+dequantization, W4/W8 x A16 GEMM, W2/W4 x A16 GEMV (`qat.runtime.triton_a16`), int8 activation quant and
+W8/W4 x A8 GEMM (`qat.runtime.triton_a8`). Their shared helpers and conventions are in
+`qat.runtime.triton_common`; split-K sizing reads `triton_common._num_sms`.
 
 Import this module only after deciding on interpret mode: `triton.jit` reads TRITON_INTERPRET when
 the kernels are defined.

@@ -1,4 +1,4 @@
-"""PackedLinear: the frozen base of QLoRA-style finetuning, a linear held as integer codes.
+"""PackedLinear: the frozen base of QLoRA-style finetuning (`qat.qlora`), a linear held as integer codes.
 
 The codes, scales and zero points are those `convert` writes (an `IntLinear` layout: 2-8 bit codes packed
 into int32 words, 8-bit codes as int8, group or channel scales, optional zero points), or NF4 indices
@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..device import device_path
-from ..export import ops
-from ..export.pack import pack_int32, unpack_int32
-from ..export.runtime import IntLinear
 from ..linear import QuantLinear
 from ..quantizers import NF4_LEVELS, ActQuantizer, quantize_codes, weight_rows
 from ..spec import TensorSpec
+from . import ops
+from .int_linear import IntLinear
+from .pack import pack_int32, unpack_int32
 
 DQ_BLOCK = 256  # group scales per second-level scale in double quantization (the QLoRA paper's)
 

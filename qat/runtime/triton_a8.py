@@ -1,7 +1,7 @@
 """Triton kernels of the integer runtime with 8-bit activations: dynamic per-token int8 activation
 quantization and the W{2,4,8} x A8 GEMM (int8 tensor-core dots per weight group).
 
-The conventions shared with the 16-bit-activation kernels are described in `qat.export.triton_common`.
+The conventions shared with the 16-bit-activation kernels are described in `qat.runtime.triton_common`.
 Import this module only after deciding on interpret mode: `triton.jit` reads TRITON_INTERPRET when the
 kernels are defined.
 """
@@ -15,20 +15,20 @@ import triton
 import triton.language as tl
 
 from ..device import on_cuda
-from ..kernels.fake_quant import _clamp, _reciprocal, _rint
+from ..kernels.fake_quant import clamp, reciprocal, rint
 from .triton_common import (
-    _DTYPE_CODES,
+    DTYPE_CODES,
     KERNEL_BITS,
-    _device_sms,
-    _finish_split,
-    _interpreted,
-    _load_codes_nk,
-    _pow2_divisor,
-    _split_out,
-    _write_out,
-    _zero_args,
+    device_sms,
+    finish_split,
     gemm_config,
+    interpreted,
+    load_codes_nk,
+    pow2_divisor,
     split_k,
+    split_out,
+    write_out,
+    zero_args,
 )
 
 ACT_MAX_K = 32768  # longest activation row one program quantizes
@@ -60,7 +60,7 @@ def _act_quant_kernel(
             scale = tl.div_rn(absmax, tl.zeros_like(absmax) + q_range)
         scale = tl.maximum(scale, 1e-8)  # qat.quantizers.EPS
         y = tl.div_rn(x, tl.broadcast_to(scale[:, None], (BLOCK_R, BLOCK_K)))
-        q = _clamp(_rint(y), -128.0, 127.0)
+        q = clamp(rint(y), -128.0, 127.0)
         zero = tl.zeros_like(scale)
     else:
         lo = tl.minimum(tl.min(x, 1), 0.0)
@@ -70,9 +70,9 @@ def _act_quant_kernel(
         else:
             scale = tl.div_rn(hi - lo, tl.zeros_like(hi) + q_range)
         scale = tl.maximum(scale, 1e-8)
-        zero = _clamp(_rint(tl.div_rn(-lo, scale)), 0.0, 255.0)
+        zero = clamp(rint(tl.div_rn(-lo, scale)), 0.0, 255.0)
         y = tl.div_rn(x, tl.broadcast_to(scale[:, None], (BLOCK_R, BLOCK_K)))
-        q = _clamp(_rint(y) + zero[:, None], 0.0, 255.0) - 128.0
+        q = clamp(rint(y) + zero[:, None], 0.0, 255.0) - 128.0
         tl.store(z_ptr + rows, zero.to(tl.int32) - 128, mask=rmask)
     tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], q.to(tl.int32).to(tl.int8), mask=mask)
     tl.store(s_ptr + rows, scale, mask=rmask)
@@ -83,7 +83,7 @@ def act_quant_supported(k: int) -> bool:
 
 
 def quantize_act_int8(x2d: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """`qat.export.ops.quantize_act_int8` in one pass; the caller checked `act_quant_supported`."""
+    """`qat.runtime.ops.quantize_act_int8` in one pass; the caller checked `act_quant_supported`."""
     m, k = x2d.shape
     x = x2d if x2d.stride(1) == 1 else x2d.contiguous()
     xq = torch.empty(m, k, dtype=torch.int8, device=x.device)
@@ -97,7 +97,7 @@ def quantize_act_int8(x2d: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor,
     warps = 2 if elems <= 1024 else 4 if elems <= 2048 else 8 if elems <= 8192 else 16
     q_range = 127 if symmetric else 255
     _act_quant_kernel[(triton.cdiv(m, br),)](
-        x, xq, xs, xs if xz is None else xz, m, k, x.stride(0), _reciprocal(q_range), float(q_range),
+        x, xq, xs, xs if xz is None else xz, m, k, x.stride(0), reciprocal(q_range), float(q_range),
         SYMMETRIC=bool(symmetric), RECIP=on_cuda(x), BLOCK_R=br, BLOCK_K=bk, num_warps=warps,
     )
     return xq, xs, xz
@@ -136,7 +136,7 @@ def _a8_kernel(
         for kk in range(0, sub_k, BLOCK_K):
             offs_k = kbase + kk + tl.arange(0, BLOCK_K)
             x = tl.load(xq_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], mask=mmask[:, None], other=0)
-            q = tl.trans(_load_codes_nk(w_ptr, kbase + kk, offs_n, N, K, stride_wn, BITS, BLOCK_N, BLOCK_K))
+            q = tl.trans(load_codes_nk(w_ptr, kbase + kk, offs_n, N, K, stride_wn, BITS, BLOCK_N, BLOCK_K))
             # out_dtype must be named: triton <= 3.6 defaults it to fp32 and rejects an int32 accumulator.
             acc = tl.dot(x, q.to(tl.int8), acc, out_dtype=tl.int32)
             if HAS_XZERO:
@@ -154,11 +154,11 @@ def _a8_kernel(
         s = tl.load(s_ptr + gidx, mask=nmask, other=0.0).to(tl.float32)
         out += acc.to(tl.float32) * s[None, :]
     out = out * tl.load(xs_ptr + offs_m, mask=mmask, other=0.0)[:, None]
-    _write_out(out_ptr, b_ptr, out, offs_m, offs_n, mmask, nmask, N, HAS_BIAS, ATOMIC, OUT_DTYPE, EMULATE)
+    write_out(out_ptr, b_ptr, out, offs_m, offs_n, mmask, nmask, N, HAS_BIAS, ATOMIC, OUT_DTYPE, EMULATE)
 
 
 def a8_supported(bits: int, group_size: int, k: int) -> bool:
-    return (bits in KERNEL_BITS and _pow2_divisor(group_size, 1 << 20) >= 32 and group_size <= MAX_GROUP_A8
+    return (bits in KERNEL_BITS and pow2_divisor(group_size, 1 << 20) >= 32 and group_size <= MAX_GROUP_A8
             and act_quant_supported(k))
 
 
@@ -170,23 +170,23 @@ def linear_a8(
     m, k = xq.shape
     n = qweight.shape[0]
     w, s = qweight.contiguous(), scale.contiguous()
-    z, has_zero, zoff = _zero_args(zero, bits, s)
+    z, has_zero, zoff = zero_args(zero, bits, s)
     ng = s.shape[1]
-    cfg = gemm_config(m, n, _pow2_divisor(group_size, 128), a8=True)
+    cfg = gemm_config(m, n, pow2_divisor(group_size, 128), a8=True)
     subs = 1  # parts per group: only when there are too few groups to split K by whole groups
     if m <= 64:
         tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-        target = (2 * _device_sms(xq)) // tiles
+        target = (2 * device_sms(xq)) // tiles
         k_tiles = group_size // cfg["BLOCK_K"]
         if ng < target:  # the fewest equal parts (whole K tiles each) that give enough units
             subs = next((d for d in range(1, k_tiles + 1) if k_tiles % d == 0 and ng * d >= target), k_tiles)
-    split, per = split_k(m, n, cfg, ng * subs, _device_sms(xq))
-    grid, out = _split_out(m, n, cfg, split, dtype, xq.device)
+    split, per = split_k(m, n, cfg, ng * subs, device_sms(xq))
+    grid, out = split_out(m, n, cfg, split, dtype, xq.device)
     b = bias.contiguous() if bias is not None else s
     _a8_kernel[grid](
         xq.contiguous(), xs.contiguous(), xs if xz is None else xz.contiguous(), w, s, z, b, out,
         m, n, k, ng, group_size, w.stride(0), group_size // subs, subs, per,
         BITS=bits, HAS_WZERO=has_zero, ZERO_OFFSET=zoff, HAS_XZERO=xz is not None, HAS_BIAS=bias is not None,
-        ATOMIC=split > 1, OUT_DTYPE=_DTYPE_CODES[dtype], EMULATE=_interpreted(), **cfg,
+        ATOMIC=split > 1, OUT_DTYPE=DTYPE_CODES[dtype], EMULATE=interpreted(), **cfg,
     )
-    return _finish_split(out, bias, dtype) if split > 1 else out
+    return finish_split(out, bias, dtype) if split > 1 else out

@@ -1,12 +1,12 @@
-"""Shared pieces of the integer runtime's Triton kernels (`qat.export.triton_a16`, `qat.export.triton_a8`):
+"""Shared pieces of the integer runtime's Triton kernels (`qat.runtime.triton_a16`, `qat.runtime.triton_a8`):
 the jitted epilogue, cast and code-unpacking helpers, and the launch helpers (tile configs, split-K).
 
-Conventions shared by the kernels (the layout is described in `qat.export.ops`):
+Conventions shared by the kernels (the layout is described in `qat.runtime.ops`):
 - Weight codes are read as signed codes q = u - 2**(bits-1) (int8 weights are stored so), zeros in the
   same domain, so (q - z) is the exact integer the trained weight is a multiple of its scale by.
 - Packed words (bits 2 and 4: 32 // bits codes per int32 word) are unpacked in the GEMM main loop,
   so the weight crosses memory at its packed size. Each word is loaded once, as a tile of words, and
-  split into its codes by shifts (`_load_codes_nk`); the small-M GEMV (`triton_a16._gemv_kernel`) does
+  split into its codes by shifts (`load_codes_nk`); the small-M GEMV (`triton_a16._gemv_kernel`) does
   the same on CUDA cores with split-K.
 - A K tile never straddles a weight group (BLOCK_K divides group_size), so a group's scale and zero are
   one value per output column for the whole tile.
@@ -31,23 +31,23 @@ import triton
 import triton.language as tl
 
 from ..device import on_cuda
-from ..kernels.fake_quant import _round_bf16, _round_fp16
+from ..kernels.fake_quant import round_bf16, round_fp16
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 KERNEL_BITS = (2, 4, 8)  # widths the kernels unpack (a code never spans two words)
 
 
 @triton.jit
-def _cast(v, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+def cast(v, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
     """fp32 v -> DTYPE (0 fp32, 1 bf16, 2 fp16), round to nearest even on every backend."""
     if DTYPE == 1:
         if EMULATE:
-            return (_round_bf16(v).to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            return (round_bf16(v).to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
         else:
             return v.to(tl.bfloat16)
     elif DTYPE == 2:
         if EMULATE:
-            return _round_fp16(v).to(tl.float16)
+            return round_fp16(v).to(tl.float16)
         else:
             return v.to(tl.float16)
     else:
@@ -55,7 +55,7 @@ def _cast(v, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _write_out(out_ptr, b_ptr, y, offs_m, offs_n, mmask, nmask, N, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+def write_out(out_ptr, b_ptr, y, offs_m, offs_n, mmask, nmask, N, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
     """The epilogue of every GEMM here: store the fp32 tile with the bias added, cast to OUT_DTYPE; or,
     under split-K, add it atomically into an fp32 buffer (the launcher adds the bias and casts)."""
@@ -64,13 +64,13 @@ def _write_out(out_ptr, b_ptr, y, offs_m, offs_n, mmask, nmask, N, HAS_BIAS: tl.
     if not ATOMIC:
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_offs, _cast(y, OUT_DTYPE, EMULATE), mask=omask)
+        tl.store(out_ptr + out_offs, cast(y, OUT_DTYPE, EMULATE), mask=omask)
     else:
         tl.atomic_add(out_ptr + out_offs, y, mask=omask)
 
 
 @triton.jit
-def _load_codes_nk(w_ptr, k0, offs_n, N, K, stride_wn, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+def load_codes_nk(w_ptr, k0, offs_n, N, K, stride_wn, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     """[BLOCK_N, BLOCK_K] int32 signed codes of columns k0 .. k0 + BLOCK_K of the weight (stored (N, K));
     rows beyond N and columns beyond K read 0. k0 and BLOCK_K are multiples of 32 // BITS: each packed
@@ -94,20 +94,20 @@ def _load_codes_nk(w_ptr, k0, offs_n, N, K, stride_wn, BITS: tl.constexpr, BLOCK
     return q
 
 
-def _interpreted() -> bool:
+def interpreted() -> bool:
     """Whether triton.jit built interpreted functions (TRITON_INTERPRET=1 at import): launchers then pass
     EMULATE, since the interpreter's casts do not round to nearest even."""
-    return type(_cast).__name__ == "InterpretedFunction"
+    return type(cast).__name__ == "InterpretedFunction"
 
 
-def _zero_args(zero: Optional[torch.Tensor], bits: int, like: torch.Tensor):
+def zero_args(zero: Optional[torch.Tensor], bits: int, like: torch.Tensor):
     """(pointer tensor, HAS_ZERO, ZERO_OFFSET): kernels subtract ZERO_OFFSET to reach the signed domain."""
     if zero is None:
         return like, False, 0
     return zero.contiguous(), True, (0 if bits == 8 else 1 << (bits - 1))
 
 
-def _pow2_divisor(v: int, cap: int) -> int:
+def pow2_divisor(v: int, cap: int) -> int:
     """The largest power of two dividing v, at most cap."""
     return min(v & -v, cap)
 
@@ -123,7 +123,7 @@ def _device_index(t: torch.Tensor) -> int:
     return (t.device.index if t.device.index is not None else torch.cuda.current_device()) if on_cuda(t) else -1
 
 
-def _device_sms(t: torch.Tensor) -> int:
+def device_sms(t: torch.Tensor) -> int:
     """SMs of t's device, the split-K target of every launcher; tests patch `_num_sms` here to turn
     split-K off everywhere at once."""
     return _num_sms(_device_index(t))
@@ -154,16 +154,16 @@ def split_k(m: int, n: int, cfg: dict, units: int, sms: int) -> tuple[int, int]:
     return triton.cdiv(units, per), per
 
 
-def _split_out(m: int, n: int, cfg: dict, split: int, dtype: torch.dtype, device: torch.device):
+def split_out(m: int, n: int, cfg: dict, split: int, dtype: torch.dtype, device: torch.device):
     """(grid, out) of a GEMM launch: split-K programs add into fp32 zeros atomically (finished by
-    `_finish_split`); a single pass writes the output once, in its dtype."""
+    `finish_split`); a single pass writes the output once, in its dtype."""
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
     if split > 1:
         return grid, torch.zeros(m, n, dtype=torch.float32, device=device)
     return grid, torch.empty(m, n, dtype=dtype, device=device)
 
 
-def _finish_split(out32: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def finish_split(out32: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     if bias is not None:
         out32 += bias.float()
     return out32.to(dtype)

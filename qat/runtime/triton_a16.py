@@ -1,7 +1,7 @@
 """Triton kernels of the integer runtime with 16-bit activations: dequantization of the integer weight,
 the W{2,4,8} x A16 tensor-core GEMM and the W{2,4} x A16 GEMV for small M (decode).
 
-The conventions shared with the W*A8 kernels are described in `qat.export.triton_common`. Import this
+The conventions shared with the W*A8 kernels are described in `qat.runtime.triton_common`. Import this
 module only after deciding on interpret mode: `triton.jit` reads TRITON_INTERPRET when the kernels are
 defined.
 """
@@ -14,21 +14,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kernels.fake_quant import _round_to
+from ..kernels.fake_quant import round_to
 from .triton_common import (
-    _DTYPE_CODES,
+    DTYPE_CODES,
     KERNEL_BITS,
-    _cast,
-    _device_sms,
-    _finish_split,
-    _interpreted,
-    _load_codes_nk,
-    _pow2_divisor,
-    _split_out,
-    _write_out,
-    _zero_args,
+    cast,
+    device_sms,
+    finish_split,
     gemm_config,
+    interpreted,
+    load_codes_nk,
+    pow2_divisor,
     split_k,
+    split_out,
+    write_out,
+    zero_args,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -44,18 +44,18 @@ def _dequant_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    q = _load_codes_nk(w_ptr, k0, offs_n, N, K, stride_wn, BITS, BLOCK_N, BLOCK_K)  # [BN, BK]
+    q = load_codes_nk(w_ptr, k0, offs_n, N, K, stride_wn, BITS, BLOCK_N, BLOCK_K)  # [BN, BK]
     mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     gidx = offs_n[:, None].to(tl.int64) * G + (offs_k // group_size)[None, :]
     if HAS_ZERO:
         q = q - (tl.load(z_ptr + gidx, mask=mask, other=0).to(tl.int32) - ZERO_OFFSET)
     w = q.to(tl.float32) * tl.load(s_ptr + gidx, mask=mask, other=0.0).to(tl.float32)
-    out = _cast(w, OUT_DTYPE, EMULATE)
+    out = cast(w, OUT_DTYPE, EMULATE)
     tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], out, mask=mask)
 
 
 def dequant_supported(bits: int, dtype: torch.dtype) -> bool:
-    return bits in KERNEL_BITS and dtype in _DTYPE_CODES
+    return bits in KERNEL_BITS and dtype in DTYPE_CODES
 
 
 def dequantize(
@@ -68,12 +68,12 @@ def dequantize(
     if n == 0 or k == 0:
         return out
     w, s = qweight.contiguous(), scale.contiguous()
-    z, has_zero, zoff = _zero_args(zero, bits, s)
+    z, has_zero, zoff = zero_args(zero, bits, s)
     bn, bk = 32, 128
     grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
     _dequant_kernel[grid](
         w, s, z, out, n, k, s.shape[1], group_size, w.stride(0),
-        BITS=bits, HAS_ZERO=has_zero, ZERO_OFFSET=zoff, OUT_DTYPE=_DTYPE_CODES[dtype], EMULATE=_interpreted(),
+        BITS=bits, HAS_ZERO=has_zero, ZERO_OFFSET=zoff, OUT_DTYPE=DTYPE_CODES[dtype], EMULATE=interpreted(),
         BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
     )
     return out
@@ -103,7 +103,7 @@ def _a16_kernel(
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=mmask[:, None],
                     other=0.0)
-        q = tl.trans(_load_codes_nk(w_ptr, t * BLOCK_K, offs_n, N, K, stride_wn, BITS, BLOCK_N, BLOCK_K))
+        q = tl.trans(load_codes_nk(w_ptr, t * BLOCK_K, offs_n, N, K, stride_wn, BITS, BLOCK_N, BLOCK_K))
         gidx = offs_n.to(tl.int64) * G + (t * BLOCK_K) // group_size
         if HAS_ZERO:
             q = q - (tl.load(z_ptr + gidx, mask=nmask, other=0).to(tl.int32) - ZERO_OFFSET)[None, :]
@@ -112,16 +112,16 @@ def _a16_kernel(
         if EMULATE:
             # The interpreter's dot misreads bit-cast bf16 tiles: dot in fp32 on values rounded to
             # X_DTYPE, which is what a 16-bit dot with fp32 accumulation computes.
-            acc += tl.dot(x.to(tl.float32), _round_to(w, X_DTYPE, True), input_precision="ieee")
+            acc += tl.dot(x.to(tl.float32), round_to(w, X_DTYPE, True), input_precision="ieee")
         elif IEEE:
             acc += tl.dot(x, w, input_precision="ieee")
         else:
             acc += tl.dot(x, w.to(x.dtype))  # the exact fake-quant weight, rounded once to x.dtype
-    _write_out(out_ptr, b_ptr, acc, offs_m, offs_n, mmask, nmask, N, HAS_BIAS, ATOMIC, X_DTYPE, EMULATE)
+    write_out(out_ptr, b_ptr, acc, offs_m, offs_n, mmask, nmask, N, HAS_BIAS, ATOMIC, X_DTYPE, EMULATE)
 
 
 def a16_supported(bits: int, group_size: int, dtype: torch.dtype) -> bool:
-    return bits in KERNEL_BITS and dtype in _DTYPE_CODES and _pow2_divisor(group_size, 1 << 20) >= 16
+    return bits in KERNEL_BITS and dtype in DTYPE_CODES and pow2_divisor(group_size, 1 << 20) >= 16
 
 
 def _a16_operands(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]):
@@ -141,17 +141,17 @@ def linear_a16(
     if m == 0:
         return x2d.new_empty(m, n)
     x, w, s, bias = _a16_operands(x2d, qweight, scale, bias)
-    z, has_zero, zoff = _zero_args(zero, bits, s)
-    cfg = gemm_config(m, n, _pow2_divisor(group_size, 128), a8=False)
-    split, per = split_k(m, n, cfg, k // cfg["BLOCK_K"], _device_sms(x))
-    grid, out = _split_out(m, n, cfg, split, x.dtype, x.device)
+    z, has_zero, zoff = zero_args(zero, bits, s)
+    cfg = gemm_config(m, n, pow2_divisor(group_size, 128), a8=False)
+    split, per = split_k(m, n, cfg, k // cfg["BLOCK_K"], device_sms(x))
+    grid, out = split_out(m, n, cfg, split, x.dtype, x.device)
     b = bias if bias is not None else s
     _a16_kernel[grid](
         x, w, s, z, b, out, m, n, k, s.shape[1], group_size, x.stride(0), w.stride(0), per,
         BITS=bits, HAS_ZERO=has_zero, ZERO_OFFSET=zoff, HAS_BIAS=bias is not None, ATOMIC=split > 1,
-        X_DTYPE=_DTYPE_CODES[x.dtype], IEEE=x.dtype == torch.float32, EMULATE=_interpreted(), **cfg,
+        X_DTYPE=DTYPE_CODES[x.dtype], IEEE=x.dtype == torch.float32, EMULATE=interpreted(), **cfg,
     )
-    return _finish_split(out, bias, x.dtype) if split > 1 else out
+    return finish_split(out, bias, x.dtype) if split > 1 else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def _gemv_kernel(
             part += c[None, :, :] * xi[:, None, :]
         acc += part * s[None, :, None]
     y = tl.sum(acc, 2)
-    _write_out(out_ptr, b_ptr, y, offs_m, offs_n, mmask, nmask, N, HAS_BIAS, ATOMIC, X_DTYPE, EMULATE)
+    write_out(out_ptr, b_ptr, y, offs_m, offs_n, mmask, nmask, N, HAS_BIAS, ATOMIC, X_DTYPE, EMULATE)
 
 
 GEMV_BITS = (2, 4)
@@ -210,14 +210,14 @@ GEMV_WORDS = 1024  # packed words per program and step (BLOCK_N * BLOCK_W): 4 Ki
 
 def gemv_supported(bits: int, group_size: int, dtype: torch.dtype) -> bool:
     """Packed widths whose groups hold at least two whole words (a K tile never straddles a group)."""
-    return bits in GEMV_BITS and dtype in _DTYPE_CODES and _pow2_divisor(group_size, 1 << 20) >= 2 * (32 // bits)
+    return bits in GEMV_BITS and dtype in DTYPE_CODES and pow2_divisor(group_size, 1 << 20) >= 2 * (32 // bits)
 
 
 def gemv_config(m: int, n: int, bits: int, group_size: int) -> dict:
     """BLOCK_M rows of x share each weight tile (up to 4); BLOCK_W words along K (at most a group's,
     up to 32); BLOCK_N rows so that a step reads GEMV_WORDS words. Untuned: bench/int_kernels.py times it."""
     bm = min(triton.next_power_of_2(max(m, 1)), 4)
-    bw = min(32, _pow2_divisor(group_size, 1 << 20) // (32 // bits))
+    bw = min(32, pow2_divisor(group_size, 1 << 20) // (32 // bits))
     bn = max(16, min(256, GEMV_WORDS // bw, triton.next_power_of_2(max(n, 1))))
     if bm > 1:
         bn = max(16, bn // 2)  # keep the [BM, BN, BW] fp32 accumulators in registers
@@ -245,12 +245,12 @@ def linear_gemv(
     z = zero.contiguous() if zero is not None else s
     cfg = gemv_config(m, n, bits, group_size)
     k_tiles = k // (cfg["BLOCK_W"] * (32 // bits))
-    split, per = gemv_split(m, n, k_tiles, cfg, _device_sms(x))
-    grid, out = _split_out(m, n, cfg, split, x.dtype, x.device)
+    split, per = gemv_split(m, n, k_tiles, cfg, device_sms(x))
+    grid, out = split_out(m, n, cfg, split, x.dtype, x.device)
     b = bias if bias is not None else s
     _gemv_kernel[grid](
         x, w, s, z, b, out, m, n, k, s.shape[1], group_size, x.stride(0), w.stride(0), per,
         BITS=bits, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, ATOMIC=split > 1,
-        X_DTYPE=_DTYPE_CODES[x.dtype], EMULATE=_interpreted(), **cfg,
+        X_DTYPE=DTYPE_CODES[x.dtype], EMULATE=interpreted(), **cfg,
     )
-    return _finish_split(out, bias, x.dtype) if split > 1 else out
+    return finish_split(out, bias, x.dtype) if split > 1 else out

@@ -1,7 +1,7 @@
 """The exact torch reference of the integer runtime: integer codes, dequantization, per-token int8
-activations and the W*A8 group sums with their fp32 epilogue (layouts as in `qat.export.ops`).
+activations and the W*A8 group sums with their fp32 epilogue (layouts as in `qat.runtime.ops`).
 
-`qat.export.ops` runs these on CPU tensors and tests hold the kernels to them; `qat.export.tinygemm`
+`qat.runtime.ops` runs these on CPU tensors and tests hold the kernels to them; `qat.runtime.tinygemm`
 self-checks its packing against `dequantize_reference`. This module imports neither, so both can
 import it.
 """
@@ -62,7 +62,7 @@ def _act_spec(symmetric: bool) -> TensorSpec:
 def quantize_act_reference(
     x2d: torch.Tensor, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """`qat.export.ops.quantize_act_int8` in torch ops: (xq int8, xscale fp32 (M, 1), xzero int32 (M, 1) or None)."""
+    """`qat.runtime.ops.quantize_act_int8` in torch ops: (xq int8, xscale fp32 (M, 1), xzero int32 (M, 1) or None)."""
     spec = _act_spec(symmetric)
     r = x2d.float()
     scale, zero = range_qparams(r.amin(-1, keepdim=True), r.amax(-1, keepdim=True), spec)
