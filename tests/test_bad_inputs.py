@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import pytest
-from conftest import save_tiny_teacher
+from helpers.models import save_tiny_teacher
 
 from trainer.cli import COMMANDS, main
 

@@ -9,10 +9,9 @@ import sys
 
 import pytest
 import torch
+from helpers.models import save_tiny_teacher
 
 lm_eval = pytest.importorskip("lm_eval")
-
-from conftest import save_tiny_teacher  # noqa: E402
 
 from trainer.cli import main  # noqa: E402
 

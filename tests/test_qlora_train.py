@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_teacher
+from helpers.models import save_tiny_teacher
 
 from qat.load import Kind, inspect, load
 

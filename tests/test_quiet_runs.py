@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import save_tiny_teacher
+from helpers.models import save_tiny_teacher
 from safetensors import safe_open
 
 from qat.io.progress import ProgressLines, duration

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_run_dir
+from helpers.models import tiny_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
