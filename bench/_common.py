@@ -70,7 +70,8 @@ def matrix_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def make_tiny_model(path: str) -> int:
-    """The smoke run's model: a random 2-layer Llama with the bundled tokenizer's vocabulary (tests/conftest.py)."""
+    """The smoke run's model: a random 2-layer Llama with the bundled tokenizer's vocabulary, as the tests'
+    (tests/helpers/models.py) at 256 positions and init range 0.1."""
     import transformers as tf  # lazy: only bench/suite.py's model part builds models here
 
     from qat.io.models import load_tokenizer  # lazy: as above

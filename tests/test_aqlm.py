@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import PUBLISHED
+from helpers import PUBLISHED
+from helpers.models import save_tiny_teacher
 
 from qat.load import Kind, inspect, load
 from qat.ptq import PTQConfig, run_ptq
@@ -160,8 +161,6 @@ def test_transformers_with_aqlm_loads_the_folder_and_matches_the_reference(saved
 
 
 def test_cli_ptq_aqlm_writes_a_folder_load_reads(tmp_path, bundled_tokenizer):
-    from conftest import save_tiny_teacher  # lazy: the tests' helper, imported as the other CLI tests do
-
     teacher = save_tiny_teacher(tmp_path / "teacher", bundled_tokenizer)
     out = tmp_path / "out"
     knobs = [f"ptq.aqlm.{k}={v}" for k, v in FAST.items()]

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 import pytest
-from conftest import PUBLISHED, save_tiny_teacher
+from helpers import PUBLISHED
+from helpers.models import save_tiny_teacher
 
 from trainer.cli import COMMANDS, main
 

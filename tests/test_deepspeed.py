@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PUBLISHED
+from helpers import PUBLISHED
 
 SCRIPT = Path(__file__).parent / "scripts" / "ds_tiny.py"
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LANE, PUBLISHED
+from helpers import LANE, PUBLISHED
+from helpers.models import fake_quant_folder
 
 from qat.apply import quantize_model
 from qat.export import convert_model, load_quantized
@@ -239,8 +240,6 @@ def test_quantized_tied_lm_head_is_untied_in_the_checkpoint(tiny_model, tmp_path
 
 
 def test_eval_scores_a_converted_folder_like_its_fake_quant_source(tmp_path, bundled_tokenizer):
-    from conftest import fake_quant_folder
-
     from qat.export import convert_folder
     from trainer.cli import main
 

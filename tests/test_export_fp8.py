@@ -8,7 +8,9 @@ import json
 
 import pytest
 import torch
-from conftest import PUBLISHED
+from helpers import PUBLISHED
+from helpers.models import save_tiny_teacher, tiny_config
+from helpers.readers import compressed_tensors_weights, hf_and_fake_quant_logits, vllm_oracle
 
 from qat.apply import quantize_model
 from qat.export import convert_folder, convert_model, load_quantized
@@ -24,8 +26,6 @@ N_LINEARS = 14  # 2 layers x (q, k, v, o, gate, up, down)
 
 
 def _config():
-    from conftest import tiny_config
-
     _, cfg = tiny_config("llama")
     cfg.intermediate_size = 128
     return cfg
@@ -129,7 +129,6 @@ def test_tampered_fp8_checkpoint_is_refused(tmp_path):
 
 def test_fp8_folder_matches_vllms_fp8_rule_and_its_card_says_so(tmp_path, capsys):
     from compressed_tensors.quantization import QuantizationConfig
-    from test_export_readers import _vllm_oracle
 
     out = convert_model(_quantized(), tmp_path / "fp8")
     cfg = json.loads((out / "config.json").read_text())
@@ -141,7 +140,7 @@ def test_fp8_folder_matches_vllms_fp8_rule_and_its_card_says_so(tmp_path, capsys
                                 "dynamic": False, "group_size": None, "observer": "minmax"}
     assert {k: group["input_activations"][k] for k in ("num_bits", "type", "strategy", "dynamic", "symmetric")} == \
         {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True, "symmetric": True}
-    assert _vllm_oracle(group, q["format"]) == "W8A8Fp8" == vllm_scheme(group, q["format"])[0]
+    assert vllm_oracle(group, q["format"]) == "W8A8Fp8" == vllm_scheme(group, q["format"])[0]
     assert "vLLM: runs it: 14 layers as W8A8Fp8" in capsys.readouterr().err
     card = (out / "README.md").read_text()
     assert "fp8 weights" in card and "W8A8Fp8" in card and "fp8 (e4m3) activations" in card
@@ -165,8 +164,6 @@ def test_unsupported_fp8_variants_are_refused_naming_what_converts(tmp_path, spe
 
 
 def test_compressed_tensors_decompresses_the_fp8_folder_to_our_weights(tmp_path):
-    from conftest import compressed_tensors_weights
-
     out = convert_model(_quantized(), tmp_path / "fp8")
     rt = load_quantized(out)
     dense = compressed_tensors_weights(out)
@@ -177,8 +174,6 @@ def test_compressed_tensors_decompresses_the_fp8_folder_to_our_weights(tmp_path)
 
 
 def test_transformers_from_pretrained_gives_the_fake_quant_logits_on_cpu(tmp_path):
-    from conftest import hf_and_fake_quant_logits
-
     model = _quantized()
     out = convert_model(model, tmp_path / "fp8")
     got, ref, a16 = hf_and_fake_quant_logits(model, out, _ids())
@@ -230,8 +225,6 @@ def test_scaled_mm_path_matches_the_reference_on_cuda():
 
 
 def test_distqat_ptq_smoothquant_fp8_then_convert(tmp_path, bundled_tokenizer):
-    from conftest import save_tiny_teacher
-
     from qat.io.folders import Kind, inspect
     from trainer.cli import main
 

@@ -16,23 +16,17 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import lane_only
-from test_export_ops import (  # noqa: F401 - _no_interpreter: the autouse fixture, here too
-    HAVE_TRITON,
-    ROOT,
-    _acts,
-    _no_interpreter,
-    _spec,
-    _weight,
-    convert,
-    int64_group_acc,
-    needs_cuda,
-    needs_triton,
-)
+from helpers import lane_only, needs_cuda, needs_triton
+from helpers.int_ref import convert_weight, outlier_acts, outlier_weight, weight_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+# CPU tensors take the reference path but in the device lane's own tests (conftest's no_interpreter).
+pytestmark = pytest.mark.usefixtures("no_interpreter")
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels in the interpreter (the device lane).
@@ -77,9 +71,9 @@ def _check_interpreter() -> list[str]:
 
     for i, (m, k, n, group, bits, wsym, asym_act, dtype, has_bias) in enumerate(KERNEL_CASES):
         where = f"case {i} M={m} K={k} N={n} g={group} bits={bits} wsym={wsym} act_sym={asym_act} {dtype}"
-        w = _weight(n, k, dtype, seed=i)
-        fq, qweight, scale, zero, g, _, _ = convert(w, _spec(bits, wsym, group))
-        x = _acts((m, k), dtype, seed=i)
+        w = outlier_weight(n, k, dtype, seed=i)
+        fq, qweight, scale, zero, g, _, _ = convert_weight(w, weight_spec(bits, wsym, group))
+        x = outlier_acts((m, k), dtype, seed=i)
         bias = torch.randn(n, generator=torch.Generator().manual_seed(i)).to(dtype) if has_bias else None
         bound = x.double().abs() @ fq.double().abs().t() + (0 if bias is None else bias.double().abs())
 
@@ -129,18 +123,18 @@ def _check_interpreter() -> list[str]:
         import qat.runtime.triton_ops as T
 
         saved, T.linear_a8 = T.linear_a8, None  # would raise if called
-        w = _weight(32, 64, torch.bfloat16)
-        _, qweight, scale, zero, g, _, _ = convert(w, _spec(4, True, 32))
-        ops.linear_a8(_acts((3, 64), torch.bfloat16), qweight, scale, zero, 4, g, 64, True)
+        w = outlier_weight(32, 64, torch.bfloat16)
+        _, qweight, scale, zero, g, _, _ = convert_weight(w, weight_spec(4, True, 32))
+        ops.linear_a8(outlier_acts((3, 64), torch.bfloat16), qweight, scale, zero, 4, g, 64, True)
         T.linear_a8 = saved
     except TypeError:
         errors.append("DISTQAT_INT_KERNELS=0 still ran the Triton a8 kernel")
     finally:
         os.environ.pop("DISTQAT_INT_KERNELS")
     # 3-D input through the dispatcher, bits without a kernel (3) fall back to the reference.
-    w = _weight(32, 64, torch.bfloat16)
-    fq, qweight, scale, zero, g, _, _ = convert(w, _spec(3, False, 32))
-    x = _acts((2, 3, 64), torch.bfloat16)
+    w = outlier_weight(32, 64, torch.bfloat16)
+    fq, qweight, scale, zero, g, _, _ = convert_weight(w, weight_spec(3, False, 32))
+    x = outlier_acts((2, 3, 64), torch.bfloat16)
     y = ops.linear_a16(x, qweight, scale, zero, 3, g, 64)
     if y.shape != (2, 3, 32) or not torch.equal(y, F.linear(x, fq)):
         errors.append("3-bit a16 fallback differs from F.linear on the fake-quant weight")
@@ -280,10 +274,10 @@ def test_cuda_paths_match_reference(bits, wsym, group, act_sym, m, monkeypatch):
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     k, n = 4096, 1024
-    w = _weight(n, k, torch.bfloat16, seed=m)
+    w = outlier_weight(n, k, torch.bfloat16, seed=m)
     fq, qweight, scale, zero, g, _, _ = (t.cuda() if isinstance(t, torch.Tensor) else t
-                                         for t in convert(w, _spec(bits, wsym, group)))
-    x = _acts((m, k), torch.bfloat16, seed=m).cuda()
+                                         for t in convert_weight(w, weight_spec(bits, wsym, group)))
+    x = outlier_acts((m, k), torch.bfloat16, seed=m).cuda()
     bias = torch.randn(n, device="cuda").bfloat16()
     assert torch.equal(ops.dequantize_weight(qweight, scale, zero, bits, g, k, torch.bfloat16), fq)
     bound = x.double().abs() @ fq.double().abs().t() + bias.double().abs()

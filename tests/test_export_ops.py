@@ -11,97 +11,17 @@ The Triton kernels are tested in tests/test_export_kernels.py.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LANE
+from helpers import LANE
+from helpers.int_ref import convert_weight, int64_group_acc, outlier_acts, outlier_weight, weight_spec
 
-ROOT = Path(__file__).resolve().parents[1]
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
-
-
-def needs_cuda(test):
-    """A GPU-only test of a Triton kernel (conftest skips @pytest.mark.cuda without a GPU)."""
-    return pytest.mark.cuda(needs_triton(test))
-
-
-def _weight(n: int, k: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    """Random weight with an outlier row, a zero row and an all-positive row (asymmetric grids)."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * 0.05
-    w[0, ::5] *= 40
-    w[1] = 0
-    w[2] = w[2].abs() + 0.01
-    return w.to(dtype)
-
-
-def _acts(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
-    """Activations with outlier columns, an all-zero token, an all-negative and a tiny-valued token."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g)
-    x2 = x.view(-1, shape[-1])
-    x2[:, 3] *= 60
-    if x2.shape[0] > 1:
-        x2[1] = 0
-    if x2.shape[0] > 2:
-        x2[2] = -x2[2].abs() - 0.1
-    if x2.shape[0] > 3:
-        x2[3] *= 1e-5
-    return x.to(dtype)
-
-
-def _spec(bits: int, symmetric: bool, group: int | None, method: str = "minmax"):
-    from qat.spec import TensorSpec
-
-    gran = "group" if group else "channel"
-    return TensorSpec(bits=bits, symmetric=symmetric, granularity=gran, group_size=group, scale_method=method)
-
-
-def convert(w: torch.Tensor, spec):
-    """(fake-quant weight, qweight, scale, zero, group_size, unsigned codes, unsigned zeros) as convert + load
-    lay them out: packed unsigned codes (int8 signed ones for 8 bits), zeros in the matching domain."""
-    from qat.quantizers import WeightQuantizer
-    from qat.runtime.pack import pack_int32
-
-    wq = WeightQuantizer(spec, w)
-    with torch.no_grad():
-        fq = wq(w)
-    codes, scale, zero = wq.quantize(w)
-    bits, k = spec.bits, w.shape[1]
-    u = (codes + (1 << (bits - 1)) if spec.symmetric else codes).to(torch.int64)
-    zu = None if zero is None else zero.to(torch.int64)
-    if bits == 8:
-        qweight = (u - 128).to(torch.int8)
-        z = None if zu is None else (zu - 128).to(torch.int8)
-    else:
-        qweight = pack_int32(u.to(torch.int32), bits)
-        z = None if zu is None else zu.to(torch.uint8)
-    return fq, qweight, scale.to(w.dtype), z, spec.group_size or k, u, zu
-
-
-def int64_group_acc(xq, xz, u, zu, bits, group_size):
-    """(G, M, N) int64: sum over each group of (xq - xz) * (u - z_u), from the codes, elementwise."""
-    xi = xq.to(torch.int64) - (0 if xz is None else xz.to(torch.int64))
-    n, k = u.shape
-    z = torch.full((n, k // group_size), 1 << (bits - 1), dtype=torch.int64) if zu is None else zu
-    wi = u - z.repeat_interleave(group_size, dim=1)
-    prod = xi[:, None, :] * wi[None, :, :]  # (M, N, K)
-    return prod.reshape(xi.shape[0], n, -1, group_size).sum(-1).permute(2, 0, 1)
-
+# CPU tensors take the reference path but in the device lane's own tests (conftest's no_interpreter).
+pytestmark = pytest.mark.usefixtures("no_interpreter")
 
 # ---------------------------------------------------------------------------------------------
 # CPU reference.
-
-
-@pytest.fixture(autouse=True)
-def _no_interpreter(request, monkeypatch):
-    """CPU tensors take the reference path, but in the device lane's own tests, whose device branch is the point."""
-    if not (LANE and request.node.get_closest_marker("lane")):
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 WEIGHT_CASES = [
@@ -119,8 +39,8 @@ WEIGHT_CASES = [
 def test_dequantize_equals_fake_quant(bits, sym, group, dtype, kernel_calls):
     from qat.runtime.ops import dequantize_weight
 
-    w = _weight(48, 128, dtype, seed=bits)
-    fq, qweight, scale, zero, g, u, zu = convert(w, _spec(bits, sym, group))
+    w = outlier_weight(48, 128, dtype, seed=bits)
+    fq, qweight, scale, zero, g, u, zu = convert_weight(w, weight_spec(bits, sym, group))
     out = dequantize_weight(qweight, scale, zero, bits, g, 128, dtype)
     assert out.dtype == dtype and torch.equal(out, fq)
     assert kernel_calls["dequantize"] == (1 if LANE and bits in (2, 4, 8) else 0)  # the lane: the Triton kernel
@@ -136,8 +56,8 @@ def test_dequantize_clipping_scales():
     from qat.runtime.ops import dequantize_weight
 
     for sym in (True, False):
-        w = _weight(32, 64, torch.bfloat16, seed=5)
-        fq, qweight, scale, zero, g, _, _ = convert(w, _spec(4, sym, 32, method="mse"))
+        w = outlier_weight(32, 64, torch.bfloat16, seed=5)
+        fq, qweight, scale, zero, g, _, _ = convert_weight(w, weight_spec(4, sym, 32, method="mse"))
         assert torch.equal(dequantize_weight(qweight, scale, zero, 4, g, 64, torch.bfloat16), fq)
 
 
@@ -149,7 +69,7 @@ def test_quantize_act_int8_equals_fake_quant(dtype, sym, kernel_calls):
     from qat.runtime.ops import quantize_act_int8
     from qat.spec import TensorSpec
 
-    x = _acts((9, 96), dtype)
+    x = outlier_acts((9, 96), dtype)
     spec = TensorSpec(bits=8, symmetric=sym, granularity="token")
     ref = fake_quant(x, spec, use_kernel=False)
     xq, xs, xz = quantize_act_int8(x, sym)
@@ -178,9 +98,9 @@ def test_linear_a8_integer_accumulation_exact(bits, wsym, group, asym_act, kerne
     from qat.runtime.reference import a8_epilogue_reference, group_accumulate_reference
 
     k, n = 128, 48
-    w = _weight(n, k, torch.bfloat16, seed=bits)
-    fq, qweight, scale, zero, g, u, zu = convert(w, _spec(bits, wsym, group))
-    x = _acts((2, 3, k), torch.bfloat16)
+    w = outlier_weight(n, k, torch.bfloat16, seed=bits)
+    fq, qweight, scale, zero, g, u, zu = convert_weight(w, weight_spec(bits, wsym, group))
+    x = outlier_acts((2, 3, k), torch.bfloat16)
     bias = torch.randn(n).bfloat16()
     xq, xs, xz = quantize_act_int8(x.reshape(-1, k), not asym_act)
     acc = group_accumulate_reference(xq, xz, qweight, zero, bits, g, k)
@@ -220,9 +140,9 @@ def test_linear_a8_extreme_codes_exact():
 def test_linear_a16_reference(dtype):
     from qat.runtime.ops import linear_a16, resolve_impl
 
-    w = _weight(48, 128, dtype)
-    fq, qweight, scale, zero, g, _, _ = convert(w, _spec(4, False, 32))
-    x, bias = _acts((5, 128), dtype), torch.randn(48).to(dtype)
+    w = outlier_weight(48, 128, dtype)
+    fq, qweight, scale, zero, g, _, _ = convert_weight(w, weight_spec(4, False, 32))
+    x, bias = outlier_acts((5, 128), dtype), torch.randn(48).to(dtype)
     y = linear_a16(x, qweight, scale, zero, 4, g, 128, bias=bias)
     if resolve_impl(None, 4, False, 5, 48, 128, g, x) == "tinygemm":  # the device path at small M, bf16
         # tinygemm takes the asymmetric zero as a bf16 float and accumulates in its own order
@@ -239,9 +159,9 @@ def test_linear_a8_close_to_fake_quant_model():
     from qat.runtime.ops import linear_a8
     from qat.spec import TensorSpec
 
-    w = _weight(48, 128, torch.float32)
-    fq, qweight, scale, zero, g, _, _ = convert(w, _spec(4, True, 32))
-    x = _acts((7, 128), torch.float32)
+    w = outlier_weight(48, 128, torch.float32)
+    fq, qweight, scale, zero, g, _, _ = convert_weight(w, weight_spec(4, True, 32))
+    x = outlier_acts((7, 128), torch.float32)
     xf = fake_quant(x, TensorSpec(bits=8, symmetric=False, granularity="token"), use_kernel=False)
     y = linear_a8(x, qweight, scale, zero, 4, g, 128, act_symmetric=False)
     truth = xf.double() @ fq.double().t()
@@ -301,9 +221,9 @@ def test_tinygemm_scale_zero_convention_cpu(sym, group, fresh_tinygemm, monkeypa
 
     tg = fresh_tinygemm
     k, n = 512, 48
-    w = _weight(n, k, torch.bfloat16, seed=group)
-    fq, qweight, scale, zero, g, _, _ = convert(w, _spec(4, sym, group))
-    x, bias = _acts((3, 2, k), torch.bfloat16), torch.randn(n).bfloat16()
+    w = outlier_weight(n, k, torch.bfloat16, seed=group)
+    fq, qweight, scale, zero, g, _, _ = convert_weight(w, weight_spec(4, sym, group))
+    x, bias = outlier_acts((3, 2, k), torch.bfloat16), torch.randn(n).bfloat16()
     assert ops.resolve_impl("tinygemm", 4, False, 6, n, k, g, x) == "tinygemm"
     built = []
     pack = tg._tinygemm_pack
@@ -330,9 +250,9 @@ def test_tinygemm_self_check_falls_back(fresh_tinygemm, monkeypatch):
 
     tg = fresh_tinygemm
     k, n = 256, 32
-    w = _weight(n, k, torch.bfloat16)
-    fq, qweight, scale, zero, g, _, _ = convert(w, _spec(4, True, 64))
-    x = _acts((2, k), torch.bfloat16)
+    w = outlier_weight(n, k, torch.bfloat16)
+    fq, qweight, scale, zero, g, _, _ = convert_weight(w, weight_spec(4, True, 64))
+    x = outlier_acts((2, k), torch.bfloat16)
     pack = tg._tinygemm_pack
     monkeypatch.setattr(tg, "_tinygemm_pack", lambda u, tiles: pack(15 - u, tiles))  # a wrong convention
     with pytest.warns(RuntimeWarning, match="tinygemm"):

@@ -8,7 +8,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import PUBLISHED
+from helpers import PUBLISHED
+from helpers.models import fake_quant_folder, tiny_config
+from helpers.readers import compressed_tensors_weights, hf_and_fake_quant_logits, vllm_kv_ok, vllm_oracle
 
 from qat.apply import quantize_model
 from qat.export import convert_model, load_quantized
@@ -21,8 +23,6 @@ ct = pytest.importorskip("compressed_tensors")
 
 
 def _config():
-    from conftest import tiny_config
-
     _, cfg = tiny_config("llama")
     cfg.intermediate_size = 128  # every input width a multiple of 64, so g64 fits every layer
     return cfg
@@ -41,46 +41,7 @@ def _ids(n=24, seed=0):
     return torch.randint(0, 128, (2, n), generator=torch.Generator().manual_seed(seed))
 
 
-# ---- vLLM's rules, restated from its source (compressed_tensors.py, _get_scheme_from_parts and the
-# predicates it calls), independently of qat.export.readers, to hold the written configs to.
-
-def _vllm_oracle(group: dict, top_format: str):
-    fmt = group.get("format") or top_format
-    w = group["weights"]
-    # _quantization_scheme_map_from_config keeps input_activations only for activation formats
-    act_format = fmt in ("naive-quantized", "int-quantized", "float-quantized")
-    a = group.get("input_activations") if act_format else None
-    static_w = not w["dynamic"]
-    # _is_wNa16_group_channel (recent vLLM: any symmetry) + pack-quantized + WNA16_SUPPORTED_BITS
-    if a is None and w["strategy"] in ("channel", "group") and static_w:
-        if fmt == "pack-quantized" and w["num_bits"] in (4, 8):
-            return "WNA16"
-    if act_format and a is not None and w.get("type") == a.get("type") == "float":
-        # _is_fp8_w8a8: symmetric static weights per tensor or channel; activations dynamic, or static per tensor
-        if w["symmetric"] and static_w and w["strategy"] in ("tensor", "channel") and (
-                a["dynamic"] or (a["symmetric"] and a["strategy"] == "tensor")):
-            return "W8A8Fp8"  # on capability >= 8.9; below, CompressedTensorsW8A16Fp8
-        return None
-    if act_format and a is not None:
-        token_dyn = a["strategy"] == "token" and a["dynamic"] and static_w
-        # _is_dynamic_token_w8a8
-        if w["num_bits"] == a["num_bits"] == 8 and w["strategy"] in ("tensor", "channel") and token_dyn \
-                and w["symmetric"]:
-            return "W8A8Int8"
-        # _is_dynamic_token_w4a8_int
-        if w["num_bits"] == 4 and a["num_bits"] == 8 and w["strategy"] in ("group", "channel") and token_dyn \
-                and w["symmetric"]:
-            return "W4A8Int"
-    return None  # vLLM raises "No compressed-tensors compatible scheme was found."
-
-
-def _vllm_kv_ok(kv) -> bool:
-    # CompressedTensorsKVCacheMethod.validate_kv_cache_scheme
-    return kv is None or (kv.get("type") == "float" and kv.get("num_bits") == 8
-                          and kv.get("strategy") in ("tensor", "attn_head") and kv.get("symmetric"))
-
-
-# scheme -> the kernel vLLM must pick (None: vLLM has none, and convert must say so)
+# scheme -> the kernel vLLM must pick (None: vLLM has none, and convert must say so), by helpers.readers.vllm_oracle
 VLLM = {
     "w4g64": "WNA16", "w4": "WNA16", "w8": "WNA16", "w8g64": "WNA16", "w4g64asym": "WNA16",
     "w8a8": "W8A8Int8", "w8a8kv8": "W8A8Int8", "w4a8kv8": "W4A8Int", "w4g64a8kv4": "W4A8Int",
@@ -98,10 +59,10 @@ def test_every_converted_scheme_is_one_vllm_matches_to_the_same_numerics(tmp_pat
     cfg = json.loads((out / "config.json").read_text())
     q = cfg["quantization_config"]
     QuantizationConfig.model_validate(q)  # the reader's own schema accepts it
-    assert _vllm_kv_ok(q.get("kv_cache_scheme")) and q.get("kv_cache_scheme") is None
+    assert vllm_kv_ok(q.get("kv_cache_scheme")) and q.get("kv_cache_scheme") is None
     has_act = model.model.layers[0].mlp.down_proj.act_spec is not None
     for group in q["config_groups"].values():
-        got = _vllm_oracle(group, q["format"])
+        got = vllm_oracle(group, q["format"])
         assert got == VLLM[scheme], (scheme, group)
         # what vLLM would run has the layer's own numerics: int8 activations exactly where trained with them
         if got is not None:
@@ -117,8 +78,6 @@ def test_every_converted_scheme_is_one_vllm_matches_to_the_same_numerics(tmp_pat
 
 @pytest.mark.parametrize("scheme", ["w4g64", "w4g64asym", "w4", "w8a8", "w4g64a8"])
 def test_compressed_tensors_decompression_equals_our_dequantized_weights(tmp_path, scheme):
-    from conftest import compressed_tensors_weights
-
     model = _quantized(scheme, torch.float32)
     out = convert_model(model, tmp_path / "int")
     rt = load_quantized(out)
@@ -156,8 +115,6 @@ def test_transformers_from_pretrained_gives_our_logits_for_weight_only_folders(t
 
 
 def test_written_folders_hold_no_absolute_paths(tmp_path, bundled_tokenizer):
-    from conftest import fake_quant_folder
-
     from qat.export import convert_folder
 
     _, fq = fake_quant_folder(tmp_path, bundled_tokenizer, "w4a8kv8")
@@ -272,8 +229,6 @@ def test_a_custom_spec_without_a_short_name_converts_with_its_card(tmp_path):
 def test_transformers_applies_the_int8_activations_of_int_quantized_folders(tmp_path, scheme):
     # The activation format is what makes compressed-tensors quantize the inputs; in fp32 its per-token int8
     # fake quant and ours agree bit for bit, and differ from the same weights without activation quant.
-    from conftest import hf_and_fake_quant_logits
-
     model = _quantized(scheme, torch.float32)
     out = convert_model(model, tmp_path / "int")
     assert "drops them" in (out / "README.md").read_text()  # the card warns off dequantize=True here

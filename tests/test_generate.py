@@ -12,7 +12,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import PUBLISHED, save_tiny_teacher
+from helpers import PUBLISHED
+from helpers.models import save_tiny_teacher
 
 from data.generate import GenerateError, candidate_first_tokens, counter_uniform, sample_next
 from trainer.commands import run_generate

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PUBLISHED, tiny_config, tiny_run_dir
+from helpers import PUBLISHED
+from helpers.models import tiny_config, tiny_run_dir
 from safetensors.torch import load_file
 
 from qat.apply import quantize_model

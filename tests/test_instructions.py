@@ -11,7 +11,7 @@ import datasets
 import pytest
 import torch
 import transformers
-from conftest import save_tiny_teacher
+from helpers.models import save_tiny_teacher
 
 from data import text
 from data.blocks import BlockData

@@ -7,21 +7,11 @@ imported, so those checks run in the device lane (`TRITON_INTERPRET=1 pytest -m 
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 
 import pytest
 import torch
-from conftest import lane_only
-
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
-
-
-def needs_cuda(test):
-    """A GPU-only test of a Triton kernel (conftest skips @pytest.mark.cuda without a GPU)."""
-    return pytest.mark.cuda(needs_triton(test))
-
+from helpers import lane_only, needs_cuda, needs_triton
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}

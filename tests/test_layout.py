@@ -36,6 +36,15 @@ def function_imports(path: Path) -> list[ast.stmt]:
     return found
 
 
+def imported_modules(node: ast.AST) -> list[str]:
+    """The absolute module names an import statement names (none for other nodes and relative imports)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom) and not node.level:
+        return [node.module or ""]
+    return []
+
+
 def test_import_contracts_hold():
     lint = Path(sys.executable).with_name("lint-imports")
     assert lint.exists(), "lint-imports is missing: install the dev extra (pip install -e '.[dev]')"
@@ -47,8 +56,7 @@ def test_import_contracts_hold():
 def test_lower_layers_never_import_the_trainer():
     for path in python_files("qat", "data"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            names = imported_modules(node)
             assert not any(n == "trainer" or n.startswith("trainer.") for n in names), (path, node.lineno)
 
 
@@ -61,6 +69,22 @@ def test_a_function_local_import_says_why():
             if not any("# lazy:" in line for line in around):
                 missing.append(f"{path.relative_to(ROOT)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
     assert not missing, "imports inside functions without a '# lazy: <reason>' comment:\n" + "\n".join(missing)
+
+
+def test_test_modules_import_helpers_not_each_other():
+    """Shared test code lives in tests/helpers/ and shared fixtures in tests/conftest.py: no file under tests/ imports
+    a test module or conftest (shared code hid among tests there, and an autouse fixture imported with it acted
+    unseen in the importing module), and a test module imports its helpers at the top, where a reader looks."""
+    crossed, local = [], []
+    for path in python_files("tests"):
+        rel = path.relative_to(ROOT)
+        for node in ast.walk(ast.parse(path.read_text())):
+            crossed += [f"{rel}:{node.lineno}: {name}" for name in imported_modules(node)
+                        if name.split(".")[0] == "conftest" or name.split(".")[0].startswith("test_")]
+        local += [f"{rel}:{node.lineno}" for node in function_imports(path)
+                  if any(name.split(".")[0] == "helpers" for name in imported_modules(node))]
+    assert not crossed, "import these from tests/helpers/ (fixtures: conftest.py) instead:\n" + "\n".join(crossed)
+    assert not local, "import helpers at the top of the module:\n" + "\n".join(local)
 
 
 @pytest.mark.parametrize("folder", [*PACKAGES, "tests", "bench"])

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
+from helpers import PUBLISHED
+from helpers.models import save_tiny_teacher
 
 lm_eval = pytest.importorskip("lm_eval")
-
-from conftest import PUBLISHED, save_tiny_teacher  # noqa: E402
 
 from trainer.cli import main  # noqa: E402
 

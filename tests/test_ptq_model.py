@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import PUBLISHED
+from helpers import PUBLISHED
+from helpers.models import save_tiny_teacher
 from torch import nn
 
 from data.calib import calibration_ids
@@ -267,8 +268,6 @@ def test_cli_bad_inputs_one_line_before_loading(tmp_path, bundled_tokenizer):
     import subprocess
     import sys
     from pathlib import Path
-
-    from conftest import save_tiny_teacher
 
     root = Path(__file__).resolve().parents[1]
     teacher = save_tiny_teacher(tmp_path / "teacher", bundled_tokenizer)

@@ -8,40 +8,19 @@ import copy
 
 import pytest
 import torch
-import transformers
+from helpers.models import fake_and_packed, tiny_ids
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from qat.apply import quantize_model
 from qat.linear import QuantLinear
 from qat.qlora.adapters import add_adapters, load_adapters, save_adapters
-from qat.qlora.base import fingerprint, pack_model
+from qat.qlora.base import fingerprint
 from qat.qlora.config import LoRAConfig
 from qat.quantizers import NF4_LEVELS, weight_rows
 from qat.runtime.pack import unpack_int32
 from qat.runtime.packed import PackedLinear, weight_bytes_ratio
-from qat.spec import parse
 from trainer.train import enable_checkpointing
 
 SCHEMES = ["w4g32", "w4g32asym", "w4", "w8g32asym", "w3g32", "w4a8", "wnf4g32"]
-
-
-def tiny(dtype=torch.float32, seed=0, hidden=64, inter=96):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
-    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
-
-
-def ids(n=2, t=16, seed=1):
-    return torch.randint(0, 128, (n, t), generator=torch.Generator().manual_seed(seed))
-
-
-def fake_and_packed(scheme, dtype=torch.float32, double_quant=False, **shape):
-    fq = tiny(dtype, **shape)
-    quantize_model(fq, parse(scheme))
-    packed = copy.deepcopy(fq)
-    pack_model(packed, double_quant)
-    return fq, packed
 
 
 @pytest.mark.lane
@@ -52,7 +31,7 @@ def test_packed_base_computes_what_fake_quant_computes(scheme, dtype):
     assert any(isinstance(m, PackedLinear) for m in packed.modules())
     assert not any(isinstance(m, QuantLinear) for m in packed.modules())
     with torch.no_grad():
-        a, b = fq(ids()).logits, packed(ids()).logits
+        a, b = fq(tiny_ids()).logits, packed(tiny_ids()).logits
     if "nf4" in scheme:  # the fake-quant STE expression ((level - y) + y) * s can differ by an fp32 ulp
         torch.testing.assert_close(b, a, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
     else:
@@ -106,7 +85,7 @@ def test_backward_saves_no_weight_sized_tensor_per_frozen_linear():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(ids(1, 8)).logits.float().pow(2).mean()
+        loss = model(tiny_ids(1, 8)).logits.float().pow(2).mean()
     loss.backward()
     assert saved, "the hooks saw nothing"
     weightlike = [s for s in saved if s in sizes or s[::-1] in sizes or (len(s) == 2 and s[0] * s[1] in numel)]
@@ -121,7 +100,8 @@ def test_only_adapters_train_and_the_base_stays_bit_identical():
     assert trainable and all("lora_" in n for n in trainable)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(3):
-        loss = torch.nn.functional.cross_entropy(model(ids(seed=step)).logits.flatten(0, 1), ids(seed=step).flatten())
+        x = tiny_ids(seed=step)
+        loss = torch.nn.functional.cross_entropy(model(x).logits.flatten(0, 1), x.flatten())
         opt.zero_grad()
         loss.backward()
         assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
@@ -153,7 +133,7 @@ def test_gradients_equal_the_fake_quant_reference():
     for n, p in mine.items():
         p.data.normal_(std=0.05)
         theirs[n].data.copy_(p.data)
-    x = ids()
+    x = tiny_ids()
     for m in (model, ref):
         m(x).logits.float().pow(2).mean().backward()
     torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=1e-5, atol=1e-5)
@@ -172,7 +152,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
             enable_checkpointing(model.base_model.model, reentrant)
             model.enable_input_require_grads()  # the frozen base: inputs must carry grad through reentrant checkpoints
         model.train()
-        model(ids()).logits.float().pow(2).mean().backward()
+        model(tiny_ids()).logits.float().pow(2).mean().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain, ckpt = grads(False), grads(True)
@@ -183,7 +163,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
 
 def test_adapters_save_and_reload_with_peft(tmp_path):
     model = adapted()
-    x = ids()
+    x = tiny_ids()
     with torch.no_grad():
         want = model(x).logits
     fp = fingerprint(model.base_model.model)
@@ -221,7 +201,7 @@ def test_the_base_comes_from_a_saved_fake_quant_folder_or_an_integer_checkpoint(
     fq, _ = fake_and_packed("w4g32asym")
     fq.save_pretrained(tmp_path / "fq")
     convert_model(fq, tmp_path / "int")
-    x = ids()
+    x = tiny_ids()
     for folder in ("fq", "int"):
         base, info = build_base(tmp_path / folder, None, dtype=None)
         assert info.kind.value == {"fq": "qat", "int": "int"}[folder]
@@ -260,7 +240,7 @@ def test_a_step_on_the_packed_base_takes_the_runtime_dequantizer_on_the_device_p
     model = add_adapters(packed, LoRAConfig(r=2, dropout=0.0, variant=variant))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     before = kernel_calls["dequantize"]
-    x = ids()
+    x = tiny_ids()
     loss = torch.nn.functional.cross_entropy(model(x).logits.float().flatten(0, 1), x.flatten())
     loss.backward()
     opt.step()

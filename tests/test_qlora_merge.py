@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_qlora import fake_and_packed, ids
+from helpers.models import fake_and_packed, tiny_ids
 
 from qat.export import load_quantized
 from qat.export.convert import convert_folder, convert_model
@@ -37,7 +37,7 @@ def packed_state(model):
 
 def test_qalora_merge_folds_exactly_into_the_zero_points():
     model = with_adapters(dtype=torch.float64, variant="qalora")
-    x = ids()
+    x = tiny_ids()
     with torch.no_grad():
         want = model(x).logits
     before = packed_state(model.base_model.model)
@@ -61,7 +61,7 @@ def test_qalora_merge_converts_to_a_version_2_checkpoint(tmp_path):
     assert cfg["distqat_export"]["version"] == 2
     rt = load_quantized(out)
     assert any(m.offset is not None for m in rt.modules() if hasattr(m, "offset"))
-    x = ids()
+    x = tiny_ids()
     with torch.no_grad():
         a, b = merged(x).logits.float(), rt(x).logits.float()
     assert (a - b).abs().max() <= 0.02 * a.abs().max()  # bf16 rounding: offsets summed per group vs in the weight
@@ -105,7 +105,7 @@ def test_requant_of_a_zero_adapter_gives_the_base_back_bit_for_bit(scheme, tmp_p
 
 def test_requant_keeps_most_of_a_real_adapter_and_reports_it():
     model = with_adapters("w8g32asym", std=0.02)  # adapters moving each weight by a few percent
-    x = ids()
+    x = tiny_ids()
     with torch.no_grad():
         want = model(x).logits
     merged, report = merge_requant(model, "rtn")
@@ -120,13 +120,13 @@ def test_requant_gptq_needs_calibration_and_then_runs():
     model = with_adapters("w4g32")
     with pytest.raises(ValueError, match="lora.requant=gptq needs calibration"):
         merge_requant(model, "gptq")
-    merged, report = merge_requant(with_adapters("w4g32"), "gptq", calib_ids=ids(4, 32))
+    merged, report = merge_requant(with_adapters("w4g32"), "gptq", calib_ids=tiny_ids(4, 32))
     assert report and merged.config.distqat_ptq["method"] == "qlora+requant-gptq"
 
 
 def test_bf16_merge_is_a_plain_model_computing_base_plus_adapter(tmp_path):
     model = with_adapters("w4g32asym")
-    x = ids()
+    x = tiny_ids()
     with torch.no_grad():
         want = model(x).logits
     merged = merge_bf16(model, torch.float32)

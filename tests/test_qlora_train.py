@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PUBLISHED, save_tiny_teacher
+from helpers import PUBLISHED
+from helpers.models import save_tiny_teacher
 
 from qat.load import Kind, inspect, load
 

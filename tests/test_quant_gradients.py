@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_quantizers import F64, STE_RTOL, _act, _gen, _spec_id, _weight
+from helpers.quant_ref import F64, STE_RTOL, rand_act, rand_weight, seeded_gen, spec_id
 
 from qat.quantizers import ActQuantizer, WeightQuantizer
 from qat.spec import TensorSpec
@@ -19,10 +19,10 @@ MINMAX_WEIGHT_SPECS = [
 ] + [TensorSpec(bits=8, format="fp8"), TensorSpec(bits=4, format="nf4", granularity="group", group_size=7)]
 
 
-@pytest.mark.parametrize("spec", MINMAX_WEIGHT_SPECS, ids=_spec_id)
+@pytest.mark.parametrize("spec", MINMAX_WEIGHT_SPECS, ids=spec_id)
 def test_ste_identity_minmax_weight(spec):
-    w = _weight((6, 21), "ste", _spec_id(spec)).requires_grad_(True)
-    up = torch.randn(w.shape, generator=_gen("ste-up", _spec_id(spec)))
+    w = rand_weight((6, 21), "ste", spec_id(spec)).requires_grad_(True)
+    up = torch.randn(w.shape, generator=seeded_gen("ste-up", spec_id(spec)))
     WeightQuantizer(spec, w)(w).backward(up)
     assert torch.equal(w.grad, up)
 
@@ -30,10 +30,10 @@ def test_ste_identity_minmax_weight(spec):
 @pytest.mark.parametrize("spec", [
     TensorSpec(bits=b, symmetric=sym, granularity=gran) for b in (4, 8) for sym in (True, False)
     for gran in ("token", "tensor")
-] + [TensorSpec(bits=8, format="fp8", granularity="token")], ids=_spec_id)
+] + [TensorSpec(bits=8, format="fp8", granularity="token")], ids=spec_id)
 def test_ste_identity_minmax_act(spec):
-    x = _act((2, 3, 16), "ste", _spec_id(spec)).requires_grad_(True)
-    up = torch.randn(x.shape, generator=_gen("ste-up-act", _spec_id(spec)))
+    x = rand_act((2, 3, 16), "ste", spec_id(spec)).requires_grad_(True)
+    up = torch.randn(x.shape, generator=seeded_gen("ste-up-act", spec_id(spec)))
     ActQuantizer(spec)(x).backward(up)
     assert torch.equal(x.grad, up)
 
@@ -41,8 +41,8 @@ def test_ste_identity_minmax_act(spec):
 def _percentile_case(symmetric):
     spec = TensorSpec(bits=4, symmetric=symmetric, granularity="channel", scale_method="percentile",
                       percentile=90.0).check("weight")
-    w = _weight((16, 64), "pct-ste", symmetric).requires_grad_(True)
-    up = torch.randn(w.shape, generator=_gen("pct-ste-up", symmetric))
+    w = rand_weight((16, 64), "pct-ste", symmetric).requires_grad_(True)
+    up = torch.randn(w.shape, generator=seeded_gen("pct-ste-up", symmetric))
     q = WeightQuantizer(spec, w)
     q(w).backward(up)
     scale, zero = q.qparams(w.detach())
@@ -83,7 +83,7 @@ def _lsq_case(symmetric: bool, band: bool):
     values avoid the kinks of the grid and rounding ties; `band` puts two values per row in the
     half-step just outside the grid ends (x/s + z = qmax + 0.25 and qmin - 0.25)."""
     spec = TensorSpec(bits=4, symmetric=symmetric, granularity="channel", learnable="lsq").check("weight")
-    w0 = _weight((6, 32), "lsq", symmetric)
+    w0 = rand_weight((6, 32), "lsq", symmetric)
     q = WeightQuantizer(spec, w0)
     with torch.no_grad():
         q.scale.mul_(torch.linspace(0.6, 0.9, 6)[:, None])
@@ -97,7 +97,7 @@ def _lsq_case(symmetric: bool, band: bool):
     if band:
         u[:, 0], u[:, 1] = qmax + 0.25, qmin - 0.25
     w = ((u - z) * s).float()
-    g = torch.randn(w.shape, generator=_gen("lsq-g", symmetric), dtype=F64)
+    g = torch.randn(w.shape, generator=seeded_gen("lsq-g", symmetric), dtype=F64)
     return spec, q, w, g, s, z
 
 
@@ -170,9 +170,9 @@ def test_lsq_asym_zero_point_grad():
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 def test_lwc_gradients_reach_clip_logits(symmetric):
     spec = TensorSpec(bits=4, symmetric=symmetric, granularity="channel", learnable="lwc").check("weight")
-    w = _weight((6, 21), "lwc-grad", symmetric)
+    w = rand_weight((6, 21), "lwc-grad", symmetric)
     q = WeightQuantizer(spec, w)
-    up = torch.randn(w.shape, generator=_gen("lwc-up", symmetric))
+    up = torch.randn(w.shape, generator=seeded_gen("lwc-up", symmetric))
     (up * q(w)).sum().backward()
     if symmetric:
         assert q.clip_lo is None
@@ -191,7 +191,7 @@ def test_lwc_gradients_reach_clip_logits(symmetric):
 @pytest.mark.parametrize("granularity, group", [("channel", None), ("group", 7), ("tensor", None)])
 def test_lwc_saturated_equals_minmax(symmetric, granularity, group):
     kw = dict(bits=4, symmetric=symmetric, granularity=granularity, group_size=group)
-    w = _weight((6, 21), "lwc-sat", symmetric, granularity)
+    w = rand_weight((6, 21), "lwc-sat", symmetric, granularity)
     lwc = WeightQuantizer(TensorSpec(**kw, learnable="lwc"), w)
     with torch.no_grad():
         lwc.clip_hi.fill_(40.0)  # sigmoid(40) == 1 in fp32

@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_quantizers import (
+from helpers.quant_ref import (
     BF16,
     BITS,
     F64,
-    _act,
-    _gen,
-    _spec_id,
-    _weight,
+    rand_act,
+    rand_weight,
     ref_act_rows,
     ref_codes,
     ref_minmax,
     ref_near_tie,
+    seeded_gen,
+    spec_id,
 )
 
 from qat.quantizers import (
@@ -58,7 +58,7 @@ for _s in PROPERTY_SPECS:
 def _quantizer(spec: TensorSpec, w: torch.Tensor) -> WeightQuantizer:
     """A WeightQuantizer whose learned parameters are moved off their init so that values clip."""
     q = WeightQuantizer(spec, w)
-    g = _gen("params", _spec_id(spec))
+    g = seeded_gen("params", spec_id(spec))
     with torch.no_grad():
         if spec.learnable == "lsq":
             q.scale.mul_(0.6 + 0.3 * torch.rand(q.scale.shape, generator=g))
@@ -69,9 +69,9 @@ def _quantizer(spec: TensorSpec, w: torch.Tensor) -> WeightQuantizer:
     return q
 
 
-@pytest.mark.parametrize("spec", PROPERTY_SPECS, ids=_spec_id)
+@pytest.mark.parametrize("spec", PROPERTY_SPECS, ids=spec_id)
 def test_idempotent_and_dequant_of_codes(spec):
-    w = _weight((6, 21), "idem", _spec_id(spec))
+    w = rand_weight((6, 21), "idem", spec_id(spec))
     q = _quantizer(spec, w)
     with torch.no_grad():
         q1 = q(w)
@@ -86,14 +86,14 @@ def test_idempotent_and_dequant_of_codes(spec):
 
 
 @pytest.mark.parametrize("spec", [s for s in PROPERTY_SPECS if s.format == "int" and s.learnable == "none"],
-                         ids=_spec_id)
+                         ids=spec_id)
 def test_idempotent_bf16(spec):
     """bf16 weights: re-quantizing the bf16 output with the same scales gives the same bf16 values.
 
     All-positive rows put asymmetric codes up to 2^b - 1, where (code - zero) * scale has more
     significant bits than bf16 holds.
     """
-    w = (_weight((64, 21), "idem-bf16", _spec_id(spec)).abs() * 3 + 0.01).to(BF16)
+    w = (rand_weight((64, 21), "idem-bf16", spec_id(spec)).abs() * 3 + 0.01).to(BF16)
     q = WeightQuantizer(spec, w)
     q1 = q(w)
     assert q1.dtype == BF16
@@ -103,9 +103,9 @@ def test_idempotent_bf16(spec):
 
 
 @pytest.mark.parametrize("outliers", [False, True], ids=["plain", "outliers"])
-@pytest.mark.parametrize("spec", [s for s in PROPERTY_SPECS if s.format != "fp8"], ids=_spec_id)
+@pytest.mark.parametrize("spec", [s for s in PROPERTY_SPECS if s.format != "fp8"], ids=spec_id)
 def test_code_range(spec, outliers):
-    w = _weight((6, 21), "range", _spec_id(spec), outliers)
+    w = rand_weight((6, 21), "range", spec_id(spec), outliers)
     if outliers:
         w[2, 3], w[3, 10], w[5, 20] = 60.0, -90.0, 1e4
     q = _quantizer(spec, w)
@@ -142,9 +142,9 @@ def test_code_range(spec, outliers):
     TensorSpec(bits=4, granularity="channel", scale_method="percentile", percentile=95.0),
     TensorSpec(bits=4, symmetric=False, granularity="channel", learnable="lsq"),
     TensorSpec(bits=4, symmetric=False, granularity="group", group_size=7, learnable="lwc"),
-], ids=_spec_id)
+], ids=spec_id)
 def test_bf16_weight(spec):
-    w = _weight((6, 21), "bf16", _spec_id(spec)).to(BF16)
+    w = rand_weight((6, 21), "bf16", spec_id(spec)).to(BF16)
     q = _quantizer(spec, w)
     out = q(w)
     assert out.dtype == BF16 and out.shape == w.shape
@@ -166,9 +166,9 @@ def test_bf16_weight(spec):
 
 
 @pytest.mark.parametrize("spec", [TensorSpec(bits=8, granularity="token"), TensorSpec(bits=4, granularity="token"),
-                                  TensorSpec(bits=8, symmetric=False, granularity="tensor")], ids=_spec_id)
+                                  TensorSpec(bits=8, symmetric=False, granularity="tensor")], ids=spec_id)
 def test_bf16_act_close_to_fp32(spec):
-    x = _act((2, 7, 32), "bf16-act", _spec_id(spec))
+    x = rand_act((2, 7, 32), "bf16-act", spec_id(spec))
     aq = ActQuantizer(spec)
     out32, out16 = aq(x), aq(x.to(BF16))
     assert out16.dtype == BF16 and out32.dtype == torch.float32
@@ -186,9 +186,9 @@ def test_bf16_act_close_to_fp32(spec):
 # 9. All-zero rows.
 
 
-@pytest.mark.parametrize("spec", [s for s in PROPERTY_SPECS if s.granularity != "group"], ids=_spec_id)
+@pytest.mark.parametrize("spec", [s for s in PROPERTY_SPECS if s.granularity != "group"], ids=spec_id)
 def test_zero_rows_give_zeros(spec):
-    w = _weight((6, 21), "zeros", _spec_id(spec))
+    w = rand_weight((6, 21), "zeros", spec_id(spec))
     w[2] = 0.0
     q = _quantizer(spec, w)
     wz = w.clone().requires_grad_(True)
@@ -215,7 +215,7 @@ def test_zero_rows_give_zeros(spec):
 @pytest.mark.parametrize("granularity", ["token", "tensor"])
 def test_zero_activations_give_zeros(symmetric, granularity):
     spec = TensorSpec(bits=8, symmetric=symmetric, granularity=granularity)
-    x = _act((2, 3, 8), "zero-act", symmetric, granularity)
+    x = rand_act((2, 3, 8), "zero-act", symmetric, granularity)
     x[0, 1] = 0.0
     out = ActQuantizer(spec)(x)
     assert torch.isfinite(out).all() and torch.equal(out[0, 1], torch.zeros(8))

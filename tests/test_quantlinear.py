@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_quantizers import (
+from helpers.quant_ref import (
     BF16,
     F64,
-    _act,
+    rand_act,
     ref_act_rows,
     ref_codes,
     ref_dequant,
@@ -34,7 +34,7 @@ def test_quantlinear_forward_matches_quantizer_functions():
     torch.manual_seed(0)
     lin = nn.Linear(21, 6)
     ql = QuantLinear.from_linear(lin, W_SPEC, A_SPEC)
-    x = _act((2, 5, 21), "ql")
+    x = rand_act((2, 5, 21), "ql")
     y = ql(x)
     qx = fake_quant(act_rows(x, A_SPEC), A_SPEC).reshape(x.shape)
     qw = fake_quant(weight_rows(lin.weight, W_SPEC), W_SPEC, torch.float32).reshape(lin.weight.shape)
@@ -54,7 +54,7 @@ def test_quantlinear_autocast_bf16():
     torch.manual_seed(1)
     lin = nn.Linear(21, 6)
     ql = QuantLinear.from_linear(lin, W_SPEC, A_SPEC)
-    x = _act((2, 5, 21), "ql-ac").requires_grad_(True)
+    x = rand_act((2, 5, 21), "ql-ac").requires_grad_(True)
     with torch.autocast("cpu", dtype=BF16):
         y = ql(x)
         qx = fake_quant(act_rows(x.to(BF16), A_SPEC), A_SPEC).reshape(x.shape)
@@ -81,7 +81,7 @@ def test_quantlinear_from_to_linear_share_parameters():
     assert torch.equal(baked.weight, qw) and not torch.equal(baked.weight, lin.weight)
     assert torch.equal(baked.bias, lin.bias) and baked.bias is not lin.bias
     # with the weight quantized already, a weight-only QuantLinear over the baked linear changes nothing
-    x = _act((3, 21), "ql-baked")
+    x = rand_act((3, 21), "ql-baked")
     assert torch.equal(QuantLinear.from_linear(baked, W_SPEC)(x), F.linear(x, qw, lin.bias))
 
 
@@ -97,7 +97,7 @@ def test_quantlinear_lsq_state_dict_round_trip(symmetric):
     assert ("weight_quantizer.zero" in sd) == (not symmetric)
     torch.manual_seed(4)
     fresh = QuantLinear(21, 6, weight_spec=spec, act_spec=A_SPEC)
-    x = _act((4, 21), "ql-sd")
+    x = rand_act((4, 21), "ql-sd")
     assert not torch.equal(fresh(x), ql(x))
     fresh.load_state_dict(sd)
     assert torch.equal(fresh(x), ql(x))
@@ -113,10 +113,10 @@ def test_static_activation_scale_calibration():
     first = nn.Linear(8, 16)
     ql = QuantLinear(16, 4, weight_spec=TensorSpec(bits=4), act_spec=spec)
     model = nn.Sequential(first, nn.GELU(), ql)
-    x0 = _act((3, 8), "calib-0")
+    x0 = rand_act((3, 8), "calib-0")
     with pytest.raises(RuntimeError, match="not calibrated"):
         model(x0)
-    batches = [x0, 3.0 * _act((5, 8), "calib-1"), 0.5 * _act((2, 8), "calib-2")]
+    batches = [x0, 3.0 * rand_act((5, 8), "calib-1"), 0.5 * rand_act((2, 8), "calib-2")]
     with torch.no_grad():
         hidden = [F.gelu(first(b)) for b in batches]
     with calibrate(model):

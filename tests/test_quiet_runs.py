@@ -14,7 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import PUBLISHED, save_tiny_teacher
+from helpers import PUBLISHED
+from helpers.models import save_tiny_teacher
 from safetensors import safe_open
 
 from qat.io.progress import ProgressLines, duration

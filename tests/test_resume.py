@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PUBLISHED, tiny_run_dir
+from helpers import PUBLISHED
+from helpers.models import tiny_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

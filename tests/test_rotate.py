@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers.models import tiny_config
 from torch import nn
 
 from qat.export import convert_folder

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import PUBLISHED
 
 from trainer.cli import COMMANDS, main
 from trainer.config import (
@@ -24,7 +25,6 @@ from trainer.init import lr_relative
 from trainer.schema import Resume, Start
 
 ROOT = Path(__file__).resolve().parents[1]
-PUBLISHED = ROOT / "tests" / "data" / "published.yaml"
 
 
 def flat(tree: dict, prefix: str = "") -> dict:

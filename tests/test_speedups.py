@@ -10,7 +10,8 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import PUBLISHED, lane_only, tiny_config
+from helpers import PUBLISHED, lane_only
+from helpers.models import tiny_config
 from torch import nn
 
 import qat.fast as fast

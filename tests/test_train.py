@@ -6,7 +6,8 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PUBLISHED
+from helpers import PUBLISHED
+from helpers.models import save_tiny_teacher
 
 from qat.apply import quantize_model
 from trainer.config import load_config
@@ -278,7 +279,6 @@ def test_kd_loss_topk_is_the_full_kl_at_full_k_and_the_renormalised_kl_below():
 
 
 def test_datamodule_carries_the_teachers_topk_aligned_with_each_block(tmp_path, bundled_tokenizer):
-    from conftest import save_tiny_teacher
     from transformers import AutoModelForCausalLM
 
     from trainer.datamodule import TextDataModule

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PUBLISHED, tiny_run_dir
+from helpers import PUBLISHED
+from helpers.models import tiny_run_dir
 from safetensors.torch import load_file, save_file
 
 from trainer.callbacks import CtrlC

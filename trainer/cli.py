@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
-import runpy
+import pkgutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -139,15 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+def bench_names() -> list[str]:
+    """The benchmarks: the modules of the bench package (installed with distqat) but the shared ones, named _*."""
+    try:
+        # Looked up when `bench` runs: an installation without the package still runs every other command.
+        package = importlib.import_module("bench")
+    except ModuleNotFoundError:
+        return []
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
 
 
 def run_bench(argv: list[str]) -> int:
-    """`distqat bench <name> [args]`: run bench/<name>.py with its own arguments (each prints its table)."""
-    names = sorted(p.stem for p in BENCH_DIR.glob("[!_]*.py")) if BENCH_DIR.is_dir() else []  # _*: shared code
+    """`distqat bench <name> [args]`: bench.<name>.main(args), each benchmark printing its table."""
+    names = bench_names()
     if not names:
-        print("distqat bench: error: the benchmarks live in the source checkout's bench/ folder, which this "
-              "installation lacks; run from a clone of the repository", file=sys.stderr)
+        print("distqat bench: error: this installation lacks the bench package; install distqat from a clone of the "
+              "repository (pip install -e .)", file=sys.stderr)
         return 2
     if not argv or argv[0] in ("-h", "--help"):
         usage = f"usage: distqat bench <name> [args]   (names: {', '.join(names)}; " \
@@ -162,16 +170,15 @@ def run_bench(argv: list[str]) -> int:
     if name not in names:
         print(f"distqat bench: error: no benchmark {name!r}; choose one of {names}", file=sys.stderr)
         return 2
-    # As a module of the bench package (python -m bench.<name>): a script's folder on sys.path would shadow
-    # installed packages of the same name (bench/kernels.py once hid Hugging Face's `kernels` from transformers).
-    if str(BENCH_DIR.parent) not in sys.path:
-        sys.path.insert(0, str(BENCH_DIR.parent))
-    sys.argv = [str(BENCH_DIR / f"{name}.py"), *argv[1:]]
+    module = importlib.import_module(f"bench.{name}")
+    # sys.argv[0] as `python -m bench.<name>` sets it: argparse's program name, and the command a result records.
+    argv0, sys.argv = sys.argv, [module.__file__, *argv[1:]]
     try:
-        runpy.run_module(f"bench.{name}", run_name="__main__", alter_sys=True)
-    except SystemExit as e:  # the scripts end with SystemExit(main())
+        return int(module.main(argv[1:]) or 0)
+    except SystemExit as e:  # argparse's --help (0) and usage errors (2)
         return int(e.code or 0) if not isinstance(e.code, str) else 2
-    return 0
+    finally:
+        sys.argv = argv0
 
 
 def run_convert(folder: str, out: Optional[str]) -> int:

@@ -1,0 +1,157 @@
+"""The float64 reference of qat.quantizers, written from the maths rather than from the module's helpers, and the
+deterministic inputs its tests share (tests/test_quantizers.py states the grids; test_quantizer_properties.py,
+test_quant_gradients.py and test_quantlinear.py test against the same reference)."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+
+from qat.spec import TensorSpec
+
+F64 = torch.float64
+BF16 = torch.bfloat16
+STE_RTOL = 2.5e-7  # clipping STE: autograd computes (g * s) / s in fp32, i.e. g up to ~2 ulp
+TIE_REL = 1e-5  # |frac(x/s) - 0.5| below this (relative to |x/s|) counts as a tie fp32 may break differently
+
+# QLoRA's NormalFloat-4 levels (bitsandbytes), written out independently of qat.quantizers.NF4_LEVELS.
+NF4_REF = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+], dtype=F64)
+E4M3_MAX = 448.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic inputs: a fresh generator per case, seeded from the case's parameters.
+
+
+def seeded_gen(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def rand_weight(shape, *key) -> torch.Tensor:
+    """Random normal rows of different magnitudes and offsets; row 0 all positive, row 1 all negative."""
+    g = seeded_gen("weight", shape, *key)
+    w = torch.randn(shape, generator=g) * torch.exp(0.5 * torch.randn(shape[0], 1, generator=g))
+    w = w + 0.3 * torch.randn(shape[0], 1, generator=g)
+    w[0] = w[0].abs() + 0.05
+    w[1] = -w[1].abs() - 0.05
+    return w
+
+
+def rand_act(shape, *key) -> torch.Tensor:
+    g = seeded_gen("act", shape, *key)
+    x = torch.randn(shape, generator=g) * torch.exp(torch.randn(*shape[:-1], 1, generator=g))
+    return x + 0.5 * torch.randn(*shape[:-1], 1, generator=g)
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 reference.
+
+
+def ref_grid(bits: int, symmetric: bool) -> tuple[int, int]:
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+
+
+def ref_weight_rows(w: torch.Tensor, granularity: str, group: int | None) -> torch.Tensor:
+    out, inp = w.shape
+    if granularity == "tensor":
+        return w.reshape(1, out * inp)
+    if granularity == "channel":
+        return w.reshape(out, inp)
+    assert inp % group == 0
+    return w.reshape(out, inp // group, group).reshape(out * (inp // group), group)
+
+
+def ref_act_rows(x: torch.Tensor, granularity: str) -> torch.Tensor:
+    return x.reshape(1, -1) if granularity == "tensor" else x.reshape(-1, x.shape[-1])
+
+
+def ref_range(lo, hi, bits, symmetric):
+    """float64 (scale, zero) mapping [lo, hi] (per row) onto the integer grid."""
+    qmin, qmax = ref_grid(bits, symmetric)
+    if symmetric:
+        return (torch.maximum(lo.abs(), hi.abs()) / qmax).clamp_min(1e-8), None
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    s = ((hi - lo) / (qmax - qmin)).clamp_min(1e-8)
+    return s, torch.round(-lo / s).clamp(qmin, qmax)
+
+
+def ref_minmax(rows, bits, symmetric):
+    return ref_range(rows.amin(-1, keepdim=True), rows.amax(-1, keepdim=True), bits, symmetric)
+
+
+def ref_percentile(rows, bits, symmetric, p):
+    """Nearest-rank percentile per row: the ceil(p/100 * n)-th smallest (of |x| when symmetric)."""
+    n = rows.shape[-1]
+    k = min(n, max(1, math.ceil(p / 100.0 * n)))
+    if symmetric:
+        hi = rows.abs().sort(-1).values[:, k - 1 : k]
+        return ref_range(-hi, hi, bits, symmetric)
+    srt = rows.sort(-1).values
+    return ref_range(srt[:, n - k : n - k + 1], srt[:, k - 1 : k], bits, symmetric)
+
+
+def ref_codes(rows, s, z, bits, symmetric):
+    qmin, qmax = ref_grid(bits, symmetric)
+    q = torch.round(rows / s)  # round half to even
+    if z is not None:
+        q = q + z
+    return q.clamp(qmin, qmax)
+
+
+def ref_dequant(codes, s, z):
+    return (codes - z) * s if z is not None else codes * s
+
+
+def ref_near_tie(rows, s):
+    t = rows / s
+    return ((t - t.floor()) - 0.5).abs() < TIE_REL * t.abs().clamp_min(1.0)
+
+
+def ref_fp8(rows, s):
+    y = (rows / s).clamp(-E4M3_MAX, E4M3_MAX)
+    return y.to(torch.float8_e4m3fn).to(F64) * s
+
+
+def ref_nf4_codes(rows, s):
+    return (rows / s).unsqueeze(-1).sub(NF4_REF).abs().argmin(-1)
+
+
+def assert_int_matches_ref(out_rows, rows, s, z, bits, symmetric, codes=None):
+    """fp32 fake-quant rows (and optionally int codes) equal the float64 reference given (s, z).
+
+    Away from ties: |out - ref| <= 1e-6 * (|ref| + s) (a few fp32 ulps) and identical codes.
+    At near-ties: the code may differ by one step (and the value by one scale).
+    """
+    ref_c = ref_codes(rows, s, z, bits, symmetric)
+    deq = ref_dequant(ref_c, s, z)
+    tie = ref_near_tie(rows, s)
+    assert tie.double().mean() < 0.01, "too many near-ties: the comparison would be hollow"
+    err = (out_rows.double() - deq).abs()
+    tol = 1e-6 * (deq.abs() + s)
+    bad = (err > tol) & ~(tie & (err <= s * (1 + 1e-5)))
+    assert not bad.any(), f"{int(bad.sum())} values off the float64 reference; max err/s {float((err / s).max())}"
+    if codes is not None:
+        diff = codes.double() - ref_c
+        assert torch.equal(diff[~tie], torch.zeros_like(diff[~tie])), "codes differ from the reference"
+        assert diff.abs().max() <= 1
+
+
+def spec_id(spec: TensorSpec) -> str:
+    parts = [spec.format + str(spec.bits), "sym" if spec.symmetric else "asym", spec.granularity]
+    if spec.group_size:
+        parts.append(f"g{spec.group_size}")
+    if spec.scale_method != "minmax":
+        parts.append(spec.scale_method)
+    if spec.learnable != "none":
+        parts.append(spec.learnable)
+    return "-".join(parts)
+
+
+BITS = (2, 3, 4, 8)

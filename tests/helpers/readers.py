@@ -1,0 +1,86 @@
+"""A converted folder as the standard readers see it: compressed-tensors' decompressor, transformers'
+from_pretrained, and vLLM's scheme matching restated from its source."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import transformers as tf
+from safetensors.torch import load_file
+
+from qat.linear import QuantLinear
+
+
+def compressed_tensors_weights(folder) -> dict:
+    """{linear name: its weight as compressed-tensors' own decompressor reads it from a converted folder}."""
+    # Imported here: compressed-tensors is a dev extra, and the modules that call this skip without it.
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    qc = QuantizationConfig.model_validate(config["quantization_config"])
+    tensors = load_file(str(Path(folder) / "model.safetensors"))
+    out = {}
+    for group in qc.config_groups.values():
+        compressor = BaseCompressor.load_from_registry(group.format)
+        for name in group.targets:
+            local = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            out[name] = compressor.decompress(local, scheme=group)["weight"]
+    return out
+
+
+def hf_and_fake_quant_logits(model, folder, ids) -> tuple:
+    """(transformers' from_pretrained logits of a converted folder, the fake-quant model's, the fake-quant model's
+    without activation quant): an a8 folder read right equals the second and not the third. Drops the model's
+    input quantizers."""
+    hf = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        got, ref = hf(ids).logits, model(ids).logits
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.input_quantizer = None
+        return got, ref, model(ids).logits
+
+
+# vLLM's rules, restated from its source (compressed_tensors.py, _get_scheme_from_parts and the
+# predicates it calls), independently of qat.export.readers, to hold the written configs to.
+
+
+def vllm_oracle(group: dict, top_format: str):
+    """The compressed-tensors scheme vLLM runs a config group as; None where it has none."""
+    fmt = group.get("format") or top_format
+    w = group["weights"]
+    # _quantization_scheme_map_from_config keeps input_activations only for activation formats
+    act_format = fmt in ("naive-quantized", "int-quantized", "float-quantized")
+    a = group.get("input_activations") if act_format else None
+    static_w = not w["dynamic"]
+    # _is_wNa16_group_channel (recent vLLM: any symmetry) + pack-quantized + WNA16_SUPPORTED_BITS
+    if a is None and w["strategy"] in ("channel", "group") and static_w:
+        if fmt == "pack-quantized" and w["num_bits"] in (4, 8):
+            return "WNA16"
+    if act_format and a is not None and w.get("type") == a.get("type") == "float":
+        # _is_fp8_w8a8: symmetric static weights per tensor or channel; activations dynamic, or static per tensor
+        if w["symmetric"] and static_w and w["strategy"] in ("tensor", "channel") and (
+                a["dynamic"] or (a["symmetric"] and a["strategy"] == "tensor")):
+            return "W8A8Fp8"  # on capability >= 8.9; below, CompressedTensorsW8A16Fp8
+        return None
+    if act_format and a is not None:
+        token_dyn = a["strategy"] == "token" and a["dynamic"] and static_w
+        # _is_dynamic_token_w8a8
+        if w["num_bits"] == a["num_bits"] == 8 and w["strategy"] in ("tensor", "channel") and token_dyn \
+                and w["symmetric"]:
+            return "W8A8Int8"
+        # _is_dynamic_token_w4a8_int
+        if w["num_bits"] == 4 and a["num_bits"] == 8 and w["strategy"] in ("group", "channel") and token_dyn \
+                and w["symmetric"]:
+            return "W4A8Int"
+    return None  # vLLM raises "No compressed-tensors compatible scheme was found."
+
+
+def vllm_kv_ok(kv) -> bool:
+    """Whether vLLM accepts a kv_cache_scheme."""
+    # CompressedTensorsKVCacheMethod.validate_kv_cache_scheme
+    return kv is None or (kv.get("type") == "float" and kv.get("num_bits") == 8
+                          and kv.get("strategy") in ("tensor", "attn_head") and kv.get("symmetric"))

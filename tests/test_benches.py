@@ -1,0 +1,60 @@
+"""The bench package as `distqat bench` sees it: every benchmark is a module with main(argv) (the shared code and
+the suite's parts are _* modules, listed by no one), and bench/cli_startup.py's table on cheap stand-in commands."""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import cli_startup
+from trainer.cli import bench_names, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_benchmark_is_a_module_with_main_of_argv():
+    names = bench_names()
+    on_disk = {p.stem for p in (ROOT / "bench").glob("*.py")}
+    assert set(names) == {n for n in on_disk if not n.startswith("_")}
+    assert {"suite", "cli_startup", "decode"} <= set(names)
+    for name in names:
+        tree = ast.parse((ROOT / "bench" / f"{name}.py").read_text())
+        mains = [f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == "main"]
+        assert mains and [a.arg for a in mains[0].args.args] == ["argv"], f"bench/{name}.py: def main(argv) -> int"
+        assert ast.unparse(mains[0].returns) == "int", name
+
+
+def test_bench_runs_main_with_the_arguments_and_the_program_name(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    argv0 = list(sys.argv)
+    assert main(["bench", "cli_startup", "--repeats", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "cli_startup.py: error: --repeats 0: give at least 1"
+    assert sys.argv == argv0  # the benchmark's sys.argv does not outlive it
+
+
+def test_cli_startup_prints_medians_and_the_ratio_to_the_other_tree(tmp_path, capsys, monkeypatch):
+    # The machinery on `python -c pass` stand-ins: the real commands take seconds each on shared cores.
+    monkeypatch.setattr(cli_startup, "BASELINES", {"python -c pass": ["-c", "pass"]})
+    monkeypatch.setattr(cli_startup, "COMMANDS", {"python -m trainer --help": ["-c", "import trainer"]})
+    out = tmp_path / "startup.json"
+    assert cli_startup.main(["--repeats", "2", "--against", str(ROOT), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"this tree: {ROOT} (trainer from {ROOT / 'trainer'})" in text and f"other:     {ROOT}" in text
+    rows = {line.split("  ")[0]: line.split() for line in text.splitlines() if line.startswith("python ")}
+    assert rows["python -c pass"][-2:] == ["-", "-"]  # a baseline has no other tree
+    assert float(rows["python -m trainer --help"][-1]) > 0
+    record = json.loads(out.read_text())
+    assert record["repeats"] == 2 and record["other"] == str(ROOT)
+    command = next(r for r in record["rows"] if r["command"] == "python -m trainer --help")
+    assert command["this_ms"] > 0 and command["ratio"] == pytest.approx(command["this_ms"] / command["other_ms"])
+
+
+def test_cli_startup_refuses_a_folder_that_is_no_checkout(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_startup.parse_args(["--against", str(tmp_path)])
+    assert e.value.code == 2 and "is not a checkout of the repository" in capsys.readouterr().err
