@@ -20,7 +20,7 @@ from qat.qlora.config import LoRAConfig
 from qat.qlora.packed import PackedLinear, weight_bytes_ratio
 from qat.quantizers import NF4_LEVELS, weight_rows
 from qat.spec import parse
-from trainer.train import enable_checkpointing
+from trainer.models import enable_checkpointing
 
 SCHEMES = ["w4g32", "w4g32asym", "w4", "w8g32asym", "w3g32", "w4a8", "wnf4g32"]
 
