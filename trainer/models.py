@@ -66,6 +66,7 @@ def enable_checkpointing(model: torch.nn.Module, reentrant: bool = False) -> Non
 
 
 def load_teacher(cfg: RunConfig, device: Optional[str] = None) -> torch.nn.Module:
+    """The frozen teacher (model.name_or_path) in eval mode, moved to `device` when one is given."""
     # bf16 on GPUs (memory); fp32 on CPU, where it is also the faster dtype. ("auto")
     teacher = load_model(cfg.model.name_or_path, "auto", cfg.model.attn_implementation,
                          cfg.model.trust_remote_code)
