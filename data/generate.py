@@ -9,8 +9,8 @@ and samples are generated in fixed batches (b * batch_size ...) grouped in fixed
 of samples depends on neither the number of ranks nor which rank made which shard.
 
 Output folder: `shard-00000.parquet` ... (columns sample_id, input_ids, text, greedy_len), each written
-to a temp file and renamed, `settings.json` (what the samples were made with) and, once every shard
-exists, `manifest.json` (counts and token totals). A rerun skips finished shards.
+to a temp file and renamed, its settings (`qat.keys.SETTINGS_FILE`: what the samples were made with) and, once
+every shard exists, its manifest (`qat.keys.MANIFEST_FILE`: counts and token totals). A rerun skips finished shards.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from qat.io.atomic import atomic_file, write_json
 from qat.io.env import rank_world
 from qat.io.models import cache_kwarg
 from qat.io.progress import ProgressLines, bars_wanted
+from qat.keys import MANIFEST_FILE, SETTINGS_FILE
 
 from .config import GenerateConfig
 
@@ -224,7 +225,7 @@ def generate(
         raise GenerateError(f"generate.max_length={g.max_length} leaves no room after the prompt and greedy prefix")
     settings = settings_record(g, seed, teacher, prefix)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings_file = out_dir / "settings.json"
+    settings_file = out_dir / SETTINGS_FILE
     if settings_file.exists():
         old = json.loads(settings_file.read_text())
         if old != settings:
@@ -307,5 +308,5 @@ def write_manifest(out_dir: Path, n_shards: int, settings: dict) -> Optional[Pat
         shards.append({"file": p.name, "samples": n, "tokens": ntok})
         total, tokens = total + n, tokens + ntok
     manifest = {"settings": settings, "samples": total, "tokens": tokens, "shards": shards}
-    write_json(out_dir / "manifest.json", manifest)
-    return out_dir / "manifest.json"
+    write_json(out_dir / MANIFEST_FILE, manifest)
+    return out_dir / MANIFEST_FILE

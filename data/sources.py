@@ -14,6 +14,8 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qat.keys import MANIFEST_FILE, SETTINGS_FILE
+
 from .packing import tokenize_texts
 from .text import BUNDLED_INSTRUCTIONS, BUNDLED_TEXT, load_bundled_instructions, load_bundled_text
 
@@ -26,15 +28,15 @@ BUNDLED = {BUNDLED_TEXT: ("text", load_bundled_text),
 def is_generated(path: Path) -> bool:
     """A folder written by `distqat generate`: shards plus its manifest (or, while unfinished, its settings)."""
     return (path.is_dir() and any(path.glob("shard-*.parquet"))
-            and ((path / "manifest.json").exists() or (path / "settings.json").exists()))
+            and ((path / MANIFEST_FILE).exists() or (path / SETTINGS_FILE).exists()))
 
 
 def generated_shards(path: Path) -> list[Path]:
     """The shard files a finished `distqat generate` folder lists in its manifest."""
-    manifest = path / "manifest.json"
+    manifest = path / MANIFEST_FILE
     if not manifest.exists():
         # Training on a partial set would silently differ from what was asked for.
-        raise ValueError(f"data.path={str(path)!r} is an unfinished `distqat generate` folder (no manifest.json); "
+        raise ValueError(f"data.path={str(path)!r} is an unfinished `distqat generate` folder (no {MANIFEST_FILE}); "
                          "rerun the same generate command to finish it")
     try:
         listed = json.loads(manifest.read_text()).get("shards")

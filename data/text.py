@@ -27,13 +27,13 @@ import datasets
 
 from qat.io.atomic import atomic_dir
 from qat.io.env import distqat_home
+from qat.keys import COMPLETE_MARKER
 
 BUNDLED_TEXT = "bundled:wikitext"  # the data.path that names this text
 WHEEL_GLOB = "gensim-4.4.0-*.whl"
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 LEE_MEMBER = "gensim/test/test_data/lee_background.cor"
 MIN_ARTICLE_CHARS = 500
-MARKER = "_COMPLETE"
 
 # Sections that are lists of links or citations rather than prose.
 _DROP_SECTIONS = set(
@@ -221,14 +221,14 @@ def load_bundled_text(cache_dir: Path | None = None) -> datasets.DatasetDict:
     """The bundled text, built once into `<cache_dir>/bundled_text` and loaded from there after."""
     cache_dir = Path(cache_dir) if cache_dir is not None else distqat_home()
     final = cache_dir / "bundled_text"
-    if (final / MARKER).exists():
+    if (final / COMPLETE_MARKER).exists():
         return datasets.load_from_disk(str(final))
     dataset = build_text_dataset(find_gensim_wheel())
-    if final.exists() and not (final / MARKER).exists():
+    if final.exists() and not (final / COMPLETE_MARKER).exists():
         shutil.rmtree(final, ignore_errors=True)  # not ours: we only ever rename complete folders into place
     with atomic_dir(final, replace=False) as tmp:  # another process building it at once: keep its copy
         dataset.save_to_disk(str(tmp))
-        (tmp / MARKER).write_text("ok\n")
+        (tmp / COMPLETE_MARKER).write_text("ok\n")
     return datasets.load_from_disk(str(final))
 
 
@@ -340,7 +340,7 @@ def build_instruction_dataset(text: datasets.DatasetDict) -> datasets.DatasetDic
 
 
 def _is_version(folder: Path, version: str) -> bool:
-    marker = folder / MARKER
+    marker = folder / COMPLETE_MARKER
     return marker.exists() and marker.read_text().strip() == version
 
 
@@ -359,7 +359,7 @@ def load_bundled_instructions(cache_dir: Path | None = None) -> datasets.Dataset
     try:
         with atomic_dir(final, replace=False) as tmp:  # another process building it at once: keep its copy
             dataset.save_to_disk(str(tmp))
-            (tmp / MARKER).write_text(f"{INSTRUCTIONS_VERSION}\n")
+            (tmp / COMPLETE_MARKER).write_text(f"{INSTRUCTIONS_VERSION}\n")
     finally:
         if not quiet:
             datasets.utils.enable_progress_bars()

@@ -2,7 +2,7 @@
 
 Every model whose attention calls `ALL_ATTENTION_FUNCTIONS` (Llama, Qwen2/3, Mistral, Gemma, Phi-3 ...)
 hands the attention function its keys after RoPE and after the cache update, i.e. exactly the tensors
-a real cache stores. We register wrappers ("distqat_kv_sdpa", "distqat_kv_eager", ...) that
+a real cache stores. We register wrappers (named `keys.KV_ATTENTION_PREFIX` + `sdpa`, `eager` ...) that
 fake-quantize K and V with the attention module's `k_quantizer` / `v_quantizer` and then call the
 original implementation, so no modeling code is copied.
 
@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .keys import KV_ATTENTION_PREFIX
 from .quantizers import ActQuantizer
 from .spec import TensorSpec
 
-PREFIX = "distqat_kv_"
 # Set on K/V tensors that an integer cache (qat.runtime.kv_cache) returns: already quantized, bit for bit
 # what fake quant would give, so quantizing them again would only add rounding noise.
 QUANTIZED_MARK = "_distqat_kv_quantized"
@@ -80,7 +80,7 @@ def _make_wrapper(base: str) -> Callable:
             value = fake_quant_kv(vq, value)
         return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
 
-    attention.__name__ = f"{PREFIX}{base}"
+    attention.__name__ = f"{KV_ATTENTION_PREFIX}{base}"
     return attention
 
 
@@ -90,11 +90,11 @@ def register(base: str) -> str:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # lazy: as modeling_utils
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-    if base.startswith(PREFIX):
+    if base.startswith(KV_ATTENTION_PREFIX):
         return base
     if base != "eager" and base not in ALL_ATTENTION_FUNCTIONS:
         raise ValueError(f"attention implementation {base!r} is not registered in transformers")
-    name = PREFIX + base
+    name = KV_ATTENTION_PREFIX + base
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _make_wrapper(base))
         # The causal mask is built per implementation name: reuse the base's mask format.
@@ -145,5 +145,5 @@ def uninstall(model: nn.Module) -> None:
             if hasattr(m, name):
                 delattr(m, name)
     current = getattr(model.config, "_attn_implementation", None) or ""
-    if current.startswith(PREFIX):
-        set_attention(model, current[len(PREFIX):])
+    if current.startswith(KV_ATTENTION_PREFIX):
+        set_attention(model, current[len(KV_ATTENTION_PREFIX):])

@@ -85,7 +85,7 @@ def test_a_ptq_start_trains_from_exactly_the_ptq_model(dirs, tmp_path):
 
 def test_build_models_from_a_ptq_folder_makes_every_float_parameter_trainable(dirs, tmp_path):
     from trainer.config import load_config
-    from trainer.train import build_models
+    from trainer.models import build_models
 
     r = subprocess.run([sys.executable, "-m", "trainer", "ptq", PUBLISHED, f"model.name_or_path={dirs / 'teacher'}",
                         f"data.path={dirs / 'corpus.txt'}", "quant.scheme=w4g32", "ptq.method=awq",

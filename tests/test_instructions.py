@@ -25,6 +25,7 @@ from data.instructions import (
 )
 from data.sources import load_documents, load_records
 from data.text import build_instruction_dataset, load_bundled_text, split_sentences
+from qat.keys import COMPLETE_MARKER
 
 END = "<|im_end|>\n"  # what closes a turn in the bundled tokenizer's template
 # Regression guard: these change only if the bundled text, the tasks or the split rule change.
@@ -314,10 +315,10 @@ def test_bundled_instructions_are_built_once_and_deterministic(tmp_path, bundled
     (tmp_path / "bundled_instructions").mkdir()
     (tmp_path / "bundled_instructions" / "junk").write_text("a killed build")
     first = load_bundled_instructions(tmp_path)
-    assert (tmp_path / "bundled_instructions" / text.MARKER).read_text().strip() == text.INSTRUCTIONS_VERSION
+    assert (tmp_path / "bundled_instructions" / COMPLETE_MARKER).read_text().strip() == text.INSTRUCTIONS_VERSION
     assert not (tmp_path / "bundled_instructions" / "junk").exists()
     assert first["train"]["messages"] == bundled["train"]["messages"], "the same rows every time"
-    marker = tmp_path / "bundled_instructions" / text.MARKER
+    marker = tmp_path / "bundled_instructions" / COMPLETE_MARKER
     marker.write_text("0\n")  # another version's set is built again
     assert load_bundled_instructions(tmp_path)["test"]["task"] == bundled["test"]["task"]
     assert marker.read_text().strip() == text.INSTRUCTIONS_VERSION

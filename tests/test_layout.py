@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from qat import keys
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("qat", "data", "trainer")
@@ -85,6 +88,20 @@ def test_test_modules_import_helpers_not_each_other():
                   if any(name.split(".")[0] == "helpers" for name in imported_modules(node))]
     assert not crossed, "import these from tests/helpers/ (fixtures: conftest.py) instead:\n" + "\n".join(crossed)
     assert not local, "import helpers at the top of the module:\n" + "\n".join(local)
+
+
+def test_the_saved_folder_contract_is_spelled_in_keys_only():
+    """Every distqat_ key, completion marker and shared file name is written once, in qat/keys.py: a literal
+    copy elsewhere (trainer/init.py once set `config.distqat_init` that qat/ptq/rotate.py read back by string)
+    drifts from the reader the first time one side is renamed."""
+    names = {v for k, v in vars(keys).items() if k.isupper() and isinstance(v, str)
+             and (v.startswith("distqat_") or k.endswith(("_FILE", "_MARKER")))}
+    assert "manifest.json" in names and "distqat_init" in names
+    literal = re.compile("|".join(rf"""["']{re.escape(v)}""" for v in sorted(names)) + r"""|["']distqat_""")
+    found = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in python_files(*PACKAGES) if p.name != "keys.py"
+             or p.parent.name != "qat" for i, line in enumerate(p.read_text().splitlines(), 1) if literal.search(line)]
+    assert not found, "use the constants of qat/keys.py instead of these literals:\n" + "\n".join(found)
+    assert "distqat_init =" not in "".join(p.read_text() for p in python_files(*PACKAGES))
 
 
 @pytest.mark.parametrize("folder", [*PACKAGES, "tests", "bench"])

@@ -18,7 +18,7 @@ from qat.qlora.config import LoRAConfig
 from qat.quantizers import NF4_LEVELS, weight_rows
 from qat.runtime.pack import unpack_int32
 from qat.runtime.packed import PackedLinear, weight_bytes_ratio
-from trainer.train import enable_checkpointing
+from trainer.models import enable_checkpointing
 
 SCHEMES = ["w4g32", "w4g32asym", "w4", "w8g32asym", "w3g32", "w4a8", "wnf4g32"]
 

@@ -134,7 +134,7 @@ def test_master_weights_auto_follows_the_device_and_given_ones_stand(monkeypatch
 
 @pytest.mark.parametrize("master", ["auto", "fp32", "bf16"])
 def test_the_student_is_built_in_its_master_weights_dtype(teacher, master):
-    from trainer.train import build_models
+    from trainer.models import build_models
 
     dtype = torch.bfloat16 if master == "bf16" or (master == "auto" and torch.cuda.is_available()) else torch.float32
 

@@ -240,7 +240,7 @@ def test_enable_disable_and_names():
 
 
 def test_the_config_key_and_build_models(monkeypatch, capsys):
-    import trainer.train
+    import trainer.models
     from trainer.config import ConfigError, load_config
 
     assert load_config(PUBLISHED, []).train.speedups == []
@@ -249,16 +249,17 @@ def test_the_config_key_and_build_models(monkeypatch, capsys):
         load_config(PUBLISHED, ["train.speedups=[kv_direct,fused]"])
     with pytest.raises(ConfigError, match="apply to train.mode=qat"):
         load_config(PUBLISHED, ["train.mode=qlora", "train.speedups=[compile]"])
-    monkeypatch.setattr(trainer.train, "load_model", lambda *a, **k: tiny_config("llama")[0](tiny_config("llama")[1]))
+    monkeypatch.setattr(trainer.models, "load_model", lambda *a, **k: tiny_config("llama")[0](tiny_config("llama")[1]))
     cfg = load_config(PUBLISHED, ["quant.scheme=w4a8kv8", "train.teacher_topk=8",
                              "train.speedups=[norm_quant,kv_direct,compile]"])
-    student, _, _ = trainer.train.build_models(cfg)
+    student, _, _ = trainer.models.build_models(cfg)
     assert sum(isinstance(m, fast.FakeQuantRMSNorm) for m in student.modules()) == 4
     assert not any("weight_batch" in m.__dict__ for m in student.modules())
     assert student._compiled_call_impl is not None  # compiled in place (not run here: see below)
     err = capsys.readouterr().err
     assert "speed-up norm_quant:" in err and "speed-up kv_direct:" in err and "speed-up compile:" in err
-    student, _, _ = trainer.train.build_models(load_config(PUBLISHED, ["quant.scheme=w4a8kv8", "train.teacher_topk=8"]))
+    cfg = load_config(PUBLISHED, ["quant.scheme=w4a8kv8", "train.teacher_topk=8"])
+    student, _, _ = trainer.models.build_models(cfg)
     assert student._compiled_call_impl is None and capsys.readouterr().err == ""
 
 

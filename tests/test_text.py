@@ -21,6 +21,7 @@ from data.text import (
     load_bundled_text,
     split_name,
 )
+from qat.keys import COMPLETE_MARKER
 
 # Regression guard: these change only if the extraction or the split rule changes.
 EXPECTED_ROWS = {"train": 86, "test": 18, "calib": 300}
@@ -195,7 +196,7 @@ def test_load_bundled_text_caches(tmp_path: Path, dataset: datasets.DatasetDict,
     (tmp_path / "bundled_text" / "junk").write_text("half")
 
     first = load_bundled_text(tmp_path)
-    assert (tmp_path / "bundled_text" / text.MARKER).exists()
+    assert (tmp_path / "bundled_text" / COMPLETE_MARKER).exists()
     assert not (tmp_path / "bundled_text" / "junk").exists()
     assert first["test"]["text"] == dataset["test"]["text"]
 
@@ -212,7 +213,7 @@ def test_load_bundled_text_lost_race(tmp_path: Path, dataset: datasets.DatasetDi
 
     def build_while_another_process_finishes(_wheel: Path) -> datasets.DatasetDict:
         winner.save_to_disk(str(tmp_path / "bundled_text"))
-        (tmp_path / "bundled_text" / text.MARKER).write_text("ok\n")
+        (tmp_path / "bundled_text" / COMPLETE_MARKER).write_text("ok\n")
         return dataset
 
     monkeypatch.setattr(text, "build_text_dataset", build_while_another_process_finishes)

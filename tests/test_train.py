@@ -201,7 +201,7 @@ def test_consolidated_folder_reloads_the_student(tmp_path, dtype, bundled_tokeni
 
     from qat.load import load
     from qat.spec import QuantSpec, TensorSpec
-    from trainer.train import consolidate
+    from trainer.models import consolidate
 
     # Loaded as training loads it: `.to(bf16)` would also round the rotary inv_freq buffer, from_pretrained not.
     peaked_llama().save_pretrained(tmp_path / "base")
@@ -346,7 +346,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         student = peaked_llama()
         quantize_model(student, "w4a8kv8")
         if ckpt:
-            from trainer.train import enable_checkpointing
+            from trainer.models import enable_checkpointing
 
             enable_checkpointing(student)
         student.train()

@@ -15,6 +15,8 @@ from typing import Optional
 
 from safetensors import SafetensorError
 
+from qat.keys import MANIFEST_FILE
+
 from .config import ConfigError, RunConfig, command_reads, describe_schema, load_config, override_keys, reads, to_yaml
 
 RUN = ("name", "output_dir")
@@ -49,7 +51,7 @@ def _run_generate(cfg: RunConfig) -> int:
     from .commands import run_generate  # lazy: --help start-up
 
     out = run_generate(cfg)
-    manifest = out / "manifest.json"
+    manifest = out / MANIFEST_FILE
     if manifest.exists():
         m = json.loads(manifest.read_text())
         print(f"{m['samples']} samples, {m['tokens']} tokens in {out}")

@@ -33,20 +33,18 @@ from qat.apply import quantize_model
 from qat.io.atomic import atomic_dir, write_json
 from qat.io.env import rank_world
 from qat.io.folders import Folder, Kind, inspect, spec_label
-from qat.io.models import ModelError, load_model, load_tokenizer
-from qat.keys import AQLM_KEY, HF_QUANT_KEY, PTQ_KEY
+from qat.io.models import load_model, load_tokenizer
+from qat.keys import INIT_KEY, PTQ_KEY, START_FILE
 from qat.load import load
 from qat.ptq import check as check_ptq
-from qat.ptq.aqlm_folder import aqlm_config
+from qat.ptq.aqlm import prepare_finetune
 from qat.ptq.blockwise import reconstruct
 from qat.ptq.registry import BASELINES, METHODS
 from qat.ptq.rotate import rotate_model, rotation_of
-from qat.runtime.aqlm import AQLMLinear
 
 from .commands import ptq_command, wait_for
 from .config import RunConfig, TrainConfig
 
-START_FILE = "start.json"
 ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "vocab_size")
 
@@ -249,17 +247,7 @@ def load_student(cfg: RunConfig, start: Optional[Path], dtype: str) -> torch.nn.
     folder = inspect(start, "train.init")
     student = load(folder, dtype, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
     if folder.kind is Kind.AQLM:
-        for name, p in student.named_parameters():
-            p.requires_grad_(name.endswith((".codebooks", ".scales")))
-        rec = folder.record
-        skip = [n for n, mod in student.named_modules() if isinstance(mod, torch.nn.Linear)]
-        # Saved as transformers reads AQLM folders (load_aqlm dropped it to build the model by hand).
-        setattr(student.config, HF_QUANT_KEY, aqlm_config(rec["num_codebooks"], rec["nbits_per_codebook"],
-                                                          rec["in_group_size"], skip))
-        if not any(isinstance(mod, AQLMLinear) for mod in student.modules()):
-            raise ModelError(f"{start}: an AQLM folder without AQLM layers")
-        setattr(student.config, AQLM_KEY, {**rec, "finetuned": True})
-        return student
+        return prepare_finetune(student, folder.record, start)
     for p in student.parameters():
         if p.is_floating_point():
             p.requires_grad_(True)
@@ -267,5 +255,5 @@ def load_student(cfg: RunConfig, start: Optional[Path], dtype: str) -> torch.nn.
     record = getattr(student.config, PTQ_KEY, None)
     if record is not None:
         delattr(student.config, PTQ_KEY)
-        student.config.distqat_init = {"from": "ptq", **record}
+        setattr(student.config, INIT_KEY, {"from": "ptq", **record})
     return student

