@@ -335,7 +335,8 @@ def describe_schema(only: Optional[tuple[str, ...]] = None, width: int = 118) ->
         parent = key.rpartition(".")[0]
         if parent != heading:
             heading = parent
-            lines.append(f"{parent or 'run'}: {helps.get(parent, 'the run')}")
+            lines += textwrap.wrap(f"{parent or 'run'}: {helps.get(parent, 'the run')}", width,
+                                   subsequent_indent=" " * 4)
         if section is not None:
             inner = ", ".join(x.name for x in fields(section))
             text = f"{help_of(f)} (off; a scheme turns it on, e.g. quant.scheme=w4a8kv8; its keys: {inner})"
