@@ -43,15 +43,10 @@ from qat.ptq.registry import BASELINES, METHODS
 from qat.ptq.rotate import rotate_model, rotation_of
 
 from .commands import ptq_command, wait_for
-from .config import RunConfig, TrainConfig
+from .config import RunConfig
 
 ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "vocab_size")
-
-
-def init_method(init: Optional[str], mode: str = "qat") -> Optional[str]:
-    """The PTQ method train.init names (None for rtn and for a folder; null is the recommended start)."""
-    return replace(TrainConfig(), init=init, mode=mode).start.method
 
 
 def check_init(cfg: RunConfig) -> None:
