@@ -18,6 +18,7 @@ from torch import nn
 
 from .experts import QuantExperts, fused_params
 from .linear import QuantLinear
+from .quantizers import ActQuantizer, WeightQuantizer
 
 KINDS = ("attention", "mlp", "experts", "shared_experts", "other")
 APART = ("router", "norm", "embedding")
@@ -121,6 +122,8 @@ def measure(model: nn.Module) -> Coverage:
     heads = {id(m) for m in (_get(model, "get_input_embeddings"), _get(model, "get_output_embeddings")) if m}
     seen: set[int] = set()
     for mname, module in model.named_modules():
+        if isinstance(module, (WeightQuantizer, ActQuantizer)):
+            continue  # a quantizer's own scales and clipping logits, not a weight
         quantized = _quantized(module)
         for pname, p in module.named_parameters(recurse=False):
             if id(p) in seen:

@@ -223,25 +223,27 @@ def check_forward(module: nn.Module, layout: ExpertsLayout, name: str, tokens: i
     w = getattr(module, layout.up)
     if w.is_meta or w.numel() == 0:
         return
+    # transformers' grouped kernels take no float64: a float64 module is probed in float32 (a copy of its tensors)
+    dtype = torch.float32 if w.dtype == torch.float64 else w.dtype
+    tensors = {n: t.detach().to(dtype) for n, t in module.named_parameters(recurse=False)}
     gen = torch.Generator().manual_seed(0)
     e, k = layout.num_experts, min(2, layout.num_experts)
     hidden = (w.shape[1] if layout.transposed else w.shape[2])
-    x = torch.randn(tokens, hidden, generator=gen).to(w.device, w.dtype)
+    x = torch.randn(tokens, hidden, generator=gen).to(w.device, dtype)
     index = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(tokens)]).to(w.device)
-    routing = torch.rand(tokens, k, generator=gen).to(w.device, w.dtype)
+    routing = torch.rand(tokens, k, generator=gen).to(w.device, dtype)
     try:
-        own = module(x, index, routing)
+        own = torch.func.functional_call(module, tensors, (x, index, routing))
     except Exception as err:  # noqa: BLE001 - any failure means the calling convention is not the one we know
         raise ExpertsLayoutError(
             f"{name}.{layout.up}: {type(module).__name__}.forward(hidden_states, top_k_index, top_k_weights) failed "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); distqat cannot reproduce it: "
             f"keep it full precision on purpose with quant.exclude=['{name}']"
         ) from None
-    weights = {p: (getattr(module, p).transpose(1, 2) if layout.transposed else getattr(module, p))
-               for p in layout.params}
+    weights = {p: (tensors[p].transpose(1, 2) if layout.transposed else tensors[p]) for p in layout.params}
     ours = expert_loop(module, x, index, routing, weights, layout=layout)
     scale = own.float().abs().max().clamp_min(1e-6)
-    tol = 1e-4 if w.dtype == torch.float32 else 3e-2
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
     if own.shape != ours.shape or float((own.float() - ours.float()).abs().max() / scale) > tol:
         raise ExpertsLayoutError(
             f"{name}.{layout.up}: {type(module).__name__} computes something other than the transformers experts "
