@@ -9,13 +9,13 @@ from dataclasses import replace
 import pytest
 import torch
 import transformers as tf
+from helpers.quant_ref import ref_codes, ref_dequant, ref_minmax, ref_weight_rows
 from torch import nn
 
 from qat.apply import quantize_model
 from qat.coverage import CoverageError, measure
 from qat.experts import QuantExperts, routing_load
 from qat.spec import QuantSpec, TensorSpec, parse
-from helpers.quant_ref import ref_codes, ref_dequant, ref_minmax, ref_weight_rows
 
 SMALL = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=128)
@@ -224,9 +224,10 @@ def test_the_quantized_model_keeps_its_state_dict_keys():
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.cuda, id="gpu"),
                                     pytest.param("cpu", marks=pytest.mark.lane, id="lane")])
 def test_experts_through_the_fused_kernel_match_the_reference(device, kernel_calls, monkeypatch):
+    from helpers import HAVE_TRITON
+
     import qat.quantizers
     from qat.device import device_path
-    from helpers import HAVE_TRITON
 
     if not HAVE_TRITON:
         pytest.skip("triton is not installed")

@@ -66,3 +66,54 @@ def test_pipeline_on_a_moe_teacher_quantizes_every_expert_and_logs_routing(moe_d
     runs = [sorted({int(row["step"]) for row in csv.DictReader(f.open()) if row.get("train/loss")})
             for f in sorted(out.glob("logs/version_*/metrics.csv"))]
     assert runs[0] == list(range(6)) and runs[-1][-1] == 7 and runs[-1][0] >= 4, runs
+
+
+def test_router_kd_is_the_kl_of_the_routers_softmax_and_zero_for_the_teacher_itself():
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    import transformers as tf
+
+    from qat.apply import quantize_model
+    from trainer.config import load_config
+    from trainer.module import QATModule
+
+    torch.manual_seed(0)
+    cfg = tf.Qwen3MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                            num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2)
+    teacher = tf.Qwen3MoeForCausalLM(cfg).eval()
+    train = load_config(PUBLISHED, ["train.router_kd=0.5"]).train
+    batch = {"input_ids": torch.randint(0, 128, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    same = QATModule(copy.deepcopy(teacher), teacher, train)
+    assert float(same.losses(batch)["router_kd"].detach()) == 0.0
+
+    student = copy.deepcopy(teacher).requires_grad_(True)  # the first module froze the teacher it copies
+    quantize_model(student, "w2g16")
+    module = QATModule(student, teacher, train)
+    out = module.losses(batch)
+    captured = {}
+    for name, model in (("s", student), ("t", teacher)):
+        captured[name] = [model.model.layers[i].mlp.gate(
+            model.model.layers[i].post_attention_layernorm(h))[0] for i, h in enumerate(_mlp_inputs(model, batch))]
+    expected = torch.stack([(F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(s, -1))).sum(-1).mean()
+                            for s, t in zip(captured["s"], captured["t"])]).mean()
+    assert float(out["router_kd"]) == pytest.approx(float(expected), rel=1e-5) and float(expected) > 0
+    assert float(out["loss"]) == pytest.approx(float(out["kd"] + 0.5 * out["router_kd"]), rel=1e-6)
+    out["loss"].backward()
+    assert student.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0  # the routing term trains the router
+
+
+def _mlp_inputs(model, batch):
+    """Each decoder layer's residual stream after attention (what its post-attention norm reads)."""
+    seen = []
+    hooks = [layer.post_attention_layernorm.register_forward_hook(lambda m, a, o: seen.append(a[0]))
+             for layer in model.model.layers]
+    import torch
+
+    with torch.no_grad():
+        model(**batch)
+    for h in hooks:
+        h.remove()
+    return [x.reshape(-1, x.shape[-1]) for x in seen]
