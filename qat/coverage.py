@@ -15,12 +15,15 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from .experts import QuantExperts, fused_params
 from .linear import QuantLinear
 from .quantizers import ActQuantizer, WeightQuantizer
 
 KINDS = ("attention", "mlp", "experts", "shared_experts", "other")
+# Parameters that are not matmul weights though 2-D: state-space models' decay and skip terms, attention sinks.
+STATE_PARAMS = frozenset({"A_log", "A", "D", "dt_bias", "sinks"})
 APART = ("router", "norm", "embedding")
 _ATTENTION = ("attn", "attention")
 _MLP = ("mlp", "feed_forward", "ffn", "moe")
@@ -75,8 +78,10 @@ def _count(n: int) -> str:
 
 
 def routers(model: nn.Module) -> set[str]:
-    """Module names of routers: a sibling of an experts module whose weight has one row per expert (or one row:
-    a shared expert's gate)."""
+    """Names of the modules that hold router weights. Beside each experts module, a child named like a router
+    (`gate`, `router`, `shared_expert_gate`, `wg` ..., not `*_proj`) is one, with everything under it (a router
+    may be a linear inside a wrapper, or a small MLP); so is any other child whose weight has one row per expert
+    (or one row)."""
     out: set[str] = set()
     for name, parent in model.named_modules():
         children = dict(parent.named_children())
@@ -85,12 +90,23 @@ def routers(model: nn.Module) -> set[str]:
             continue
         n_experts = _n_experts(experts)
         for child_name, child in children.items():
-            if child_name == "experts" or "shared" in child_name and "gate" not in child_name:
+            low = child_name.lower()
+            if child_name == "experts" or ("shared" in low and "gate" not in low):
                 continue
             w = getattr(child, "weight", None)
-            if isinstance(w, nn.Parameter) and w.dim() == 2 and w.shape[0] in (n_experts, 1):
-                out.add(f"{name}.{child_name}" if name else child_name)
+            by_shape = isinstance(w, nn.Parameter) and w.dim() == 2 and w.shape[0] in (n_experts, 1)
+            if not (by_shape or _router_name(low)):
+                continue
+            prefix = f"{name}.{child_name}" if name else child_name
+            out |= {f"{prefix}.{n}" if n else prefix for n, m in child.named_modules()
+                    if any(True for _ in m.parameters(recurse=False))}
     return out
+
+
+def _router_name(low: str) -> bool:
+    # "gate_proj" beside the experts would be a shared expert's linear, not a router
+    return not low.endswith("_proj") and (low in ("gate", "wg", "gating") or low.endswith("_gate")
+                                          or "router" in low)
 
 
 def _n_experts(experts: nn.Module) -> int:
@@ -133,7 +149,7 @@ def measure(model: nn.Module) -> Coverage:
             n = p.numel() if not p.is_meta else _numel(p)
             if isinstance(module, nn.Embedding) or id(module) in heads:
                 cov.apart["embedding"] += n
-            elif p.dim() < 2 or pname.endswith("bias") or "norm" in pname.lower():
+            elif p.dim() < 2 or pname.endswith("bias") or pname in STATE_PARAMS or isinstance(module, _ConvNd):
                 cov.apart["norm"] += n
             elif mname in router_names:
                 cov.apart["router"] += n

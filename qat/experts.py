@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from .quantizers import ActQuantizer, WeightQuantizer
 from .spec import TensorSpec
@@ -49,7 +50,10 @@ class ExpertsLayout:
 
 
 def fused_params(module: nn.Module) -> list[str]:
-    """The names of the module's own 3-D parameters: stacked expert tensors (biases aside)."""
+    """The names of the module's own 3-D parameters: stacked expert tensors (biases aside; a convolution's kernel
+    is 3-D too, and no expert)."""
+    if isinstance(module, _ConvNd):
+        return []
     return [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3 and not n.endswith("bias")]
 
 
@@ -71,6 +75,12 @@ def describe(module: nn.Module, name: str) -> ExpertsLayout:
             f"{name}.{up}: {cls} is not a transformers experts class (no experts-implementation flags, no act_fn), "
             f"so its computation is unknown; keep it full precision on purpose with quant.exclude=['{name}']"
         )
+    n_up, n_down = getattr(module, up).shape[0], module.down_proj.shape[0]
+    if n_up != n_down:
+        raise ExpertsLayoutError(
+            f"{name}.{up}: {cls} holds {n_up} stacked {up} and {n_down} down_proj (experts without weights, such "
+            f"as zero or identity experts?), a layout distqat does not know; keep it full precision on purpose with "
+            f"quant.exclude=['{name}']")
     bias = bool(getattr(module, "has_bias", False))
     if bias and not all(hasattr(module, f"{p}_bias") for p in (up, "down_proj")):
         raise ExpertsLayoutError(f"{name}.{up}_bias: {cls} says it has biases but holds none under that name; keep "
@@ -241,7 +251,13 @@ def check_forward(module: nn.Module, layout: ExpertsLayout, name: str, tokens: i
             f"keep it full precision on purpose with quant.exclude=['{name}']"
         ) from None
     weights = {p: (tensors[p].transpose(1, 2) if layout.transposed else tensors[p]) for p in layout.params}
-    ours = expert_loop(module, x, index, routing, weights, layout=layout)
+    try:
+        ours = expert_loop(module, x, index, routing, weights, layout=layout)
+    except Exception as err:  # noqa: BLE001 - shapes or gates other than the flags say: not a layout we know
+        raise ExpertsLayoutError(
+            f"{name}.{layout.up}: distqat's experts loop fails on {type(module).__name__} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); keep it full precision on purpose with "
+            f"quant.exclude=['{name}']") from None
     scale = own.float().abs().max().clamp_min(1e-6)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     if own.shape != ours.shape or float((own.float() - ours.float()).abs().max() / scale) > tol:

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 import transformers as tf
+from helpers import HAVE_TRITON
 from helpers.quant_ref import ref_codes, ref_dequant, ref_minmax, ref_weight_rows
 from torch import nn
 
@@ -224,8 +225,6 @@ def test_the_quantized_model_keeps_its_state_dict_keys():
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.cuda, id="gpu"),
                                     pytest.param("cpu", marks=pytest.mark.lane, id="lane")])
 def test_experts_through_the_fused_kernel_match_the_reference(device, kernel_calls, monkeypatch):
-    from helpers import HAVE_TRITON
-
     import qat.quantizers
     from qat.device import device_path
 
