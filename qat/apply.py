@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from . import kv as kv_quant
+from .coverage import Coverage, CoverageError, OnPurpose, check, measure, routers
+from .experts import ExpertsLayoutError, QuantExperts, describe, experts_modules
 from .keys import QUANT_KEY
 from .linear import ClearShared, QuantLinear, SharedInput
 from .quantizers import ActQuantizer, WeightQuantizer
@@ -21,11 +23,14 @@ from .spec import QuantSpec, TensorSpec, check_layer, parse, resolve_for_layer
 
 @dataclass
 class QuantReport:
-    """What quantize_model changed: one row per replaced linear, plus the layers left alone."""
+    """What quantize_model changed: one row per replaced linear and per fake-quantized experts module, the layers
+    left alone, and the coverage measured on the result."""
 
     replaced: list[tuple[str, int, int, str]] = field(default_factory=list)  # name, in, out, scheme
     skipped: list[str] = field(default_factory=list)
     kv_modules: list[str] = field(default_factory=list)
+    experts: list[tuple[str, int, str]] = field(default_factory=list)  # name, number of experts, scheme
+    coverage: Optional[Coverage] = None
 
     def __str__(self) -> str:
         by_scheme: dict[str, int] = {}
@@ -33,10 +38,16 @@ class QuantReport:
             by_scheme[s] = by_scheme.get(s, 0) + 1
         lines = [f"quantized {len(self.replaced)} linear layers: "
                  + ", ".join(f"{n} x {s}" for s, n in sorted(by_scheme.items()))]
+        if self.experts:
+            n = sum(e for _, e, _ in self.experts)
+            lines.append(f"quantized {len(self.experts)} fused experts modules ({n} experts): "
+                         + ", ".join(sorted({s for *_, s in self.experts})))
         if self.skipped:
             lines.append(f"left in full precision: {', '.join(self.skipped)}")
         if self.kv_modules:
             lines.append(f"KV cache fake-quantized in {len(self.kv_modules)} attention modules")
+        if self.coverage is not None:
+            lines.append(str(self.coverage))
         return "\n".join(lines)
 
 
@@ -76,26 +87,44 @@ def quantize_model(
     if getattr(getattr(model, "config", None), QUANT_KEY, None):
         raise ValueError(f"this model is quantized already (config has {QUANT_KEY}); load the original model")
     report = QuantReport()
+    router_names = routers(model)
+    weightless: set[str] = set()  # layers an override or the router rule keeps full precision on purpose
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name, linear in targets:
         if not _matches(name, spec.include) or _matches(name, spec.exclude):
             report.skipped.append(name)
             continue
+        if name in router_names and not spec.routers:
+            report.skipped.append(name)
+            weightless.add(name)
+            continue
         layer = resolve_for_layer(spec, name)
         if layer.weight is None and layer.activation is None:
             report.skipped.append(name)
+            weightless.add(name)
             continue
-        if layer.weight is not None:
+        if layer.weight is None:
+            weightless.add(name)
+        else:
             check_layer(layer.weight, linear.in_features, name)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QuantLinear.from_linear(linear, layer.weight, layer.activation))
         report.replaced.append((name, linear.in_features, linear.out_features,
                                 _layer_label(layer.weight, layer.activation)))
+    _quantize_experts(model, spec, report, weightless)
+    if spec.routers:
+        raw = sorted(n for n in router_names if not isinstance(model.get_submodule(n), nn.Linear))
+        if raw:
+            raise CoverageError(f"{raw[0]}.weight: quant.routers=true quantizes routers held as nn.Linear, and this "
+                                "router is a bare parameter; set quant.routers=false (routers stay full precision)")
     share_inputs(model)
     if spec.kv is not None:
         report.kv_modules = kv_quant.install(model, spec.kv)
-    if not report.replaced and not report.kv_modules:
+    report.coverage = measure(model)
+    if spec.weight is not None or any(ov.startswith("w") for ov in spec.overrides.values()):
+        check(report.coverage, OnPurpose(spec.include, spec.exclude, weightless | set(router_names)))
+    if not report.replaced and not report.kv_modules and not report.experts:
         raise ValueError(
             f"no layer of {type(model).__name__} matched quant.include={spec.include} "
             f"(exclude={spec.exclude}); nothing was quantized"
@@ -103,6 +132,39 @@ def quantize_model(
     if hasattr(model, "config"):
         setattr(model.config, QUANT_KEY, spec.to_dict())
     return report
+
+
+def _quantize_experts(model: nn.Module, spec: QuantSpec, report: QuantReport, weightless: set[str]) -> None:
+    """Wrap every fused experts module the patterns select in QuantExperts, one spec per stacked parameter
+    (overrides and excludes match `<module>.<parameter>`, e.g. '*.experts.down_proj', as well as the module)."""
+    for name, module in experts_modules(model):
+        if isinstance(module, QuantExperts) or not _matches(name, spec.include) or _matches(name, spec.exclude):
+            report.skipped.append(name)
+            continue
+        try:
+            layout = describe(module, name)
+        except ExpertsLayoutError as e:
+            raise CoverageError(str(e)) from None
+        specs = {}
+        labels = set()
+        for param in layout.params:
+            full = f"{name}.{param}"
+            if _matches(full, spec.exclude):
+                weightless.add(full)
+                continue
+            layer = resolve_for_layer(spec, full)
+            if layer.weight is None:
+                weightless.add(full)
+            else:
+                w = getattr(module, param)
+                check_layer(layer.weight, w.shape[1] if layout.transposed else w.shape[2], full)
+            specs[param] = (layer.weight, layer.activation)
+            labels.add(_layer_label(layer.weight, layer.activation))
+        try:
+            QuantExperts.wrap(module, specs, name)
+        except ExpertsLayoutError as e:
+            raise CoverageError(str(e)) from None
+        report.experts.append((name, layout.num_experts, "+".join(sorted(labels))))
 
 
 def share_inputs(model: nn.Module) -> SharedInput:

@@ -172,7 +172,10 @@ class QuantSpec:
     exclude: list[str] = setting(factory=lambda: ["lm_head", "*.lm_head"],
                                  help="module-name patterns of linears left in high precision (the head by default)")
     overrides: dict[str, str] = setting(factory=dict, help="mixed precision: {pattern: short name}, e.g. "
-                                        "{'*.down_proj': w8a8}; the first match wins")
+                                        "{'*.down_proj': w8a8}; the first match wins; fused experts match as "
+                                        "<module>.<parameter>, e.g. '*.experts.down_proj'")
+    routers: bool = setting(False, help="quantize MoE routers (the linear that scores experts) too; by default "
+                            "they stay full precision, like norms")
 
     def check(self) -> QuantSpec:
         if self.scheme is not None:
@@ -260,7 +263,7 @@ def resolve_for_layer(spec: QuantSpec, module_name: str) -> QuantSpec:
     """The spec for one linear: the first matching override, else the spec itself."""
     for pattern, name in spec.overrides.items():
         if fnmatchcase(module_name, pattern):
-            return replace(parse(name), include=spec.include, exclude=spec.exclude, overrides={})
+            return replace(parse(name), include=spec.include, exclude=spec.exclude, overrides={}, routers=spec.routers)
     return spec
 
 
