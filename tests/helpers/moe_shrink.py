@@ -74,19 +74,21 @@ OVERRIDES: dict[str, dict] = {
 }
 
 
-def _modeling_sources(model_type: str) -> list[str]:
+def _sources(model_type: str, kind: str = "modeling") -> list[str]:
     folder = Path(tf.__file__).parent / "models" / model_type_to_module_name(model_type)
-    return [p.read_text() for p in sorted(folder.glob("modeling_*.py"))] if folder.is_dir() else []
+    return [p.read_text() for p in sorted(folder.glob(f"{kind}_*.py"))] if folder.is_dir() else []
 
 
 def experts_classes(model_type: str) -> list[str]:
     """The `*Experts` classes the family's modeling module defines (they hold the fused 3-D expert weights)."""
-    return sorted({c for src in _modeling_sources(model_type) for c in re.findall(r"^class (\w*Experts)\(", src, re.M)})
+    return sorted({c for src in _sources(model_type) for c in re.findall(r"^class (\w*Experts)\(", src, re.M)})
 
 
 def text_model_type(model_type: str) -> str | None:
     """The model_type whose causal LM this family builds: itself, or its text sub-config's (composite configs);
     None when neither has a causal-LM class."""
+    if not any("text_config" in src for src in _sources(model_type, "configuration")):
+        return model_type if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else None  # no config import: faster
     cls = CONFIG_MAPPING[model_type]
     for key, sub in (getattr(cls, "sub_configs", None) or {}).items():
         sub_type = getattr(sub, "model_type", None)
