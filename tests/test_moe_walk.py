@@ -8,6 +8,7 @@ the families (or any of the six named ones) build."""
 from __future__ import annotations
 
 import re
+from fnmatch import fnmatchcase
 
 import pytest
 import torch
@@ -41,12 +42,20 @@ def is_router(param: str) -> bool:
     return any(part in ROUTER_PARTS for part in param.split(".")[:-1])
 
 
-def decoder_weights(model: nn.Module) -> dict[str, int]:
-    """{parameter: elements} of the decoder layers' weights (>= 2-D, biases aside), routers aside."""
+def weights(model: nn.Module) -> dict[str, int]:
+    """{parameter: elements} of the model's weights (>= 2-D, biases aside), routers, embeddings and the head aside."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = model.get_output_embeddings()
+    tables |= {id(head.weight)} if head is not None else set()
+    return {n: p.numel() for n, p in model.named_parameters()
+            if p.dim() >= 2 and not n.endswith("bias") and not is_router(n) and id(p) not in tables}
+
+
+def in_decoder(model: nn.Module, found: dict[str, int]) -> dict[str, int]:
+    """The part of `found` under the decoder's layer list(s)."""
     lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.split(".")[-1] in LAYER_LISTS]
     assert lists, f"no decoder layer list ({LAYER_LISTS}) in {type(model).__name__}"
-    return {n: p.numel() for n, p in model.named_parameters() if any(n.startswith(f"{layers}.") for layers in lists)
-            and p.dim() >= 2 and not n.endswith("bias") and not is_router(n)}
+    return {n: k for n, k in found.items() if any(n.startswith(f"{layers}.") for layers in lists)}
 
 
 def fake_quantized(model: nn.Module) -> dict[str, int]:
@@ -59,6 +68,12 @@ def fake_quantized(model: nn.Module) -> dict[str, int]:
         elif isinstance(m, QuantExperts):
             out.update({f"{name}.{p}": getattr(m, p).numel() for p in m.quantized_params()})
     return out
+
+
+def excluded(param: str, patterns: list[str]) -> bool:
+    """Whether an exclude pattern matches the parameter's module or a module above it."""
+    parts = param.split(".")[:-1]
+    return any(fnmatchcase(".".join(parts[:i]), p) for p in patterns for i in range(1, len(parts) + 1))
 
 
 def check_refusal(message: str, model: nn.Module) -> str:
@@ -133,14 +148,15 @@ def test_w4_quantizes_the_decoder_or_refuses_in_one_line(family):
     assert fused <= cov.kinds["experts"][0] <= fused + listed, (fused, listed, cov.kinds)  # + experts as linears
     assert not [n for n in quantized if is_router(n)], "routers stay full precision by default"
     assert not [n for n in quantized if "lm_head" in n or "embed" in n]
-    decoder = decoder_weights(reference)
+    everything = weights(reference)
+    assert cov.total == sum(everything.values()), (cov.total, sum(everything.values()), cov.to_dict())
+    decoder = in_decoder(reference, everything)
+    for name, m in experts_modules(reference):  # every fused expert weight fake-quantized, or excluded on purpose
+        live = model.get_submodule(name)
+        for param in fused_params(m):
+            if not excluded(f"{name}.{param}", excludes):
+                assert isinstance(live, QuantExperts) and param in live.quantized_params(), f"{name}.{param}"
     mine = sum(n for name, n in quantized.items() if name in decoder) / sum(decoder.values())
-    assert cov.total == sum(decoder.values()) + sum(n for name, n in quantized.items() if name not in decoder) \
-        or excludes, (cov.total, sum(decoder.values()))
-    for name, m in experts_modules(reference):  # every experts module fake-quantized, unless excluded on purpose
-        if not excludes:
-            live = model.get_submodule(name)
-            assert isinstance(live, QuantExperts) and set(live.quantized_params()) == set(fused_params(m)), name
     if not excludes:
         assert cov.share >= SHARE and mine >= SHARE, (cov.share, mine)
     with torch.no_grad():
