@@ -15,7 +15,7 @@ from torch import nn
 from . import kv as kv_quant
 from .coverage import Coverage, CoverageError, OnPurpose, check, measure, routers
 from .experts import ExpertsLayoutError, QuantExperts, describe, experts_modules
-from .keys import QUANT_KEY
+from .keys import COVERAGE_KEY, QUANT_KEY
 from .linear import ClearShared, QuantLinear, SharedInput
 from .quantizers import ActQuantizer, WeightQuantizer
 from .spec import QuantSpec, TensorSpec, check_layer, parse, resolve_for_layer
@@ -131,6 +131,7 @@ def quantize_model(
         )
     if hasattr(model, "config"):
         setattr(model.config, QUANT_KEY, spec.to_dict())
+        setattr(model.config, COVERAGE_KEY, report.coverage.to_dict())
     return report
 
 
@@ -176,6 +177,13 @@ def share_inputs(model: nn.Module) -> SharedInput:
             m.input_quantizer.shared = memo
     model.register_forward_hook(ClearShared(memo))
     return memo
+
+
+def coverage_of(model: nn.Module) -> Optional[dict]:
+    """The coverage a quantized model records (its config's, written when it was quantized; an integer model keeps
+    it through convert), else measured on the model as it is."""
+    recorded = getattr(getattr(model, "config", None), COVERAGE_KEY, None)
+    return recorded if recorded else measure(model).to_dict()
 
 
 def quant_spec_of(model: nn.Module) -> Optional[QuantSpec]:

@@ -3,6 +3,8 @@
 config.json keys that say what a saved folder holds:
 - QUANT_KEY: the QuantSpec of a fake-quantized model (QAT student or PTQ result), written by
   `qat.apply.quantize_model` into model.config and so by `save_pretrained`.
+- COVERAGE_KEY: beside QUANT_KEY: the share of the decoder's weight elements quantized, per kind (attention, dense
+  MLP, experts, shared experts), and what stays full precision by design (`qat.coverage.Coverage.to_dict`).
 - PTQ_KEY: beside QUANT_KEY in a PTQ result: the method and the calibration tokens.
 - INIT_KEY: in a QAT student started from a PTQ result: that result's PTQ record (the rotation among it), which
   the student no longer is but still computes in.
@@ -26,6 +28,7 @@ Files that say a folder is finished (a reader that sees them may use the folder;
 """
 
 QUANT_KEY = "distqat_quant"
+COVERAGE_KEY = "distqat_coverage"
 PTQ_KEY = "distqat_ptq"
 INIT_KEY = "distqat_init"
 LLM_INT8_KEY = "distqat_llm_int8"

@@ -45,6 +45,28 @@ def test_two_process_zero(stage, master, tmp_path):
     assert moved > 1e-4, "the student did not train"
 
 
+def test_two_process_zero3_trains_a_moe_student_with_its_experts_sharded(tmp_path):
+    r = subprocess.run([sys.executable, str(SCRIPT), "3", "2", str(tmp_path), "fp32", "none", "qwen3_moe"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2)]
+    for k in a["state"]:
+        assert torch.equal(a["state"][k], b["state"][k]), f"ranks disagree on {k}"
+    assert len(a["losses"]) == 4 and all(math.isfinite(x) for x in a["losses"])
+    full = 4 * 2 * 32 * 64  # E x 2I x H of one layer's stacked gate_up_proj
+    assert a["experts_local_numel"] == b["experts_local_numel"] == [full // 2, full // 2]  # each rank holds half
+    import transformers as tf
+
+    torch.manual_seed(0)
+    init = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        initializer_range=0.1, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
+        num_experts_per_tok=2)).state_dict()
+    key = "model.layers.0.mlp.experts.gate_up_proj"
+    assert (a["state"][key] - init[key]).abs().max() > 1e-4, "the experts did not train"
+    assert "model.layers.0.mlp.experts.weight_quantizers.gate_up_proj.scale" not in a["state"]  # minmax: no params
+
+
 @pytest.mark.parametrize("stage,offload", [(2, "optimizer"), (3, "params")])
 def test_zero_offload_trains(stage, offload, tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPT), str(stage), "1", str(tmp_path), "fp32", offload],

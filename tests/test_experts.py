@@ -9,13 +9,13 @@ from dataclasses import replace
 import pytest
 import torch
 import transformers as tf
+from helpers.quant_ref import ref_codes, ref_dequant, ref_minmax, ref_weight_rows
 from torch import nn
 
 from qat.apply import quantize_model
 from qat.coverage import CoverageError, measure
 from qat.experts import QuantExperts, routing_load
 from qat.spec import QuantSpec, TensorSpec, parse
-from tests.helpers.quant_ref import ref_codes, ref_dequant, ref_minmax, ref_weight_rows
 
 SMALL = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=128)
@@ -218,3 +218,40 @@ def test_the_quantized_model_keeps_its_state_dict_keys():
     assert keys <= set(model.state_dict())
     experts = model.model.layers[0].mlp.experts
     assert experts.unwrap().__class__.__name__ == "GptOssExperts"
+
+
+# The stacked experts through the fused fake-quant kernel on its device path: a GPU, or CPU tensors in the lane.
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.cuda, id="gpu"),
+                                    pytest.param("cpu", marks=pytest.mark.lane, id="lane")])
+def test_experts_through_the_fused_kernel_match_the_reference(device, kernel_calls, monkeypatch):
+    from helpers import HAVE_TRITON
+
+    import qat.quantizers
+    from qat.device import device_path
+
+    if not HAVE_TRITON:
+        pytest.skip("triton is not installed")
+    model = tiny("qwen3_moe").to(device, torch.bfloat16)
+    quantize_model(model, "w4g16a8")
+    experts = model.model.layers[0].mlp.experts
+    x0 = torch.randn(12, 64, device=device, dtype=torch.bfloat16)
+    if not device_path(x0, "fake_quant"):
+        pytest.skip("the kernel's device path is off here (CPU outside the lane)")
+    index = torch.tensor([[e % 4, (e + 1) % 4] for e in range(12)], device=device)
+    routing = torch.full((12, 2), 0.5, device=device, dtype=torch.bfloat16)
+
+    def run():
+        experts.zero_grad()
+        x = x0.clone().requires_grad_(True)
+        y = experts(x, index, routing)
+        y.float().square().sum().backward()
+        return y.detach(), x.grad, experts.gate_up_proj.grad, experts.down_proj.grad
+
+    fused = run()
+    assert kernel_calls["fake_quant"] >= 4  # both stacked weights and both routed inputs went through the kernel
+    monkeypatch.setattr(qat.quantizers, "fused_fake_quant_rows", lambda *a: None)  # the reference path
+    calls = kernel_calls["fake_quant"]
+    ref = run()
+    assert kernel_calls["fake_quant"] == calls
+    for name, a, b in zip(("output", "input grad", "gate_up grad", "down grad"), fused, ref):
+        assert torch.equal(a, b), name

@@ -12,6 +12,7 @@ from typing import Any, Optional, TextIO
 import lightning as L
 import torch
 
+from qat.experts import routing_load
 from qat.io.progress import ProgressLines
 from qat.linear import QuantLinear
 from qat.quantizers import weight_rows
@@ -30,7 +31,8 @@ def weight_quant_stats(layer: QuantLinear) -> dict[str, float]:
 
 
 class QuantStats(L.Callback):
-    """Logs quant/<layer>/{scale_min,scale_max,clipped} every `every` optimizer steps (and at step 0)."""
+    """Logs quant/<layer>/{scale_min,scale_max,clipped} every `every` optimizer steps (and at step 0), and for an
+    MoE student the tokens each expert received since the previous log (`routing_metrics`)."""
 
     def __init__(self, every: int = 100) -> None:
         self.every = every
@@ -46,9 +48,24 @@ class QuantStats(L.Callback):
             if isinstance(m, QuantLinear) and m.weight_quantizer is not None and m.weight.numel() > 0:
                 for k, v in weight_quant_stats(m).items():
                     metrics[f"quant/{name}/{k}"] = v
+        metrics.update(routing_metrics(routing_load(student)))
         if metrics and trainer.logger is not None:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
+
+
+def routing_metrics(load: dict[str, list[int]]) -> dict[str, float]:
+    """routing/<experts module>/expert_<e>: tokens routed to each expert since the last log (this rank's), and
+    routing/<module>/max_over_mean: the busiest expert's load over the mean (1 is perfectly balanced)."""
+    metrics: dict[str, float] = {}
+    for name, counts in load.items():
+        total = sum(counts)
+        if not total:
+            continue
+        for e, n in enumerate(counts):
+            metrics[f"routing/{name}/expert_{e}"] = float(n)
+        metrics[f"routing/{name}/max_over_mean"] = max(counts) * len(counts) / total
+    return metrics
 
 
 class TrainProgress(L.Callback):

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from data.sources import load_texts, spread_windows, token_stream
-from qat.apply import quantize_model
+from qat.apply import coverage_of, quantize_model
 from qat.io.atomic import atomic_file, write_json, write_text
 from qat.io.env import device_name, versions
 from qat.io.folders import Folder, Kind, spec_label
@@ -184,6 +184,7 @@ def score_models(cfg: RunConfig, entries: list[tuple[str, Callable[[], torch.nn.
     tasks: dict[str, dict[str, dict[str, float]]] = {}
     setup: dict[str, dict] = {}
     groups: dict[str, list[str]] = {}
+    covered: dict[str, dict] = {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for label, loader in entries:
         model = loader().to(device)
@@ -191,6 +192,9 @@ def score_models(cfg: RunConfig, entries: list[tuple[str, Callable[[], torch.nn.
         results[label] = perplexity(model, windows, cfg.eval.batch_size, desc=label)
         secs = time.perf_counter() - t0
         print(f"{label}: perplexity {results[label]:.3f} ({n_tokens / secs:.0f} tokens/s)", file=sys.stderr)
+        covered[label] = coverage_of(model)
+        if covered[label]["quantized_elements"]:
+            print(f"{label}: {covered[label]['share']:.2%} of the decoder's weight elements quantized", file=sys.stderr)
         if plan is not None:
             out = run_tasks(plan, model, tok)
             tasks[label], setup, groups = task_metrics(out), task_setup(out), task_groups(out)
@@ -200,7 +204,7 @@ def score_models(cfg: RunConfig, entries: list[tuple[str, Callable[[], torch.nn.
         del model
     record = {
         "model": cfg.model.name_or_path, "split": cfg.eval.split, "tokens": n_tokens,
-        "seq_len": cfg.eval.seq_len, "perplexity": results,
+        "seq_len": cfg.eval.seq_len, "perplexity": results, "coverage": covered,
     }
     if plan is not None:
         record.update(tasks=tasks, task_setup=setup, **({"task_groups": groups} if groups else {}))

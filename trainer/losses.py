@@ -53,3 +53,14 @@ def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: Optional[
         return loss.mean()
     m = mask[:, 1:].to(loss.dtype)
     return (loss * m).sum() / m.sum().clamp_min(1)
+
+
+def router_kd_loss(student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor],
+                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean over MoE layers of the mean over unmasked tokens of KL(router softmax of teacher || of student).
+
+    Each layer's router logits are (tokens, experts), tokens flattened from (batch, seq) in order."""
+    flat = None if mask is None else mask.reshape(-1)
+    terms = [kd_loss(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), flat)
+             for s, t in zip(student_logits, teacher_logits)]
+    return torch.stack(terms).mean()

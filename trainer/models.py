@@ -42,6 +42,9 @@ def build_models(cfg: RunConfig, start: Optional[Path] = None
     else:
         student = load_student(cfg, start, dtype)
         report = f"student: starts from {start} (train.init={cfg.train.init})"
+    if cfg.train.router_kd and cfg.train.teacher_topk:
+        raise ValueError("train.router_kd compares the teacher's routing with the student's on every batch, and "
+                         "train.teacher_topk caches the teacher's logits only: set one of them to 0")
     teacher = None if cfg.train.teacher_topk else load_teacher(cfg)
     fake_quant = any(isinstance(m, QuantLinear) for m in student.modules())
     changed = enable_speedups(student, [n for n in cfg.train.speedups if n != "compile"]) if fake_quant else []

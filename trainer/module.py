@@ -10,15 +10,41 @@ import lightning as L
 import torch
 from torch import nn
 
+from qat.coverage import routers
 from qat.keys import FINGERPRINT_KEY
 
 from .config import TrainConfig
-from .losses import kd_loss, kd_loss_topk, next_token_ce
+from .losses import kd_loss, kd_loss_topk, next_token_ce, router_kd_loss
 from .optim import AdamWBF16, param_groups, resolve_master_weights, warmup_cosine
 
 
 class NonFiniteError(ValueError):
     """Training produced a non-finite loss or gradient; the message names the step and where it started."""
+
+
+class RouterLogits:
+    """Forward hooks on a model's MoE routers that keep the router logits of the last forward, layer by layer."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.logits: list[torch.Tensor] = []
+        names = sorted(routers(model), key=_layer_order)
+        for name in names:
+            if name.endswith("shared_expert_gate"):
+                continue  # a shared expert's sigmoid gate, not a distribution over experts
+            model.get_submodule(name).register_forward_hook(self._keep)
+        if not names:
+            raise ValueError("train.router_kd > 0 needs an MoE model (one whose layers route tokens to experts); "
+                             "this one has no router: set train.router_kd=0")
+
+    def _keep(self, module: nn.Module, args, output) -> None:
+        self.logits.append(output[0] if isinstance(output, tuple) else output)
+
+    def clear(self) -> None:
+        self.logits = []
+
+
+def _layer_order(name: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in name.split("."))
 
 
 class QATModule(L.LightningModule):
@@ -46,6 +72,9 @@ class QATModule(L.LightningModule):
         self._skipped = 0  # non-finite batches skipped so far (train.skip_nonfinite)
         # Checkpoints hold the student only; the teacher is rebuilt from its folder.
         self.strict_loading = False
+        self._routers: Optional[tuple[RouterLogits, RouterLogits]] = None
+        if train_cfg.router_kd > 0 and teacher is not None:
+            self._routers = (RouterLogits(student), RouterLogits(teacher))
 
     def train(self, mode: bool = True) -> QATModule:
         super().train(mode)
@@ -56,6 +85,9 @@ class QATModule(L.LightningModule):
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
+        if self._routers is not None:
+            for r in self._routers:
+                r.clear()
         student = self.student(input_ids=ids, attention_mask=mask).logits
         # Which tokens are targets (next_token_ce reads mask[:, 1:]) and which positions predict one (KD).
         ce_mask, kd_mask = mask, mask
@@ -74,6 +106,10 @@ class QATModule(L.LightningModule):
                 teacher = self.teacher(input_ids=ids, attention_mask=mask).logits
             out["kd"] = kd_loss(student, teacher, kd_mask, self.cfg.kd_temperature)
             loss = loss + out["kd"]
+        if self._routers is not None:
+            s_routes, t_routes = (r.logits for r in self._routers)
+            out["router_kd"] = router_kd_loss(s_routes, t_routes, mask)
+            loss = loss + self.cfg.router_kd * out["router_kd"]
         has_teacher = cached or self.teacher is not None
         if self.cfg.ce_weight > 0 or not has_teacher:
             out["ce"] = next_token_ce(student, ids, ce_mask)

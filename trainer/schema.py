@@ -123,6 +123,9 @@ class TrainConfig:
     kd_temperature: float = setting(1.0, range=(1e-3, 1e3), help="temperature of the distillation's softmax")
     ce_weight: float = setting(0.0, range=(0.0, 1e3), help="weight of a cross-entropy loss on the data's next "
                                "tokens, added to the distillation loss")
+    router_kd: float = setting(0.0, range=(0.0, 1e3), help="MoE students: weight of a routing-agreement loss, the "
+                               "mean over MoE layers of KL(teacher's router softmax || student's); 0: off; needs "
+                               "a live teacher (train.teacher_topk=0)")
     teacher_topk: int = setting(0, range=(0, 1 << 24), help="> 0: run the teacher once before training and distil "
                                 "from its cached top-k logits per position (stored beside the packed data; no "
                                 "teacher in memory while training); 0: a live teacher forward")

@@ -41,6 +41,18 @@ def save_tiny_teacher(path, tokenizer, max_positions: int = 128, init_range: flo
     return path
 
 
+def save_tiny_moe_teacher(path, tokenizer, max_positions: int = 256, init_range: float = 0.1):
+    """A random 2-layer Qwen3-MoE (4 experts, top-2) with the bundled tokenizer's vocabulary, saved with it."""
+    torch.manual_seed(0)
+    cfg = tf.Qwen3MoeConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                            num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, max_position_embeddings=max_positions, initializer_range=init_range,
+                            eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    tf.Qwen3MoeForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def tiny_run_dir(root: Path, tokenizer) -> Path:
     """`root` holding what a tiny training run reads: `teacher` (256 positions, weights at init range 0.1) and a
     400-line `corpus.txt`."""

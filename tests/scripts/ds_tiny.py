@@ -1,4 +1,5 @@
-"""A tiny QAT run under DeepSpeed on CPU processes (gloo): `python ds_tiny.py STAGE DEVICES OUT [MASTER [OFFLOAD]]`.
+"""A tiny QAT run under DeepSpeed on CPU processes (gloo):
+`python ds_tiny.py STAGE DEVICES OUT [MASTER [OFFLOAD [FAMILY]]]`, FAMILY llama (default) or qwen3_moe.
 
 Lightning re-executes this script once per rank. Each rank writes its view of the student after the
 run (gathered under ZeRO-3) and its losses to OUT/rank<r>.pt, so the test can check the ranks agree.
@@ -34,6 +35,7 @@ def main():
     stage, devices, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     master = sys.argv[4] if len(sys.argv) > 4 else "fp32"
     offload = sys.argv[5] if len(sys.argv) > 5 else "none"
+    family = sys.argv[6] if len(sys.argv) > 6 else "llama"
     extra = {"none": [], "optimizer": ["distributed.offload_optimizer=true"],
              "params": ["distributed.offload_optimizer=true", "distributed.offload_params=true"]}[offload]
     cfg = load_config(None, [*extra, "distributed.strategy=deepspeed", f"distributed.zero_stage={stage}",
@@ -42,9 +44,12 @@ def main():
 
     def llama():
         torch.manual_seed(0)
-        return tf.LlamaForCausalLM(tf.LlamaConfig(
-            vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, initializer_range=0.1)).eval()
+        small = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, initializer_range=0.1)
+        if family == "qwen3_moe":
+            return tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**small, intermediate_size=96, moe_intermediate_size=32,
+                                                            num_experts=4, num_experts_per_tok=2)).eval()
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**small, intermediate_size=96)).eval()
 
     teacher, student = llama().to(torch.bfloat16), llama()
     quantize_model(student, "w4a8kv8")
@@ -70,8 +75,11 @@ def main():
         state = {k: v.detach().float().clone() for k, v in student.state_dict().items()}
         teacher_numel = sum(p.numel() for p in teacher.parameters())
     local_teacher = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in teacher.parameters())
+    local_experts = [p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+                     for n, p in student.named_parameters() if n.endswith("experts.gate_up_proj")]
     torch.save({"state": state, "losses": rec.losses, "teacher_numel": teacher_numel,
-                "teacher_local_numel": local_teacher}, f"{out}/rank{trainer.global_rank}.pt")
+                "teacher_local_numel": local_teacher, "experts_local_numel": local_experts},
+               f"{out}/rank{trainer.global_rank}.pt")
     end_process_group()  # as distqat's CLI does: a group left to interpreter exit aborted a run (1 in 12)
 
 
