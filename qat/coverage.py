@@ -85,13 +85,14 @@ def routers(model: nn.Module) -> set[str]:
     out: set[str] = set()
     for name, parent in model.named_modules():
         children = dict(parent.named_children())
-        experts = children.get("experts")
-        if experts is None:
+        # the experts: a child named so, or children holding fused expert tensors (JetMoE's input/output_linear)
+        held = [c for c, m in children.items() if c == "experts" or fused_params(m)]
+        if not held:
             continue
-        n_experts = _n_experts(experts)
+        n_experts = _n_experts(children[held[0]])
         for child_name, child in children.items():
             low = child_name.lower()
-            if child_name == "experts" or ("shared" in low and "gate" not in low):
+            if child_name in held or ("shared" in low and "gate" not in low):
                 continue
             w = getattr(child, "weight", None)
             by_shape = isinstance(w, nn.Parameter) and w.dim() == 2 and w.shape[0] in (n_experts, 1)
@@ -105,8 +106,7 @@ def routers(model: nn.Module) -> set[str]:
 
 def _router_name(low: str) -> bool:
     # "gate_proj" beside the experts would be a shared expert's linear, not a router
-    return not low.endswith("_proj") and (low in ("gate", "wg", "gating") or low.endswith("_gate")
-                                          or "router" in low)
+    return not low.endswith("_proj") and (low in ("gate", "wg", "gating", "shared_expert_gate") or "router" in low)
 
 
 def _n_experts(experts: nn.Module) -> int:

@@ -42,13 +42,19 @@ def is_router(param: str) -> bool:
     return any(part in ROUTER_PARTS for part in param.split(".")[:-1])
 
 
+NOT_MATMUL = {"A_log", "A", "D", "dt_bias", "sinks"}  # 2-D, but state-space decay/skip terms and attention sinks
+
+
 def weights(model: nn.Module) -> dict[str, int]:
-    """{parameter: elements} of the model's weights (>= 2-D, biases aside), routers, embeddings and the head aside."""
+    """{parameter: elements} of the model's matmul weights (>= 2-D; biases, convolution kernels, state-space terms,
+    routers, embeddings and the head aside)."""
     tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     head = model.get_output_embeddings()
     tables |= {id(head.weight)} if head is not None else set()
+    tables |= {id(p) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd) for p in m.parameters()}
     return {n: p.numel() for n, p in model.named_parameters()
-            if p.dim() >= 2 and not n.endswith("bias") and not is_router(n) and id(p) not in tables}
+            if p.dim() >= 2 and not n.endswith("bias") and n.rsplit(".", 1)[-1] not in NOT_MATMUL
+            and not is_router(n) and id(p) not in tables}
 
 
 def in_decoder(model: nn.Module, found: dict[str, int]) -> dict[str, int]:
