@@ -154,6 +154,15 @@ class IntExperts(nn.Module):
             out.index_add_(0, token, h.to(out.dtype))
         return out.reshape(shape)
 
+    def extra_repr(self) -> str:
+        parts = []
+        for p, (w, a) in self.int_specs.items():
+            gran = f"g{w.group_size}" if w.granularity == "group" else w.granularity
+            kind = "fp8" if w.format == "fp8" else f"int{w.bits}"
+            act = "a16" if a is None else f"a8 {a.format}"
+            parts.append(f"{p}: {kind} {gran}{'' if w.symmetric else ' asym'} {act}")
+        return f"experts={self.expert_layout.num_experts}, " + ", ".join(parts)
+
     def _gate(self, h: torch.Tensor) -> torch.Tensor:
         # As qat.experts: the module's own gating (gpt-oss clamps and interleaves), else act(gate) * up.
         own = getattr(self, "_apply_gate", None)
