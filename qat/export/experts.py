@@ -102,12 +102,15 @@ class _Unnamed(Exception):
     """transformers' reversal did something to the tracers that is not a per-expert split of rows."""
 
 
-def checkpoint_names(model: nn.Module) -> CheckpointNames:
-    """The names a converted folder writes `model`'s tensors under (see the module docstring)."""
+def checkpoint_names(model: nn.Module, fused_only: bool = False) -> CheckpointNames:
+    """The names a converted folder writes `model`'s tensors under (see the module docstring); `fused_only`: the
+    fused names whatever transformers maps (a folder written so says so in its record)."""
     from transformers.core_model_loading import revert_weight_conversion  # lazy: transformers loads on first use
 
     found = experts_of(model)
     fused = CheckpointNames("fused", experts={n: _fused_entries(n, lay, s) for n, (_, lay, s) in found.items()})
+    if fused_only:
+        return fused
     skip = {f"{n}.{p}{suffix}" for n, (_, lay, _) in found.items() for p in lay.params
             for suffix in ("", "_qweight", "_scale", "_zero")}
     state = {k: v for k, v in model.state_dict().items() if k not in skip}

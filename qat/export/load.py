@@ -121,7 +121,8 @@ def load_quantized(
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     # A MoE model's folder names its tensors as the family's original checkpoints do (qat.export.experts).
-    names = checkpoint_names(model) if experts_of(model) else None
+    fused_only = (meta.get("experts") or {}).get("names") == "fused"
+    names = checkpoint_names(model, fused_only) if experts_of(model) else None
     ck = names.module if names is not None else (lambda n: n)
     pieces = {x.name: _PROBE for xs in (names.experts.values() if names is not None else ())
               for entries in xs.values() for x in entries}
