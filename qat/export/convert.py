@@ -27,6 +27,7 @@ from ..linear import QuantLinear
 from ..runtime.fp8 import Fp8Linear
 from ..runtime.int_linear import IntLinear
 from ..spec import QuantSpec
+from .experts import checkpoint_names, compress_experts, experts_of, experts_target, float_experts, router_names
 from .format import FormatError, compress, file_sha256, kv_record, weight_args
 from .fp8 import compress_fp8
 from .layers import compressed
@@ -85,27 +86,32 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
     groups: dict[tuple, dict] = {}
     ignore: list[str] = []
     quantized: set[str] = set()
+    found = experts_of(model)
+    names = checkpoint_names(model) if found else None
+    ck = names.module if names is not None else (lambda n: n)
     for name, mod in model.named_modules():
         if isinstance(mod, (QuantLinear, IntLinear, Fp8Linear)):
             comp, scheme = compress_linear(mod, name) if isinstance(mod, QuantLinear) else compressed(mod, name)
             for k, t in comp.items():
-                tensors[f"{name}.{k}"] = t
+                tensors[f"{ck(name)}.{k}"] = t
             quantized.add(name)
             key = (repr(mod.weight_spec), repr(mod.act_spec))
-            groups.setdefault(key, {"targets": [], **scheme})["targets"].append(name)
+            groups.setdefault(key, {"targets": [], **scheme})["targets"].append(ck(name))
         elif isinstance(mod, nn.Linear):
-            ignore.append(name)
-    if not quantized:
-        raise FormatError("the model has no quantized linear layers to convert")
+            ignore.append(ck(name))
+    written = _write_experts(found, names, tensors, groups, ignore) if names is not None else set()
+    if not quantized and not written:
+        raise FormatError("the model has no quantized linear layers or experts to convert")
+    ignore += [r for r in (ck(n) for n in router_names(model, list(found))) if r not in ignore]
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     skip = quantizer_keys(model)
     for k, t in model.state_dict().items():
         owner = k.rpartition(".")[0]
-        if k in skip or owner in quantized:
+        if k in skip or owner in quantized or k in written:
             continue
         if tied and k == "lm_head.weight":
             continue  # tied to the embedding; transformers re-ties it on load
-        tensors[k] = t.detach().contiguous()
+        tensors[names.key(k) if names is not None else k] = t.detach().contiguous()
 
     formats = {g["format"] for g in groups.values()}
     formats_all = set(formats)
@@ -131,7 +137,8 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
     version = 3 if kv is not None or unpacked_narrow else 2 if offsets else 1
     kv_words = None if kv is None else \
         f"int{kv['bits']} per {'token' if kv['granularity'] == 'token' else 'head and token'}, dynamic"
-    notes = reader_notes(quant_config, kv_words)
+    experts_record = {"names": names.layout, "family": cfg.get("model_type")} if names is not None else None
+    notes = reader_notes(quant_config, kv_words, experts_record)
     with atomic_dir(out) as tmp:  # an empty `out` (checked above) is replaced
         digests = _save_shards(tensors, tmp)
         cfg[EXPORT_KEY] = {
@@ -140,6 +147,8 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
             "kv": kv,
             "sha256": digests,
         }
+        if experts_record is not None:  # which names the experts are written under (see qat.export.experts)
+            cfg[EXPORT_KEY]["experts"] = experts_record
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         kind = "fp8" if formats_all == {"float-quantized"} else "integer"
         (tmp / "README.md").write_text(model_card(out.name, spec_label(spec, "custom"), notes, version, kind))
@@ -150,6 +159,30 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
     for line in notes:
         print(f"distqat convert: {line}", file=sys.stderr)
     return out
+
+
+def _write_experts(found: dict, names, tensors: dict[str, torch.Tensor], groups: dict[tuple, dict],
+                   ignore: list[str]) -> set[str]:
+    """Add every experts module's entries (see qat.export.experts) and their config targets; the model state keys
+    they replace (the stacked weights, and an integer experts module's buffers)."""
+    written: set[str] = set()
+    for name, (mod, lay, _) in found.items():
+        entries = names.experts[name]
+        pieces = compress_experts(mod, name, entries)
+        if not pieces and names.layout == "fused":
+            continue  # full precision, no mapping: the stacked weights stay as the model holds them
+        if not pieces:
+            tensors.update(float_experts(mod, entries))
+            ignore += [x.name for p in lay.params for x in entries[p]]
+        for p, ck_name, comp, scheme, key in pieces:
+            for k, t in comp.items():
+                tensors[f"{ck_name}.{k}"] = t
+            group = groups.setdefault(key, {"targets": [], **scheme})
+            target = experts_target(entries[p], lay, p)
+            if target not in group["targets"]:
+                group["targets"].append(target)
+        written |= {f"{name}.{p}{s}" for p in lay.params for s in ("", "_qweight", "_scale", "_zero")}
+    return written
 
 
 def convert_folder(src: Union[str, Path], out: Union[str, Path], dtype: Optional[torch.dtype] = None) -> Path:

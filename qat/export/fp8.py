@@ -24,7 +24,7 @@ from ..runtime.fp8 import FP8, FP8_SUPPORTED, unsupported
 from ..spec import TensorSpec
 from .format import FormatError
 
-__all__ = ["FLOAT_FORMAT", "fp8_scheme", "compress_fp8"]
+__all__ = ["FLOAT_FORMAT", "fp8_scheme", "fp8_codes", "compress_fp8"]
 
 FLOAT_FORMAT = "float-quantized"
 
@@ -41,19 +41,23 @@ def fp8_scheme(w: TensorSpec, a: Optional[TensorSpec], name: str) -> dict[str, A
     return {"weights": weights, "input_activations": acts, "output_activations": None, "format": FLOAT_FORMAT}
 
 
-def compress_fp8(layer: QuantLinear, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The float-quantized tensors of one fp8 QuantLinear (e4m3 codes, fp32 scales, bias) and its scheme."""
-    w_spec = layer.weight_spec
-    scheme = fp8_scheme(w_spec, layer.act_spec, name)
-    weight = layer.weight.detach()
+def fp8_codes(weight: torch.Tensor, quantizer, spec: TensorSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 codes shaped like the (out, in) `weight`, fp32 scales: (1,) per tensor, (out, 1) per channel) from the
+    weight's own `WeightQuantizer`, as its fake quant computes them."""
     with torch.no_grad():
-        scale, _ = layer.weight_quantizer.qparams(weight)
-        rows = weight_rows(weight, w_spec).float()
+        scale, _ = quantizer.qparams(weight)
+        rows = weight_rows(weight, spec).float()
         # As fake_quant_values: clamp(w / s) to the e4m3 range, then the cast rounds to nearest even.
         codes = (rows / scale.detach().float()).clamp(-FP8_MAX, FP8_MAX).to(FP8).reshape(weight.shape)
-    scale = scale.detach().float().reshape(1 if w_spec.granularity == "tensor" else weight.shape[0], -1)
-    out = {"weight": codes.contiguous(),
-           "weight_scale": scale.reshape(1) if w_spec.granularity == "tensor" else scale.contiguous()}
+    scale = scale.detach().float()
+    return codes.contiguous(), scale.reshape(1) if spec.granularity == "tensor" else scale.reshape(weight.shape[0], 1)
+
+
+def compress_fp8(layer: QuantLinear, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The float-quantized tensors of one fp8 QuantLinear (e4m3 codes, fp32 scales, bias) and its scheme."""
+    scheme = fp8_scheme(layer.weight_spec, layer.act_spec, name)
+    codes, scale = fp8_codes(layer.weight.detach(), layer.weight_quantizer, layer.weight_spec)
+    out = {"weight": codes, "weight_scale": scale.contiguous()}
     if layer.bias is not None:
         out["bias"] = layer.bias.detach().contiguous()
     return out, scheme

@@ -21,6 +21,7 @@ from ..runtime.fp8 import Fp8Linear
 from ..runtime.int_linear import IntLinear
 from ..runtime.kv_cache import IntKVCache
 from ..spec import TensorSpec
+from .experts import checkpoint_names, experts_of, load_experts
 from .format import READ_VERSIONS, FormatError, file_sha256, matches, spec_from_args
 from .fp8 import fp8_scheme
 from .layers import load_compressed
@@ -70,6 +71,7 @@ def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
 
 LayerSpecs = dict[str, tuple[TensorSpec, Optional[TensorSpec]]]
+_PROBE = nn.Linear(1, 1, bias=False)  # stands for one expert's projection when matching config targets (class Linear)
 
 
 def _layer_specs(q: dict[str, Any], linears: dict[str, nn.Linear]) -> LayerSpecs:
@@ -118,21 +120,33 @@ def load_quantized(
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    specs = _layer_specs(q, linears)
-    if not specs:
+    # A MoE model's folder names its tensors as the family's original checkpoints do (qat.export.experts).
+    fused_only = (meta.get("experts") or {}).get("names") == "fused"
+    names = checkpoint_names(model, fused_only) if experts_of(model) else None
+    ck = names.module if names is not None else (lambda n: n)
+    pieces = {x.name: _PROBE for xs in (names.experts.values() if names is not None else ())
+              for entries in xs.values() for x in entries}
+    found = _layer_specs(q, {**{ck(n): m for n, m in linears.items()}, **pieces})
+    specs = {n: found[ck(n)] for n in linears if ck(n) in found}
+    if not specs and not any(k in pieces for k in found):
         raise FormatError(f"{path}: no linear layer of {type(model).__name__} matches the config's targets")
     tensors = _read_tensors(files)
     for name, (w, a) in specs.items():
         lin = linears[name]
         cls = Fp8Linear if w.format == "fp8" else IntLinear
         mod = cls(lin.in_features, lin.out_features, w, a, bias=lin.bias is not None, dtype=dtype)
-        prefix = name + "."
-        load_compressed(mod, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, name)
+        prefix = ck(name) + "."
+        load_compressed(mod, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, ck(name))
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, mod)
-    rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in specs}
+    used, filled = load_experts(model, names, {k: v for k, v in found.items() if k in pieces}, tensors, dtype) \
+        if names is not None else (set(), set())
+    model_key = {v: k for k, v in names.keys.items()} if names is not None else {}
+    dense = {ck(n) for n in specs}
+    rest = {model_key.get(k, k): v for k, v in tensors.items() if k.rpartition(".")[0] not in dense and k not in used}
     result = model.load_state_dict(rest, strict=False)
     owned = {f"{n}.{b}" for n in specs for b in ("qweight", "scale", "zero", "bias", "offset")}
+    owned |= filled
     missing = [k for k in result.missing_keys if k not in owned
                and not (k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))]
     if missing or result.unexpected_keys:

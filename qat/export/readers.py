@@ -15,6 +15,22 @@ compressed-tensors integration (`CompressedTensorsConfig._get_scheme_from_parts`
 - a `kv_cache_scheme` must be 8-bit float, per tensor or head, symmetric. distqat's integer per-token KV
   cache has no such entry: it is written only in distqat_export, and other readers keep a full-precision cache.
 
+Mixture-of-experts layers (`qat.export.experts`) run as vLLM's fused MoE methods, which are stricter
+(`CompressedTensorsMoEMethod.get_moe_method`): vLLM looks the scheme up under `<experts>.0.gate_proj`, `.0.up_proj` and
+`.0.down_proj` (so distqat's `re:` experts targets name those too) and refuses a layer whose three differ; then
+`pack-quantized` 4- or 8-bit weights per channel or group, static, no activations, run as WNA16 MoE (Marlin; zero
+points in recent vLLM; the group size must divide the hidden size and the per-GPU intermediate size); `int-quantized`
+takes symmetric 8-bit weights per channel only (not per tensor) with dynamic per-token int8 activations (W8A8Int8 MoE),
+or 4-bit ones per channel or group (W4A8Int8 MoE, vLLM's CPU path); `float-quantized` fp8 as for dense layers (W8A8Fp8
+MoE). Routers are vLLM linears: they are listed in `ignore`.
+
+transformers reads experts only through its conversion mapping (per-expert names merged into the stacked tensors,
+`CompressedTensorsDequantize` decompressing each expert first): it takes the scheme of the first config group with an
+`re:` target naming experts for every experts layer, decompresses `weight_packed` + `weight_scale` (no zero point) or
+fp8 `weight` * `weight_scale`, and quantizes no expert activation. So symmetric packed experts load with the same
+logits, fp8 ones load without their activation quantization, and int-quantized (a8) or asymmetric packed experts make
+from_pretrained fail. A family with no mapping (gpt-oss) loads with its experts left at random initialisation.
+
 transformers (compressed-tensors integration) decompresses every integer layout to dense weights and, for
 the activation format, quantizes the inputs per token as distqat does. For packed asymmetric weights its
 default path fails (compressed-tensors builds the empty model with an unpacked zero point, which the packed
@@ -26,6 +42,7 @@ the fake-quant model's bit for bit, tested).
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 DEQUANTIZE_HINT = ("AutoModelForCausalLM.from_pretrained(path, "
@@ -77,13 +94,67 @@ def vllm_fp8_scheme(w: dict[str, Any], a: Optional[dict[str, Any]]) -> tuple[Opt
     return "W8A8Fp8", why
 
 
-def reader_notes(quant_config: dict[str, Any], kv: Optional[str]) -> list[str]:
-    """One line per standard reader: what it runs of this folder (`kv`: distqat's KV cache, e.g. 'int8 per token')."""
+def is_experts_target(target: str) -> bool:
+    """Whether a config target is one of distqat's experts targets (`re:^<experts>\\.\\d+\\.(<projections>)$`)."""
+    return target.startswith("re:") and "experts" in target
+
+
+def vllm_moe_scheme(group: dict[str, Any], fmt: str) -> tuple[Optional[str], str]:
+    """(vLLM's fused-MoE method for one config group's experts, why) or (None, why vLLM has none)."""
+    w, a = group["weights"], group.get("input_activations")
+    if fmt == "float-quantized":
+        s, why = vllm_fp8_scheme(w, a)
+        return (f"{s}MoE", why) if s else (None, why)
+    if w.get("type", "int") != "int" or w.get("dynamic"):
+        return None, "vLLM runs static integer expert weights only"
+    bits, strategy, sym = w["num_bits"], w["strategy"], w["symmetric"]
+    if fmt == "pack-quantized":
+        if a is not None or strategy not in ("channel", "group") or bits not in (4, 8):
+            return None, "vLLM's WNA16 MoE takes 4- or 8-bit weights per channel or group without activations"
+        why = ["zero points need a recent vLLM"] if not sym else []
+        why += ["the group size must divide the per-GPU intermediate size"] if strategy == "group" else []
+        return "WNA16MoE", "; ".join(why)
+    if a is None or a["num_bits"] != 8 or a["strategy"] != "token" or not a.get("dynamic") or not sym:
+        return None, "vLLM's integer MoE takes symmetric weights with dynamic per-token int8 activations"
+    if bits == 8 and strategy == "channel":
+        return "W8A8Int8MoE", ""
+    if bits == 4 and strategy in ("channel", "group"):
+        return "W4A8Int8MoE", "vLLM's CPU path only"
+    return None, f"vLLM's integer MoE has no kernel for {bits}-bit per-{strategy} weights (int8: per channel only)"
+
+
+def _experts_prefix(target: str) -> str:
+    return re.sub(r"\\(.)", r"\1", target[len("re:^"):].split(r"\.\d+\.")[0])
+
+
+def reader_notes(quant_config: dict[str, Any], kv: Optional[str], experts: Optional[dict[str, Any]] = None
+                 ) -> list[str]:
+    """One line per standard reader: what it runs of this folder (`kv`: distqat's KV cache, e.g. 'int8 per token';
+    `experts`: distqat_export.experts of a MoE folder)."""
     fmt = quant_config["format"]
     groups = [(g, *vllm_scheme(g, g.get("format") or fmt)) for g in quant_config["config_groups"].values()]
-    parts = [f"{len(g['targets'])} layers " + (f"as {s}" if s else "none") + (f" ({why})" if why else "")
-             for g, s, why in groups]
-    runs = all(s for _, s, _ in groups)
+    parts, runs, layers = [], True, {}
+    for g, s, why in groups:
+        dense = [t for t in g["targets"] if not is_experts_target(t)]
+        moe = [t for t in g["targets"] if is_experts_target(t)]
+        if dense:
+            parts.append(f"{len(dense)} layers " + (f"as {s}" if s else "none") + (f" ({why})" if why else ""))
+            runs = runs and s is not None
+        if moe:
+            ms, mwhy = vllm_moe_scheme(g, g.get("format") or fmt)
+            parts.append(f"{len(moe)} expert projections " + (f"as {ms}" if ms else "none")
+                         + (f" ({mwhy})" if mwhy else ""))
+            runs = runs and ms is not None
+            for t in moe:
+                layers.setdefault(_experts_prefix(t), []).append(g)
+    if layers and experts is not None and experts.get("names") != "original":
+        runs = False
+        parts.append(f"the experts are written under fused names ({experts.get('family')} has no per-expert "
+                     "checkpoint names in transformers), which vLLM's loaders do not read")
+    split = [n for n, gs in layers.items() if any(x is not gs[0] for x in gs)]
+    if split:
+        runs = False
+        parts.append(f"{split[0]} mixes schemes across its expert projections, which vLLM refuses")
     packed_asym = any(not g["weights"]["symmetric"] and (g.get("format") or fmt) == "pack-quantized"
                       for g, _, _ in groups)
     has_act = any(g.get("input_activations") for g, _, _ in groups)
@@ -91,11 +162,14 @@ def reader_notes(quant_config: dict[str, Any], kv: Optional[str]) -> list[str]:
     act_words = "fp8 (e4m3)" if fp8 and all((g.get("format") or fmt) == "float-quantized" for g, _, _ in groups) \
         else "int8/fp8" if fp8 else "int8"
     lines = [f"vLLM: {'runs' if runs else 'cannot load'} it: " + "; ".join(parts)]
+    if experts is not None:
+        lines.append(_transformers_experts(quant_config, experts))
+    who = "transformers (dense layers)" if experts is not None else "transformers"
     if packed_asym:
-        lines.append(f"transformers: packed asymmetric weights load only with {DEQUANTIZE_HINT} (a compressed-"
+        lines.append(f"{who}: packed asymmetric weights load only with {DEQUANTIZE_HINT} (a compressed-"
                      "tensors bug breaks the default path); weights dense, the same logits")
     else:
-        lines.append("transformers: AutoModelForCausalLM.from_pretrained(path) loads it, weights dense"
+        lines.append(f"{who}: AutoModelForCausalLM.from_pretrained(path) loads it, weights dense"
                      + (f"; compressed-tensors quantizes the {act_words} activations per token as in training "
                         "(do not pass dequantize=True: it drops them)" if has_act else ", the same logits"))
     if kv:
@@ -106,6 +180,27 @@ def reader_notes(quant_config: dict[str, Any], kv: Optional[str]) -> list[str]:
     lines.append(f"distqat: qat.export.load_quantized(path) runs it as written ({kernels}, "
                  + ("integer KV cache" if kv else "no KV quantization") + ")")
     return lines
+
+
+def _transformers_experts(quant_config: dict[str, Any], experts: dict[str, Any]) -> str:
+    if experts.get("names") != "original":
+        return (f"transformers: it has no conversion mapping for {experts.get('family')} experts, so from_pretrained "
+                "leaves them at random initialisation (reported MISSING): run the folder with distqat")
+    groups = [g for g in quant_config["config_groups"].values() if any(map(is_experts_target, g["targets"]))]
+    if not groups:
+        return "transformers: the experts are full precision, merged as from any checkpoint of the family"
+    g = groups[0]
+    fmt = g.get("format") or quant_config["format"]
+    mixed = any(x["weights"] != g["weights"] or x.get("format") != g.get("format") for x in groups)
+    if mixed:
+        return "transformers: it reads every experts layer in the first experts scheme; these differ: it misreads them"
+    if fmt == "float-quantized":
+        return ("transformers: the experts load dense (fp8 weights * scales), their activations not quantized: the "
+                "logits differ from the trained model's by that")
+    if fmt != "pack-quantized" or not g["weights"]["symmetric"]:
+        return ("transformers: from_pretrained fails on these experts (its expert decompression reads packed symmetric "
+                "or fp8 weights only); run the folder with distqat")
+    return "transformers: the experts load dense from their packed codes, the same weights"
 
 
 def model_card(name: str, spec_label: str, notes: list[str], version: int, weights: str = "integer") -> str:

@@ -7,6 +7,8 @@ weights for training; the modules here store the grid's codes and run them.
   W*A8 linears, per-token int8 activations), each choosing a kernel from its registry (`registry`): the Triton
   kernels (`triton_ops`), torch's tinygemm (`tinygemm`), cuBLAS after dequantization, or the exact torch
   reference (`reference`).
+- `int_experts.IntExperts`: a fused MoE experts module (transformers 5 `*Experts`) holding per-expert integer or fp8
+  codes stacked along the expert dimension, each routed expert run through the same ops as IntLinear / Fp8Linear.
 - `fp8.Fp8Linear`: e4m3 weights and per-token e4m3 activations (`torch._scaled_mm`, or the fp32 reference).
 - `kv_cache.IntKVCache`: the integer KV cache of a converted model's `generate`.
 - `aqlm.AQLMLinear`: AQLM codes and codebooks, dequantized in forward.

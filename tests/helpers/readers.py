@@ -4,6 +4,7 @@ from_pretrained, and vLLM's scheme matching restated from its source."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -84,3 +85,60 @@ def vllm_kv_ok(kv) -> bool:
     # CompressedTensorsKVCacheMethod.validate_kv_cache_scheme
     return kv is None or (kv.get("type") == "float" and kv.get("num_bits") == 8
                           and kv.get("strategy") in ("tensor", "attn_head") and kv.get("symmetric"))
+
+
+# vLLM's fused-MoE scheme choice, restated from its source (CompressedTensorsMoEMethod.get_moe_method,
+# CompressedTensorsConfig.get_scheme_dict / _quantization_scheme_map_from_config, compressed_tensors/utils.py
+# should_ignore_layer and find_matched_target, and the MoE methods' constructors), independently of
+# qat.export.readers.
+
+
+def _vllm_match(name: str, targets) -> bool:
+    return any(t == name or (t.startswith("re:") and re.match(t[3:], name)) for t in targets)
+
+
+def vllm_moe_oracle(quant_config: dict, experts_prefix: str):
+    """The fused-MoE method vLLM runs the experts layer `experts_prefix` (vLLM's module name) with: a method name,
+    "Unquantized" when ignored, or None where vLLM raises."""
+    scheme_map = {}
+    for g in quant_config["config_groups"].values():
+        for t in g["targets"]:
+            scheme_map[t] = g
+    if "Linear" in scheme_map:  # _add_fused_moe_to_target_scheme_map
+        scheme_map.setdefault("FusedMoE", scheme_map["Linear"])
+    looked = []
+    for proj in ("gate_proj", "up_proj", "down_proj"):  # get_moe_method: expert 0's unfused names
+        name = f"{experts_prefix}.0.{proj}"
+        if _vllm_match(name, quant_config.get("ignore") or []):
+            looked.append("ignored")
+            continue
+        hit = next((t for t in scheme_map if _vllm_match(name, [t])), None) or \
+            next((t for t in scheme_map if not t.startswith("re:") and t.lower() in "fusedmoe"), None)
+        if hit is None:
+            return None  # find_matched_target: no target
+        looked.append(id(scheme_map[hit]))
+    if len(set(looked)) != 1:
+        return None  # "All MoE projections need to have same quantization scheme"
+    if looked[0] == "ignored":
+        return "Unquantized"
+    g = next(x for x in scheme_map.values() if id(x) == looked[0])
+    fmt = g.get("format") or quant_config["format"]
+    w = g["weights"]
+    act_format = fmt in ("naive-quantized", "int-quantized", "float-quantized")
+    a = g.get("input_activations") if (act_format or g.get("input_activations")) else None
+    static = not w.get("dynamic")
+    if a is None and w["strategy"] in ("channel", "group") and static:  # _is_wNa16_group_channel
+        return "WNA16MoE" if fmt == "pack-quantized" and w["num_bits"] in (4, 8) else None
+    if a is None:
+        return None
+    if w.get("type") == a.get("type") == "float":
+        ok = w["symmetric"] and static and w["strategy"] in ("tensor", "channel", "block") and (
+            a["dynamic"] or (a["symmetric"] and a["strategy"] == "tensor"))
+        return "W8A8Fp8MoE" if ok else None
+    token = a["strategy"] == "token" and a["dynamic"] and static and w["symmetric"]
+    if w["num_bits"] == a["num_bits"] == 8 and w["strategy"] in ("tensor", "channel") and token:
+        # CompressedTensorsW8A8Int8MoEMethod: "we require channelwise, dynamic per token quantization"
+        return "W8A8Int8MoE" if w["strategy"] == "channel" else None
+    if w["num_bits"] == 4 and a["num_bits"] == 8 and w["strategy"] in ("group", "channel") and token:
+        return "W4A8Int8MoE"
+    return None  # "Unsupported FusedMoe scheme"
