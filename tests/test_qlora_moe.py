@@ -21,6 +21,7 @@ from qat.qlora.expert_adapters import PackedLoraExperts
 from qat.qlora.merge import merge_bf16, merge_qalora, merge_requant
 from qat.runtime.packed import PackedLinear
 from qat.runtime.packed_experts import PackedExperts, PackedExpertStack
+from trainer.models import enable_checkpointing
 
 COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=128)
@@ -183,6 +184,42 @@ def test_lora_on_attention_and_experts_trains_only_the_adapters(family):
     assert losses[-1] < losses[0] - 0.05
     assert all(torch.equal(buffers[n], t) for n, t in model.named_buffers() if t is not None)
     assert fingerprint(model.base_model.model) == base_print
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_expert_gradients(reentrant):
+    def grads(checkpointing):
+        model = adapted("qwen3_moe")
+        if checkpointing:
+            enable_checkpointing(model.base_model.model, reentrant)
+            model.enable_input_require_grads()
+        model.train()
+        model(ids()).logits.pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys() and any("experts" in n for n in plain)
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-7)
+
+
+def test_every_packed_layer_of_deepseek_v3_gets_its_own_rank_r_adapter():
+    """peft rewrites the targets of DeepSeek-V3 (and Qwen3-MoE, OLMoE, Mixtral...) from transformers 4's per-expert
+    linears: `gate_proj`/`up_proj`/`down_proj` targets would become 3-D parameter targets and `gate_up_proj` get
+    rank 2r, leaving the dense layer and the shared experts without adapters. distqat's targets stay exact."""
+    torch.manual_seed(0)
+    cfg = tf.DeepseekV3Config(**{**COMMON, "num_hidden_layers": 3}, intermediate_size=96, moe_intermediate_size=32,
+                              n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                              kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                              n_group=1, topk_group=1)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    quantize_model(model, "w4g8")
+    names = pack_model(model)
+    peft_model = add_adapters(model, LoRAConfig(r=2, dropout=0.0))
+    adapted = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert sorted(adapted) == sorted(names)
+    assert {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.shared_experts.gate_proj"} <= adapted.keys()
+    assert all(m.r["default"] == 2 for m in adapted.values())
 
 
 def test_an_expert_without_tokens_gets_a_zero_gradient():
