@@ -21,6 +21,7 @@ from qat.io.folders import Folder, Kind
 from qat.qlora.adapters import add_adapters, save_adapters
 from qat.qlora.base import build_base, fingerprint
 from qat.qlora.merge import merge_bf16, merge_qalora, merge_requant
+from qat.runtime.packed_experts import packed_experts
 
 from .config import RunConfig
 from .losses import next_token_ce
@@ -49,6 +50,10 @@ def build(cfg: RunConfig, load_teacher: Callable[[], nn.Module],
     if cfg.lora.distill and folder.kind is not Kind.BASE:
         raise ValueError("lora.distill=true distils the full-precision model: model.name_or_path must be that "
                          f"model, not a {folder.kind.value} folder")
+    if cfg.lora.merge == "qalora" and packed_experts(base):
+        # convert writes packed linears only: an expert stack would land as a linear no reader can load
+        raise ValueError("lora.merge=qalora writes an integer checkpoint, and convert does not write packed MoE "
+                         "experts yet; use lora.merge=bf16 or requant (lora.variant=qalora trains as it is)")
     base_print = fingerprint(base)
     if cfg.train.gradient_checkpointing:
         checkpointing(base)

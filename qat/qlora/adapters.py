@@ -5,17 +5,24 @@ it as a custom module (`LoraConfig._register_custom_module`). peft keeps that ma
 adapter config, so `load_adapters` registers it again before loading; `PeftModel.from_pretrained` alone
 stops with peft's "not supported" error, which names the layer and, through its repr, `load_adapters`.
 The QA-LoRA variant is peft's own (`use_qalora`): the adapter sees each weight group's input pooled.
+A packed experts stack (`PackedExpertStack`, one projection of every expert) gets per-expert adapters from
+`qat.qlora.expert_adapters.PackedLoraExperts`, registered the same way; targets name it as `<experts>.<param>`
+(`*.experts.gate_up_proj`, `*.experts.down_proj`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Optional, Union
+from unittest.mock import patch
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners import tuners_utils
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora.variants import QALoraLinearVariant
 from torch import nn
@@ -24,6 +31,7 @@ from ..io.atomic import write_json
 from ..keys import QLORA_RECORD_FILE
 from ..runtime.packed import PackedLinear
 from .config import LoRAConfig
+from .expert_adapters import CUSTOM_MODULES as EXPERT_MODULES
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,8 +78,12 @@ class PackedLoraLinear(LoraLinear):
         return (b @ a) * self.scaling[adapter]
 
 
+# Checked in order, by isinstance: an experts stack is a PackedLinear over its stacked rows, so it comes first.
+CUSTOM_MODULES: dict[type, type] = {**EXPERT_MODULES, PackedLinear: PackedLoraLinear}
+
+
 def packed_targets(model: nn.Module, patterns: list[str]) -> list[str]:
-    """The names of the packed linears that match `patterns` (all of them when it is empty)."""
+    """The names of the packed linears and expert stacks that match `patterns` (all of them when it is empty)."""
     names = [n for n, m in model.named_modules() if isinstance(m, PackedLinear)]
     chosen = [n for n in names if not patterns or any(fnmatchcase(n, p) or n.endswith("." + p) for p in patterns)]
     if not chosen:
@@ -101,13 +113,28 @@ def peft_config(model: nn.Module, cfg: LoRAConfig) -> LoraConfig:
     config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                         bias="none", task_type="CAUSAL_LM", use_qalora=qalora,
                         **({"qalora_group_size": group} if qalora else {}))
-    config._register_custom_module({PackedLinear: PackedLoraLinear})
+    config._register_custom_module(CUSTOM_MODULES)
     return config
+
+
+@contextmanager
+def exact_targets() -> Iterator[None]:
+    """peft injects on exactly the names distqat gives it.
+
+    Under transformers 5, peft rewrites the targets of about 30 MoE model types (Qwen3-MoE, OLMoE, DeepSeek-V3,
+    Mixtral...) from their transformers 4 per-expert linears to the fused 3-D parameters: a target ending in
+    `down_proj`, `gate_proj`, `up_proj`, `gate` (or `w1`-`w3`) becomes a `target_parameters` entry, and
+    `gate_up_proj` gets twice the rank. distqat's targets are the module names of the packed model as it is (expert
+    stacks, shared experts, dense layers), so that rewrite would silently leave them without adapters.
+    """
+    with patch.object(tuners_utils, "is_transformers_ge_v5", False):
+        yield
 
 
 def add_adapters(model: nn.Module, cfg: LoRAConfig) -> PeftModel:
     """Trainable adapters (in `cfg.dtype`) on the packed base; the base stays frozen."""
-    peft_model = get_peft_model(model, peft_config(model, cfg))
+    with exact_targets():
+        peft_model = get_peft_model(model, peft_config(model, cfg))
     dtype = TORCH_DTYPES[cfg.dtype]
     for name, p in peft_model.named_parameters():
         if "lora_" in name:
@@ -140,5 +167,6 @@ def load_adapters(model: nn.Module, path: Union[str, Path], fingerprint: Optiona
         raise ValueError(f"the adapters in {path} were trained on another base ({record.get('base')}, a different "
                          "fingerprint); load them onto the base they were trained on")
     config = LoraConfig.from_pretrained(str(path))
-    config._register_custom_module({PackedLinear: PackedLoraLinear})
-    return PeftModel.from_pretrained(model, str(path), config=config, is_trainable=trainable)
+    config._register_custom_module(CUSTOM_MODULES)
+    with exact_targets():
+        return PeftModel.from_pretrained(model, str(path), config=config, is_trainable=trainable)

@@ -4,7 +4,8 @@
   scales when asked), exactly as `quantize_model` fake-quantizes it;
 - a QAT or PTQ folder: its trained or calibrated codes and scales as they are;
 - an integer checkpoint: its packed buffers as they are.
-Every linear the spec quantizes becomes a `PackedLinear`; every parameter is frozen.
+Every linear the spec quantizes becomes a `PackedLinear`, every fused experts module a `PackedExperts` (no expert
+stays full precision: a model whose experts are not all quantized is refused); every parameter is frozen.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 
 from ..apply import quantize_model
+from ..coverage import CoverageError
+from ..experts import ExpertsLayoutError, QuantExperts, describe, experts_modules
 from ..export import load_quantized
 from ..io.folders import Folder, Kind, inspect, load_fake_quant
 from ..io.models import load_model, resolve_dtype
@@ -24,12 +27,15 @@ from ..keys import QUANT_KEY
 from ..linear import QuantLinear
 from ..runtime.int_linear import IntLinear
 from ..runtime.packed import PackedLinear
+from ..runtime.packed_experts import PackedExperts
 from ..spec import QuantSpec
 
 
 def pack_model(model: nn.Module, double_quant: bool = False) -> list[str]:
-    """Replace the model's QuantLinear (with a weight quantizer) and IntLinear layers by PackedLinear, in
-    place, and freeze every parameter; returns the packed layers' names."""
+    """Replace the model's QuantLinear (with a weight quantizer) and IntLinear layers by PackedLinear and its
+    fake-quant experts by PackedExperts, in place, and freeze every parameter; returns the packed layers' names
+    (an experts module's as `<module>.<param>`, one per stacked projection)."""
+    experts = check_experts(model)
     names = []
     for name, mod in list(model.named_modules()):
         if isinstance(mod, QuantLinear) and mod.weight_quantizer is not None:
@@ -41,10 +47,36 @@ def pack_model(model: nn.Module, double_quant: bool = False) -> list[str]:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, packed)
         names.append(name)
+    for name, mod in experts:
+        PackedExperts.pack(mod, double_quant)
+        names += [f"{name}.{p}" for p in mod.expert_layout.params]
     if not names:
         raise ValueError("the model has no quantized linear layer to pack; set quant.scheme (e.g. w4g64)")
     model.requires_grad_(False)
     return names
+
+
+def check_experts(model: nn.Module) -> list[tuple[str, QuantExperts]]:
+    """The fake-quant experts modules to pack; CoverageError, before anything changes, naming a fused expert
+    weight that would stay full precision in the base (a layout distqat does not know, an excluded module or
+    projection): the packed base holds every expert as codes."""
+    out = []
+    for name, mod in experts_modules(model):
+        if not isinstance(mod, QuantExperts):
+            try:
+                layout = describe(mod, name)
+            except ExpertsLayoutError as e:
+                raise CoverageError(f"{str(e).split('; keep it')[0]}; a QLoRA base packs every expert, so this "
+                                    "model has no packed base") from None
+            missing = layout.params[0]
+        else:
+            missing = next((p for p in mod.expert_layout.params if p not in mod.weight_quantizers), None)
+            if missing is None:
+                out.append((name, mod))
+                continue
+        raise CoverageError(f"{name}.{missing} stays full precision, and a QLoRA base packs every expert as codes: "
+                            f"drop it from quant.exclude and quant.overrides (every expert takes the weight scheme)")
+    return out
 
 
 def build_base(

@@ -8,6 +8,11 @@
   group the merged weight leaves gets fresh min/max scales instead of clipping), or GPTQ afresh from the
   merged weight on calibration text. The result is a PTQ folder; each layer's merge error goes into a report.
 - `bf16`: the base dequantized plus the adapter as a plain full-precision model.
+
+A packed experts stack is a `PackedLinear` over its (E*out, in) rows and its adapter's weight comes over the same
+rows (B_e A_e per expert), so every merge runs on it as on a linear, per expert row; only the result is put back
+together as the model's experts module (fake-quant `QuantExperts` for requant, plain parameters for bf16, the
+packed stack with its offsets for qalora).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch import nn
 
 from .. import kv as kv_quant
 from ..apply import quant_spec_of
+from ..experts import QuantExperts
 from ..keys import PTQ_KEY, QUANT_KEY
 from ..linear import QuantLinear
 from ..ptq import PTQConfig, run_ptq
@@ -28,16 +34,20 @@ from ..ptq.gptq import GPTQConfig
 from ..ptq.grid import freeze, frozen_spec
 from ..quantizers import _round_to, dequantize_codes, minmax_qparams, quantize_codes, weight_rows
 from ..runtime.packed import PackedLinear
-from ..spec import QuantSpec
+from ..runtime.packed_experts import PackedExpertStack
+from ..spec import QuantSpec, TensorSpec
 from .adapters import PackedLoraLinear
+from .expert_adapters import PackedLoraExperts
+
+LORA_LAYERS = (PackedLoraLinear, PackedLoraExperts)
 
 
-def _adapted(peft_model: PeftModel) -> dict[str, tuple[PackedLoraLinear, str]]:
-    """Base-model name -> (its LoRA layer, the active adapter) for every adapted packed linear."""
+def _adapted(peft_model: PeftModel) -> dict[str, tuple[Any, str]]:
+    """Base-model name -> (its LoRA layer, the active adapter) for every adapted packed linear or expert stack."""
     inner = peft_model.base_model.model
     found = {}
     for name, m in inner.named_modules():
-        if isinstance(m, PackedLoraLinear):
+        if isinstance(m, LORA_LAYERS):
             adapters = [a for a in m.active_adapters if a in m.lora_A]
             if len(adapters) != 1:
                 raise ValueError(f"{name} has {len(adapters)} active adapters; merge one adapter at a time")
@@ -55,7 +65,7 @@ def merge_qalora(peft_model: PeftModel) -> nn.Module:
     """The base with every QA-LoRA adapter folded into its layer's zero points (`PackedLinear.offset`)."""
     for name, (lora, adapter) in _adapted(peft_model).items():
         base = lora.get_base_layer()
-        if adapter not in lora.lora_variant:
+        if adapter not in getattr(lora, "qalora_group_size", {}):  # peft's QA-LoRA variant sets it, as ours does
             raise ValueError(f"{name}: lora.merge=qalora folds QA-LoRA adapters only; this one is plain LoRA "
                              "(lora.variant=lora): use lora.merge=requant or bf16")
         if base.nf4 or base.input_quantizer is not None:
@@ -102,7 +112,7 @@ def _merged_weights(peft_model: PeftModel) -> dict[str, tuple[PackedLinear, torc
     adapted = _adapted(peft_model)
     out = {}
     for name, m in peft_model.base_model.model.named_modules():
-        base = m.get_base_layer() if isinstance(m, PackedLoraLinear) else m
+        base = m.get_base_layer() if isinstance(m, LORA_LAYERS) else m
         if not isinstance(base, PackedLinear) or name.endswith(".base_layer"):  # the LoRA layer names it
             continue
         w0 = base.dequantized_weight(torch.float32)
@@ -131,6 +141,7 @@ def merge_requant(
     report = []
     if method == "rtn":
         fspec = frozen_spec(spec)
+        experts: dict[str, tuple[PackedExpertStack, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = {}
         for name, (base, w0, delta) in merged.items():
             target = w0 + delta
             wspec = base.weight_spec
@@ -138,6 +149,10 @@ def merge_requant(
             s, z = _widened(rows, *_grid(base), wspec, base.compute_dtype)
             codes = quantize_codes(rows, s, z, wspec)
             w = dequantize_codes(codes, s, z, wspec).reshape(target.shape)
+            report.append({"name": name, **_error(w, target, delta, w0)})
+            if isinstance(base, PackedExpertStack):
+                experts[name] = (base, w, s, z)
+                continue
             lin = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
                             dtype=base.compute_dtype, device=w.device)
             lin.weight.requires_grad_(False)
@@ -146,27 +161,39 @@ def merge_requant(
             if base.bias is not None:
                 q.bias.copy_(base.bias)
             _replace(model, name, q)
-            report.append({"name": name, **_error(w, target, delta, w0)})
+        for parent, stacks in _by_module(experts).items():
+            module = _restore(model, parent, {p: (b, w) for p, (b, w, _, _) in stacks.items()})
+            _freeze_experts(module, parent, {p: (b, s, z) for p, (b, _, s, z) in stacks.items()})
         setattr(model.config, QUANT_KEY, fspec.to_dict())
     elif method == "gptq":
         if calib_ids is None:
             raise ValueError("lora.requant=gptq needs calibration token ids (the training text gives them)")
-        targets = {}
+        targets, stacks = {}, {}
         for name, (base, w0, delta) in merged.items():
+            targets[name] = (w0 + delta, delta, w0)
+            if isinstance(base, PackedExpertStack):
+                stacks[name] = (base, w0 + delta)
+                continue
             lin = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
                             dtype=base.compute_dtype, device=w0.device)
             lin.weight.copy_(w0 + delta)
             if base.bias is not None:
                 lin.bias.copy_(base.bias)
             _replace(model, name, lin)
-            targets[name] = (w0 + delta, delta, w0)
+        for parent, weights in _by_module(stacks).items():
+            _restore(model, parent, weights)
         delattr(model.config, QUANT_KEY)
         kv_quant.uninstall(model)
         cfg = PTQConfig(method="gptq", progress=False, gptq=gptq or GPTQConfig())
         model, _ = run_ptq(model, spec, cfg, calib_ids)
         for name, (target, delta, w0) in targets.items():
-            q = model.get_submodule(name)
-            report.append({"name": name, **_error(q.quantized_weight().float(), target, delta, w0)})
+            parent, _, param = name.rpartition(".")
+            owner = model.get_submodule(parent)
+            if isinstance(owner, QuantExperts):
+                w = owner.quantized_weight(param).float().reshape(target.shape)
+            else:
+                w = model.get_submodule(name).quantized_weight().float()
+            report.append({"name": name, **_error(w, target, delta, w0)})
     else:
         raise ValueError(f"lora.requant={method!r}: use rtn or gptq")
     setattr(model.config, PTQ_KEY, {"method": f"qlora+requant-{method}",
@@ -176,18 +203,57 @@ def merge_requant(
 
 @torch.no_grad()
 def merge_bf16(peft_model: PeftModel, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Base + adapter as a plain model in `dtype` (nn.Linear layers, no quantization left)."""
+    """Base + adapter as a plain model in `dtype` (nn.Linear layers and the model's own experts modules, no
+    quantization left)."""
     merged = _merged_weights(peft_model)
     model = peft_model.unload()
+    stacks = {}
     for name, (base, w0, delta) in merged.items():
+        if isinstance(base, PackedExpertStack):
+            stacks[name] = (base, w0 + delta)
+            continue
         lin = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, dtype=dtype,
                         device=w0.device)
         lin.weight.copy_(w0 + delta)
         if base.bias is not None:
             lin.bias.copy_(base.bias)
         _replace(model, name, lin)
+    for parent, weights in _by_module(stacks).items():
+        _restore(model, parent, weights, dtype)
     kv_quant.uninstall(model)
     for key in (QUANT_KEY, PTQ_KEY):
         if hasattr(model.config, key):
             delattr(model.config, key)
     return model.to(dtype).requires_grad_(False)
+
+
+def _by_module(stacks: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`<experts>.<param>` -> item, as experts module -> param -> item."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, item in stacks.items():
+        parent, _, param = name.rpartition(".")
+        out.setdefault(parent, {})[param] = item
+    return out
+
+
+def _restore(model: nn.Module, parent: str, weights: dict[str, tuple[PackedExpertStack, torch.Tensor]],
+             dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """The packed experts module `parent` as the model's own class again, holding the (E*out, in) weights given
+    (in `dtype`, else the base's compute dtype)."""
+    return model.get_submodule(parent).restore({
+        p: w.reshape(b.num_experts, b.expert_out, b.in_features).to(dtype or b.compute_dtype)
+        for p, (b, w) in weights.items()})
+
+
+def _freeze_experts(module: nn.Module, name: str,
+                    grids: dict[str, tuple[PackedExpertStack, torch.Tensor, Optional[torch.Tensor]]]) -> None:
+    """`freeze` for an experts module whose parameters already sit on their grids: fake quant with `lsq` weight
+    quantizers holding those scales and zero points (one per stacked row, as the stack held them)."""
+    specs: dict[str, tuple[Optional[TensorSpec], Optional[TensorSpec]]] = {
+        p: (replace(b.weight_spec, learnable="lsq"), b.act_spec) for p, (b, _, _) in grids.items()}
+    QuantExperts.wrap(module, specs, name, probe=False)
+    for p, (_, s, z) in grids.items():
+        wq = module.weight_quantizers[p]
+        wq.scale.data = s.detach().reshape(-1, 1).float().to(wq.scale.device).clone()
+        if wq.zero is not None:
+            wq.zero.data = z.detach().reshape(-1, 1).float().to(wq.zero.device).clone()

@@ -14,6 +14,8 @@ weights for training; the modules here store the grid's codes and run them.
 - `aqlm.AQLMLinear`: AQLM codes and codebooks, dequantized in forward.
 - `llm_int8.Int8OutlierLinear`: LLM.int8()'s vector-wise int8 matmul with high-precision outlier columns.
 - `packed.PackedLinear`: the frozen base of a QLoRA run, codes (or NF4 indices) dequantized per matmul.
+- `packed_experts.PackedExperts`: the same for fused MoE experts, one `PackedExpertStack` per stacked projection,
+  dequantized one expert at a time.
 
 How a model comes to hold them is the methods' business above: `qat.export` (convert, the compressed-tensors
 format, loading a converted folder), `qat.ptq` (AQLM, LLM.int8()), `qat.qlora` (the packed base). This package

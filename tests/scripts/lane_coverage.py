@@ -34,6 +34,7 @@ DISPATCHERS = {
     "qat/runtime/fp8.py": ["scaled_mm_supported", "linear_fp8"],
     "qat/runtime/llm_int8.py": ["int_matmul", "Int8OutlierLinear.forward"],
     "qat/runtime/packed.py": ["PackedLinear.dequantized_weight"],
+    "qat/runtime/packed_experts.py": ["PackedExpertStack.expert_weight"],
     "qat/fast.py": ["_RMSNormQuant.forward"],
 }
 
