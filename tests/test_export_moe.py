@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 import transformers as tf
+from helpers import LANE
 from helpers.readers import vllm_moe_oracle
 from safetensors.torch import load_file
 
@@ -224,8 +225,6 @@ def test_a_converted_moe_model_converts_again_to_the_same_files(tmp_path):
 @pytest.mark.lane
 @pytest.mark.parametrize("scheme", ["w4g32", "w8a8"])
 def test_integer_experts_run_the_int_kernels_on_the_device_path(tmp_path, scheme, kernel_calls):
-    from helpers import LANE
-
     model = _model("qwen3_moe", scheme, dtype=torch.bfloat16)
     rt = load_quantized(convert_model(model, tmp_path / "int"), device="cuda" if torch.cuda.is_available() else None)
     name, ie = _experts(rt, IntExperts)[0]
