@@ -254,3 +254,23 @@ def test_experts_through_the_fused_kernel_match_the_reference(device, kernel_cal
     assert kernel_calls["fake_quant"] == calls
     for name, a, b in zip(("output", "input grad", "gate_up grad", "down grad"), fused, ref):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_a_saved_fake_quant_moe_folder_loads_back_to_the_same_logits(family, tmp_path):
+    """transformers saves Qwen3-MoE's experts under per-expert names and our quantizers under the fused module's:
+    both come back together (learned LSQ scales included)."""
+    from qat.load import load
+
+    model = tiny(family)
+    quantize_model(model, QuantSpec(weight=TensorSpec(bits=4, learnable="lsq"), activation=parse("w4a8").activation))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("scale"):
+                p.mul_(1 + 0.3 * torch.rand_like(p))  # learned scales, not the ones a fresh quantize_model gives
+    ids = torch.randint(0, 128, (2, 10))
+    ref = model(ids).logits.detach()
+    model.save_pretrained(tmp_path)
+    back = load(tmp_path, "float32", attn_implementation=model.config._attn_implementation)
+    assert isinstance(back.model.layers[0].mlp.experts, QuantExperts)
+    assert torch.equal(back(ids).logits, ref)
