@@ -202,6 +202,36 @@ def collect(layer: nn.Module, groups: list[Group], inputs, kwargs, want_h: bool,
         g.stats.finish()
 
 
+@torch.no_grad()
+def capture_calls(layer: nn.Module, names: list[str], inputs, kwargs) -> dict[str, list[tuple]]:
+    """The positional arguments each named submodule is called with, per calibration batch, detached; each forward
+    stops once every named submodule has been called (a fused experts module's hidden states and routing)."""
+    calls: dict[str, list[tuple]] = {n: [] for n in names}
+    seen: set[str] = set()
+    handles = []
+    for n in names:
+
+        def hook(m, args, kw, n=n):
+            args = tuple(args) + tuple(kw.values())
+            calls[n].append(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+            seen.add(n)
+            if len(seen) == len(names):
+                raise _Stop
+
+        handles.append(layer.get_submodule(n).register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        for x, kw in zip(inputs, kwargs):
+            seen.clear()
+            try:
+                layer(x, **kw)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
 @contextmanager
 def quantizers_off(mods: dict[str, QuantLinear]):
     """Run these QuantLinears in full precision; `on(name)` switches one back (it stays on after)."""

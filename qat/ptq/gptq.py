@@ -122,11 +122,13 @@ def gptq(
 
 class GPTQ(Rounding):
     name: ClassVar[str] = "gptq"
+    handles_experts: ClassVar[bool] = True
     needs_hessian: ClassVar[bool] = True
 
     def __init__(self, cfg: GPTQConfig) -> None:
         self.cfg = cfg
         self.sequential = cfg.true_sequential
+        self.moe_min_tokens_per_column = cfg.moe_min_tokens_per_column
 
     def check(self, spec: QuantSpec) -> None:
         if spec.weight is not None and spec.weight.format == "fp8":

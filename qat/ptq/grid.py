@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from ..experts import QuantExperts
 from ..linear import QuantLinear
 from ..quantizers import QPARAMS, dequantize_codes, fake_quant_values, quantize_codes, weight_rows
 from ..spec import QuantSpec, TensorSpec
@@ -64,6 +65,22 @@ def freeze(q: QuantLinear, weight: torch.Tensor, scale: torch.Tensor, zero: Opti
     wq.scale.data = scale.detach().reshape(-1, 1).float().to(q.weight.device).clone()
     if wq.zero is not None:
         wq.zero.data = zero.detach().reshape(-1, 1).float().to(q.weight.device).clone()
+
+
+@torch.no_grad()
+def freeze_experts(module: QuantExperts, param: str, weight: torch.Tensor, scale: torch.Tensor,
+                   zero: Optional[torch.Tensor]) -> None:
+    """`freeze` for one stacked parameter of a fused experts module: `weight` (E, out, in) whatever the storage,
+    `scale` / `zero` the rows of every expert in turn (the stacked quantizer's (E*out, in) rows)."""
+    wq = module.weight_quantizers[param] if param in module.weight_quantizers else None
+    if wq is None or wq.spec.learnable != "lsq":
+        raise RuntimeError("freeze_experts needs a QuantExperts parameter with an lsq weight quantizer (frozen_spec)")
+    p = getattr(module, param)
+    w = weight.reshape(module.canonical(param).shape)
+    p.copy_((w.transpose(1, 2) if module.expert_layout.transposed else w).to(p.dtype))
+    wq.scale.data = scale.detach().reshape(-1, 1).float().to(p.device).clone()
+    if wq.zero is not None:
+        wq.zero.data = zero.detach().reshape(-1, 1).float().to(p.device).clone()
 
 
 def freeze_rtn(q: QuantLinear) -> torch.Tensor:

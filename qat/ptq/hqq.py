@@ -82,6 +82,7 @@ def hqq(
 
 class HQQ(Rounding):
     name: ClassVar[str] = "hqq"
+    handles_experts: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = False
     takes_transforms: ClassVar[bool] = False  # it fits the grid to the weight alone, not to its inputs
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import kv as kv_quant
 from ..apply import quantize_model
+from ..experts import experts_modules
 from ..keys import LLM_INT8_KEY, PTQ_KEY, QUANT_KEY
 from ..linear import QuantLinear
 from ..quantizers import ActQuantizer
@@ -37,8 +38,9 @@ from .blocks import (
 )
 from .config import PTQConfig
 from .grid import freeze_rtn, frozen_spec
+from .moe import capture_routed, experts_off, freeze_rtn_experts, quantized_experts, round_experts
 from .parts import Baseline, ModelTransform, Part, PTQReport, Rounding, Transform
-from .registry import build, parse_method
+from .registry import PARTS, build, parse_method
 
 
 def _parts(spec: QuantSpec, cfg: PTQConfig) -> list[Part]:
@@ -89,9 +91,10 @@ def run_ptq(
     parts = _parts(spec, cfg)
     if getattr(model.config, QUANT_KEY, None) or getattr(model.config, LLM_INT8_KEY, None):
         raise ValueError("this model is quantized already; load the original model")
+    name = "+".join(p.name for p in parts)
+    _check_experts(model, parts, name)
     if isinstance(parts[0], Baseline):
         return parts[0].quantize(model, spec)
-    name = "+".join(p.name for p in parts)
     turns = [p for p in parts if isinstance(p, ModelTransform)]
     *transforms, rounding = [p for p in parts if not isinstance(p, ModelTransform)]
     if transforms:
@@ -145,6 +148,11 @@ def run_ptq(
             t0 = time.perf_counter()
             freeze_rtn(m)
             report.add(n, time.perf_counter() - t0, "rtn")
+    for n, m in quantized_experts(model).items():
+        if not any(d["name"].startswith(n + ".") for d in report.layers):
+            t0 = time.perf_counter()
+            freeze_rtn_experts(m)
+            report.add(n, time.perf_counter() - t0, "rtn")
     rounding.finish(model, report)
     if spec.kv is not None:
         kv_quant.install(model, spec.kv)
@@ -160,8 +168,12 @@ def _quantize_block(layer: nn.Module, transforms: list[Transform], rounding: Rou
     groups = block_groups(layer)
     specs = {n: m.weight_quantizer.spec for n, m in qmods.items()}
     need_h = any(p.needs_hessian for p in (*transforms, rounding))
+    experts = quantized_experts(layer)
+    routed = None
     # Static activation quantizers of this block are calibrated on the quantized block below.
-    with quantizers_off(qmods) as on:
+    with quantizers_off(qmods) as on, experts_off(experts) as off:
+        if experts and rounding.needs_hessian and not rounding.sequential:  # the full-precision block's routing
+            routed = capture_routed(layer, list(experts), inputs, kwargs)
         if inputs is not None and (transforms or rounding.needs_calibration):
             collect(layer, groups, inputs, kwargs, want_h=need_h)
         for t in transforms:
@@ -180,6 +192,10 @@ def _quantize_block(layer: nn.Module, transforms: list[Transform], rounding: Rou
                 on(n)
                 rounding.freeze(layer, n, q, rounded)
                 report.add(prefix + n, time.perf_counter() - t0, rounding.name)
+        if experts and rounding.needs_hessian and routed is None:  # routed by the block rounded so far
+            routed = capture_routed(layer, list(experts), inputs, kwargs)
+        for n, m in experts.items():
+            round_experts(n, m, off, rounding, None if routed is None else routed[n], report, prefix)
     statics = [m for m in layer.modules() if isinstance(m, ActQuantizer) and not m.spec.dynamic]
     if statics and inputs is not None:
         for m in statics:
@@ -188,6 +204,16 @@ def _quantize_block(layer: nn.Module, transforms: list[Transform], rounding: Rou
         run_block(layer, inputs, kwargs)
         for m in statics:
             m.finish_calibration()
+
+
+def _check_experts(model: nn.Module, parts: list[Part], name: str) -> None:
+    """One-line ValueError when the model has fused MoE experts and a part of the method cannot quantize them."""
+    moe = experts_modules(model)
+    refused = [p.name for p in parts if not p.handles_experts]
+    if moe and refused:
+        ok = [n for n, c in PARTS.items() if c.handles_experts]
+        raise ValueError(f"ptq.method={name}: {refused[0]} does not handle fused MoE experts ({moe[0][0]}); use a "
+                         f"method made of {', '.join(ok)}")
 
 
 def _count(report: PTQReport, prefix: str, names: list[str], seconds: float, part: Part) -> None:

@@ -32,6 +32,7 @@ class Part(ABC):
     name: ClassVar[str]
     needs_calibration: ClassVar[bool] = True  # needs the layers' calibration inputs
     needs_hessian: ClassVar[bool] = False  # needs H = X^T X / n of each group's input, not just |x| statistics
+    handles_experts: ClassVar[bool] = False  # quantizes fused MoE experts too (others refuse a model that has them)
 
     def check(self, spec: QuantSpec) -> None:  # noqa: B027 - most parts accept every spec
         """Raise ValueError (one line) for a spec this part cannot produce."""
@@ -68,6 +69,7 @@ class Baseline(Part):
 class Rounding(Part):
     takes_transforms: ClassVar[bool] = True  # may follow SmoothQuant / AWQ
     sequential: bool = False  # collect a group's inputs again once the groups before it are rounded
+    moe_min_tokens_per_column: float = 0.0  # an expert routed fewer tokens per input column takes the pooled H
 
     @abstractmethod
     def round(self, weight: torch.Tensor, spec: TensorSpec, h: Optional[torch.Tensor]) -> Rounded:
@@ -99,6 +101,12 @@ class PTQReport:
                 d["algorithm"] += "+" + algorithm
                 return
         self.layers.append({"name": name, "seconds": seconds, "algorithm": algorithm})
+
+    def annotate(self, name: str, **fields) -> None:
+        """Add a method's own results to layer `name`'s record (MoE experts: routed tokens, fallbacks)."""
+        for d in self.layers:
+            if d["name"] == name:
+                d.update(fields)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "spec": self.spec, "calib_tokens": self.calib_tokens,

@@ -13,6 +13,7 @@ from .parts import Rounded, Rounding
 
 class RTN(Rounding):
     name: ClassVar[str] = "rtn"
+    handles_experts: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = False
 
     def round(self, weight: torch.Tensor, spec: TensorSpec, h: Optional[torch.Tensor]) -> Rounded:
