@@ -17,11 +17,13 @@ import transformers as tf
 
 from qat.load import load
 from qat.ptq import PTQConfig, run_ptq
-from qat.ptq.config import GPTQConfig
+from qat.ptq.config import GPTQConfig, RotateConfig
 from qat.ptq.gptq import gptq
+from qat.ptq.rotate import rotate_model
 from qat.spec import parse
 
 FAMILIES = ("qwen3_moe", "gpt_oss")
+REFUSED = {"awq": "w4", "smoothquant+gptq": "w8a8", "aqlm": "w4", "llm_int8": "w8a8"}  # method: a scheme it takes
 
 
 def tiny_moe(family: str, seed: int = 0) -> tf.PreTrainedModel:
@@ -31,6 +33,9 @@ def tiny_moe(family: str, seed: int = 0) -> tf.PreTrainedModel:
     if family == "qwen3_moe":
         cfg = tf.Qwen3MoeConfig(**c, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
                                 num_experts_per_tok=2)
+    elif family == "qwen2_moe":  # a shared expert and its gate beside the routed experts
+        cfg = tf.Qwen2MoeConfig(**c, intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                num_experts=4, num_experts_per_tok=2)
     else:
         cfg = tf.GptOssConfig(**c, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
                               layer_types=["sliding_attention", "full_attention"],
@@ -157,14 +162,15 @@ def test_fallback_count_in_report_with_high_threshold():
     assert report.to_dict()["moe"]["fallback_experts"] == 0
 
 
-@pytest.mark.parametrize("family,method", [("gpt_oss", "rtn"), ("qwen3_moe", "hqq")])
-def test_calibration_free_roundings_freeze_experts_and_reload(family, method, tmp_path):
-    """RTN puts the experts on the grid as it does linears (each expert row its own scale); the saved folder
-    reloads with the same logits."""
+@pytest.mark.parametrize("family,method", [("gpt_oss", "rtn"), ("qwen3_moe", "hqq"), ("qwen2_moe", "rotate+gptq")])
+def test_experts_are_frozen_on_the_grid_and_reload(family, method, tmp_path):
+    """RTN puts the experts on the grid as it does linears (each expert row its own scale), so do HQQ and the
+    rotated GPTQ; the saved folder reloads with the same logits."""
     fp = tiny_moe(family)
     model, report = ptq(fp, method, ids(2, seed=1))
     mod = model.model.layers[1].mlp.experts
-    assert {r["name"]: r["algorithm"] for r in report.layers}["model.layers.1.mlp.experts.down_proj"] == method
+    algorithm = {r["name"]: r["algorithm"] for r in report.layers}["model.layers.1.mlp.experts.down_proj"]
+    assert algorithm == method.split("+")[-1]
     for param in ("gate_up_proj", "down_proj"):
         assert torch.equal(mod.quantized_weight(param), mod.canonical(param))
     if method == "rtn":  # each expert row's scale is its own absmax / 7 (symmetric int4), in float64 here
@@ -184,3 +190,30 @@ def test_per_tensor_weights_refused_for_gptq():
     spec = replace(spec, weight=replace(spec.weight, granularity="tensor"))
     with pytest.raises(ValueError, match="per-tensor weight scale is shared by all the experts"):
         run_ptq(copy.deepcopy(fp), spec, PTQConfig(method="gptq", progress=False), ids(2, seed=1))
+
+
+@pytest.mark.parametrize("family", (*FAMILIES, "qwen2_moe"))
+def test_rotation_keeps_the_fp_logits_and_the_routing(family):
+    """The experts' up and down weights (gpt-oss: transposed, with the down bias), the router and the shared expert
+    and its gate turn with the residual stream: same logits to fp32 rounding, every token routed as before."""
+    fp = tiny_moe(family)
+    turned = copy.deepcopy(fp)
+    rotate_model(turned, RotateConfig(kind="random", seed=3))
+    x = ids(4, seed=5)
+    with torch.no_grad():
+        want, got = fp(x).logits.double(), turned(x).logits.double()
+    assert float((got - want).abs().max()) < 1e-5 * float(want.abs().max())
+    for (_, i_fp, w_fp), (_, i_turned, w_turned) in zip(*(
+            [c for calls in experts_calls(m, x).values() for c in calls] for m in (fp, turned))):
+        assert torch.equal(i_fp, i_turned)
+        assert torch.allclose(w_fp, w_turned, atol=1e-5)
+    assert not torch.equal(turned.model.layers[0].mlp.experts.down_proj, fp.model.layers[0].mlp.experts.down_proj)
+
+
+@pytest.mark.parametrize("method", REFUSED)
+def test_methods_without_experts_support_refuse_moe_models(method):
+    fp = tiny_moe("qwen3_moe")
+    cfg = PTQConfig(method=method, progress=False)
+    with pytest.raises(ValueError, match=r"does not handle fused MoE experts \(model.layers.0.mlp.experts\); use a "
+                                         r"method made of .*gptq.* \(e.g. gptq or rotate\+gptq\)$"):
+        run_ptq(copy.deepcopy(fp), parse(REFUSED[method]), cfg, ids(2, seed=1))

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..experts import experts_modules
 from ..linear import QuantLinear
 
 # Llama-family decoder layer: (module before the group, its kind, the linears sharing one input).
@@ -98,28 +99,36 @@ def outside_layers(model: nn.Module) -> list[nn.Module]:
     return [c for c in model.model.children() if c is not layers]
 
 
-def is_llama_layout(layer: nn.Module) -> bool:
+def is_llama_layout(layer: nn.Module, mlp: bool = True) -> bool:
+    """Whether the layer has the Llama layout's modules (`mlp=False`: its attention and norms only)."""
     names = {n for n, _ in layer.named_modules()}
-    need = {p for prev, _, group in LLAMA_GROUPS for p in [prev, *group]}
+    need = {p for prev, _, group in LLAMA_GROUPS for p in [prev, *group] if mlp or not p.startswith("mlp.")}
     return need <= names
 
 
-def check_foldable(model: nn.Module, method: str, what: str = "scales") -> None:
+def has_experts(layer: nn.Module) -> bool:
+    """Whether the layer's MLP holds fused MoE experts (a module with 3-D expert parameters)."""
+    mlp = getattr(layer, "mlp", None)
+    return mlp is not None and bool(experts_modules(mlp))
+
+
+def check_foldable(model: nn.Module, method: str, what: str = "scales", experts: bool = False) -> None:
     """AWQ/SmoothQuant fold scales (rotate: rotations) into RMSNorm weights and the linears they feed: only
-    y = w * x_hat norms and the Llama layout."""
+    y = w * x_hat norms and the Llama layout (`experts`: or its attention and norms before a fused-experts MLP)."""
     mtype = getattr(getattr(model, "config", None), "model_type", "") or ""
     if mtype.startswith("gemma"):
         raise ValueError(
             f"ptq.method={method}: {mtype}'s RMSNorm computes (1 + weight) * x_hat, so {what} cannot be folded "
             "into it here; use rtn, gptq or hqq"
         )
-    layer = decoder_layers(model)[0]
-    if not is_llama_layout(layer):
-        raise ValueError(
-            f"ptq.method={method} folds {what} into norms/linears of the Llama layout "
-            "(self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm); "
-            f"{type(layer).__name__} does not have it"
-        )
+    for layer in decoder_layers(model) if experts else decoder_layers(model)[:1]:
+        if not (is_llama_layout(layer) or experts and is_llama_layout(layer, mlp=False) and has_experts(layer)):
+            moe = " or fused MoE experts under mlp" if experts else ""
+            raise ValueError(
+                f"ptq.method={method} folds {what} into norms/linears of the Llama layout "
+                f"(self_attn.{{q,k,v,o}}_proj, mlp.{{gate,up,down}}_proj{moe}, input_layernorm, "
+                f"post_attention_layernorm); {type(layer).__name__} does not have it"
+            )
 
 
 def block_groups(layer: nn.Module) -> list[Group]:

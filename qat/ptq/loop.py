@@ -213,7 +213,7 @@ def _check_experts(model: nn.Module, parts: list[Part], name: str) -> None:
     if moe and refused:
         ok = [n for n, c in PARTS.items() if c.handles_experts]
         raise ValueError(f"ptq.method={name}: {refused[0]} does not handle fused MoE experts ({moe[0][0]}); use a "
-                         f"method made of {', '.join(ok)}")
+                         f"method made of {', '.join(ok)} (e.g. gptq or rotate+gptq)")
 
 
 def _count(report: PTQReport, prefix: str, names: list[str], seconds: float, part: Part) -> None:

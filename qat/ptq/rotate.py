@@ -6,10 +6,12 @@ The residual stream turns by one orthogonal Q (hidden x hidden): every RMSNorm w
 linears it feeds (so the norms are plain x / rms(x), which commutes with Q), the embedding rows and the head's
 columns turn by Q, each linear reading the stream turns its input columns (W Q) and each linear writing it turns its
 output rows (Q^T W). With `heads`, each attention head's values turn by one head_dim x head_dim matrix too (v_proj's
-rows, o_proj's columns). Q is a Hadamard matrix with random signs (`kind=hadamard`, QuaRot's choice; sizes that
-are products of 2^k and orders p + 1 with p a prime = 3 mod 4, e.g. 576 = 12 * 12 * 4) or a random orthogonal
-matrix (`kind=random`). Both come from `seed`, so the same settings give the same rotation in any process
-(block-wise training rotates its full-precision reference with the start's record).
+rows, o_proj's columns). In a mixture-of-experts layer the fused experts' up (gate-and-up) weights read the stream and
+their down weights and biases write it, expert by expert, and the router reads it too: turned with them, its scores
+and so the routing are unchanged (`mlp_tensors`). Q is a Hadamard matrix with random signs (`kind=hadamard`,
+QuaRot's choice; sizes that are products of 2^k and orders p + 1 with p a prime = 3 mod 4, e.g. 576 = 12 * 12 * 4)
+or a random orthogonal matrix (`kind=random`). Both come from `seed`, so the same settings give the same rotation
+in any process (block-wise training rotates its full-precision reference with the start's record).
 
 The rotated model is the original architecture with its norm weights at 1 and its head untied from the embedding
 (the final norm's weight is folded into the head), so every loader, `convert` and the int kernels take it as it
@@ -25,6 +27,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
+from ..experts import describe, experts_modules
 from ..keys import INIT_KEY, PTQ_KEY
 from ..spec import QuantSpec
 from .blocks import check_foldable, decoder_layers
@@ -32,8 +35,8 @@ from .config import ROTATE_KINDS, RotateConfig
 from .parts import ModelTransform
 
 KINDS = ROTATE_KINDS
-READS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
-WRITES = ("self_attn.o_proj", "mlp.down_proj")
+READS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+WRITES = ("self_attn.o_proj",)
 ROTATE_KEY = "rotate"  # in a PTQ record (config.json) and the student's INIT_KEY record: the settings of the turn
 
 
@@ -106,8 +109,11 @@ def _head_dims(config: Any) -> tuple[int, int, int]:
 def check_rotatable(model: nn.Module, method: str = "rotate") -> None:
     """One-line ValueError unless the model is a pre-norm Llama-layout decoder with plain RMSNorms (where the fold
     is exact); the rotation itself checks the logits afterwards."""
-    check_foldable(model, method, "rotations")
+    check_foldable(model, method, "rotations", experts=True)
     layers = decoder_layers(model)
+    hidden = int(model.config.hidden_size)
+    for i, layer in enumerate(layers):
+        mlp_tensors(layer.mlp, hidden, f"model.layers.{i}.mlp", method)
     norms = [(f"layers.{i}.{n}", layer.get_submodule(n)) for i, layer in enumerate(layers)
              for n in ("input_layernorm", "post_attention_layernorm")]
     final = getattr(model.model, "norm", None)
@@ -118,6 +124,42 @@ def check_rotatable(model: nn.Module, method: str = "rotate") -> None:
                              "the rotation needs one before each group of linears (drop rotate from the method)")
     if model.get_output_embeddings() is None or getattr(model.get_output_embeddings(), "bias", None) is not None:
         raise ValueError(f"ptq.method={method}: the model needs a bias-free linear head (lm_head)")
+
+
+def mlp_tensors(mlp: nn.Module, hidden: int, name: str = "mlp", method: str = "rotate"
+                ) -> list[tuple[torch.Tensor, str, bool]]:
+    """The MLP's tensors the rotation turns: (tensor, "read" | "write" | "bias", stored transposed).
+
+    A dense MLP's gate/up read the stream and its down_proj writes it. In an MoE layer the fused experts' up
+    (gate-and-up) parameter reads it and their down parameter (and its bias) writes it; the router reads it too
+    (turned with them, the scores are unchanged), as do shared experts' gate/up and their gate, and shared experts'
+    down_proj writes it. Biases of what reads the stream stay; ValueError for a tensor of unknown role.
+    """
+    out: list[tuple[torch.Tensor, str, bool]] = []
+    fused: set[int] = set()
+    for n, m in experts_modules(mlp):
+        full = f"{name}.{n}" if n else name
+        lay = describe(m, full)
+        if lay.post_norm:
+            raise ValueError(f"ptq.method={method}: {full} normalises each expert's output, which the rotation does "
+                             "not commute with; drop rotate from the method")
+        out += [(getattr(m, lay.up), "read", lay.transposed), (getattr(m, lay.down), "write", lay.transposed)]
+        if lay.bias:
+            out.append((getattr(m, f"{lay.down}_bias"), "bias", False))
+        fused |= {id(p) for p in m.parameters()}
+    for n, m in mlp.named_modules():
+        writes = isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] == "down_proj"
+        for pn, p in m.named_parameters(recurse=False):
+            if id(p) in fused or p.dim() < 2 and not writes:
+                continue  # a reader's bias, a router's correction bias: the input's turn leaves them alone
+            if writes:
+                out.append((p, "write" if pn == "weight" else "bias", False))
+            elif p.dim() == 2 and p.shape[-1] == hidden:
+                out.append((p, "read", False))
+            else:
+                raise ValueError(f"ptq.method={method}: {name}.{n}.{pn} {tuple(p.shape)} neither reads nor writes "
+                                 "the residual stream as far as distqat knows; drop rotate from the method")
+    return out
 
 
 def _probe(model: nn.Module) -> torch.Tensor:
@@ -175,13 +217,21 @@ def rotate_model(model: nn.Module, cfg: RotateConfig, device: Optional[torch.dev
     for layer in layers:
         g_attn, g_mlp = take_norm(layer.input_layernorm), take_norm(layer.post_attention_layernorm)
         for n in READS:
-            g = g_attn if n.startswith("self_attn.") else g_mlp
-            update(layer.get_submodule(n).weight, lambda w, g=g: (w * g) @ q)
+            update(layer.get_submodule(n).weight, lambda w, g=g_attn: (w * g) @ q)
         for n in WRITES:
             lin = layer.get_submodule(n)
             update(lin.weight, lambda w: q.T @ w)
             if lin.bias is not None:
                 update(lin.bias, lambda b: b @ q)
+        # Stacked experts (E, out, in) turn expert by expert through matmul's broadcast; stored (E, in, out), the
+        # same maths transposed.
+        for p, role, transposed in mlp_tensors(layer.mlp, hidden):
+            if role == "read":
+                update(p, (lambda w, g=g_mlp: q.T @ (g.T * w)) if transposed else (lambda w, g=g_mlp: (w * g) @ q))
+            elif role == "write":
+                update(p, (lambda w: w @ q) if transposed else (lambda w: q.T @ w))
+            else:
+                update(p, lambda b: b @ q)
         if qh is not None:
             v, o = layer.self_attn.v_proj, layer.self_attn.o_proj
             update(v.weight, lambda w: torch.einsum("ji,hjc->hic", qh, w.view(kv_heads, hd, -1)).reshape(w.shape))
@@ -217,6 +267,8 @@ class Rotate(ModelTransform):
 
     def __init__(self, cfg: Optional[RotateConfig] = None) -> None:
         self.cfg = cfg or RotateConfig()
+
+    handles_experts: ClassVar[bool] = True
 
     def check(self, spec: QuantSpec) -> None:
         if self.cfg.kind not in KINDS:
