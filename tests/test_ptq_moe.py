@@ -15,15 +15,20 @@ import pytest
 import torch
 import transformers as tf
 
+from qat.apply import quantize_model
+from qat.linear import QuantLinear
 from qat.load import load
 from qat.ptq import PTQConfig, run_ptq
-from qat.ptq.config import GPTQConfig, RotateConfig
+from qat.ptq.blocks import block_groups, capture_inputs, capture_routed, collect, quantizers_off, run_block
+from qat.ptq.config import AWQConfig, GPTQConfig, RotateConfig
 from qat.ptq.gptq import gptq
+from qat.ptq.moe import experts_off, quantized_experts
+from qat.ptq.registry import build
 from qat.ptq.rotate import rotate_model
 from qat.spec import parse
 
 FAMILIES = ("qwen3_moe", "gpt_oss")
-REFUSED = {"awq": "w4", "smoothquant+gptq": "w8a8", "aqlm": "w4", "llm_int8": "w8a8"}  # method: a scheme it takes
+REFUSED = {"aqlm": "w4", "llm_int8": "w8a8"}  # method: a scheme it takes
 
 
 def tiny_moe(family: str, seed: int = 0) -> tf.PreTrainedModel:
@@ -66,25 +71,52 @@ def experts_calls(model, x: torch.Tensor) -> dict[int, list[tuple]]:
     return got
 
 
-def ptq(fp, method: str, calib: torch.Tensor, scheme: str = "w4", **gptq_cfg):
+def ptq(fp, method: str, calib: torch.Tensor, scheme: str = "w4", **gptq_cfg) -> tuple:
     model = copy.deepcopy(fp)
     cfg = PTQConfig(method=method, progress=False, gptq=GPTQConfig(**gptq_cfg))
     return run_ptq(model, parse(scheme), cfg, calib)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_gptq_beats_rtn_on_held_out_routed_tokens(family):
-    """Per layer, the experts' output error against the FP experts, both fed the FP model's held-out routed tokens."""
+def mlp_inputs(model, x: torch.Tensor) -> dict[int, list[torch.Tensor]]:
+    """Each layer's residual stream before its post-attention norm, over `x`."""
+    got: dict[int, list[torch.Tensor]] = {}
+    hooks = [layer.post_attention_layernorm.register_forward_pre_hook(
+        lambda m, a, i=i: got.setdefault(i, []).append(a[0].detach())) for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return got
+
+
+def moe_errors(fp, model, held: dict[int, list[torch.Tensor]]) -> list[float]:
+    """Per layer, the squared error of norm -> MoE block (router, experts, shared expert) against the FP layer's, both
+    fed the FP model's held-out residual stream (a transform's folds into the norm and router included)."""
+    def out(layer, h):
+        o = layer.mlp(layer.post_attention_layernorm(h))
+        return o[0] if isinstance(o, tuple) else o
+
+    with torch.no_grad():
+        return [sum(float((out(model.model.layers[i], h) - out(fp.model.layers[i], h)).pow(2).sum()) for h in hs)
+                for i, hs in held.items()]
+
+
+@pytest.mark.parametrize("family,scheme,better,worse,outliers", [
+    ("qwen3_moe", "w4", "gptq", "rtn", False), ("gpt_oss", "w4", "gptq", "rtn", False),
+    ("qwen3_moe", "w3", "awq+rtn", "rtn", False), ("gpt_oss", "w3", "awq+gptq", "gptq", False),
+    ("qwen2_moe", "w8a8", "smoothquant+rtn", "rtn", True), ("gpt_oss", "w8a8", "smoothquant+rtn", "rtn", True)])
+def test_method_beats_baseline_on_held_out_tokens(family, scheme, better, worse, outliers):
+    """GPTQ per expert beats RTN, AWQ (scales searched on the routed tokens) beats its rounding alone, SmoothQuant
+    beats RTN where the MoE input has outlier channels: every layer, on held-out tokens."""
     fp = tiny_moe(family)
-    held = experts_calls(fp, ids(8, seed=2))
-    errors = {}
-    for method in ("rtn", "gptq"):
-        model, _ = ptq(fp, method, ids(16, seed=1))
+    if outliers:
         with torch.no_grad():
-            errors[method] = [sum(float((model.model.layers[i].mlp.experts(*a) - fp.model.layers[i].mlp.experts(*a))
-                                        .pow(2).sum()) for a in calls) for i, calls in held.items()]
-    for layer, (e_rtn, e_gptq) in enumerate(zip(errors["rtn"], errors["gptq"])):
-        assert e_gptq < 0.85 * e_rtn, (layer, errors)
+            for layer in fp.model.layers:
+                layer.post_attention_layernorm.weight[[3, 17, 40]] *= 30
+    held = mlp_inputs(fp, ids(8, seed=2))
+    errors = {m: moe_errors(fp, ptq(fp, m, ids(16, seed=1), scheme)[0], held) for m in (better, worse)}
+    for layer, (e_better, e_worse) in enumerate(zip(errors[better], errors[worse])):
+        assert e_better < 0.85 * e_worse, (layer, errors)
 
 
 def _reference_layer0(fp, model, family: str, calib: torch.Tensor, sequential: bool, ratio: float, c: GPTQConfig):
@@ -217,3 +249,38 @@ def test_methods_without_experts_support_refuse_moe_models(method):
     with pytest.raises(ValueError, match=r"does not handle fused MoE experts \(model.layers.0.mlp.experts\); use a "
                                          r"method made of .*gptq.* \(e.g. gptq or rotate\+gptq\)$"):
         run_ptq(copy.deepcopy(fp), parse(REFUSED[method]), cfg, ids(2, seed=1))
+
+
+@pytest.mark.parametrize("family", (*FAMILIES, "qwen2_moe"))
+@pytest.mark.parametrize("method", ("awq", "smoothquant"))
+def test_transforms_fold_exactly_into_moe_layers(family, method):
+    """AWQ (without its clipping) and SmoothQuant fold their scales into the norm before the MoE block, the router
+    (compensated), the shared expert and each expert's up -> down: the full-precision layer computes the same."""
+    model = tiny_moe(family)
+    with torch.no_grad():
+        model.model.layers[0].post_attention_layernorm.weight[[3, 17]] *= 30
+    spec = parse("w4a8")
+    quantize_model(model, spec)
+    part = build([method], PTQConfig(awq=AWQConfig(clip=False)))[0]
+    inputs, kwargs = capture_inputs(model, ids(8, seed=1), 8, torch.device("cpu"))
+    layer = model.model.layers[0]
+    qmods = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
+    experts = quantized_experts(layer)
+    norm = layer.post_attention_layernorm.weight.clone()
+    with quantizers_off(qmods), experts_off(experts):
+        want = run_block(layer, inputs, kwargs)
+        groups = block_groups(layer)
+        collect(layer, groups, inputs, kwargs, want_h=True)
+        routed = capture_routed(layer, list(experts), inputs, kwargs)
+        changed = []
+        for g in groups:
+            g.routed = {n: routed[n] for n in g.experts}
+            specs = {n: spec.weight for n in g.names if n in qmods}
+            specs.update({f"{n}.{p}": spec.weight for n in g.experts for p in ("gate_up_proj", "down_proj")})
+            changed += part.apply(layer, g, specs)
+        got = run_block(layer, inputs, kwargs)
+    assert {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"} <= set(changed) or family == "gpt_oss"
+    assert "mlp.experts.gate_up_proj" in changed
+    assert not torch.allclose(layer.post_attention_layernorm.weight, norm)  # something was folded
+    for w, g in zip(want, got):
+        assert float((g - w).abs().max()) < 1e-5 * float(w.abs().max())

@@ -13,6 +13,8 @@ minimise the same output error (q/k are not clipped, as in the reference), and c
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import ClassVar, Optional
 
 import torch
@@ -20,16 +22,19 @@ from torch import nn
 
 from ..quantizers import fake_quant_values, range_qparams, weight_rows
 from ..spec import TensorSpec
-from .blocks import Group, fold, foldable
+from .blocks import Group, Routed, fold, foldable
 from .config import AWQConfig
 from .grid import output_error, rtn
+from .moe import down_foldable, down_inputs, fold_down, hessian
 from .parts import Transform
 
 
 @torch.no_grad()
 def search_scale(weights: list[torch.Tensor], h: torch.Tensor, x_mean: torch.Tensor, spec: TensorSpec,
-                 grid: int = 20, scale_dtype: Optional[torch.dtype] = None):
-    """(best per-input-channel scale s, {alpha: error}) for linears sharing the input with stats h, x_mean."""
+                 grid: int = 20, scale_dtype: Optional[torch.dtype] = None,
+                 extra: Sequence[Callable[[torch.Tensor], float]] = ()):
+    """(best per-input-channel scale s, {alpha: error}) for linears sharing the input with stats h, x_mean;
+    each of `extra` adds its own output error at s (fused experts on their routed tokens)."""
     dt = h.dtype
     x_mean = x_mean.to(dt)
     best, best_s, errors = float("inf"), None, {}
@@ -43,6 +48,7 @@ def search_scale(weights: list[torch.Tensor], h: torch.Tensor, x_mean: torch.Ten
             ws = wd * s
             deq = rtn(ws, spec, scale_dtype)[0].to(dt)
             err += output_error(wd, deq / s, h)
+        err += sum(f(s) for f in extra)
         errors[alpha] = err
         if err < best:
             best, best_s = err, s
@@ -77,22 +83,45 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, spec: TensorSpec, grid: int = 
     return clipped.reshape(w.shape).to(w.dtype)
 
 
+def experts_error(module: nn.Module, param: str, spec: TensorSpec, routed: Routed, n: int, s: torch.Tensor) -> float:
+    """The squared output error of a fused experts parameter (up, reading the group's input) rounded after scaling
+    its columns by s, each expert on its routed tokens, per token of the layer (as tr(D H D^T) with H = X^T X / n)."""
+    w = module.canonical(param).detach()
+    err = 0.0
+    for e in range(w.shape[0]):
+        x = routed.tokens(e).float()
+        if len(x):
+            we = w[e].float()
+            deq = rtn(we * s, spec, w.dtype)[0].float() / s
+            err += float((x @ (deq - we).T).pow(2).sum())
+    return err / max(n, 1)
+
+
 class AWQ(Transform):
     name: ClassVar[str] = "awq"
     needs_hessian: ClassVar[bool] = True
+    handles_experts: ClassVar[bool] = True
 
     def __init__(self, cfg: AWQConfig) -> None:
         self.cfg = cfg
 
     @torch.no_grad()
     def apply(self, layer: nn.Module, group: Group, specs: dict[str, TensorSpec]) -> list[str]:
-        names = list(specs)
-        if not names:
+        if group.prev_kind == "experts":
+            return self._experts_down(layer, group, specs)
+        names = [n for n in specs if n in group.names]
+        moe = [(n, p) for n, p in (k.rpartition(".")[::2] for k in specs)
+               if n in group.routed and p == layer.get_submodule(n).expert_layout.up]
+        if not names and not moe:
             return []
         c, h = self.cfg, group.stats.h
         if foldable(layer, group):
             ws = [layer.get_submodule(n).weight for n in names]
-            s, _ = search_scale(ws, h, group.stats.absmean, specs[names[0]], c.grid, ws[0].dtype)
+            extra = [partial(experts_error, layer.get_submodule(n), p, specs[f"{n}.{p}"], group.routed[n],
+                             group.stats.n) for n, p in moe]
+            spec = specs[names[0]] if names else specs["{}.{}".format(*moe[0])]
+            dtype = ws[0].dtype if ws else layer.get_submodule(moe[0][0]).canonical(moe[0][1]).dtype
+            s, _ = search_scale(ws, h, group.stats.absmean, spec, c.grid, dtype, extra)
             fold(layer, group, s)
         if c.clip:
             for n in names:
@@ -101,4 +130,33 @@ class AWQ(Transform):
                     continue
                 w = layer.get_submodule(n).weight
                 w.copy_(search_clip(w, h, specs[n], c.clip_grid, c.max_shrink, w.dtype))
-        return names
+            for n, p in moe:
+                w = layer.get_submodule(n).canonical(p)
+                for e in range(w.shape[0]):
+                    x = group.routed[n].tokens(e)
+                    if len(x):
+                        w[e] = search_clip(w[e], hessian(x), specs[f"{n}.{p}"], c.clip_grid, c.max_shrink, w.dtype)
+        return names + [f"{n}.{p}" for n, p in moe]
+
+    def _experts_down(self, layer: nn.Module, group: Group, specs: dict[str, TensorSpec]) -> list[str]:
+        """Each expert's up -> down on its routed tokens: the scale (where it folds into the up rows), then the
+        clipping of its down weight."""
+        (name,) = group.experts
+        module = layer.get_submodule(name)
+        key = f"{name}.{module.expert_layout.down}"
+        if key not in specs or name not in group.routed:
+            return []
+        c, spec, routed = self.cfg, specs[key], group.routed[name]
+        up, down = module.canonical(module.expert_layout.up), module.canonical(module.expert_layout.down)
+        for e in range(down.shape[0]):
+            x = routed.tokens(e)
+            if not len(x):
+                continue
+            a = down_inputs(module, x, e, up, quantize=False).float()
+            if down_foldable(module):
+                s, _ = search_scale([down[e]], hessian(a), a.abs().mean(0), spec, c.grid, down.dtype)
+                fold_down(module, e, s)
+                a = a / s
+            if c.clip:
+                down[e] = search_clip(down[e], hessian(a), spec, c.clip_grid, c.max_shrink, down.dtype)
+        return [key]

@@ -6,13 +6,13 @@ statistics, and folding per-channel scales into the op before a group (SmoothQua
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from ..experts import experts_modules
+from ..experts import describe, experts_modules
 from ..linear import QuantLinear
 
 # Llama-family decoder layer: (module before the group, its kind, the linears sharing one input).
@@ -70,11 +70,32 @@ class Stats:
 
 
 @dataclass
+class Routed:
+    """A fused experts module's calibration inputs: every token that reached it, and the experts each was routed to."""
+
+    x: torch.Tensor  # (tokens, hidden)
+    index: torch.Tensor  # (tokens, top_k)
+
+    def tokens(self, e: int) -> torch.Tensor:
+        return self.x[(self.index == e).any(-1)]
+
+    def counts(self, num_experts: int) -> list[int]:
+        flat = self.index.reshape(-1)
+        return torch.bincount(flat[flat < num_experts], minlength=num_experts).tolist()
+
+
+@dataclass
 class Group:
+    """Linears sharing an input, and the op before them. In an MoE layer the norm's group also holds the fused
+    experts modules reading its output (`experts`, their up weights' columns fold with the linears'), and a group of
+    kind "experts" (no linears) stands for each expert's up -> down; `routed` holds their calibration inputs."""
+
     prev_name: Optional[str]
     prev_kind: Optional[str]
     names: list[str]
     stats: Optional[Stats] = None
+    experts: list[str] = field(default_factory=list)
+    routed: dict[str, Routed] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,8 +155,32 @@ def check_foldable(model: nn.Module, method: str, what: str = "scales", experts:
 def block_groups(layer: nn.Module) -> list[Group]:
     if is_llama_layout(layer):
         return [Group(p, k, list(names)) for p, k, names in LLAMA_GROUPS]
+    if is_llama_layout(layer, mlp=False) and has_experts(layer):
+        return [Group(p, k, list(names)) for p, k, names in LLAMA_GROUPS[:2]] + moe_groups(layer)
     # Other layouts: each linear alone, in registration order (no folding transforms).
     return [Group(None, None, [n]) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+
+
+def moe_groups(layer: nn.Module) -> list[Group]:
+    """An MoE MLP's groups: after post_attention_layernorm the router(s), shared experts' gate/up and gates, and the
+    fused experts; each fused experts module's up -> down; each shared expert's up_proj -> down_proj."""
+    experts = [f"mlp.{n}" for n, _ in experts_modules(layer.mlp)]
+    inside = [e + "." for e in experts]
+    hidden = layer.post_attention_layernorm.weight.shape[-1]
+    readers, downs = [], []
+    for n, m in layer.named_modules(prefix=""):
+        if not n.startswith("mlp.") or n in experts or n.startswith(tuple(inside)):
+            continue
+        w = getattr(m, "weight", None)
+        if isinstance(m, nn.Linear) and n.endswith(".down_proj"):
+            downs.append(n)
+        elif isinstance(w, nn.Parameter) and w.dim() == 2 and w.shape[-1] == hidden:
+            readers.append(n)
+    groups = [Group("post_attention_layernorm", "norm", readers, experts=experts)]
+    groups += [Group(e, "experts", [], experts=[e]) for e in experts]
+    names = {n for n, _ in layer.named_modules()}
+    return groups + [Group(d[: -len("down_proj")] + "up_proj", "linear", [d]) for d in downs
+                     if d[: -len("down_proj")] + "up_proj" in names]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +233,9 @@ def collect(layer: nn.Module, groups: list[Group], inputs, kwargs, want_h: bool,
     handles = []
     for gi, g in enumerate(groups):
         g.stats = Stats()
+        if not g.names:  # an experts group: its inputs are the routed tokens (capture_routed)
+            seen.add(gi)
+            continue
         mod = layer.get_submodule(g.names[0])
 
         def hook(m, args, gi=gi, g=g):
@@ -209,6 +257,15 @@ def collect(layer: nn.Module, groups: list[Group], inputs, kwargs, want_h: bool,
             h.remove()
     for g in groups:
         g.stats.finish()
+
+
+def capture_routed(layer: nn.Module, names: list[str], inputs, kwargs) -> dict[str, Routed]:
+    """Each named experts module's inputs over the calibration batches, the layer cut short after the last one."""
+    out = {}
+    for n, calls in capture_calls(layer, names, inputs, kwargs).items():
+        xs = [c[0].reshape(-1, c[0].shape[-1]) for c in calls]
+        out[n] = Routed(torch.cat(xs), torch.cat([c[1].reshape(x.shape[0], -1) for c, x in zip(calls, xs)]))
+    return out
 
 
 @torch.no_grad()
@@ -274,8 +331,21 @@ def fold(layer: nn.Module, group: Group, s: torch.Tensor) -> None:
     for n in group.names:
         lin = layer.get_submodule(n)
         lin.weight.mul_(s.to(lin.weight)[None, :])
+    for n in group.experts:
+        up = experts_weight(layer.get_submodule(n), "up")
+        up.mul_(s.to(up)[None, None, :])
+        if n in group.routed:
+            group.routed[n].x = group.routed[n].x / s.to(group.routed[n].x)
     if group.stats is not None:
         group.stats.rescale(s)
+
+
+def experts_weight(module: nn.Module, which: str) -> torch.Tensor:
+    """A fused experts module's up or down weight as an (E, out, in) view (writes reach the parameter), wrapped in
+    QuantExperts or not."""
+    lay = getattr(module, "expert_layout", None) or describe(module, type(module).__name__)
+    w = getattr(module, lay.up if which == "up" else lay.down)
+    return w.transpose(1, 2) if lay.transposed else w
 
 
 def foldable(layer: nn.Module, group: Group) -> bool:

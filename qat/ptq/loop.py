@@ -29,6 +29,7 @@ from ..spec import QuantSpec
 from .blocks import (
     block_groups,
     capture_inputs,
+    capture_routed,
     check_foldable,
     collect,
     decoder_layers,
@@ -38,7 +39,7 @@ from .blocks import (
 )
 from .config import PTQConfig
 from .grid import freeze_rtn, frozen_spec
-from .moe import capture_routed, experts_off, freeze_rtn_experts, quantized_experts, round_experts
+from .moe import experts_off, freeze_rtn_experts, quantized_experts, round_experts
 from .parts import Baseline, ModelTransform, Part, PTQReport, Rounding, Transform
 from .registry import PARTS, build, parse_method
 
@@ -98,7 +99,7 @@ def run_ptq(
     turns = [p for p in parts if isinstance(p, ModelTransform)]
     *transforms, rounding = [p for p in parts if not isinstance(p, ModelTransform)]
     if transforms:
-        check_foldable(model, name)
+        check_foldable(model, name, experts=all(t.handles_experts for t in transforms))
     needs_data = _calibrates(spec, parts)
     if needs_data and calib_ids is None:
         raise ValueError(f"ptq.method={name} needs calibration token ids (calib_ids)")
@@ -169,18 +170,25 @@ def _quantize_block(layer: nn.Module, transforms: list[Transform], rounding: Rou
     specs = {n: m.weight_quantizer.spec for n, m in qmods.items()}
     need_h = any(p.needs_hessian for p in (*transforms, rounding))
     experts = quantized_experts(layer)
-    routed = None
+    especs = {f"{n}.{p}": q.spec for n, m in experts.items() for p, q in m.weight_quantizers.items()}
     # Static activation quantizers of this block are calibrated on the quantized block below.
     with quantizers_off(qmods) as on, experts_off(experts) as off:
-        if experts and rounding.needs_hessian and not rounding.sequential:  # the full-precision block's routing
-            routed = capture_routed(layer, list(experts), inputs, kwargs)
         if inputs is not None and (transforms or rounding.needs_calibration):
             collect(layer, groups, inputs, kwargs, want_h=need_h)
+        if transforms and experts:  # the full-precision block's routing; each fold rescales it
+            routed = capture_routed(layer, list(experts), inputs, kwargs)
+            for g in groups:
+                g.routed = {n: routed[n] for n in g.experts if n in routed}
         for t in transforms:
             for g in groups:
                 t0 = time.perf_counter()
-                changed = t.apply(layer, g, {n: specs[n] for n in g.names if n in qmods})
+                gspecs = {n: specs[n] for n in g.names if n in qmods}
+                gspecs.update({k: v for k, v in especs.items() if k.rpartition(".")[0] in g.experts})
+                changed = t.apply(layer, g, gspecs)
                 _count(report, prefix, changed, time.perf_counter() - t0, t)
+        routed = None
+        if experts and rounding.needs_hessian and not rounding.sequential:  # the full-precision (folded) block's
+            routed = capture_routed(layer, list(experts), inputs, kwargs)
         for gi, g in enumerate(groups):
             names = [n for n in g.names if n in qmods]
             if names and gi > 0 and rounding.sequential:

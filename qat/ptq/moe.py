@@ -20,19 +20,22 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations import moe as hf_moe
 
 from ..experts import QuantExperts
 from ..quantizers import WeightQuantizer
 from ..spec import TensorSpec
-from .blocks import capture_calls
+from .blocks import Routed
 from .grid import freeze_experts, rtn
 from .parts import PTQReport, Rounding
+
+# transformers' gate for [gate; up] rows (the experts decorator installs it where a class has no gate of its own).
+_DEFAULT_GATE = getattr(hf_moe, "_default_apply_gate", None)
 
 
 def quantized_experts(module: nn.Module) -> dict[str, QuantExperts]:
@@ -74,30 +77,6 @@ def experts_off(mods: dict[str, QuantExperts]) -> Iterator[ExpertsOff]:
             off.on(n, p)
 
 
-@dataclass
-class Routed:
-    """An experts module's calibration inputs: every token that reached it, and the experts each was routed to."""
-
-    x: torch.Tensor  # (tokens, hidden)
-    index: torch.Tensor  # (tokens, top_k)
-
-    def tokens(self, e: int) -> torch.Tensor:
-        return self.x[(self.index == e).any(-1)]
-
-    def counts(self, num_experts: int) -> list[int]:
-        flat = self.index.reshape(-1)
-        return torch.bincount(flat[flat < num_experts], minlength=num_experts).tolist()
-
-
-def capture_routed(layer: nn.Module, names: list[str], inputs, kwargs) -> dict[str, Routed]:
-    """Each named experts module's inputs over the calibration batches, the layer cut short after the last one."""
-    out = {}
-    for n, calls in capture_calls(layer, names, inputs, kwargs).items():
-        xs = [c[0].reshape(-1, c[0].shape[-1]) for c in calls]
-        out[n] = Routed(torch.cat(xs), torch.cat([c[1].reshape(x.shape[0], -1) for c, x in zip(calls, xs)]))
-    return out
-
-
 def gated(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """The experts' activation of the up projection's output, as `qat.experts.expert_loop` computes it."""
     own = getattr(module, "_apply_gate", None)
@@ -118,6 +97,26 @@ def down_inputs(module: QuantExperts, x: torch.Tensor, e: int, w_up: torch.Tenso
         x = module.quantized_input(lay.up, x)
     bias = getattr(module, f"{lay.up}_bias")[e].to(w_up.dtype) if lay.bias else None
     return gated(module, F.linear(x, w_up[e], bias))
+
+
+def down_foldable(module: QuantExperts) -> bool:
+    """Whether a per-channel scale of the down projection's input folds exactly into the up rows: transformers'
+    default gate act(gate) * up over [gate; up] rows is linear in up; gpt-oss's own gate clamps up and adds 1 to it
+    (interleaved rows), and an ungated act(up) is not linear."""
+    own = getattr(type(module), "_apply_gate", None)
+    return module.expert_layout.gated and (own is None or own is _DEFAULT_GATE)
+
+
+@torch.no_grad()
+def fold_down(module: QuantExperts, e: int, s: torch.Tensor) -> None:
+    """Expert e's down inputs divided by s (its up rows, and their bias), its down columns multiplied by s."""
+    lay = module.expert_layout
+    up, down = module.canonical(lay.up), module.canonical(lay.down)
+    i = s.numel()
+    up[e, i:].div_(s.to(up)[:, None])
+    if lay.bias:
+        getattr(module, f"{lay.up}_bias")[e, i:].div_(s.to(up))
+    down[e].mul_(s.to(down)[None, :])
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
