@@ -73,7 +73,7 @@ def experts_calls(model, x: torch.Tensor) -> dict[int, list[tuple]]:
 
 def ptq(fp, method: str, calib: torch.Tensor, scheme: str = "w4", **gptq_cfg) -> tuple:
     model = copy.deepcopy(fp)
-    cfg = PTQConfig(method=method, progress=False, gptq=GPTQConfig(**gptq_cfg))
+    cfg = PTQConfig(method=method, progress=False, device="cpu", gptq=GPTQConfig(**gptq_cfg))
     return run_ptq(model, parse(scheme), cfg, calib)
 
 
@@ -221,7 +221,7 @@ def test_per_tensor_weights_refused_for_gptq():
     spec = parse("w4")
     spec = replace(spec, weight=replace(spec.weight, granularity="tensor"))
     with pytest.raises(ValueError, match="per-tensor weight scale is shared by all the experts"):
-        run_ptq(copy.deepcopy(fp), spec, PTQConfig(method="gptq", progress=False), ids(2, seed=1))
+        run_ptq(copy.deepcopy(fp), spec, PTQConfig(method="gptq", progress=False, device="cpu"), ids(2, seed=1))
 
 
 @pytest.mark.parametrize("family", (*FAMILIES, "qwen2_moe"))
@@ -245,7 +245,7 @@ def test_rotation_keeps_the_fp_logits_and_the_routing(family):
 @pytest.mark.parametrize("method", REFUSED)
 def test_methods_without_experts_support_refuse_moe_models(method):
     fp = tiny_moe("qwen3_moe")
-    cfg = PTQConfig(method=method, progress=False)
+    cfg = PTQConfig(method=method, progress=False, device="cpu")
     with pytest.raises(ValueError, match=r"does not handle fused MoE experts \(model.layers.0.mlp.experts\); use a "
                                          r"method made of .*gptq.* \(e.g. gptq or rotate\+gptq\)$"):
         run_ptq(copy.deepcopy(fp), parse(REFUSED[method]), cfg, ids(2, seed=1))

@@ -3,7 +3,8 @@
 Every method ends in `freeze(qlinear, weight, scale, zero)`: the weight is written back already on
 the grid (dequantized codes) and the layer's `lsq` weight quantizer gets the chosen scales and zero
 points as its (saved) parameters, so fake quant of the stored weight gives back exactly the codes
-the algorithm chose — at every forward, after save/load, and in export.
+the algorithm chose — at every forward, after save/load, and in export. A fused MoE experts parameter ends
+in `freeze_experts` the same way, each expert's rows in turn.
 """
 
 from __future__ import annotations

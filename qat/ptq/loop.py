@@ -3,8 +3,9 @@
 The inputs of decoder layer 0 are captured once (with the kwargs the model passes it: position
 embeddings, mask ...); then for each layer: input statistics of its linears are collected while
 the full-precision layer runs over all calibration inputs, the method's transforms (SmoothQuant, AWQ)
-are folded in, its rounding (RTN, GPTQ, HQQ) puts the linears on the grid and freezes them, and the
-quantized layer's outputs become the next layer's inputs. Only the layer being processed (and the
+are folded in, its rounding (RTN, GPTQ, HQQ) puts the linears on the grid and freezes them (then the layer's
+fused MoE experts, each expert on the tokens routed to it: `moe.py`), and the quantized layer's outputs become
+the next layer's inputs. Only the layer being processed (and the
 calibration activations) need to sit on the device, so a model much larger than GPU memory quantizes
 with one block resident.
 """

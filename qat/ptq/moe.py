@@ -8,10 +8,11 @@ H_e = X_e^T X_e / n_e of its own inputs (the scale of H does not change GPTQ): f
 of the n_e tokens the router sent to expert e, for the down projection its gated activations on those tokens,
 computed with the already rounded up weight (and the up input's fake quant) when the rounding is sequential, as GPTQ
 does for a block's linears. Routing weights do not enter H, as for every other linear. An expert routed fewer tokens
-than `min_tokens_per_column` x the projection's input width (or none) takes the layer's pooled Hessian instead: every
-token that reached the MoE layer, run through that expert for the statistics only; the report counts those experts.
-The result is frozen as a linear's is (`grid.freeze_experts`): the weight on the grid, each expert row's scale and
-zero point in the stacked quantizer's lsq parameters, which is what the fake-quant forward computes with.
+than `ptq.gptq.moe_min_tokens_per_column` x the projection's input width (or none) takes the layer's pooled Hessian
+instead: every token that reached the MoE layer, run through that expert for the statistics only; the report counts
+those experts. The result is frozen as a linear's is (`grid.freeze_experts`): the weight on the grid, each expert
+row's scale and zero point in the stacked quantizer's lsq parameters, which is what the fake-quant forward computes
+with. AWQ and SmoothQuant take each expert's up -> down fold from here (`down_foldable`, `fold_down`).
 """
 
 from __future__ import annotations
