@@ -284,3 +284,16 @@ def test_transforms_fold_exactly_into_moe_layers(family, method):
     assert not torch.allclose(layer.post_attention_layernorm.weight, norm)  # something was folded
     for w, g in zip(want, got):
         assert float((g - w).abs().max()) < 1e-5 * float(w.abs().max())
+
+
+@pytest.mark.parametrize("method", ("awq", "smoothquant+rtn"))
+def test_folds_that_would_change_the_layer_are_refused(method):
+    """A second norm in the MLP's path (as some MoE families have) does not commute with a folded scale: the probe on
+    a copy of the layer refuses in one line instead of a broken model."""
+    fp = tiny_moe("qwen3_moe")
+    for layer in fp.model.layers:
+        layer.mlp.register_forward_pre_hook(lambda m, a: (a[0] * torch.rsqrt(a[0].pow(2).mean(-1, keepdim=True)),))
+    cfg = PTQConfig(method=method, progress=False, device="cpu")
+    with pytest.raises(ValueError, match=r"folding scales into Qwen3MoeDecoderLayer's norms and linears changes what "
+                                         r"it computes \(relative change .*\), so its MoE layout .*; use gptq, rtn"):
+        run_ptq(copy.deepcopy(fp), parse("w8a8"), cfg, ids(2, seed=1))

@@ -34,13 +34,14 @@ from .blocks import (
     check_foldable,
     collect,
     decoder_layers,
+    has_experts,
     outside_layers,
     quantizers_off,
     run_block,
 )
 from .config import PTQConfig
 from .grid import freeze_rtn, frozen_spec
-from .moe import experts_off, freeze_rtn_experts, quantized_experts, round_experts
+from .moe import check_folds, experts_off, freeze_rtn_experts, quantized_experts, round_experts
 from .parts import Baseline, ModelTransform, Part, PTQReport, Rounding, Transform
 from .registry import PARTS, build, parse_method
 
@@ -176,6 +177,8 @@ def _quantize_block(layer: nn.Module, transforms: list[Transform], rounding: Rou
     with quantizers_off(qmods) as on, experts_off(experts) as off:
         if inputs is not None and (transforms or rounding.needs_calibration):
             collect(layer, groups, inputs, kwargs, want_h=need_h)
+        if transforms and has_experts(layer) and inputs is not None:
+            check_folds(layer, inputs[0], kwargs[0], "+".join(t.name for t in transforms))
         if transforms and experts:  # the full-precision block's routing; each fold rescales it
             routed = capture_routed(layer, list(experts), inputs, kwargs)
             for g in groups:

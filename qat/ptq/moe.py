@@ -17,6 +17,7 @@ with. AWQ and SmoothQuant take each expert's up -> down fold from here (`down_fo
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from transformers.integrations import moe as hf_moe
 from ..experts import QuantExperts
 from ..quantizers import WeightQuantizer
 from ..spec import TensorSpec
-from .blocks import Routed
+from .blocks import Routed, block_groups, fold, foldable, run_block
 from .grid import freeze_experts, rtn
 from .parts import PTQReport, Rounding
 
@@ -205,3 +206,33 @@ def freeze_rtn_experts(module: QuantExperts) -> None:
         e, o, i = w.shape
         deq, _, scale, zero = rtn(w.reshape(e * o, i), wq.spec, w.dtype)
         freeze_experts(module, param, deq, scale, zero)
+
+
+@torch.no_grad()
+def check_folds(layer: nn.Module, x: torch.Tensor, kwargs: dict, method: str) -> None:
+    """One-line ValueError unless the folds AWQ and SmoothQuant make in an MoE layer leave it the same function: on a
+    copy, every group's op before it divides by a random positive scale and the group's weights (router, shared
+    experts, the experts' up; each expert's up rows and down columns) multiply by it, and the copy's output on a
+    calibration batch must equal the layer's. Layouts the block groups do not describe (a norm whose output reaches
+    something else, a second norm in the MLP's path) fail here instead of giving a broken model."""
+    twin = copy.deepcopy(layer)
+    gen = torch.Generator().manual_seed(0)
+    for g in block_groups(twin):
+        if g.prev_kind == "experts":
+            for n in g.experts:
+                m = twin.get_submodule(n)
+                if isinstance(m, QuantExperts) and down_foldable(m):
+                    width = m.canonical(m.expert_layout.down).shape[-1]
+                    for e in range(m.expert_layout.num_experts):
+                        fold_down(m, e, torch.randn(width, generator=gen).mul(0.5).exp())
+        elif foldable(twin, g):
+            prev = twin.get_submodule(g.prev_name)
+            width = prev.weight.shape[0]
+            fold(twin, g, torch.randn(width, generator=gen).mul(0.5).exp().to(prev.weight.device))
+    want, got = run_block(layer, [x], [kwargs])[0].float(), run_block(twin, [x], [kwargs])[0].float()
+    err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+    tol = 1e-3 if x.dtype in (torch.float32, torch.float64) else 5e-2
+    if not err <= tol:
+        raise ValueError(f"ptq.method={method}: folding scales into {type(layer).__name__}'s norms and linears changes "
+                         f"what it computes (relative change {err:.3g}), so its MoE layout is not the one the folds "
+                         "assume; use gptq, rtn or hqq")
