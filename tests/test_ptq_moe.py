@@ -16,16 +16,18 @@ import torch
 import transformers as tf
 
 from qat.apply import quantize_model
+from qat.experts import expert_loop
 from qat.linear import QuantLinear
 from qat.load import load
 from qat.ptq import PTQConfig, run_ptq
 from qat.ptq.blocks import block_groups, capture_inputs, capture_routed, collect, quantizers_off, run_block
 from qat.ptq.config import AWQConfig, GPTQConfig, RotateConfig
 from qat.ptq.gptq import gptq
-from qat.ptq.moe import experts_off, quantized_experts
+from qat.ptq.moe import down_inputs, experts_off, quantized_experts
 from qat.ptq.registry import build
 from qat.ptq.rotate import rotate_model
 from qat.spec import parse
+from tests.helpers.moe import build_tiny
 
 FAMILIES = ("qwen3_moe", "gpt_oss")
 REFUSED = {"aqlm": "w4", "llm_int8": "w8a8"}  # method: a scheme it takes
@@ -297,3 +299,21 @@ def test_folds_that_would_change_the_layer_are_refused(method):
     with pytest.raises(ValueError, match=r"folding scales into Qwen3MoeDecoderLayer's norms and linears changes what "
                                          r"it computes \(relative change .*\), so its MoE layout .*; use gptq, rtn"):
         run_ptq(copy.deepcopy(fp), parse("w8a8"), cfg, ids(2, seed=1))
+
+
+@pytest.mark.parametrize("family", ("qwen3_moe", "gpt_oss", "nemotron_h"))
+def test_down_inputs_are_what_each_expert_computes(family):
+    """The down projection's inputs GPTQ's Hessian and AWQ/SmoothQuant's statistics come from, through the default
+    gate ([gate; up] rows), gpt-oss's own (interleaved, clamped) and an ungated expert (nemotron_h: relu^2(up))."""
+    model = build_tiny(family)[0] if family == "nemotron_h" else tiny_moe(family)
+    quantize_model(model, parse("w4"))
+    name, mod = next(iter(quantized_experts(model).items()))
+    lay = mod.expert_layout
+    assert lay.gated == (family != "nemotron_h")
+    w = {p: mod.canonical(p).detach() for p in lay.params}
+    x = torch.randn(10, w[lay.up].shape[-1], generator=torch.Generator().manual_seed(0))
+    for e in range(lay.num_experts):
+        bias = mod.down_proj_bias[e] if lay.bias else None
+        got = torch.nn.functional.linear(down_inputs(mod, x, e, w[lay.up], quantize=False), w[lay.down][e], bias)
+        want = expert_loop(mod, x, torch.full((10, 1), e), torch.ones(10, 1), w)
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-5), (name, e)

@@ -197,6 +197,10 @@ def _quantize_block(layer: nn.Module, transforms: list[Transform], rounding: Rou
             names = [n for n in g.names if n in qmods]
             if names and gi > 0 and rounding.sequential:
                 collect(layer, [g], inputs, kwargs, want_h=True, stop_early=True)
+            if names and rounding.needs_hessian and (g.stats is None or not g.stats.n):
+                raise ValueError(f"ptq.method={rounding.name}: {prefix}{names[0]} never ran on the calibration tokens "
+                                 "(the model uses its weight without calling it), so it has no Hessian; keep it full "
+                                 f"precision with quant.exclude=['*.{names[0].rsplit('.', 1)[-1]}'] or use rtn")
             for n in names:
                 q = qmods[n]
                 t0 = time.perf_counter()

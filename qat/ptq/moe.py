@@ -80,12 +80,13 @@ def experts_off(mods: dict[str, QuantExperts]) -> Iterator[ExpertsOff]:
 
 
 def gated(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """The experts' activation of the up projection's output, as `qat.experts.expert_loop` computes it."""
+    """The experts' activation of the up projection's output, as `qat.experts.expert_loop` computes it (an ungated
+    class has transformers' default `_apply_gate` too, unused)."""
+    if not module.expert_layout.gated:
+        return module.act_fn(h)
     own = getattr(module, "_apply_gate", None)
     if own is not None:
         return own(h)
-    if not module.expert_layout.gated:
-        return module.act_fn(h)
     gate, up = h.chunk(2, dim=-1)
     return module.act_fn(gate) * up
 
