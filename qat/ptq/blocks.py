@@ -199,6 +199,10 @@ def capture_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int, device:
     kwargs: list[dict] = []
 
     def hook(mod, args, kw):
+        if len(args) > 1:  # replayed without them, every layer would get layer 0's or none (Gemma 4's per-layer input)
+            raise ValueError(f"ptq replays each decoder layer on inputs captured at layer 0; {type(mod).__name__} is "
+                             f"called with {len(args) - 1} more positional input(s) of its own, which the block loop "
+                             "(calibrated PTQ, train.blockwise) cannot replay; use ptq.method=rtn")
         x = args[0] if args else kw.pop("hidden_states")
         kw = dict(kw)
         kw.pop("hidden_states", None)
