@@ -1,8 +1,10 @@
 """PTQ over fused MoE experts (qat/ptq/moe.py): each expert rounded on the tokens routed to it.
 
-Tiny random Qwen3-MoE ((E, 2I, H) storage) and gpt-oss (transposed, interleaved gate/up, biases) models: GPTQ per
-expert beats RTN on held-out routed tokens, equals the GPTQ solver called directly on each expert's routed inputs,
-falls back to the pooled Hessian below its threshold and says so in the report; RTN reloads with the same logits.
+Tiny random Qwen3-MoE ((E, 2I, H) storage), gpt-oss (transposed, interleaved gate/up, biases) and Qwen2-MoE (a shared
+expert and its gate) models: GPTQ per expert beats RTN on held-out tokens, equals the GPTQ solver called directly on
+each expert's routed inputs, falls back to the pooled Hessian below its threshold and says so in the report; RTN, HQQ
+and rotate+GPTQ reload with the same logits; the rotation keeps the logits and the routing; AWQ and SmoothQuant fold
+exactly (router and shared expert compensated) and beat their baselines; AQLM and LLM.int8() refuse in one line.
 """
 
 from __future__ import annotations
