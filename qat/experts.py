@@ -203,7 +203,7 @@ def expert_loop(
             continue
         token, slot = torch.where(index == e)
         h = F.linear(x[token], w_up[e], None if b_up is None else b_up[e].to(w_up.dtype))
-        h = _gate(module, h) if lay.gated else module.act_fn(h)
+        h = activate(module, h, lay)
         if quantize:
             h = module.quantized_input(lay.down, h)
         h = F.linear(h, w_down[e], None if b_down is None else b_down[e].to(w_down.dtype))
@@ -214,8 +214,12 @@ def expert_loop(
     return out.reshape(shape)
 
 
-def _gate(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """The module's own gating of the gate-and-up output (gpt-oss clamps and interleaves), else act(gate) * up."""
+def activate(module: nn.Module, h: torch.Tensor, layout: ExpertsLayout) -> torch.Tensor:
+    """The experts' activation of the up projection's output: act(up) for ungated experts (transformers installs a
+    default gate on every experts class, unused there), the module's own gating of the gate-and-up output (gpt-oss
+    clamps and interleaves), else act(gate) * up."""
+    if not layout.gated:
+        return module.act_fn(h)
     own = getattr(module, "_apply_gate", None)
     if own is not None:
         return own(h)
@@ -295,4 +299,4 @@ def routing_load(model: nn.Module, reset: bool = True) -> dict[str, list[int]]:
 
 
 __all__ = ["QuantExperts", "ExpertsLayout", "ExpertsLayoutError", "describe", "expert_loop", "experts_modules",
-           "fused_params", "routing_load", "check_forward"]
+           "fused_params", "routing_load", "check_forward", "activate"]

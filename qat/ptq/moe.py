@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations import moe as hf_moe
 
-from ..experts import QuantExperts
+from ..experts import QuantExperts, activate
 from ..quantizers import WeightQuantizer
 from ..spec import TensorSpec
 from .blocks import Routed, block_groups, fold, foldable, run_block
@@ -79,18 +79,6 @@ def experts_off(mods: dict[str, QuantExperts]) -> Iterator[ExpertsOff]:
             off.on(n, p)
 
 
-def gated(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """The experts' activation of the up projection's output, as `qat.experts.expert_loop` computes it (an ungated
-    class has transformers' default `_apply_gate` too, unused)."""
-    if not module.expert_layout.gated:
-        return module.act_fn(h)
-    own = getattr(module, "_apply_gate", None)
-    if own is not None:
-        return own(h)
-    gate, up = h.chunk(2, dim=-1)
-    return module.act_fn(gate) * up
-
-
 def down_inputs(module: QuantExperts, x: torch.Tensor, e: int, w_up: torch.Tensor, quantize: bool) -> torch.Tensor:
     """Expert e's down-projection inputs for tokens x (before the down input's fake quant, as a linear's pre-hook
     sees them), from its (E, out, in) up weights `w_up`; `quantize` applies the up input's fake quant."""
@@ -99,7 +87,7 @@ def down_inputs(module: QuantExperts, x: torch.Tensor, e: int, w_up: torch.Tenso
     if quantize:
         x = module.quantized_input(lay.up, x)
     bias = getattr(module, f"{lay.up}_bias")[e].to(w_up.dtype) if lay.bias else None
-    return gated(module, F.linear(x, w_up[e], bias))
+    return activate(module, F.linear(x, w_up[e], bias), module.expert_layout)
 
 
 def down_foldable(module: QuantExperts) -> bool:

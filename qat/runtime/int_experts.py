@@ -21,7 +21,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..experts import ExpertsLayout
+from ..experts import ExpertsLayout, activate
 from ..spec import TensorSpec
 from . import ops
 from .fp8 import FP8, Fp8Linear, linear_fp8, unsupported
@@ -146,7 +146,7 @@ class IntExperts(nn.Module):
                 continue
             token, slot = torch.where(index == e)
             h = self._linear(lay.up, e, x[token], None if b_up is None else b_up[e].to(self.compute_dtype))
-            h = self._gate(h) if lay.gated else self.act_fn(h)
+            h = activate(self, h, lay)
             h = self._linear(lay.down, e, h, None if b_down is None else b_down[e].to(self.compute_dtype))
             if lay.post_norm:
                 h = self.post_expert_norm(h)
@@ -162,14 +162,6 @@ class IntExperts(nn.Module):
             act = "a16" if a is None else f"a8 {a.format}"
             parts.append(f"{p}: {kind} {gran}{'' if w.symmetric else ' asym'} {act}")
         return f"experts={self.expert_layout.num_experts}, " + ", ".join(parts)
-
-    def _gate(self, h: torch.Tensor) -> torch.Tensor:
-        # As qat.experts: the module's own gating (gpt-oss clamps and interleaves), else act(gate) * up.
-        own = getattr(self, "_apply_gate", None)
-        if own is not None:
-            return own(h)
-        gate, up = h.chunk(2, dim=-1)
-        return self.act_fn(gate) * up
 
 
 _CLASSES: dict[type, type] = {}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..device import device_path
-from ..experts import ExpertsLayout, QuantExperts
+from ..experts import ExpertsLayout, QuantExperts, activate
 from ..quantizers import NF4_LEVELS
 from ..spec import TensorSpec
 from . import ops
@@ -214,7 +214,7 @@ class PackedExperts(nn.Module):
         h = getattr(self, lay.up)(x[token], counts)
         if lay.bias:
             h = h + getattr(self, f"{lay.up}_bias")[expert].to(h.dtype)
-        h = _gate(self, h) if lay.gated else self.act_fn(h)
+        h = activate(self, h, lay)
         h = getattr(self, lay.down)(h, counts)
         if lay.bias:
             h = h + getattr(self, f"{lay.down}_bias")[expert].to(h.dtype)
@@ -223,15 +223,6 @@ class PackedExperts(nn.Module):
         h = h * routing[order, None]
         out = torch.zeros(x.shape, dtype=hidden_states.dtype, device=x.device)
         return out.index_add_(0, token, h.to(out.dtype)).reshape(shape)
-
-
-def _gate(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """As qat.experts: the module's own gating (gpt-oss clamps and interleaves), else act(gate) * up."""
-    own = getattr(module, "_apply_gate", None)
-    if own is not None:
-        return own(h)
-    gate, up = h.chunk(2, dim=-1)
-    return module.act_fn(gate) * up
 
 
 _CLASSES: dict[type, type] = {}
