@@ -117,3 +117,21 @@ def _mlp_inputs(model, batch):
     for h in hooks:
         h.remove()
     return [x.reshape(-1, x.shape[-1]) for x in seen]
+
+
+def test_ptq_convert_and_eval_of_a_moe_report_full_coverage(moe_dir, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Line {i} of a small corpus, for a tiny run." for i in range(200)))
+    r = run("ptq", PUBLISHED, f"model.name_or_path={moe_dir / 'teacher'}", "quant.scheme=w4g32", "ptq.method=gptq",
+            f"data.path={corpus}", "ptq.n_samples=8", "ptq.seq_len=32", "ptq.progress=false",
+            f"output_dir={tmp_path / 'ptq'}")
+    assert "ptq: 100.00% of the decoder's" in r.stderr
+    report = json.loads((tmp_path / "ptq" / "ptq_report.json").read_text())
+    assert report["coverage"]["share"] == 1.0 and report["coverage"]["kinds"]["experts"]["share"] == 1.0
+    r = run("convert", str(tmp_path / "ptq" / "model"), "--out", str(tmp_path / "int"))
+    assert "convert: 100.00% of the decoder's" in r.stderr
+    run("eval", PUBLISHED, f"model.name_or_path={tmp_path / 'int'}", f"data.path={corpus}", "eval.seq_len=32",
+        "eval.max_tokens=256", f"output_dir={tmp_path / 'eval'}")
+    rec = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    (label, cov), = rec["coverage"].items()
+    assert cov["share"] == 1.0 and cov["kinds"]["experts"]["quantized"] == 2 * 4 * (2 * 32 * 64 + 64 * 32)

@@ -15,7 +15,7 @@ from typing import Optional
 
 from safetensors import SafetensorError
 
-from qat.keys import MANIFEST_FILE
+from qat.keys import COVERAGE_KEY, MANIFEST_FILE
 
 from .config import ConfigError, RunConfig, command_reads, describe_schema, load_config, override_keys, reads, to_yaml
 
@@ -188,6 +188,10 @@ def run_convert(folder: str, out: Optional[str]) -> int:
 
     path = convert_folder(Path(folder), Path(out or f"{folder.rstrip('/')}-int"))
     print(f"integer checkpoint: {path}")
+    coverage = json.loads((path / "config.json").read_text()).get(COVERAGE_KEY)
+    if coverage:
+        print(f"convert: {coverage['share']:.2%} of the decoder's {coverage['weight_elements']:,} weight elements "
+              "stored as integer or fp8 codes", file=sys.stderr)
     return 0
 
 

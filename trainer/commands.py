@@ -18,6 +18,7 @@ from data.generate import generate
 from qat.io.atomic import atomic_dir, check_dir, clean_stale, write_json
 from qat.io.env import rank_world
 from qat.io.models import load_model, load_tokenizer
+from qat.keys import COVERAGE_KEY
 from qat.load import load
 from qat.ptq import check as check_ptq
 from qat.ptq import needs_calibration, run_ptq
@@ -85,8 +86,12 @@ def ptq_command(cfg: RunConfig) -> dict:
     with atomic_dir(out / "model") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    result = {**report.to_dict(), "model_dir": str(out / "model")}
+    coverage = getattr(model.config, COVERAGE_KEY, None)
+    result = {**report.to_dict(), "coverage": coverage, "model_dir": str(out / "model")}
     write_json(out / "ptq_report.json", result)
     print(f"ptq {report.method} ({report.spec}): {len(report.layers)} layers in {report.seconds:.1f}s "
           f"-> {out / 'model'}", file=sys.stderr)
+    if coverage:
+        print(f"ptq: {coverage['share']:.2%} of the decoder's {coverage['weight_elements']:,} weight elements "
+              "quantized", file=sys.stderr)
     return result
