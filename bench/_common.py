@@ -1,9 +1,11 @@
 """What several benchmarks share: the model shapes they build at random init, and GPU warm-up; the models
-bench/suite.py's model part makes (a tiny random one for smoke runs, the bundled GGUF as an HF folder)."""
+bench/suite.py's model part makes (a tiny random one for smoke runs, the bundled GGUF as an HF folder); the switch
+that turns the fused fake-quant kernel off."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import shutil
 import time
@@ -45,6 +47,25 @@ def heat(seconds: float) -> None:
         for _ in range(10):
             a @ a
         torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def kernel_disabled():
+    """The fused fake-quant kernel switched off, so that the reference torch ops run: qat.quantizers binds
+    `fused_fake_quant_rows` when it is imported, so its binding is the one replaced (qat.kernels' too)."""
+    import qat.kernels  # lazy: bench scripts import qat after their own device checks
+    import qat.quantizers  # lazy: as above
+
+    saved = (qat.kernels.fused_fake_quant_rows, qat.quantizers.fused_fake_quant_rows)
+    qat.kernels.fused_fake_quant_rows = qat.quantizers.fused_fake_quant_rows = _no_kernel
+    try:
+        yield
+    finally:
+        qat.kernels.fused_fake_quant_rows, qat.quantizers.fused_fake_quant_rows = saved
+
+
+def _no_kernel(*args, **kwargs) -> None:
+    return None  # what fused_fake_quant_rows says where no kernel applies
 
 
 def model_shapes(text: str) -> list[str]:

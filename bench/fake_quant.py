@@ -13,7 +13,6 @@ Needs one CUDA GPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench._common import heat, matrix_shapes, missing_gpu_stack
+from bench._common import heat, kernel_disabled, matrix_shapes, missing_gpu_stack
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,19 +36,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heat", type=float, default=3.0, help="seconds of matmuls before timing (settles the clocks)")
     p.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     return p.parse_args(argv)
-
-
-@contextlib.contextmanager
-def kernel_disabled():
-    """fake_quant looks the kernel up at call time: make it say 'no kernel applies'."""
-    import qat.kernels
-
-    saved = qat.kernels.fused_fake_quant_rows
-    qat.kernels.fused_fake_quant_rows = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        qat.kernels.fused_fake_quant_rows = saved
 
 
 def bench_ms(fn, grads, rep: int) -> float:
