@@ -1,10 +1,12 @@
 """The bench package as `distqat bench` sees it: every benchmark is a module with main(argv) (the shared code and
-the suite's parts are _* modules, listed by no one), and bench/cli_startup.py's table on cheap stand-in commands."""
+the suite's parts are _* modules, listed by no one), bench/cli_startup.py's table on cheap stand-in commands, and
+bench/moe.py's rows on a tiny MoE layer on CPU."""
 
 from __future__ import annotations
 
 import ast
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -58,3 +60,36 @@ def test_cli_startup_refuses_a_folder_that_is_no_checkout(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli_startup.parse_args(["--against", str(tmp_path)])
     assert e.value.code == 2 and "is not a checkout of the repository" in capsys.readouterr().err
+
+
+def test_moe_bench_prints_and_records_every_variant_against_the_own_experts(tmp_path, capsys):
+    # The tiny shape on CPU: the code path of every variant, numbers that mean nothing (no timing asserted).
+    from bench import moe
+
+    assert moe.fit_group("w4g128", (576, 192)) == "w4g64" and moe.fit_group("w4g128a8", (2048, 768)) == "w4g128a8"
+    assert moe.fit_group("w8a8", (64, 32)) == "w8a8"
+    out = tmp_path / "moe.json"
+    argv = ["--device", "cpu", "--shape", "tiny", "--tokens", "16", "--infer-tokens", "4,16", "--rounds", "1",
+            "--repeats", "1", "--json", str(out)]
+    assert moe.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "QAT step: forward + backward" in text and "no int kernels" in text  # CPU: the torch reference runs
+    record = json.loads(out.read_text())
+    assert record["complete"] and record["device"] == "cpu" and record["dtype"] == "float32"
+    qat = {(r["variant"], r["scheme"]): r for r in record["qat_step"]}
+    # no fused row on CPU: the kernel runs on CUDA (or in Triton's interpreter)
+    assert set(qat) == {("own", "-"), ("own-loop", "-"), ("reference", "w4a8"), ("reference", "w4g32")}
+    infer = {(r["tokens"], r["variant"], r["scheme"]): r for r in record["inference"]}
+    assert set(infer) == {(n, v, s) for n in (4, 16) for v, s in
+                          [("own", "-"), ("own-loop", "-"), ("int", "w4g32"), ("int", "w8a8")]}
+    for r in [*qat.values(), *infer.values()]:
+        assert math.isfinite(r["ratio"]) and r["ratio"] > 0 and r["ms"] > 0
+    for r in qat.values():
+        assert r["ratio"] == pytest.approx(r["ms"] / qat[("own", "-")]["ms"])
+    for r in infer.values():
+        assert r["ratio"] == pytest.approx(r["ms"] / infer[(r["tokens"], "own", "-")]["ms"])
+    for n in (4, 16):
+        assert infer[(n, "own", "-")]["ratio"] == 1.0
+        a16, a8 = infer[(n, "int", "w4g32")], infer[(n, "int", "w8a8")]
+        assert a16["max_rel_diff"] == 0.0 and a8["max_rel_diff"] < 1e-5  # the converted experts compute the fake quant
+        assert a16["impl"] == "reference" and a16["convert_s"] > 0
