@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("cuda_tests", "train_step", "kernels", "decode", "model", "zero2", "zero3", "qlora")
+PARTS = ("cuda_tests", "train_step", "kernels", "decode", "model", "zero2", "zero3", "qlora", "moe")
 # Seconds per part on the GPU (maxima: a part that ends early leaves its time to the --total cap of 480 s).
 BUDGET = {
     "cuda_tests": 75,
@@ -25,6 +25,7 @@ BUDGET = {
     "zero2": 45,
     "zero3": 50,
     "qlora": 40,
+    "moe": 150,  # an estimate: the layer is built and converted twice on the host's CPU before it is timed
 }
 SMOKE_BUDGET = {p: 120 for p in PARTS}
 # The compiled pair last: the slowest to start, least lost to a timeout.
@@ -231,6 +232,24 @@ def part_qlora(ctx):
     return py("bench/qlora_memory.py", *flags, "--batch", 1, "--json", out), {}, parse
 
 
+def part_moe(ctx):
+    out = ctx.out / "moe_raw.json"
+    if ctx.smoke:  # in Triton's interpreter: the fused fake-quant and int kernels' code paths too
+        flags = ["--device", "cpu", "--shape", "tiny", "--tokens", 16, "--infer-tokens", "4,16", "--rounds", 1,
+                 "--repeats", 1]
+    else:
+        flags = ["--shape", "qwen3-30b-a3b-layer", "--tokens", 8192, "--infer-tokens", "16,8192", "--rep", 50,
+                 "--heat", 1]
+    env = {"TRITON_INTERPRET": "1"} if ctx.smoke else {}
+
+    def parse(rec):
+        raw = read_json(out, {})
+        return {k: raw.get(k) for k in ("shape", "own_impl", "qat_step", "inference")} | {
+            "complete": bool(raw.get("complete"))}
+
+    return py("bench/moe.py", *flags, "--json", out), env, parse
+
+
 BUILDERS = {
     "cuda_tests": part_cuda_tests,
     "train_step": part_train_step,
@@ -240,4 +259,5 @@ BUILDERS = {
     "zero2": lambda c: part_zero(c, 2),
     "zero3": lambda c: part_zero(c, 3),
     "qlora": part_qlora,
+    "moe": part_moe,
 }

@@ -1,5 +1,5 @@
 """bench/suite.py's summary.md: one table row per part with the figures it exists for, then a table per part that
-measured a grid (train_step, kernels, decode), then the log tail of each part that failed or timed out."""
+measured a grid (train_step, kernels, decode, moe), then the log tail of each part that failed or timed out."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ def key_numbers(rec: dict) -> str:
         return f"{rec['tokens_per_s_warm_median']:.0f} tokens/s (median after the first step), {rec['steps']} steps"
     if name == "qlora" and rec.get("rows"):
         return qlora_numbers(rec["rows"])
+    if name == "moe" and (rec.get("qat_step") or rec.get("inference")):
+        return moe_numbers(rec)
     return rec.get("reason") or ""
 
 
@@ -62,6 +64,15 @@ def qlora_numbers(rows: list[dict]) -> str:
             cell += f" ({r['peak_gb'] / base['peak_gb']:.2f}x, step {r['step_s'] / base['step_s']:.2f}x)"
         cells.append(cell)
     return "; ".join(cells)
+
+
+def moe_numbers(rec: dict) -> str:
+    """Each quantized variant's time as a ratio to the model's own experts, QAT step then inference."""
+    qat = [f"{r['variant']} {r['scheme']} {r['ratio']:.2f}x" for r in rec.get("qat_step") or []
+           if r["variant"] == "fused" or r["variant"] == "reference"]
+    inf = [f"{r['scheme']} M={r['tokens']} {r['ratio']:.2f}x" for r in rec.get("inference") or []
+           if r["variant"] == "int"]
+    return f"QAT step x own: {', '.join(qat) or '-'}; int inference x own: {', '.join(inf) or '-'}"
 
 
 def head(*cols: str) -> list[str]:
@@ -101,6 +112,15 @@ def summary(meta: dict, records: dict) -> str:
         for r in dr:
             lines.append(f"| {r['shape']} | {r['scheme']} | {r['lm_head']} | {r['batch']} | {r['bf16_tok_s']:.0f} | "
                          f"{r['int_tok_s']:.0f} | {r['speedup']:.2f} | {r['graphs']} |")
+    moe = records.get("moe", {})
+    if moe.get("qat_step") or moe.get("inference"):
+        lines += ["", f"## moe ({moe['shape']}; own experts: {moe['own_impl']}; ratio = time / own)",
+                  *head("part", "tokens", "variant", "scheme", "ms", "x own", "note")]
+        for part in ("qat_step", "inference"):
+            for r in moe.get(part) or []:
+                note = r.get("note") or (f"impl {r['impl']}, rel diff {r['max_rel_diff']:.1e}" if "impl" in r else "")
+                lines.append(f"| {part} | {r['tokens']} | {r['variant']} | {r['scheme']} | {r['ms']:.3f} | "
+                             f"{r['ratio']:.3f} | {note} |")
     for name, r in records.items():
         if r["status"] in ("failed", "timeout"):
             tail = r.get("log_tail") or ""

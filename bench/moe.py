@@ -310,7 +310,10 @@ def main(argv=None) -> int:
     payload["inference"] = infer_rows(args, own, ints, dtype)
     payload["complete"] = True
     write(args.json, payload)
-    where = "int kernels of qat.runtime.ops" if cuda else "CPU: qat.runtime.ops' CPU implementations, no int kernels"
+    if cuda:
+        where = "the int kernels of qat.runtime.ops"
+    else:
+        where = "CPU: " + ("the Triton kernels in the interpreter" if interpret_mode() else "no int kernels")
     print_table(f"inference: forward ({where})", payload["inference"], int_note)
     if args.json:
         print(f"\nwrote {args.json}")
@@ -321,6 +324,12 @@ def int_note(r: dict) -> str:
     if r["variant"] != "int":
         return ""
     return f"impl {r['impl']}, max rel diff to fake quant {r['max_rel_diff']:.1e}, convert+load {r['convert_s']:.1f} s"
+
+
+def interpret_mode() -> bool:
+    from qat.device import interpret_mode as on  # lazy: qat after the argument checks
+
+    return on()
 
 
 def missing_triton() -> Optional[str]:

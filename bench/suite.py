@@ -12,6 +12,7 @@ as timeout, one that crashes as failed, and the next part runs; the whole run st
   model       the bundled model as an HF folder (converted from its GGUF where --model is one)
   zero2/zero3 `python -m trainer train configs/llm_qat/w4a8kv8.yaml` under DeepSpeed ZeRO-2/3, a few steps
   qlora       bench/qlora_memory.py at the 1B shape: QLoRA peak memory and step time against LoRA
+  moe         bench/moe.py at Qwen3-30B-A3B's MoE layer: QAT step and int inference of the experts vs their own
 Writes DIR/<part>.json (status ok|failed|timeout|skipped, reason, wall_s, numbers), DIR/<part>.log, DIR/suite.json
 and DIR/summary.md after every part. --cpu-smoke: every part's code path on CPU, tiny shapes, no figures.
 """

@@ -62,10 +62,11 @@ def test_cli_startup_refuses_a_folder_that_is_no_checkout(tmp_path, capsys):
     assert e.value.code == 2 and "is not a checkout of the repository" in capsys.readouterr().err
 
 
-def test_moe_bench_prints_and_records_every_variant_against_the_own_experts(tmp_path, capsys):
+def test_moe_bench_prints_and_records_every_variant_against_the_own_experts(tmp_path, capsys, monkeypatch):
     # The tiny shape on CPU: the code path of every variant, numbers that mean nothing (no timing asserted).
     from bench import moe
 
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the torch reference, not the kernels in the interpreter
     assert moe.fit_group("w4g128", (576, 192)) == "w4g64" and moe.fit_group("w4g128a8", (2048, 768)) == "w4g128a8"
     assert moe.fit_group("w8a8", (64, 32)) == "w8a8"
     out = tmp_path / "moe.json"

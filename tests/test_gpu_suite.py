@@ -95,6 +95,17 @@ def test_kernels_decode_zero_and_qlora_numbers(smoke):
     assert [r["variant"] for r in qlora] == ["lora", "qlora-int4"] and all(r["peak_gb"] > 0 for r in qlora)
 
 
+def test_moe_ratios_and_the_kernels_in_the_interpreter(smoke):
+    moe = record(smoke, "moe")
+    assert moe["complete"] and moe["shape"] == "tiny"
+    fused = [r for r in moe["qat_step"] if r["variant"] == "fused"]
+    assert len(fused) == 2 and all(r["note"] == "equals reference" for r in fused)  # the kernel, interpreted
+    ints = [r for r in moe["inference"] if r["variant"] == "int"]
+    assert {r["scheme"] for r in ints} == {"w4g32", "w8a8"} and all(r["max_rel_diff"] < 1e-5 for r in ints)
+    assert all(r["ratio"] > 0 for r in moe["qat_step"] + moe["inference"])
+    assert "## moe (tiny" in (smoke / "summary.md").read_text()
+
+
 def test_a_part_over_its_limit_is_stopped_and_the_next_still_runs(tmp_path):
     r = run_suite(tmp_path, "--parts", "train_step,kernels", "--budget", "train_step=1", timeout=90)
     assert r.returncode == 1  # a timeout is not a pass
