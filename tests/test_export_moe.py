@@ -240,3 +240,18 @@ def test_integer_experts_run_the_int_kernels_on_the_device_path(tmp_path, scheme
     # Exact integer sums (or fp32 kernels) against a bf16 matmul: the gap is bf16 rounding, as large as bf16-vs-fp32.
     assert (got - ref).abs().max() <= 2 * (ref - fp32).abs().max() + 1e-3 * ref.abs().max()
     assert sum(kernel_calls.values()) > 0 if (LANE or torch.cuda.is_available()) else not kernel_calls
+
+
+@pytest.mark.parametrize("kind", ["group", "w8a8"])
+def test_a_folder_converted_in_fp32_loads_in_bf16(tmp_path, kind):
+    """The stacks take the dtype the model loads in (a scale rounded to bf16, as a bf16 conversion stores it)."""
+    model = _model("qwen3_moe", _scheme("qwen3_moe", kind))
+    rt = load_quantized(convert_model(model, tmp_path / "int"), dtype=torch.bfloat16)
+    (name, ie), = _experts(rt, IntExperts)[:1]
+    assert ie.gate_up_proj_scale.dtype == torch.bfloat16
+    fq = dict(_experts(model, QuantExperts))[name]
+    scale = fq.weight_quantizers["gate_up_proj"].qparams(fq.canonical("gate_up_proj").reshape(-1, 64))[0]
+    assert torch.equal(ie.gate_up_proj_scale.float().reshape(-1), scale.to(torch.bfloat16).float().reshape(-1))
+    with torch.no_grad():
+        ref, got = model(_ids()).logits, rt(_ids()).logits.float()
+    assert torch.isfinite(got).all() and (ref - got).abs().max() <= 5e-2 * ref.abs().max()

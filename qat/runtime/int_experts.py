@@ -102,10 +102,12 @@ class IntExperts(nn.Module):
         """Copy a filled IntLinear / Fp8Linear (rows `rows` of expert `e`'s projection `param`) into the stack."""
         q = getattr(self, f"{param}_qweight")
         q[e, rows] = lin.qweight.to(q.device)
-        getattr(self, f"{param}_scale")[e, rows] = lin.scale.to(q.device)
+        # The stack holds the dtype the model loads in; a folder converted in another keeps its own on disk.
+        scale = getattr(self, f"{param}_scale")
+        scale[e, rows] = lin.scale.to(q.device, scale.dtype)
         zero = getattr(self, f"{param}_zero")
         if zero is not None:
-            zero[e, rows] = lin.zero.to(q.device)
+            zero[e, rows] = lin.zero.to(q.device, zero.dtype)
 
     def out_in(self, param: str) -> tuple[int, int]:
         """(out, in) features of one expert's projection `param`."""
