@@ -274,3 +274,26 @@ def test_a_saved_fake_quant_moe_folder_loads_back_to_the_same_logits(family, tmp
     back = load(tmp_path, "float32", attn_implementation=model.config._attn_implementation)
     assert isinstance(back.model.layers[0].mlp.experts, QuantExperts)
     assert torch.equal(back(ids).logits, ref)
+
+
+def test_a_mixtral_folder_saved_under_its_checkpoint_names_loads_its_quantizers(tmp_path):
+    """transformers saves Mixtral's `mlp` as `block_sparse_moe`, quantizer tensors included: found all the same."""
+    from qat.load import load
+
+    torch.manual_seed(0)
+    cfg = tf.MixtralConfig(**SMALL, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    quantize_model(model, QuantSpec(weight=TensorSpec(bits=4, learnable="lsq")))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("scale"):
+                p.mul_(1 + 0.3 * torch.rand_like(p))
+    ids = torch.randint(0, 128, (2, 10))
+    ref = model(ids).logits.detach()
+    model.save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.block_sparse_moe.experts.weight_quantizers.gate_up_proj.scale" in f.keys()
+    back = load(tmp_path, "float32", attn_implementation=model.config._attn_implementation)
+    assert torch.equal(back(ids).logits, ref)

@@ -20,6 +20,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
+try:  # transformers >= 5 renames checkpoint keys on load and back on save
+    from transformers.core_model_loading import revert_weight_conversion
+except ImportError:
+    revert_weight_conversion = None
+
 from ..apply import quantize_model, quantizer_keys
 from ..keys import AQLM_KEY, EXPORT_KEY, HF_QUANT_KEY, LLM_INT8_KEY, PTQ_KEY, QUANT_KEY
 from ..spec import QuantSpec, SpecError
@@ -129,6 +134,19 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
+def saved_names(model: nn.Module, keys: set[str]) -> dict[str, str]:
+    """{name in the saved files: state-dict key} for `keys`: save_pretrained writes a model whose checkpoints use
+    other module names under those (Mixtral's `mlp` is saved as `block_sparse_moe`), our quantizer tensors with
+    them, so they are looked up under the name the same renaming gives."""
+    if revert_weight_conversion is None:  # a transformers without load-time renaming saves the names as they are
+        return {k: k for k in keys}
+    tracers = {k: torch.zeros(1) for k in keys}
+    sources = {id(t): k for k, t in tracers.items()}
+    renamed = revert_weight_conversion(model, dict(tracers))
+    out = {new: sources[id(t)] for new, t in renamed.items() if id(t) in sources}
+    return out if len(out) == len(keys) else {**{k: k for k in keys}, **out}
+
+
 def load_fake_quant(folder: Folder, dtype: Optional[torch.dtype] = None, **kwargs: Any) -> nn.Module:
     """A QAT or PTQ folder as saved: base weights, the same surgery, its quantizer tensors (eval mode)."""
     if folder.kind not in (Kind.QAT, Kind.PTQ):
@@ -139,12 +157,13 @@ def load_fake_quant(folder: Folder, dtype: Optional[torch.dtype] = None, **kwarg
     delattr(model.config, QUANT_KEY)  # quantize_model refuses a model that already records a spec
     quantize_model(model, folder.spec)
     wanted = quantizer_keys(model)
+    saved = saved_names(model, wanted)
     found: dict[str, torch.Tensor] = {}
     for f in sorted(folder.path.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
             for k in st.keys():
-                if k in wanted:
-                    found[k] = st.get_tensor(k)
+                if k in saved:
+                    found[saved[k]] = st.get_tensor(k)
     missing = sorted(wanted - set(found))
     if missing:
         raise ModelError(f"{folder.path} lacks quantizer tensors the spec needs, e.g. {missing[:3]}")
