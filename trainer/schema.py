@@ -68,7 +68,8 @@ class Resume:
 @dataclass
 class ModelConfig:
     name_or_path: str = setting("bundled:smollm2-135m", help="a local Hugging Face folder, or bundled:<name> "
-                                "(bundled:smollm2-135m ships with the project)")
+                                "(bundled:smollm2-135m ships with the project; bundled:smollm2-135m-moe is it as "
+                                "a mixture of 8 experts, top-6, built from it once)")
     dtype: str = setting("auto", choices=("auto", "bfloat16", "float16", "float32"), help="the weights' dtype "
                          "as loaded (auto: bfloat16 on a GPU, float32 on CPU; training may still multiply in bf16 "
                          "there: train.autocast)")
