@@ -135,3 +135,33 @@ def test_ptq_convert_and_eval_of_a_moe_report_full_coverage(moe_dir, tmp_path):
     rec = json.loads((tmp_path / "eval" / "eval.json").read_text())
     (label, cov), = rec["coverage"].items()
     assert cov["share"] == 1.0 and cov["kinds"]["experts"]["quantized"] == 2 * 4 * (2 * 32 * 64 + 64 * 32)
+
+
+def test_lr_relative_gives_each_expert_stack_its_rate_and_its_scales_theirs():
+    import torch
+    import transformers as tf
+
+    from qat.apply import quantize_model
+    from qat.spec import QuantSpec, TensorSpec
+    from trainer.optim import param_groups
+
+    torch.manual_seed(0)
+    model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
+        num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    quantize_model(model, QuantSpec(weight=TensorSpec(bits=4, learnable="lsq")))
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.gate_up_proj.mul_(0.25)  # a rotation folded a small norm into it
+    weights = {n: p for n, p in model.named_parameters()
+               if n.endswith(("experts.gate_up_proj", "experts.down_proj")) or n.endswith("proj.weight")}
+    rms = {n: p.detach().float().pow(2).mean().sqrt().item() for n, p in weights.items()}
+    median = torch.tensor(sorted(rms.values())).median().item()
+    groups = {g["name"]: g for g in param_groups(model, 1e-3, 0.1, 1e-4, lr_relative=True)}
+    stack = "model.layers.0.mlp.experts.gate_up_proj"
+    assert groups[stack]["params"][0] is weights[stack]
+    assert groups[stack]["lr"] == pytest.approx(1e-3 * rms[stack] / median, rel=1e-6)
+    scales = groups["model.layers.0.mlp.experts.weight_quantizers.gate_up_proj"]
+    assert scales["params"][0] is model.model.layers[0].mlp.experts.weight_quantizers["gate_up_proj"].scale
+    assert scales["lr"] == pytest.approx(1e-4 * rms[stack] / median, rel=1e-6) and scales["weight_decay"] == 0.0
+    assert groups[stack]["lr"] < 0.5 * groups["model.layers.1.mlp.experts.gate_up_proj"]["lr"]
+    assert sum(len(g["params"]) for g in groups.values()) == sum(1 for _ in model.parameters())

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from qat.apply import quantizer_keys
+from qat.experts import QuantExperts
 
 COMPENSATION = ("kahan", "stochastic", "none")
 
@@ -161,13 +162,18 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, quantizer_lr:
     linear moves the same share of its grid."""
     decay, fp_decay, no_decay, quant = [], [], [], []
     quantizers = quantizer_keys(model)
-    qmods = {n: m for n, m in model.named_modules() if getattr(m, "weight_quantizer", None) is not None}
-    quantized = {f"{n}.weight" for n in qmods}
+    # Each quantized weight by name: a linear's, and each fake-quantized stack of fused MoE experts.
+    weights = {f"{n}.weight": (m.weight, m.weight_quantizer) for n, m in model.named_modules()
+               if getattr(m, "weight_quantizer", None) is not None}
+    weights.update({f"{n}.{p}": (getattr(m, p), m.weight_quantizers[p]) for n, m in model.named_modules()
+                    if isinstance(m, QuantExperts) for p in m.quantized_params()})
+    quantized = set(weights)
     split = fp_lr is not None
-    # lr_relative: the parameters of each quantized linear that take its rate (its weight, its weight quantizer's)
+    # lr_relative: the parameters that take a quantized weight's rate (the weight, its quantizer's parameters)
     owner = {} if not lr_relative else {
-        **{f"{n}.weight": n for n in qmods},
-        **{f"{n}.weight_quantizer.{k}": n for n, m in qmods.items() for k, _ in m.weight_quantizer.named_parameters()},
+        **{w: w for w in weights},
+        **{f"{w.rsplit('.', 1)[0]}.{_quantizer_name(w)}.{k}": w for w, (_, q) in weights.items()
+           for k, _ in q.named_parameters()},
     }
     own: dict[str, list] = {}
     for name, p in model.named_parameters():
@@ -191,16 +197,23 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, quantizer_lr:
         {"params": quant, "weight_decay": 0.0, "lr": quantizer_lr, "name": "quantizer"},
     ]
     if own:
-        rms = {m: qmods[m].weight.detach().float().pow(2).mean().sqrt().item() for m in own}
+        rms = {w: weights[w][0].detach().float().pow(2).mean().sqrt().item() for w in own}
         median = float(torch.tensor(sorted(rms.values())).median().item()) or 1.0
-        for m, params in own.items():
-            ratio = rms[m] / median
-            weights = [p for n, p in params if n in quantized]
+        for w, params in own.items():
+            ratio = rms[w] / median
+            ws = [p for n, p in params if n in quantized]
             scales = [p for n, p in params if n not in quantized]
-            groups.append({"params": weights, "weight_decay": weight_decay, "lr": lr * ratio, "name": f"{m}.weight"})
+            groups.append({"params": ws, "weight_decay": weight_decay, "lr": lr * ratio, "name": w})
             groups.append({"params": scales, "weight_decay": 0.0, "lr": quantizer_lr * ratio,
-                           "name": f"{m}.weight_quantizer"})
+                           "name": f"{w.rsplit('.', 1)[0]}.{_quantizer_name(w)}"})
     return [g for g in groups if g["params"]]
+
+
+def _quantizer_name(weight: str) -> str:
+    """Where a quantized weight's quantizer sits beside it: a linear's `weight_quantizer`, a fused experts
+    module's `weight_quantizers.<parameter>`."""
+    param = weight.rsplit(".", 1)[1]
+    return "weight_quantizer" if param == "weight" else f"weight_quantizers.{param}"
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
