@@ -165,3 +165,28 @@ def test_lr_relative_gives_each_expert_stack_its_rate_and_its_scales_theirs():
     assert scales["lr"] == pytest.approx(1e-4 * rms[stack] / median, rel=1e-6) and scales["weight_decay"] == 0.0
     assert groups[stack]["lr"] < 0.5 * groups["model.layers.1.mlp.experts.gate_up_proj"]["lr"]
     assert sum(len(g["params"]) for g in groups.values()) == sum(1 for _ in model.parameters())
+
+
+def test_a_router_trains_at_a_rate_relative_to_its_size():
+    import torch
+    import transformers as tf
+
+    from qat.apply import quantize_model
+    from trainer.optim import param_groups
+
+    torch.manual_seed(0)
+    model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
+        num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    quantize_model(model, "w4")
+    router = model.model.layers[0].mlp.gate.weight
+    with torch.no_grad():
+        router.normal_(std=1e-5)  # the bundled MoE's near-uniform router
+    quantized = [p for n, p in model.named_parameters() if n.endswith(("proj.weight", "gate_up_proj", "down_proj"))]
+    median = torch.tensor(sorted(p.detach().pow(2).mean().sqrt().item() for p in quantized)).median().item()
+    for relative in (False, True):
+        groups = {g["name"]: g for g in param_groups(model, 1e-3, 0.1, 1e-4, lr_relative=relative)}
+        g = groups["router:model.layers.0.mlp.gate"]
+        assert g["params"] == [router] and g["weight_decay"] == 0.0
+        assert g["lr"] == pytest.approx(1e-3 * router.detach().pow(2).mean().sqrt().item() / median, rel=1e-6)
+        assert g["lr"] < 1e-6

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from qat.apply import quantizer_keys
+from qat.coverage import routers
 from qat.experts import QuantExperts
 
 COMPENSATION = ("kahan", "stochastic", "none")
@@ -176,10 +177,17 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, quantizer_lr:
            for k, _ in q.named_parameters()},
     }
     own: dict[str, list] = {}
+    # MoE routers train at lr x their weights' RMS / the median quantized weight's: Adam moves each parameter by
+    # about lr a step whatever its size, and a router whose logits differ by 1e-5 (the bundled MoE's) would route
+    # every token elsewhere after one step at the weights' rate.
+    router_of = {f"{m}.{k}": m for m in routers(model) for k, _ in model.get_submodule(m).named_parameters(
+        recurse=False)}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name in owner:
+        if name in router_of and p.ndim >= 2:
+            own.setdefault(f"router:{router_of[name]}", []).append((name, p))
+        elif name in owner:
             own.setdefault(owner[name], []).append((name, p))
         elif name in quantizers:
             quant.append(p)
@@ -197,16 +205,25 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, quantizer_lr:
         {"params": quant, "weight_decay": 0.0, "lr": quantizer_lr, "name": "quantizer"},
     ]
     if own:
-        rms = {w: weights[w][0].detach().float().pow(2).mean().sqrt().item() for w in own}
-        median = float(torch.tensor(sorted(rms.values())).median().item()) or 1.0
+        rms = {w: _rms(weights[w][0] if w in weights else params[0][1]) for w, params in own.items()}
+        quantized_rms = [rms[w] if w in rms else _rms(t) for w, (t, _) in weights.items()]
+        median = float(torch.tensor(sorted(quantized_rms or [1.0])).median().item()) or 1.0
         for w, params in own.items():
             ratio = rms[w] / median
+            if w.startswith("router:"):
+                groups.append({"params": [p for _, p in params], "weight_decay": 0.0, "lr": other * ratio,
+                               "name": w})
+                continue
             ws = [p for n, p in params if n in quantized]
             scales = [p for n, p in params if n not in quantized]
             groups.append({"params": ws, "weight_decay": weight_decay, "lr": lr * ratio, "name": w})
             groups.append({"params": scales, "weight_decay": 0.0, "lr": quantizer_lr * ratio,
                            "name": f"{w.rsplit('.', 1)[0]}.{_quantizer_name(w)}"})
     return [g for g in groups if g["params"]]
+
+
+def _rms(t: torch.Tensor) -> float:
+    return t.detach().float().pow(2).mean().sqrt().item()
 
 
 def _quantizer_name(weight: str) -> str:
