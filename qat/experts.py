@@ -16,6 +16,7 @@ parameter, and nothing is changed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -198,10 +199,7 @@ def expert_loop(
     b_up = getattr(module, f"{lay.up}_bias") if lay.bias else None
     b_down = getattr(module, f"{lay.down}_bias") if lay.bias else None
     out = torch.zeros(x.shape, dtype=hidden_states.dtype, device=x.device)
-    for e in torch.unique(index).tolist():
-        if e >= lay.num_experts:  # expert parallelism's sentinel: a slot routed to another rank
-            continue
-        token, slot = torch.where(index == e)
+    for e, token, slot in routes(index, lay.num_experts):
         h = F.linear(x[token], w_up[e], None if b_up is None else b_up[e].to(w_up.dtype))
         h = activate(module, h, lay)
         if quantize:
@@ -212,6 +210,16 @@ def expert_loop(
         h = h * routing[token, slot, None]
         out.index_add_(0, token, h.to(out.dtype))
     return out.reshape(shape)
+
+
+def routes(index: torch.Tensor, num_experts: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(expert, its tokens, their top-k slots) for each expert the (tokens, k) routing `index` hits; an expert
+    with no token is not visited, so it gets no gradient (zero, not NaN)."""
+    for e in torch.unique(index).tolist():
+        if e >= num_experts:  # expert parallelism's sentinel: a slot routed to another rank
+            continue
+        token, slot = torch.where(index == e)
+        yield e, token, slot
 
 
 def activate(module: nn.Module, h: torch.Tensor, layout: ExpertsLayout) -> torch.Tensor:
@@ -299,4 +307,4 @@ def routing_load(model: nn.Module, reset: bool = True) -> dict[str, list[int]]:
 
 
 __all__ = ["QuantExperts", "ExpertsLayout", "ExpertsLayoutError", "describe", "expert_loop", "experts_modules",
-           "fused_params", "routing_load", "check_forward", "activate"]
+           "fused_params", "routing_load", "check_forward", "activate", "routes"]

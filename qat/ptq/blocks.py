@@ -249,6 +249,14 @@ def collect(layer: nn.Module, groups: list[Group], inputs, kwargs, want_h: bool,
                 raise _Stop
 
         handles.append(mod.register_forward_pre_hook(hook))
+    _replay(layer, inputs, kwargs, seen, handles)
+    for g in groups:
+        g.stats.finish()
+
+
+def _replay(layer: nn.Module, inputs, kwargs, seen: set, handles: list) -> None:
+    """Run the layer over the calibration batches (each cut short where a hook raises _Stop), then remove the
+    hooks."""
     try:
         for x, kw in zip(inputs, kwargs):
             seen.clear()
@@ -259,8 +267,6 @@ def collect(layer: nn.Module, groups: list[Group], inputs, kwargs, want_h: bool,
     finally:
         for h in handles:
             h.remove()
-    for g in groups:
-        g.stats.finish()
 
 
 def capture_routed(layer: nn.Module, names: list[str], inputs, kwargs) -> dict[str, Routed]:
@@ -289,16 +295,7 @@ def capture_calls(layer: nn.Module, names: list[str], inputs, kwargs) -> dict[st
                 raise _Stop
 
         handles.append(layer.get_submodule(n).register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        for x, kw in zip(inputs, kwargs):
-            seen.clear()
-            try:
-                layer(x, **kw)
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
+    _replay(layer, inputs, kwargs, seen, handles)
     return calls
 
 

@@ -21,7 +21,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..experts import ExpertsLayout, activate
+from ..experts import ExpertsLayout, activate, routes
 from ..spec import TensorSpec
 from . import ops
 from .fp8 import FP8, Fp8Linear, linear_fp8, unsupported
@@ -143,10 +143,7 @@ class IntExperts(nn.Module):
         b_up = getattr(self, f"{lay.up}_bias") if lay.bias else None
         b_down = getattr(self, f"{lay.down}_bias") if lay.bias else None
         out = torch.zeros(x.shape, dtype=hidden_states.dtype, device=x.device)
-        for e in torch.unique(index).tolist():
-            if e >= lay.num_experts:  # expert parallelism's sentinel: a slot routed to another rank
-                continue
-            token, slot = torch.where(index == e)
+        for e, token, slot in routes(index, lay.num_experts):
             h = self._linear(lay.up, e, x[token], None if b_up is None else b_up[e].to(self.compute_dtype))
             h = activate(self, h, lay)
             h = self._linear(lay.down, e, h, None if b_down is None else b_down[e].to(self.compute_dtype))
