@@ -25,7 +25,7 @@ def test_every_recipe_loads(recipe):
     cfg = load_config(recipe)
     assert isinstance(cfg, RunConfig)
     assert isinstance(cfg.quant, QuantSpec)
-    assert cfg.model.name_or_path == "bundled:smollm2-135m"
+    assert cfg.model.name_or_path in ("bundled:smollm2-135m", "bundled:smollm2-135m-moe")
 
 
 def test_scheme_expands_and_later_keys_refine_it():
