@@ -170,12 +170,18 @@ class QuantExperts(nn.Module):
                 ) -> torch.Tensor:
         dt = torch.get_autocast_dtype(hidden_states.device.type) if torch.is_autocast_enabled(
             hidden_states.device.type) else None
-        with torch.no_grad():
-            hit = top_k_index.reshape(-1)
+        if not _recomputing():
+            hit = top_k_index.reshape(-1).detach()
             self.routed_tokens += torch.bincount(hit, minlength=self.routed_tokens.numel() + 1)[
                 : self.routed_tokens.numel()].to(self.routed_tokens.device)
         weights = {p: self.quantized_weight(p, dt) for p in self.expert_layout.params}
         return expert_loop(self, hidden_states, top_k_index, top_k_weights, weights, quantize=True)
+
+
+def _recomputing() -> bool:
+    """Inside a backward pass: gradient checkpointing recomputing this forward, whose tokens were counted once."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 def expert_loop(

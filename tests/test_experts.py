@@ -297,3 +297,14 @@ def test_a_mixtral_folder_saved_under_its_checkpoint_names_loads_its_quantizers(
         assert "model.layers.0.block_sparse_moe.experts.weight_quantizers.gate_up_proj.scale" in f.keys()
     back = load(tmp_path, "float32", attn_implementation=model.config._attn_implementation)
     assert torch.equal(back(ids).logits, ref)
+
+
+def test_the_routing_load_counts_each_token_once_under_gradient_checkpointing():
+    model = tiny("qwen3_moe").train()
+    quantize_model(model, "w4")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 128, (2, 12))
+    model(ids).logits.square().mean().backward()  # backward recomputes each layer's forward
+    load = routing_load(model)
+    assert set(load) == {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts"}
+    assert all(sum(counts) == 2 * 12 * 2 for counts in load.values())  # tokens x top-2, not twice that
