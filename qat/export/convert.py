@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..apply import quant_spec_of, quantizer_keys
+from ..coverage import routers
 from ..io.atomic import atomic_dir, check_dir
 from ..io.folders import Kind, inspect, load_fake_quant, spec_label
 from ..keys import EXPORT_KEY, HF_QUANT_KEY, QUANT_KEY
@@ -27,7 +28,7 @@ from ..linear import QuantLinear
 from ..runtime.fp8 import Fp8Linear
 from ..runtime.int_linear import IntLinear
 from ..spec import QuantSpec
-from .experts import checkpoint_names, compress_experts, experts_of, experts_target, float_experts, router_names
+from .experts import checkpoint_names, compress_experts, experts_of, experts_target, float_experts
 from .format import FormatError, compress, file_sha256, kv_record, weight_args
 from .fp8 import compress_fp8
 from .layers import compressed
@@ -102,7 +103,7 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
     written = _write_experts(found, names, tensors, groups, ignore) if names is not None else set()
     if not quantized and not written:
         raise FormatError("the model has no quantized linear layers or experts to convert")
-    ignore += [r for r in (ck(n) for n in router_names(model, list(found))) if r not in ignore]
+    ignore += [r for r in (ck(n) for n in sorted(routers(model))) if r not in ignore]
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     skip = quantizer_keys(model)
     for k, t in model.state_dict().items():

@@ -36,7 +36,7 @@ from .fp8 import fp8_codes, fp8_scheme
 from .layers import compressed, load_compressed
 
 __all__ = ["Entry", "CheckpointNames", "checkpoint_names", "experts_of", "compress_experts", "experts_target",
-           "router_names", "float_experts", "load_experts"]
+           "float_experts", "load_experts"]
 
 # vLLM looks an experts layer's scheme up under `<its experts prefix>.0.gate_proj|up_proj|down_proj`, whatever the
 # family's checkpoint names (CompressedTensorsMoEMethod.get_moe_method), so every experts target names these too.
@@ -180,22 +180,6 @@ def experts_target(entries: list[Entry], lay: ExpertsLayout, param: str) -> str:
                           "distqat cannot target them in the config")
     leaves = sorted({m.group(3) for m in parts} | set(VLLM_LEAVES["up" if param == lay.up else "down"]))
     return f"re:^{re.escape(parts[0].group(1))}\\.\\d+\\.({'|'.join(leaves)})$"
-
-
-def router_names(model: nn.Module, experts: list[str]) -> list[str]:
-    """Modules beside an experts module that hold an (E, H) routing weight: the routers, kept full precision."""
-    out = []
-    for name in experts:
-        parent, _, _ = name.rpartition(".")
-        block = model.get_submodule(parent) if parent else model
-        lay_e = getattr(model.get_submodule(name), "expert_layout", None)
-        num = lay_e.num_experts if lay_e is not None else None
-        for child, m in block.named_children():
-            w = getattr(m, "weight", None)
-            if isinstance(w, torch.Tensor) and w.dim() == 2 and (num is None or w.shape[0] == num) and \
-                    f"{parent}.{child}" != name:
-                out.append(f"{parent}.{child}" if parent else child)
-    return out
 
 
 def _quantized_specs(m: nn.Module, name: str) -> dict[str, tuple[TensorSpec, Optional[TensorSpec]]]:
