@@ -15,6 +15,7 @@ from typing import Optional
 
 from safetensors import SafetensorError
 
+from qat.io.signals import EXIT_STOPPED, Stopped, record_exit
 from qat.keys import COVERAGE_KEY, MANIFEST_FILE
 
 from .config import ConfigError, RunConfig, command_reads, describe_schema, load_config, override_keys, reads, to_yaml
@@ -239,6 +240,12 @@ def _dispatch(argv: list[str]) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    code = _main(argv)
+    record_exit(code)
+    return code
+
+
+def _main(argv: Optional[list[str]]) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get("DISTQAT_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
@@ -256,6 +263,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"{who}: interrupted", file=sys.stderr)
         return 130
+    except Stopped as e:  # a cluster's stop signal: what was finished is kept; a rerun continues
+        print(f"{who}: {e} (exit {EXIT_STOPPED})", file=sys.stderr)
+        return EXIT_STOPPED
     except Exception as e:  # the one place every failure becomes one line
         if debug:
             raise

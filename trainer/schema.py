@@ -148,6 +148,10 @@ class TrainConfig:
     keep_last: int = setting(2, range=(1, 1000), help="checkpoints kept")
     resume: str = setting("auto", help="auto: the newest checkpoint in output_dir/checkpoints, if any; never: start "
                           "afresh; or a checkpoint's path")
+    stop_signals: list[str] = setting(
+        factory=lambda: ["TERM", "USR1"], choices=("TERM", "USR1", "USR2", "HUP"),
+        help="signals that stop training after the current step with a checkpoint and exit code 75 (SLURM: "
+        "--signal=USR1@120; Kubernetes sends TERM); train.resume=auto continues it exactly")
     skip_nonfinite: int = setting(0, range=(0, 1 << 30), help="a non-finite loss or gradient stops the run; N > 0 "
                                   "skips up to N such batches first (not under DeepSpeed)")
     progress_every_s: float = setting(30.0, range=(0.0, 86400.0), help="where stderr is not a terminal (a log): "
@@ -184,6 +188,10 @@ class DistributedConfig:
                               "gradients, 3 the parameters too")
     offload_optimizer: bool = setting(False, help="DeepSpeed: the optimizer state in CPU memory")
     offload_params: bool = setting(False, help="DeepSpeed ZeRO-3: the parameters in CPU memory")
+    timeout_s: float = setting(1800.0, range=(1.0, 7 * 86400.0), help="seconds a collective (gloo, NCCL) may wait "
+                               "for the other ranks before it fails")
+    peer_timeout_s: float = setting(120.0, range=(1.0, 86400.0), help="seconds without a heartbeat from another "
+                                    "rank before this one ends, naming it (killed, OOM, node lost)")
 
 
 @dataclass
