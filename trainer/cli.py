@@ -15,7 +15,7 @@ from typing import Optional
 
 from safetensors import SafetensorError
 
-from qat.io.signals import EXIT_STOPPED, Stopped, record_exit
+from qat.io.signals import EXIT_STOPPED, Stopped, record_exit, stop_on_signals
 from qat.keys import COVERAGE_KEY, MANIFEST_FILE
 
 from .config import ConfigError, RunConfig, command_reads, describe_schema, load_config, override_keys, reads, to_yaml
@@ -228,7 +228,8 @@ def _dispatch(argv: list[str]) -> int:
         return run_bench(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "convert":
-        return run_convert(args.folder, args.out)
+        with stop_on_signals():
+            return run_convert(args.folder, args.out)
     cfg = _load(args)
     if args.print_config:
         print(to_yaml(cfg), end="")
@@ -236,7 +237,10 @@ def _dispatch(argv: list[str]) -> int:
     from .quiet import quiet_libraries  # lazy: --help start-up (it imports torch)
 
     quiet_libraries()
-    return COMMANDS[args.command].run(cfg)
+    # Until training starts (trainer/faults.py then finishes the step and checkpoints first), a stop signal ends
+    # the command where it lands; the atomic writers drop their temp paths and keep what was finished.
+    with stop_on_signals(cfg.train.stop_signals):
+        return COMMANDS[args.command].run(cfg)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
