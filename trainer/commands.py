@@ -86,6 +86,9 @@ def ptq_command(cfg: RunConfig) -> dict:
     with atomic_dir(out / "model") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        # An earlier run's report goes before its model is replaced, so that a report beside model/ is always
+        # that model's (this one is written once model/ is in place).
+        (out / "ptq_report.json").unlink(missing_ok=True)
     coverage = getattr(model.config, COVERAGE_KEY, None)
     result = {**report.to_dict(), "coverage": coverage, "model_dir": str(out / "model")}
     write_json(out / "ptq_report.json", result)
