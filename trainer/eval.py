@@ -211,16 +211,28 @@ def score_models(cfg: RunConfig, entries: list[tuple[str, Callable[[], torch.nn.
     if roles and {"fp", "rtn"} <= roles.keys():
         record.update(roles=roles, gap_closed=gap_closed(results, roles["fp"], roles["rtn"]))
     record.update(versions=versions(), device=device_name())
-    write_json(out_dir / "eval.json", record)
-    if cfg.eval.plot:
-        plot_bars(results, out_dir / "eval.png", f"{cfg.model.name_or_path}, {n_tokens} tokens of {cfg.eval.split}",
-                  record.get("gap_closed"))
+    write_results(cfg, out_dir, record)
     if "gap_closed" in record:
-        write_text(out_dir / "eval.md", gap_table(record) + "\n")
         print(gap_table(record))
     print(format_table([(cfg.name, record)]))
     print(f"results: {out_dir / 'eval.json'}", file=sys.stderr)
     return record
+
+
+def write_results(cfg: RunConfig, out_dir: Path, record: dict) -> None:
+    """eval.png and eval.md, then eval.json: `distqat report` reads a run's eval.json, so it is written last and
+    an earlier run's goes first, and a folder holding one holds this run's plot and table with it (or none: a
+    stale plot or table this run does not write is removed)."""
+    (out_dir / "eval.json").unlink(missing_ok=True)
+    plot, table = out_dir / "eval.png", out_dir / "eval.md"
+    title = f"{cfg.model.name_or_path}, {record['tokens']} tokens of {cfg.eval.split}"
+    if not (cfg.eval.plot and plot_bars(record["perplexity"], plot, title, record.get("gap_closed"))):
+        plot.unlink(missing_ok=True)
+    if "gap_closed" in record:
+        write_text(table, gap_table(record) + "\n")
+    else:
+        table.unlink(missing_ok=True)
+    write_json(out_dir / "eval.json", record)
 
 
 def format_table(rows: list[tuple[str, dict]]) -> str:
