@@ -197,7 +197,13 @@ def test_cli_convert(tiny_model, tmp_path):
         assert (rt(ids).logits.float() - model(ids).logits.float()).abs().max() < 0.05
     r = run(str(tmp_path / "missing"), "--out", str(tmp_path / "o2"))
     assert r.returncode == 2 and "no config.json" in r.stderr and r.stderr.count("\n") == 1
+    # A rerun (the first was killed after its rename) keeps the same source's conversion; another source's is refused.
+    before = {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()}
     r = run(str(src), "--out", str(tmp_path / "out"))
+    assert r.returncode == 0 and "converted already" in r.stderr, r.stderr[-2000:]
+    assert {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()} == before
+    _quantized(tiny_model, "w4g32").save_pretrained(tmp_path / "other")
+    r = run(str(tmp_path / "other"), "--out", str(tmp_path / "out"))
     assert r.returncode == 2 and "not empty" in r.stderr
 
 

@@ -9,6 +9,7 @@ place at the end: an interrupted conversion leaves no half-written checkpoint.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from collections import OrderedDict
@@ -32,6 +33,7 @@ from .experts import checkpoint_names, compress_experts, experts_of, experts_tar
 from .format import FormatError, compress, file_sha256, kv_record, weight_args
 from .fp8 import compress_fp8
 from .layers import compressed
+from .load import verify_files
 from .readers import model_card, reader_notes
 
 SHARD_BYTES = 4 << 30
@@ -76,9 +78,11 @@ def _save_shards(tensors: dict[str, torch.Tensor], out: Path) -> dict[str, str]:
     return {name: file_sha256(out / name) for name in names}
 
 
-def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path] = None) -> Path:
+def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path] = None,
+                  origin: Optional[dict[str, str]] = None) -> Path:
     """Write `model` (fake-quantized by qat.apply, or holding IntLinear layers) as a compressed-tensors folder at
-    `out`, atomically. Layers with a real-valued zero point make it a format version 2 checkpoint."""
+    `out`, atomically. Layers with a real-valued zero point make it a format version 2 checkpoint. `origin`, the
+    SHA-256 of the source folder's files, is recorded (distqat_export.source) so that a rerun knows its output."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another output folder or remove it")
@@ -150,6 +154,8 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
         }
         if experts_record is not None:  # which names the experts are written under (see qat.export.experts)
             cfg[EXPORT_KEY]["experts"] = experts_record
+        if origin is not None:
+            cfg[EXPORT_KEY]["source"] = {"sha256": origin}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         kind = "fp8" if formats_all == {"float-quantized"} else "integer"
         (tmp / "README.md").write_text(model_card(out.name, spec_label(spec, "custom"), notes, version, kind))
@@ -202,8 +208,42 @@ def convert_folder(src: Union[str, Path], out: Union[str, Path], dtype: Optional
                           "quantize it first with distqat train or distqat ptq")
     out = Path(out)
     check_dir(out, "--out")  # before the model loads: a bad output folder fails in a second
+    origin = source_digests(folder.path)
     if out.exists() and any(out.iterdir()):
+        if converted_from(out, origin):
+            print(f"distqat convert: {out} holds {src} converted already (its checksums match); kept",
+                  file=sys.stderr)
+            return out
         raise FileExistsError(f"{out} exists and is not empty; choose another output folder or remove it")
+    drop_stale_temps(out)
     model = load_fake_quant(folder, dtype or folder.dtype)
     print(f"distqat convert: {src} -> {out}", file=sys.stderr)
-    return convert_model(model, out, source=folder.path)
+    return convert_model(model, out, source=folder.path, origin=origin)
+
+
+def source_digests(folder: Path) -> dict[str, str]:
+    """The SHA-256 of a source folder's config.json and weight files: what its conversion depends on."""
+    return {f.name: file_sha256(f) for f in [folder / "config.json", *sorted(folder.glob("*.safetensors"))]}
+
+
+def converted_from(out: Path, origin: dict[str, str]) -> bool:
+    """`out` is a finished conversion of the source whose digests are `origin`, its weight files whole: what a
+    convert that was killed (or stopped) after its rename left, which its rerun keeps as it is."""
+    try:
+        cfg = json.loads((out / "config.json").read_text())
+        meta = cfg.get(EXPORT_KEY) or {}
+        if (meta.get("source") or {}).get("sha256") != origin or not meta.get("sha256"):
+            return False
+        verify_files(out, cfg)
+    except (OSError, ValueError, AttributeError):  # no config.json, not JSON, not ours, a file that fails its sum
+        return False
+    return True
+
+
+def drop_stale_temps(out: Path) -> None:
+    """Remove the temp folders a killed convert to `out` left beside it (atomic_dir's `.<name>.tmp-XXXXXXXX`);
+    nothing else there is ours to remove, and no other convert writes to the same `out` at the same time."""
+    stale = re.compile(rf"\.{re.escape(out.name)}\.tmp-[A-Za-z0-9_]{{8}}")  # mkdtemp's 8 characters
+    for p in out.parent.iterdir() if out.parent.is_dir() else []:
+        if p.is_dir() and stale.fullmatch(p.name):
+            shutil.rmtree(p, ignore_errors=True)

@@ -39,7 +39,9 @@ def _checked_config(folder: Folder) -> dict[str, Any]:
     return cfg
 
 
-def _verify_files(path: Path, cfg: dict[str, Any]) -> list[Path]:
+def verify_files(path: Path, cfg: dict[str, Any]) -> list[Path]:
+    """The folder's weight files, each checked against the SHA-256 its conversion recorded; FormatError for a
+    format version this distqat does not read, a missing, truncated or modified file."""
     meta = cfg.get(EXPORT_KEY) or {}
     if meta and meta.get("version") not in READ_VERSIONS:
         raise FormatError(f"{path} was written by format version {meta.get('version')}; this distqat reads "
@@ -110,7 +112,7 @@ def load_quantized(
     folder = path if isinstance(path, Folder) else inspect(path, what="the converted folder")
     path = folder.path
     cfg = _checked_config(folder)
-    files = _verify_files(path, cfg)
+    files = verify_files(path, cfg)
     q = cfg[HF_QUANT_KEY]
     meta = cfg.get(EXPORT_KEY) or {}
     clean = {k: v for k, v in cfg.items() if k not in (HF_QUANT_KEY, EXPORT_KEY)}
