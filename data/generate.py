@@ -193,6 +193,16 @@ def _write_shard(path: Path, rows: dict) -> None:
         datasets.Dataset.from_dict(rows).to_parquet(str(tmp))
 
 
+def drop_stale_temps(out_dir: Path, shards: list[int]) -> None:
+    """Remove the temp files a killed run left of these shards (atomic_file's, beside each shard): each rank
+    removes its own shards' only, as the other ranks may be writing theirs in the same folder now."""
+    for k in shards:
+        stem = shard_path(out_dir, k).stem
+        for p in out_dir.glob(f".{stem}.*.parquet"):
+            if re.fullmatch(rf"\.{stem}\.[A-Za-z0-9_]{{8}}\.parquet", p.name):  # mkstemp's 8 characters
+                p.unlink(missing_ok=True)
+
+
 def settings_record(cfg: GenerateConfig, seed: int, teacher: str, prefix: list[int]) -> dict:
     d = asdict(cfg)
     d.pop("out_dir")
@@ -241,6 +251,7 @@ def generate(
     firsts = candidate_first_tokens(tokenizer, model.config.vocab_size, words_only=g.first_token == "word")
     shard_size = max(g.batch_size, g.shard_size // g.batch_size * g.batch_size)  # whole batches per shard
     n_shards = -(-g.n_samples // shard_size)
+    drop_stale_temps(out_dir, [k for k in range(n_shards) if k % world == rank])
     mine = [k for k in range(n_shards) if k % world == rank and not shard_path(out_dir, k).exists()]
     compiled = compiled_forward(model, g, device)
     todo = sum(min(shard_size, g.n_samples - k * shard_size) for k in mine)

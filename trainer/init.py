@@ -30,7 +30,7 @@ import torch
 
 from data.calib import calibration_ids
 from qat.apply import quantize_model
-from qat.io.atomic import atomic_dir, write_json
+from qat.io.atomic import atomic_dir, clean_stale, write_json
 from qat.io.env import rank_world
 from qat.io.folders import Folder, Kind, inspect, spec_label
 from qat.io.models import load_model, load_tokenizer
@@ -195,6 +195,9 @@ def prepare_start(cfg: RunConfig, timeout_s: float = 24 * 3600) -> Optional[Path
 
 
 def _clear(stage: Path) -> None:
+    """Rank 0, before it builds the stage (the other ranks wait): the stage's folder and record, and the temp
+    folders a killed build left (the blockwise stage's; an init stage's ptq cleans its own)."""
+    clean_stale(stage)
     for name in ("model", START_FILE):
         p = stage / name
         if p.is_dir():
