@@ -24,6 +24,7 @@ from qat.io.models import load_tokenizer
 from qat.io.progress import bars_wanted
 
 from .callbacks import CtrlC, QuantStats, TrainProgress
+from .cluster import cluster_layout, cluster_plugins, join_run
 from .commands import prepare_output
 from .config import RunConfig, save_config
 from .datamodule import TextDataModule
@@ -114,10 +115,9 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
     # cannot see that and says the opposite.
     warnings.filterwarnings("ignore", message=r".*not resumable\. This can cause unreliable results.*")
     L.seed_everything(cfg.seed, workers=True)
-    if devices is None:
-        devices = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
-    world = int(os.environ.get("WORLD_SIZE", devices))
-    num_nodes = max(1, world // max(devices, 1))
+    layout = cluster_layout(devices)
+    join_run(layout)
+    devices, world, num_nodes = layout.devices, layout.world, layout.num_nodes
     mode = training_mode(cfg)
     mode.check(cfg)
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
@@ -139,7 +139,7 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
                                  monitor="step", mode="max", save_last=False)
     trainer = L.Trainer(
         accelerator="gpu" if torch.cuda.is_available() else "cpu",
-        devices=devices, num_nodes=num_nodes, strategy=strategy,
+        devices=devices, num_nodes=num_nodes, strategy=strategy, plugins=[*cluster_plugins(layout)],
         precision=precision,
         max_steps=cfg.train.max_steps, accumulate_grad_batches=cfg.train.grad_accum,
         gradient_clip_val=None if on_deepspeed else cfg.train.grad_clip,
