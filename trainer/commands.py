@@ -83,7 +83,8 @@ def ptq_command(cfg: RunConfig) -> dict:
         calib = calibration_ids(tok, p.n_samples, p.seq_len, "generate", model=model, seed=p.seed)
     model, report = run_ptq(model, spec, p, calib)
     save_config(cfg, out)
-    with atomic_dir(out / "model") as tmp:
+    with atomic_dir(out / "model", need=sum(t.numel() * t.element_size() for t in model.state_dict().values())) \
+            as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     coverage = getattr(model.config, COVERAGE_KEY, None)
