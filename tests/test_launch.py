@@ -139,7 +139,8 @@ def test_bad_input_on_two_processes_exits_2_and_writes_nothing(run_dir, tmp_path
 
 
 # A stand-in for the ranks' launcher, cheap enough to try every case: it writes the rank codes $CODES names
-# ("0:75 1:2") and exits with $STATUS, at once or, with $WAIT set, on the first signal it gets (named in $WAIT).
+# ("0:75 1:2") and exits with $STATUS, at once or, with $WAIT set, on the first signal it gets (named in $WAIT);
+# without one, it gives up after 60 s (exit 99).
 FAKE_SRUN = """#!/usr/bin/env bash
 finish() {
   [[ -z "${WAIT:-}" ]] || echo "$1" > "$WAIT"
@@ -149,7 +150,8 @@ finish() {
 for s in TERM USR1 USR2 HUP INT; do trap "finish $s" $s; done
 [[ -n "${WAIT:-}" ]] || finish none
 touch "$WAIT.ready"
-while :; do sleep 0.05; done
+for _ in $(seq 1200); do sleep 0.05; done
+exit 99
 """
 
 
@@ -189,7 +191,7 @@ def test_signals_go_on_to_the_launcher(tmp_path, name):
     while not Path(f"{seen}.ready").exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     p.send_signal(getattr(signal, f"SIG{name}"))
-    err = p.communicate(timeout=60)[1]
+    err = p.communicate(timeout=90)[1]
     assert seen.read_text().strip() == name
     assert p.returncode == 75, err[-2000:]
     assert not list(ROOT.glob(".distqat-exit.*")) and not list((tmp_path / "tmp").glob("*distqat-exit*"))
