@@ -24,7 +24,8 @@ from trainer.cluster import ONE, SLURM, TORCHRUN, Layout, cluster_layout, join_r
 
 ROOT = Path(__file__).resolve().parents[1]
 STANDIN = ROOT / "tests" / "scripts"
-RANK_LINE = re.compile(r"^distqat train: rank (\d+) of (\d+) \(node (\d+), local rank (\d+); ([^)]+)\)$", re.M)
+# Not anchored to a line's start: another rank's print (two writes when unbuffered) may have split a line before it.
+RANK_LINE = re.compile(r"distqat train: rank (\d+) of (\d+) \(node (\d+), local rank (\d+); ([^)]+)\)\n")
 # What a launcher or scheduler around the test run may have set; each run here sets its own.
 LAUNCH_VARS = re.compile(r"^(SLURM_\w+|SLURMD_\w+|PET_\w+|TORCHELASTIC_\w+|TORCH_ELASTIC_\w+|MASTER_ADDR|MASTER_PORT|"
                          r"RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|GROUP_RANK|NODE_RANK|NNODES|NPROC_PER_NODE|"
@@ -61,8 +62,9 @@ def train_args(root: Path, out: Path, *extra: str) -> list[str]:
             f"output_dir={out}", *extra]
 
 
-def rank_lines(text: str) -> set[tuple]:
-    return {(int(r), int(w), int(n), int(lr), how) for r, w, n, lr, how in RANK_LINE.findall(text)}
+def rank_lines(text: str) -> list[tuple]:
+    """Each rank line's (rank, world, node, local rank, launcher), in rank order."""
+    return sorted((int(r), int(w), int(n), int(lr), how) for r, w, n, lr, how in RANK_LINE.findall(text))
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -86,7 +88,7 @@ def one_node_two_processes(run_dir):
     env = launch_env(run_dir, NPROC_PER_NODE="2", MASTER_PORT=str(free_port()))
     r = subprocess.run(train_args(run_dir, out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert rank_lines(r.stderr) == {(0, 2, 0, 0, TORCHRUN), (1, 2, 0, 1, TORCHRUN)}
+    assert rank_lines(r.stderr) == [(0, 2, 0, 0, TORCHRUN), (1, 2, 0, 1, TORCHRUN)]
     assert not list((run_dir / "tmp").glob("*distqat-exit*")), "launch.sh removes its exit-code folder"
     return weights(out)
 
@@ -100,7 +102,7 @@ def test_two_nodes_over_loopback_train_as_one_node_with_two_processes(run_dir, o
     errs = [p.communicate(timeout=600)[1] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
     assert "torchrun: 2 node(s) x 1 process(es), node rank 1" in errs[1]
-    assert rank_lines(errs[0]) == {(0, 2, 0, 0, TORCHRUN)} and rank_lines(errs[1]) == {(1, 2, 1, 0, TORCHRUN)}
+    assert rank_lines(errs[0]) == [(0, 2, 0, 0, TORCHRUN)] and rank_lines(errs[1]) == [(1, 2, 1, 0, TORCHRUN)]
     assert_same_weights(weights(out), one_node_two_processes)
 
 
@@ -118,7 +120,7 @@ def test_slurm_allocation_runs_one_process_per_task_through_srun(run_dir, one_no
     r = subprocess.run(train_args(run_dir, out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"SLURM job {env['SLURM_JOB_ID']}: srun with 2 tasks on 2 node(s)" in r.stderr
-    assert rank_lines(r.stderr) == {(0, 2, 0, 0, SLURM), (1, 2, 1, 0, SLURM)}
+    assert rank_lines(r.stderr) == [(0, 2, 0, 0, SLURM), (1, 2, 1, 0, SLURM)]
     assert_same_weights(weights(out), one_node_two_processes)
     assert not list(ROOT.glob(".distqat-exit.*")), "launch.sh removes its exit-code folder"
 

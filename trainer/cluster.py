@@ -101,7 +101,10 @@ def join_run(layout: Layout, env: Optional[MutableMapping[str, str]] = None, com
         # SLURM's numbers, over any a job script left behind (its RANK is no task's)
         env.update(RANK=str(layout.rank), WORLD_SIZE=str(layout.world), LOCAL_RANK=str(layout.local_rank),
                    LOCAL_WORLD_SIZE=str(layout.devices), SLURM_NTASKS_PER_NODE=str(layout.devices))
-    print(f"distqat {command}: {layout.line()}", file=sys.stderr, flush=True)
+    # One write (print makes two, the line and its newline): the ranks share one stderr, and unbuffered
+    # (PYTHONUNBUFFERED) two ranks' writes would interleave mid-line.
+    sys.stderr.write(f"distqat {command}: {layout.line()}\n")
+    sys.stderr.flush()
 
 
 def cluster_plugins(layout: Layout) -> list:
