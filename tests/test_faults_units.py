@@ -241,3 +241,22 @@ def test_the_watch_ends_at_once_when_a_rank_posts_its_failure(monkeypatch, capsy
     PeerWatch(store, 0, 2, timeout_s=60).failed("ValueError: the loss is not finite")
     assert watch.wait_for_lost(5.0) == (0, "failed: ValueError: the loss is not finite") and codes == [76]
     assert "rank 0 of 2 failed: ValueError: the loss is not finite; rank 1 stops too" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["single", "ddp", "deepspeed"])
+def test_the_collective_timeout_and_the_atomic_checkpoint_writer_reach_each_strategy(name):
+    from datetime import timedelta
+
+    from trainer.config import load_config
+    from trainer.strategy import make_strategy
+
+    cfg = load_config(None, [f"distributed.strategy={name}", "distributed.timeout_s=90"])
+    s = make_strategy(cfg.distributed, cfg.train, 2)
+    if name == "single":
+        assert isinstance(s.checkpoint_io, AtomicCheckpointIO)
+        return
+    assert s._timeout == timedelta(seconds=90)
+    if name == "ddp":
+        assert isinstance(s.checkpoint_io, AtomicCheckpointIO)
+    else:
+        assert type(s).save_checkpoint is strategy_module._AtomicDeepSpeed.save_checkpoint
