@@ -11,6 +11,7 @@ store lives in rank 0's process (or torchrun's agent): when it is gone, rank 0 o
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -19,7 +20,7 @@ from typing import Any, Optional
 import lightning as L
 import torch.distributed as dist
 
-from qat.io.signals import EXIT_RANK_LOST
+from qat.io.signals import EXIT_RANK_LOST, record_exit
 
 PREFIX = "distqat/peers/"
 _active: Optional[PeerWatch] = None
@@ -96,6 +97,7 @@ class PeerWatch:
         print(f"{self.who}: error: rank {rank} of {self.world} {why}; rank {self.rank} stops too (exit "
               f"{EXIT_RANK_LOST}); rerun the same command to continue from the last checkpoint (train.resume=auto)",
               file=sys.stderr, flush=True)
+        record_exit(EXIT_RANK_LOST, self.rank)  # what launch.sh returns; os._exit skips the CLI, which records it
         os._exit(EXIT_RANK_LOST)  # the main thread may be inside a collective that nothing else interrupts
 
 
@@ -127,6 +129,16 @@ def on_failure(message: str, communication: bool) -> None:
     watch, _active = _active, None
     if watch is None:
         return
-    if communication and watch.wait_for_lost(watch.timeout_s + 2 * watch.beat_s) is not None:
-        return
+    if communication:
+        # torchrun's agent and srun send TERM to the survivors when a rank dies; it must not end this wait (the
+        # main thread has left the command's stop handlers): the watch is about to name the dead rank.
+        held = {}
+        if threading.current_thread() is threading.main_thread():
+            held = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+        try:
+            if watch.wait_for_lost(watch.timeout_s + 2 * watch.beat_s) is not None:
+                return
+        finally:
+            for s, h in held.items():
+                signal.signal(s, h)
     watch.failed(message)
