@@ -27,8 +27,15 @@ usage: ./launch.sh [command] [config.yaml] [key=value ...]
 With no arguments: distqat pipeline configs/default.yaml, QAT W4A8KV8 on the bundled SmolLM2-135M
 sized for a laptop: the model writes its own training text, GPTQ calibrated on it gives the student its
 start, QAT distils the teacher into it, then FP, the RTN start, the GPTQ start and the trained student are
-scored on bundled Wikipedia text (runs/default/eval.json, eval.md and eval.png). On one or more GPUs the
-same command runs one process per GPU.
+scored on bundled Wikipedia text (runs/default/eval.json, eval.md and eval.png).
+
+train, generate and pipeline run one process per GPU (torchrun), NPROC_PER_NODE processes if set (e.g. 2 on a
+CPU), one without a GPU. Several nodes: run the same command on each with NNODES, NODE_RANK (0..NNODES-1),
+MASTER_ADDR and MASTER_PORT (node 0's address and a free port there). Inside a SLURM allocation of several
+tasks (sbatch or salloc, --ntasks-per-node=<GPUs per node>) it runs one process per task through srun
+--kill-on-bad-exit=1. TERM, USR1, USR2, HUP and INT sent to this script go on to torchrun or srun and the
+processes; the exit code is theirs: 0 done, 2 bad input, 75 stopped by a signal (rerun to continue), 76 another
+process died, 130 interrupted (docs/CLUSTER.md).
 
 ./launch.sh test [pytest args] runs the suite, then its device lane (TRITON_INTERPRET=1 pytest -m lane: the
 tests marked lane again, each dispatcher's GPU branch run by Triton's interpreter on CPU).
@@ -37,7 +44,8 @@ with the given interpreter's environment as it is) and, when they pass, writes t
 
 Environment: DISTQAT_HOME (cache for the bundled model/text, default ~/.cache/distqat),
 PYTHON (interpreter used to create .venv, default python3), DISTQAT_UNLOCKED=1 (install the newest releases
-instead of the versions in requirements-lock.txt).
+instead of the versions in requirements-lock.txt), NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR (default
+127.0.0.1), MASTER_PORT (default 29500).
 EOF
 }
 
@@ -205,25 +213,94 @@ main() {
   esac
 }
 
-# One process per GPU on this node; several nodes with NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT;
-# inside a SLURM allocation one task per GPU through srun; one process when there is no GPU.
+# One process per GPU on this node (NPROC_PER_NODE processes if set; one without a GPU); several nodes with
+# NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT, each node running this script; inside a SLURM allocation of several
+# tasks, one process per task through srun. Only the one-process path execs: the others run their launcher as a
+# child (run_ranks), so that the script can pass signals on and return the ranks' exit code.
 launch_distributed() {
   local py=$1; shift
   local ngpu=0
   if have_gpu; then ngpu=$(nvidia-smi -L | wc -l); fi
   if [[ -n "${SLURM_JOB_ID:-}" && -z "${SLURM_STEP_ID:-}" && "${SLURM_NTASKS:-1}" -gt 1 ]]; then
-    say "SLURM job $SLURM_JOB_ID: srun with $SLURM_NTASKS tasks"
-    exec srun --kill-on-bad-exit=1 "$py" -m trainer "$@"
+    say "SLURM job $SLURM_JOB_ID: srun with $SLURM_NTASKS tasks on ${SLURM_NNODES:-1} node(s)"
+    # Tasks on other nodes write their exit codes into the folder too: it goes where they can see it, the
+    # checkout (their interpreter's home: srun starts $py on every node), and in the temp folder if that fails.
+    run_ranks "$ROOT" srun --kill-on-bad-exit=1 "$py" -m trainer "$@"
+    return
   fi
-  local nnodes=${NNODES:-1}
-  if [[ "$ngpu" -gt 1 || "$nnodes" -gt 1 ]]; then
-    local nproc=$(( ngpu > 0 ? ngpu : 1 ))
+  local nnodes=${NNODES:-1} nproc=${NPROC_PER_NODE:-$(( ngpu > 0 ? ngpu : 1 ))}
+  local n name value what
+  for n in "NNODES=$nnodes=nodes" "NPROC_PER_NODE=$nproc=processes on each node"; do
+    IFS== read -r name value what <<< "$n"
+    if [[ ! "$value" =~ ^[1-9][0-9]*$ ]]; then
+      say "error: $name=$value is not a whole number above 0; set it to the number of $what, or unset it"
+      return 2
+    fi
+  done
+  if [[ "$nproc" -gt 1 || "$nnodes" -gt 1 ]]; then
     say "torchrun: $nnodes node(s) x $nproc process(es), node rank ${NODE_RANK:-0}"
-    exec "$py" -m torch.distributed.run --nproc_per_node="$nproc" --nnodes="$nnodes" \
+    # torchrun passes TERM, INT, HUP and QUIT to its workers, USR1 and USR2 too where it knows the setting (the
+    # locked torch 2.13 does); after a forwarded signal it gives them time to finish their step and checkpoint
+    # (its default, 30 s, is short of a large model's) before it kills them.
+    PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2} \
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600} \
+      run_ranks "${TMPDIR:-/tmp}" "$py" -m torch.distributed.run --nproc_per_node="$nproc" --nnodes="$nnodes" \
       --node_rank="${NODE_RANK:-0}" --master_addr="${MASTER_ADDR:-127.0.0.1}" \
       --master_port="${MASTER_PORT:-29500}" -m trainer "$@"
+    return
   fi
   exec "$py" -m trainer "$@"
+}
+
+# run_ranks <folder> <launcher command...>: the launcher (torchrun, srun) as a child, with each rank writing its
+# exit code into a fresh folder under <folder> ($DISTQAT_EXIT_DIR, qat/io/signals.py); returns the ranks' code.
+# TERM, USR1, USR2, HUP and INT sent to this script go on to the launcher, which passes them to the ranks.
+run_ranks() {
+  local base=$1; shift
+  local codes child="" got rc sig
+  codes=$(mktemp -d "$base/.distqat-exit.XXXXXX" 2>/dev/null || mktemp -d "${TMPDIR:-/tmp}/distqat-exit.XXXXXX")
+  for sig in TERM USR1 USR2 HUP INT; do
+    # shellcheck disable=SC2064  # the signal's name is fixed here, the child's pid read when it arrives
+    trap "got=$sig; [[ -z \$child ]] || kill -s $sig \$child 2>/dev/null || true" "$sig"
+  done
+  # A background child of a script starts with INT ignored; ctrl-C must reach the ranks.
+  ( trap - INT QUIT; DISTQAT_EXIT_DIR=$codes exec "$@" ) &
+  child=$!
+  while :; do
+    got=""
+    rc=0
+    wait "$child" || rc=$?
+    [[ -n "$got" ]] || break  # a signal cut the wait short: the child got it and is still running
+  done
+  trap - TERM USR1 USR2 HUP INT
+  rc=$(ranks_code "$codes" "$rc")
+  rm -rf "$codes"
+  return "$rc"
+}
+
+# The run's exit code from the ranks' (<folder>/rank<r>.code) and the launcher's own status. A failure is reported
+# before its echoes: torchrun and srun stop the other ranks with TERM when one fails, and those then write 75, which
+# must not pass for a preemption; a rank that sees another die writes 76. So: the lowest rank's own failure (a code
+# but 0, 75 and 76), else 76 (a rank died without a code of its own: killed), else 75 (stopped by a signal: a rerun
+# continues), else the launcher's status (0, or its failure where no rank wrote a code).
+ranks_code() {
+  local codes=$1 status=$2 f r c low="" fail="" lost=0 stopped=0
+  for f in "$codes"/rank*.code; do
+    [[ -e "$f" ]] || continue
+    r=${f##*/rank}; r=${r%.code}; c=$(<"$f")
+    [[ "$r" =~ ^[0-9]+$ && "$c" =~ ^[0-9]+$ ]] || continue
+    case "$c" in
+      0) ;;
+      75) stopped=1 ;;
+      76) lost=1 ;;
+      *) if [[ -z "$low" || "$r" -lt "$low" ]]; then low=$r; fail=$c; fi ;;
+    esac
+  done
+  if [[ -n "$fail" ]]; then echo "$fail"
+  elif [[ $lost -eq 1 ]]; then echo 76
+  elif [[ $stopped -eq 1 ]]; then echo 75
+  else echo "$status"
+  fi
 }
 
 main "$@"

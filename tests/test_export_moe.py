@@ -187,7 +187,8 @@ def test_transformers_reads_packed_and_fp8_experts_and_refuses_the_rest(tmp_path
                 assert "activations not quantized" in notes
                 for _, m in _experts(model, QuantExperts):
                     m.input_quantizers = torch.nn.ModuleDict()
-            for name, m in _experts(model, QuantExperts):  # what transformers dequantizes is the trained grid, bit for bit
+            # what transformers dequantizes is the trained grid, bit for bit
+            for name, m in _experts(model, QuantExperts):
                 for param in m.quantized_params():
                     read = getattr(hf.get_submodule(name), param)
                     read = read.transpose(1, 2) if m.expert_layout.transposed else read

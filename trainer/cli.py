@@ -8,13 +8,16 @@ import json
 import os
 import pkgutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from safetensors import SafetensorError
 
+from qat.io.atomic import check_dir
+from qat.io.lock import LOCK_FILE, FolderLock
 from qat.io.signals import EXIT_STOPPED, Stopped, record_exit, stop_on_signals
 from qat.keys import COVERAGE_KEY, MANIFEST_FILE
 
@@ -211,6 +214,32 @@ def _load(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
+def _tell_peers(message: Optional[str], error: Optional[BaseException] = None) -> None:
+    """In a multi-process run, the other ranks learn how this one ended (trainer/watchdog.py): in order (None), or
+    failed; a failed collective first waits for the watch to name the rank that died."""
+    watchdog = sys.modules.get("trainer.watchdog")  # imported only by a run that trains
+    if watchdog is None:
+        return
+    if message is None:
+        watchdog.finished()
+        return
+    text = f"{type(error).__name__}: {message}" if error is not None else message
+    watchdog.on_failure(text, communication=_is_communication(error))
+
+
+def _is_communication(error: Optional[BaseException]) -> bool:
+    """A collective that failed (a peer's socket closed, a timeout): torch's DistError, or gloo's and NCCL's own
+    RuntimeErrors, which name themselves."""
+    if error is None:
+        return False
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(k in text for k in ("gloo", "Gloo", "NCCL", "Connection closed",
+                                                                        "Connection reset", "Broken pipe"))
+
+
 def one_line(e: BaseException) -> str:
     """An exception's message on one line (transformers and datasets spread theirs over several)."""
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
@@ -228,8 +257,10 @@ def _dispatch(argv: list[str]) -> int:
         return run_bench(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "convert":
-        with stop_on_signals():
-            return run_convert(args.folder, args.out)
+        out = Path(args.out or f"{args.folder.rstrip('/')}-int")
+        # Its folder is replaced whole at the end (a lock inside would go with it): the lock sits beside it.
+        with stop_on_signals(), _locked(out.parent, "convert", f".{out.name}.distqat.lock", "--out"):
+            return run_convert(args.folder, str(out))
     cfg = _load(args)
     if args.print_config:
         print(to_yaml(cfg), end="")
@@ -239,8 +270,33 @@ def _dispatch(argv: list[str]) -> int:
     quiet_libraries()
     # Until training starts (trainer/faults.py then finishes the step and checkpoints first), a stop signal ends
     # the command where it lands; the atomic writers drop their temp paths and keep what was finished.
-    with stop_on_signals(cfg.train.stop_signals):
+    with stop_on_signals(cfg.train.stop_signals), _locked(*_writes(args.command, cfg)):
         return COMMANDS[args.command].run(cfg)
+
+
+def _writes(command: str, cfg: RunConfig) -> tuple[Optional[Path], str, str, str]:
+    """The folder a command writes (None: only whole files into an existing folder), its lock's name, its key."""
+    if command == "generate":
+        g = cfg.generate
+        return (Path(g.out_dir) if g.out_dir else Path(cfg.output_dir) / "generated"), command, LOCK_FILE, \
+            "generate.out_dir"
+    if command == "report":
+        return None, command, LOCK_FILE, ""
+    return Path(cfg.output_dir), command, LOCK_FILE, "output_dir"
+
+
+@contextmanager
+def _locked(folder: Optional[Path], command: str, name: str, key: str) -> Iterator[None]:
+    """The output folder held by this run (rank 0 holds it for all ranks of a multi-process run); a second run
+    on it is refused in one line naming the holder."""
+    from qat.io.env import rank_world  # lazy: it imports torch, which --help does without
+
+    if folder is None or rank_world()[0] != 0:
+        yield
+        return
+    check_dir(folder, key)  # the clear refusal of an unwritable folder comes before the lock's own mkdir
+    with FolderLock(folder, f"distqat {command}", name=name):
+        yield
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -263,14 +319,17 @@ def _main(argv: Optional[list[str]]) -> int:
             end_process_group()
         return code
     except KeyboardInterrupt:
+        _tell_peers("interrupted")
         if debug:
             raise
         print(f"{who}: interrupted", file=sys.stderr)
         return 130
     except Stopped as e:  # a cluster's stop signal: what was finished is kept; a rerun continues
+        _tell_peers(None)
         print(f"{who}: {e} (exit {EXIT_STOPPED})", file=sys.stderr)
         return EXIT_STOPPED
     except Exception as e:  # the one place every failure becomes one line
+        _tell_peers(one_line(e), e)
         if debug:
             raise
         if isinstance(e, (ConfigError, *USER_ERRORS)):

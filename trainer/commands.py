@@ -6,6 +6,7 @@ a PTQConfig, a model, a tokenizer, paths).
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from qat.ptq import check as check_ptq
 from qat.ptq import needs_calibration, run_ptq
 
 from .config import RunConfig, save_config
+
+PTQ_PROGRESS_DIR = "ptq_progress"
 
 
 def wait_for(path: Path, timeout_s: float, what: str, ready: Optional[Callable[[], bool]] = None) -> None:
@@ -81,9 +84,11 @@ def ptq_command(cfg: RunConfig) -> dict:
                        trust_remote_code=m.trust_remote_code)
     if calibrate and calib is None:  # the full-precision model writes its own calibration text
         calib = calibration_ids(tok, p.n_samples, p.seq_len, "generate", model=model, seed=p.seed)
-    model, report = run_ptq(model, spec, p, calib)
+    progress = out / PTQ_PROGRESS_DIR  # a stopped run's finished blocks, for the rerun
+    model, report = run_ptq(model, spec, p, calib, progress_dir=progress)
     save_config(cfg, out)
-    with atomic_dir(out / "model") as tmp:
+    with atomic_dir(out / "model", need=sum(t.numel() * t.element_size() for t in model.state_dict().values())) \
+            as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         # An earlier run's report goes before its model is replaced, so that a report beside model/ is always
@@ -92,6 +97,7 @@ def ptq_command(cfg: RunConfig) -> dict:
     coverage = getattr(model.config, COVERAGE_KEY, None)
     result = {**report.to_dict(), "coverage": coverage, "model_dir": str(out / "model")}
     write_json(out / "ptq_report.json", result)
+    shutil.rmtree(progress, ignore_errors=True)
     print(f"ptq {report.method} ({report.spec}): {len(report.layers)} layers in {report.seconds:.1f}s "
           f"-> {out / 'model'}", file=sys.stderr)
     if coverage:

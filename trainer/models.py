@@ -87,8 +87,8 @@ def consolidate(student: torch.nn.Module, tokenizer, out: Path, strategy: Strate
     with gather:
         if strategy.global_rank != 0:
             return None
-        with atomic_dir(out) as tmp:
-            state = {k: v.detach() for k, v in student.state_dict().items()}
+        state = {k: v.detach() for k, v in student.state_dict().items()}
+        with atomic_dir(out, need=sum(v.numel() * v.element_size() for v in state.values())) as tmp:
             student.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
     return out

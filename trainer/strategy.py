@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+import io
+import os
+import secrets
+import shutil
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
+
+from qat.io.atomic import atomic_file, disk_full, ensure_space
 
 from .config import DistributedConfig, TrainConfig
 from .optim import resolve_master_weights
@@ -19,7 +28,69 @@ def _no_shm_comm() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, but whole or not at all: serialized in memory first (as Lightning does), so the
+    size is known and checked against the free space, then written to a temp file beside the checkpoint and renamed
+    (Lightning writes the file in place; a full disk left a truncated step=N.ckpt)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError("distqat's checkpoint writer takes no storage_options")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        data = buffer.getbuffer()
+        with atomic_file(path, need=data.nbytes) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+
+
+class _AtomicDeepSpeed:
+    """DeepSpeed's checkpoint folder, whole or not at all: every rank writes its part into a temp folder beside the
+    checkpoint, the ranks agree that all parts were written, then rank 0 renames it into place. A rank that ran out
+    of disk raises its DiskFull; the others say which rank failed; the temp folder goes and the previous checkpoints
+    stay."""
+
+    def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Optional[Any] = None) -> None:
+        final = Path(self.broadcast(str(filepath)))
+        tmp = final.parent / f".{final.name}.tmp-{self.broadcast(secrets.token_hex(4))}"  # clean_stale's pattern
+        error: Optional[BaseException] = None
+        try:
+            ensure_space(final.parent, _local_state_bytes(self), f"this rank's part of {final.name}")
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+        except OSError as e:
+            error = disk_full(e, final, tmp) or e
+        failed = torch.tensor([self.global_rank if error is not None else -1], device=self.root_device)
+        torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+        if int(failed) >= 0:
+            if self.is_global_zero:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self.barrier()
+            if error is not None:
+                raise error
+            raise OSError(f"rank {int(failed)} could not write its part of {final}; the previous checkpoints stay")
+        if self.is_global_zero:
+            if final.exists():
+                shutil.rmtree(final) if final.is_dir() else final.unlink()
+            os.replace(tmp, final)
+        self.barrier()
+
+
+def _local_state_bytes(strategy: Any) -> int:
+    """What this rank writes into a DeepSpeed checkpoint, about: its parameters (their ZeRO-3 partitions) and its
+    optimizer state (ZeRO partitions it over the ranks)."""
+    engine = strategy.deepspeed_engine
+    params = sum(getattr(p, "ds_tensor", p).numel() * p.element_size() for p in engine.module.parameters())
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    state = sum(t.numel() * t.element_size() for st in getattr(opt, "state", {}).values() for t in st.values()
+                if isinstance(t, torch.Tensor))
+    return params + state
+
+
+class AtomicDeepSpeedStrategy(_AtomicDeepSpeed, DeepSpeedStrategy):
+    strategy_name = "deepspeed_atomic"
+
+
+class CPUDeepSpeedStrategy(_AtomicDeepSpeed, DeepSpeedStrategy):
     """DeepSpeedStrategy on CPU processes (gloo), so CI exercises real ZeRO partitioning.
 
     Lightning refuses DeepSpeed without CUDA; DeepSpeed itself runs on its CPU accelerator.
@@ -101,15 +172,18 @@ def deepspeed_config(dist_cfg: DistributedConfig, train_cfg: TrainConfig) -> dic
 def make_strategy(dist_cfg: DistributedConfig, train_cfg: TrainConfig, devices: int) -> Strategy:
     """auto: DeepSpeed across several processes, one device otherwise."""
     name = dist_cfg.strategy
+    timeout = timedelta(seconds=dist_cfg.timeout_s)
     if name == "auto":
         name = "deepspeed" if devices > 1 else "single"
     if name == "single":
-        return SingleDeviceStrategy(torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+        return SingleDeviceStrategy(torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"),
+                                    checkpoint_io=AtomicCheckpointIO())
     if name == "ddp":
-        return DDPStrategy(process_group_backend="nccl" if torch.cuda.is_available() else "gloo")
+        return DDPStrategy(process_group_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout,
+                           checkpoint_io=AtomicCheckpointIO())
     config = deepspeed_config(dist_cfg, train_cfg)
     # QLoRA checkpoints hold the adapters, not the frozen base (rebuilt from its folder at resume).
     frozen = {"exclude_frozen_parameters": train_cfg.mode == "qlora"}
     if torch.cuda.is_available():
-        return DeepSpeedStrategy(config=config, **frozen)
-    return CPUDeepSpeedStrategy(config=config, **frozen)
+        return AtomicDeepSpeedStrategy(config=config, timeout=timeout, **frozen)
+    return CPUDeepSpeedStrategy(config=config, timeout=timeout, **frozen)

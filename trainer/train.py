@@ -16,17 +16,20 @@ from typing import Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from qat.io.atomic import clean_stale
 from qat.io.env import rank_world
 from qat.io.models import load_tokenizer
 from qat.io.progress import bars_wanted
 
 from .callbacks import CtrlC, QuantStats, TrainProgress
+from .cluster import cluster_layout, cluster_plugins, join_run
 from .commands import prepare_output
 from .config import RunConfig, save_config
 from .datamodule import TextDataModule
+from .faults import StopAwareCheckpoint
 from .init import lr_relative
 from .models import load_teacher, master_weights
 from .modes import training_mode
@@ -34,6 +37,7 @@ from .module import QATModule
 from .quiet import quiet_libraries
 from .schema import Resume
 from .strategy import make_strategy
+from .watchdog import WatchPeers, finished
 
 CHECKPOINT = re.compile(r"^step=(\d+)\.ckpt$")
 
@@ -114,10 +118,9 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
     # cannot see that and says the opposite.
     warnings.filterwarnings("ignore", message=r".*not resumable\. This can cause unreliable results.*")
     L.seed_everything(cfg.seed, workers=True)
-    if devices is None:
-        devices = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
-    world = int(os.environ.get("WORLD_SIZE", devices))
-    num_nodes = max(1, world // max(devices, 1))
+    layout = cluster_layout(devices)
+    join_run(layout)
+    devices, world, num_nodes = layout.devices, layout.world, layout.num_nodes
     mode = training_mode(cfg)
     mode.check(cfg)
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
@@ -133,18 +136,18 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
     ckpt_dir = out_dir / "checkpoints"
     prepare_output(out_dir)
     if rank_world()[0] == 0:
+        clean_stale(ckpt_dir)  # a checkpoint a kill or a full disk left half-written, under its temp name
         prune_checkpoints(ckpt_dir, cfg.train.keep_last)
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step={step}", auto_insert_metric_name=False,
-                                 every_n_train_steps=cfg.train.save_every, save_top_k=cfg.train.keep_last,
-                                 monitor="step", mode="max", save_last=False)
+    checkpoint = StopAwareCheckpoint(ckpt_dir, cfg.train.save_every, cfg.train.keep_last, cfg.train.stop_signals)
     trainer = L.Trainer(
         accelerator="gpu" if torch.cuda.is_available() else "cpu",
-        devices=devices, num_nodes=num_nodes, strategy=strategy,
+        devices=devices, num_nodes=num_nodes, strategy=strategy, plugins=[*cluster_plugins(layout)],
         precision=precision,
         max_steps=cfg.train.max_steps, accumulate_grad_batches=cfg.train.grad_accum,
         gradient_clip_val=None if on_deepspeed else cfg.train.grad_clip,
         logger=_loggers(out_dir, cfg.train.save_every),
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), QuantStats(cfg.train.stats_every), CtrlC(),
+        callbacks=[checkpoint, WatchPeers(cfg.distributed.peer_timeout_s), LearningRateMonitor(logging_interval="step"),
+                   QuantStats(cfg.train.stats_every), CtrlC(),
                    # Where no bar is drawn (a log), steady whole lines instead.
                    *([] if bars_wanted() else [TrainProgress(cfg.train.progress_every_s)])],
         log_every_n_steps=1, max_time=max_time, deterministic=False, use_distributed_sampler=False,
@@ -164,10 +167,13 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
         if trainer.interrupted:  # Lightning turns ctrl-C into exit(1) after its shutdown: report it as ours
             raise KeyboardInterrupt from None
         raise
+    if checkpoint.stopped is not None:  # a stop signal: its checkpoint is written; no final save, no model folder
+        raise checkpoint.stopped
     # Collective under DeepSpeed; the full state (optimizer, loops), so that a later run can resume from it.
     trainer.save_checkpoint(ckpt_dir / f"step={trainer.global_step}.ckpt", weights_only=False)
     if trainer.global_rank == 0:
         prune_checkpoints(ckpt_dir, cfg.train.keep_last)
     final = mode.finish(cfg, built.student, tok, out_dir, dm, trainer.strategy)
     trainer.strategy.barrier()
+    finished()
     return final or out_dir / "model"

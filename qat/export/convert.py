@@ -144,7 +144,8 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
         f"int{kv['bits']} per {'token' if kv['granularity'] == 'token' else 'head and token'}, dynamic"
     experts_record = {"names": names.layout, "family": cfg.get("model_type")} if names is not None else None
     notes = reader_notes(quant_config, kv_words, experts_record)
-    with atomic_dir(out) as tmp:  # an empty `out` (checked above) is replaced
+    need = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_dir(out, need=need) as tmp:  # an empty `out` (checked above) is replaced
         digests = _save_shards(tensors, tmp)
         cfg[EXPORT_KEY] = {
             "version": version,

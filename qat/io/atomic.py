@@ -6,6 +6,7 @@ the end, so a crash, a kill or a concurrent rank never leaves half a file behind
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -14,22 +15,88 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 PathLike = Union[str, Path]
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(OSError):
+    """No room for a write: the message names the path, the bytes needed and free, and says what stayed intact."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def free_bytes(path: PathLike) -> int:
+    """Free bytes (for this user) on the file system that holds `path`, or would hold it once created."""
+    path = Path(path).absolute()
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    return shutil.disk_usage(existing).free
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+# What a write may leave free, beyond its own bytes: a full disk also breaks the logs and the next checkpoint.
+HEADROOM = 16 << 20
+
+
+def ensure_space(path: PathLike, need: int, what: str) -> None:
+    """Refuse, before writing, a write of `need` bytes to `path` that the file system cannot hold."""
+    free = free_bytes(path)
+    if need + HEADROOM > free:
+        raise DiskFull(f"{path}: {what} needs {_size(need)} and {_size(free)} is free there; free space or write "
+                       "elsewhere (nothing was written)")
+
+
+def _written(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def disk_full(e: BaseException, dest: Path, tmp: Path, need: Optional[int] = None) -> Optional[DiskFull]:
+    """The one-line DiskFull for an OSError that is a full disk or quota (None for any other error), measured
+    before the temp path goes."""
+    if not isinstance(e, OSError) or isinstance(e, DiskFull) or e.errno not in NO_SPACE:
+        return None
+    written = _written(tmp)
+    needs = f"{_size(need)} needed, " if need else f"{_size(written)} written when it ran out, "
+    kept = f"the {dest.name} already there is unchanged" if dest.exists() else "nothing was left half-written"
+    return DiskFull(f"{dest}: no space left on the device ({needs}{_size(free_bytes(dest))} free); free space or "
+                    f"write elsewhere; {kept}")
+
+
 @contextmanager
-def atomic_file(path: PathLike) -> Iterator[Path]:
+def atomic_file(path: PathLike, need: Optional[int] = None) -> Iterator[Path]:
     """A temp path beside `path`, with its suffix (writers that pick a format by extension see the right one);
-    renamed onto `path` when the block ends without error, removed otherwise."""
+    renamed onto `path` when the block ends without error, removed otherwise. `need` (bytes), when known, is
+    checked against the free space first; a full disk midway is a DiskFull naming the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if need is not None:
+        ensure_space(path.parent, need, f"writing {path.name}")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        full = disk_full(e, path, Path(tmp), need)
+        if full is None:
+            raise
+        raise full from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -46,18 +113,27 @@ def write_json(path: PathLike, data: Any) -> Path:
 
 
 @contextmanager
-def atomic_dir(path: PathLike, replace: bool = True) -> Iterator[Path]:
+def atomic_dir(path: PathLike, replace: bool = True, need: Optional[int] = None) -> Iterator[Path]:
     """A temp folder beside `path` that becomes `path` when the block ends without error.
 
     An existing `path` is removed first (replace=True), or kept and the new folder dropped (replace=False: a
-    cache that another process finished first). On error the temp folder is removed.
+    cache that another process finished first). On error the temp folder is removed. `need` (bytes), when known,
+    is checked against the free space first; a full disk midway is a DiskFull naming the path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if need is not None:
+        ensure_space(path.parent, need, f"writing {path.name}")
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the result is meant to be readable like any folder
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            full = disk_full(e, path, tmp, need)
+            if full is None:
+                raise
+            raise full from e
         if path.exists():
             if not replace:
                 return

@@ -51,6 +51,9 @@ def signal_name(signum: int) -> str:
     return signal.Signals(signum).name.removeprefix("SIG")
 
 
+_active: list[list[int]] = []  # the signals of the stop_on_signals blocks now open, innermost last
+
+
 @contextmanager
 def stop_on_signals(names: Sequence[str] = DEFAULT_SIGNALS) -> Iterator[None]:
     """Within the block, each of the signals raises `Stopped` in the main thread (their earlier handlers come back
@@ -64,8 +67,37 @@ def stop_on_signals(names: Sequence[str] = DEFAULT_SIGNALS) -> Iterator[None]:
 
     numbers = [signal_number(n) for n in names]
     before = {n: signal.signal(n, handler) for n in numbers}
+    _active.append(numbers)
     try:
         yield
+    finally:
+        _active.pop()
+        for n, h in before.items():
+            signal.signal(n, h)
+
+
+class Deferred:
+    """What `stop_at_boundaries` yields: `signame` once a stop signal arrived (None before)."""
+
+    signame: Optional[str] = None
+
+
+@contextmanager
+def stop_at_boundaries() -> Iterator[Deferred]:
+    """Within the block, the stop signals of the enclosing `stop_on_signals` are recorded instead of raised, so
+    the work under way (a PTQ block) finishes and can be kept; the caller checks `signame` between pieces and
+    raises `Stopped` itself. With no enclosing block (a library caller), nothing is installed."""
+    deferred = Deferred()
+    if not _active or threading.current_thread() is not threading.main_thread():
+        yield deferred
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        deferred.signame = signal_name(signum)
+
+    before = {n: signal.signal(n, handler) for n in _active[-1]}
+    try:
+        yield deferred
     finally:
         for n, h in before.items():
             signal.signal(n, h)

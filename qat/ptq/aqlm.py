@@ -194,6 +194,8 @@ def aqlm(w: torch.Tensor, h: torch.Tensor, cfg: AQLMConfig) -> AQLMResult:
 class AQLM(Rounding):
     """The `aqlm` rounding: each decoder-layer linear becomes an AQLMLinear (codes, codebooks, scales)."""
 
+    resumable = False  # its linears become AQLMLinear and it keeps a record per layer: it restarts
+
     name: ClassVar[str] = "aqlm"
     needs_hessian: ClassVar[bool] = True
     takes_transforms: ClassVar[bool] = False  # a transform's scales would be folded against an int grid

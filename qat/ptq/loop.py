@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import asdict, is_dataclass, replace
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 from .. import kv as kv_quant
 from ..apply import quantize_model
 from ..experts import experts_modules
+from ..io.signals import Stopped, stop_at_boundaries
 from ..keys import LLM_INT8_KEY, PTQ_KEY, QUANT_KEY
 from ..linear import QuantLinear
 from ..quantizers import ActQuantizer
@@ -43,6 +45,7 @@ from .config import PTQConfig
 from .grid import freeze_rtn, frozen_spec
 from .moe import check_folds, experts_off, freeze_rtn_experts, quantized_experts, round_experts
 from .parts import Baseline, ModelTransform, Part, PTQReport, Rounding, Transform
+from .progress import BlockProgress, fingerprint
 from .registry import PARTS, build, parse_method
 
 
@@ -83,13 +86,15 @@ def _device(name: str) -> torch.device:
 
 @torch.no_grad()
 def run_ptq(
-    model: nn.Module, spec: QuantSpec, cfg: PTQConfig, calib_ids: Optional[torch.Tensor] = None
+    model: nn.Module, spec: QuantSpec, cfg: PTQConfig, calib_ids: Optional[torch.Tensor] = None,
+    progress_dir: Optional[Path] = None,
 ) -> tuple[nn.Module, PTQReport]:
     """Quantize `model` in place with `cfg.method`; returns (model, PTQReport).
 
     calib_ids (n, seq_len) are the calibration token ids, needed when `needs_calibration(spec, cfg)`.
     Every method but a baseline leaves the model as `qat.apply.quantize_model` does (QuantLinear layers)
     with the weights on the PTQ grid and its scales/zeros frozen in lsq weight quantizers.
+    progress_dir: where a stop signal keeps the finished blocks (`progress.py`), and where a rerun finds them.
     """
     parts = _parts(spec, cfg)
     if getattr(model.config, QUANT_KEY, None) or getattr(model.config, LLM_INT8_KEY, None):
@@ -106,6 +111,9 @@ def run_ptq(
     if needs_data and calib_ids is None:
         raise ValueError(f"ptq.method={name} needs calibration token ids (calib_ids)")
     layers = decoder_layers(model)
+    progress = None
+    if progress_dir is not None and rounding.resumable:  # before any transform changes the weights it hashes
+        progress = BlockProgress(progress_dir, fingerprint(model, spec, cfg, calib_ids, layers[0]))
     fspec = frozen_spec(spec)
     t_start = time.perf_counter()
     report = PTQReport(method=name, spec=_spec_label(spec))
@@ -132,17 +140,25 @@ def run_ptq(
         inputs = [x.to(device) for x in inputs]
         kwargs = [_to(kw, device) for kw in kwargs]
 
-    for i, layer in enumerate(layers):
-        t0 = time.perf_counter()
-        layer.to(device)
-        _quantize_block(layer, transforms, rounding, inputs, kwargs, report, prefix=f"model.layers.{i}.")
-        if needs_data and i + 1 < len(layers):
-            inputs = run_block(layer, inputs, kwargs)
-        layer.to(home)
-        dt = time.perf_counter() - t0
-        report.blocks.append({"index": i, "seconds": dt})
-        if cfg.progress:
-            print(f"ptq {name}: block {i + 1}/{len(layers)} {dt:.1f}s", file=sys.stderr, flush=True)
+    start, inputs = _resume(progress, layers, inputs, device, report, name)
+    with stop_at_boundaries() as stop:
+        for i, layer in enumerate(layers[start:], start):
+            t0 = time.perf_counter()
+            layer.to(device)
+            _quantize_block(layer, transforms, rounding, inputs, kwargs, report, prefix=f"model.layers.{i}.")
+            if needs_data and i + 1 < len(layers):
+                inputs = run_block(layer, inputs, kwargs)
+            layer.to(home)
+            dt = time.perf_counter() - t0
+            report.blocks.append({"index": i, "seconds": dt})
+            if cfg.progress:
+                print(f"ptq {name}: block {i + 1}/{len(layers)} {dt:.1f}s", file=sys.stderr, flush=True)
+            if stop.signame is not None and i + 1 < len(layers):  # after the last block, finishing is quicker
+                if progress is None:
+                    raise Stopped(stop.signame, f"ptq.method={name} keeps no finished blocks; the rerun starts afresh")
+                progress.save(layers[: i + 1], inputs, {"blocks": report.blocks, "layers": report.layers})
+                raise Stopped(stop.signame, f"blocks 1-{i + 1} of {len(layers)} kept in {progress.path}; the same "
+                                            f"command continues from block {i + 2}")
     model.to(home)
     # Quantized linears outside the decoder layers (lm_head when included): RTN.
     done = {d["name"] for d in report.layers}
@@ -163,6 +179,21 @@ def run_ptq(
     setattr(model.config, PTQ_KEY, {**record, "calib_tokens": report.calib_tokens})
     report.seconds = time.perf_counter() - t_start
     return model, report
+
+
+def _resume(progress: Optional[BlockProgress], layers: list[nn.Module], inputs, device: torch.device,
+            report: PTQReport, name: str) -> tuple[int, Any]:
+    """(the first block to quantize, its inputs): after a stopped run of the same job, the blocks it finished."""
+    saved = progress.load() if progress is not None else None
+    if saved is None:
+        return 0, inputs
+    for layer, state in zip(layers, saved["blocks"]):
+        layer.load_state_dict(state)
+    report.blocks, report.layers = saved["report"]["blocks"], saved["report"]["layers"]
+    start = len(saved["blocks"])
+    print(f"ptq {name}: blocks 1-{start} of {len(layers)} as a stopped run left them ({progress.path})",
+          file=sys.stderr, flush=True)
+    return start, None if saved["inputs"] is None else [x.to(device) for x in saved["inputs"]]
 
 
 def _quantize_block(layer: nn.Module, transforms: list[Transform], rounding: Rounding, inputs, kwargs,

@@ -70,6 +70,8 @@ class Rounding(Part):
     takes_transforms: ClassVar[bool] = True  # may follow SmoothQuant / AWQ
     sequential: bool = False  # collect a group's inputs again once the groups before it are rounded
     moe_min_tokens_per_column: float = 0.0  # an expert routed fewer tokens per input column takes the pooled H
+    # Its finished blocks are whole in their state dicts (a stopped run keeps them: progress.py); AQLM's are not.
+    resumable: ClassVar[bool] = True
 
     @abstractmethod
     def round(self, weight: torch.Tensor, spec: TensorSpec, h: Optional[torch.Tensor]) -> Rounded:
