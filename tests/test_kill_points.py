@@ -65,10 +65,15 @@ def finished(*args: str) -> str:
     return r.stderr
 
 
+def hidden(folder: Path) -> list[str]:
+    """Every hidden entry under `folder`: none of the commands' outputs is one; a finished run leaves none."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*"))
+
+
 def temps(folder: Path) -> list[str]:
     """What the atomic writers leave when killed (`.<name>.tmp-XXXXXXXX` folders, `.<stem>.XXXXXXXX.<ext>`
-    files): every hidden entry, as none of the commands' outputs is one."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*"))
+    files): the hidden entries but the output folder's lock, which a kill -9 leaves for the next run to take over."""
+    return [p for p in hidden(folder) if not p.endswith(".distqat.lock")]
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -134,16 +139,16 @@ def test_ptq_killed_while_saving_or_before_its_report_reruns_to_the_same_model(r
     assert not (out / "ptq_report.json").exists()
     same_tensors(out / "model", ptq_ref / "model")
 
-    # A stop signal inside save_pretrained: exit 75, its temp folder gone, the finished model/ kept.
+    # A stop signal inside save_pretrained: exit 75, its temp folder (and its lock) gone, the finished model/ kept.
     stopped(at(SAVE_WEIGHTS), *args)
-    assert temps(out) == [] and not (out / "ptq_report.json").exists()
+    assert hidden(out) == [] and not (out / "ptq_report.json").exists()
     same_tensors(out / "model", ptq_ref / "model")
 
     finished(*args)
     same_tensors(out / "model", ptq_ref / "model")
     assert read_json(out / "model" / "config.json") == read_json(ptq_ref / "model" / "config.json")
     assert untimed(read_json(out / "ptq_report.json")) == untimed({**report, "model_dir": str(out / "model")})
-    assert temps(out) == []
+    assert hidden(out) == [] and not (out / "ptq_progress").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,15 +173,15 @@ def test_convert_killed_or_stopped_mid_write_reruns_to_the_same_checkpoint(root,
     assert sorted(p.name for p in (where / temps(where)[0]).iterdir()) == ["model.safetensors"]
     assert not (where / "int").exists()
 
-    # A stop signal there: exit 75; the killed run's temp folder and its own are gone.
+    # A stop signal there: exit 75; the killed run's temp folder and its own are gone (and the lock).
     stopped(at("qat.export.convert:save_file"), *args)
-    assert temps(where) == [] and not (where / "int").exists()
+    assert hidden(where) == [] and not (where / "int").exists()
 
     # kill -9 once the folder is renamed into place: it is whole, and a rerun keeps it (it is this source's).
     killed(at("qat.export.convert:convert_model"), *args)
     assert files(where / "int") == ref
     assert "converted already" in finished(*args)
-    assert files(where / "int") == ref and temps(where) == []
+    assert files(where / "int") == ref and hidden(where) == []
     same_tensors(where / "int", root / "conv_ref" / "int")
 
 
@@ -207,11 +212,11 @@ def test_eval_killed_between_models_or_while_writing_reruns_to_the_same_numbers(
 
     # A stop signal between the two models: exit 75, no eval.json with a row missing, the killed run's temp gone.
     stopped(at("trainer.eval:perplexity", 1), *args)
-    assert temps(out) == [] and not (out / "eval.json").exists()
+    assert hidden(out) == [] and not (out / "eval.json").exists()
 
     finished(*args)
     assert read_json(out / "eval.json") == ref
-    assert (out / "eval.png").is_file() and temps(out) == []
+    assert (out / "eval.png").is_file() and hidden(out) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,4 +274,4 @@ def test_pipeline_killed_in_each_step_reruns_to_the_same_eval(root, pipe_ref):
     assert read_json(out / "eval.json") == read_json(ref / "eval.json")
     same_tensors(out / "model", ref / "model")
     same_tensors(base / "model", ref / "baseline" / "init" / "model")
-    assert temps(out) == []
+    assert hidden(out) == []
