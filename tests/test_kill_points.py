@@ -22,6 +22,7 @@ from helpers.models import tiny_run_dir
 from safetensors.torch import load_file
 
 from qat.export import convert_folder
+from trainer.init import clear_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 KILL_AT = ROOT / "tests" / "scripts" / "kill_at.py"
@@ -275,3 +276,16 @@ def test_pipeline_killed_in_each_step_reruns_to_the_same_eval(root, pipe_ref):
     same_tensors(out / "model", ref / "model")
     same_tensors(base / "model", ref / "baseline" / "init" / "model")
     assert hidden(out) == []
+
+
+def test_a_start_stage_rebuilt_after_a_kill_drops_the_killed_builds_temp_folder(tmp_path):
+    """A kill inside a start stage's save (the block-wise stage writes its model/ itself) leaves a temp folder in the
+    stage; the rebuild removes it with the earlier build's model, record and report, and nothing else there."""
+    stage = tmp_path / "blockwise"
+    for name in (".model.tmp-a1b2c3d4", "model"):
+        (stage / name).mkdir(parents=True)
+        (stage / name / "model.safetensors").write_bytes(b"half")
+    for name in ("start.json", "blockwise_report.json", "notes.txt"):
+        (stage / name).write_text("{}")
+    clear_stage(stage)
+    assert sorted(p.name for p in stage.iterdir()) == ["notes.txt"]

@@ -173,7 +173,7 @@ def prepare_start(cfg: RunConfig, timeout_s: float = 24 * 3600) -> Optional[Path
         if rank == 0 and not _reusable(*stages[-1]):
             print(f"train: the student starts from ptq.method={method}, calibrated on "
                   f"{cfg.ptq.calib_data or cfg.data.path}", file=sys.stderr)
-            _clear(stage)
+            clear_stage(stage)
             ptq_command(replace(cfg, output_dir=str(stage), ptq=replace(cfg.ptq, method=method)))
             write_json(stage / START_FILE, stages[-1][1])
         start = stage / "model"
@@ -183,7 +183,7 @@ def prepare_start(cfg: RunConfig, timeout_s: float = 24 * 3600) -> Optional[Path
         stage = out / "blockwise"
         stages.append((stage, _settings(cfg, "blockwise")))
         if rank == 0 and not _reusable(*stages[-1]):
-            _clear(stage)
+            clear_stage(stage)
             run_blockwise(cfg, start, stage)
             write_json(stage / START_FILE, stages[-1][1])
         start = stage / "model"
@@ -194,11 +194,14 @@ def prepare_start(cfg: RunConfig, timeout_s: float = 24 * 3600) -> Optional[Path
     return start
 
 
-def _clear(stage: Path) -> None:
-    """Rank 0, before it builds the stage (the other ranks wait): the stage's folder and record, and the temp
-    folders a killed build left (the blockwise stage's; an init stage's ptq cleans its own)."""
+STAGE_REPORTS = ("ptq_report.json", "blockwise_report.json")
+
+
+def clear_stage(stage: Path) -> None:
+    """Rank 0, before it builds the stage (the other ranks wait): the stage's folder, record and report (an earlier
+    build's, which a kill before this build's own would leave beside it), and the temp folders a killed build left."""
     clean_stale(stage)
-    for name in ("model", START_FILE):
+    for name in ("model", START_FILE, *STAGE_REPORTS):
         p = stage / name
         if p.is_dir():
             shutil.rmtree(p)
