@@ -34,10 +34,13 @@ import data.generate
 import qat.export.convert
 import qat.io.atomic
 import qat.io.lock
+import qat.ptq.loop
+import qat.ptq.progress
 from qat.io.atomic import DiskFull
 from qat.qlora.adapters import add_adapters, save_adapters
 from qat.qlora.config import LoRAConfig
 from trainer.cli import main
+from trainer.commands import PTQ_PROGRESS_DIR
 
 SIZE = r"\d+(\.\d)? [KMGT]?B"  # qat.io.atomic's sizes: "100 B", "25.2 MB"
 NO_SPACE = "No space left on device"
@@ -252,6 +255,27 @@ def test_ptq_without_room_for_the_model_refuses_before_writing_anything(root, pt
     assert line == f"distqat ptq: error: {out}: writing model needs {need} and 1.0 MB is free there; free space " \
                    "or write elsewhere (nothing was written)"
     assert not out.exists()  # not even config.yaml, nor the folder the lock made
+
+
+def test_ptq_stopped_with_no_room_for_its_finished_blocks_ends_in_one_line_and_leaves_nothing(root, tmp_path, capsys,
+                                                                                           monkeypatch):
+    out = tmp_path / "ptq"
+    real, blocks = qat.ptq.loop._quantize_block, []
+
+    def block(*args, **kwargs):  # SIGTERM while the first block is quantized: its end writes the progress file
+        blocks.append(1)
+        if len(blocks) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qat.ptq.loop, "_quantize_block", block)
+    fill_on_open(monkeypatch, qat.ptq.progress, nth=1, room=1000, then=lambda: raise_(no_space()))
+    code, line = run(capsys, *ptq_args(root, out), "ptq.method=gptq", "ptq.n_samples=4", "ptq.seq_len=32")
+    assert code == 2 and len(blocks) == 1
+    assert re.fullmatch(re.escape(f"distqat ptq: error: {out / PTQ_PROGRESS_DIR}/blocks.pt: no space left on the "
+                                  "device (") + SIZE + " needed, " + SIZE + re.escape(
+        " free); free space or write elsewhere; nothing was left half-written"), line), line
+    assert not out.exists()  # no half-written progress, no temp, no lock: the rerun starts afresh
 
 
 # -- convert -------------------------------------------------------------------------------------------------------
