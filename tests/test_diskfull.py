@@ -86,7 +86,7 @@ class FullFile:
         self.f, self.room, self.then = f, room, then
 
     def write(self, chunk) -> int:
-        chunk = bytes(chunk)
+        chunk = chunk if isinstance(chunk, str) else bytes(chunk)
         if len(chunk) <= self.room:
             self.room -= len(chunk)
             return self.f.write(chunk)
