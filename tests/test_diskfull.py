@@ -221,9 +221,7 @@ def model_bytes(folder: Path) -> int:
 
 @pytest.mark.parametrize("error", [
     no_space,
-    pytest.param(safetensors_no_space, marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError, reason="qat/io/atomic.py disk_full knows an OSError only: safetensors' "
-        "SafetensorError '... (os error 28)' from save_pretrained ends in a line naming no path")),
+    safetensors_no_space,
 ])
 def test_ptq_full_disk_in_the_weights_keeps_the_earlier_model_report_and_config(root, ptq_earlier, tmp_path, capsys,
                                                                               monkeypatch, error):
@@ -363,8 +361,6 @@ def test_eval_full_disk_at_a_result_file_keeps_the_earlier_results_whole(root, e
 # -- the lock, QLoRA's adapters --------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="qat/io/lock.py FolderLock._create: the full disk "
-                   "is '[Errno 28] No space left on device' without the lock's path, and the empty lock file stays")
 def test_a_full_disk_at_the_lock_names_it_and_leaves_no_lock(root, tmp_path, capsys, monkeypatch):
     out = tmp_path / "ptq"
     out.mkdir()
