@@ -15,6 +15,7 @@ every shard exists, its manifest (`qat.keys.MANIFEST_FILE`: counts and token tot
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import sys
@@ -34,6 +35,7 @@ from qat.io.atomic import atomic_file, write_json
 from qat.io.env import rank_world
 from qat.io.models import cache_kwarg
 from qat.io.progress import ProgressLines, bars_wanted
+from qat.io.signals import Stopped
 from qat.keys import MANIFEST_FILE, SETTINGS_FILE
 
 from .config import GenerateConfig
@@ -189,8 +191,14 @@ def shard_path(out_dir: Path, k: int) -> Path:
 
 
 def _write_shard(path: Path, rows: dict) -> None:
-    with atomic_file(path) as tmp:
-        datasets.Dataset.from_dict(rows).to_parquet(str(tmp))
+    # Encoded in memory, then written by Python: datasets' parquet writer can abort the process (SIGABRT, no
+    # message, the temp file left) when a write to a full disk fails mid-column (seen with 200,000 samples a
+    # shard); here a full disk is an OSError, which atomic_file makes a one-line DiskFull naming the shard. The
+    # bytes are those datasets writes to a path.
+    data = io.BytesIO()
+    datasets.Dataset.from_dict(rows).to_parquet(data)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data.getbuffer())
 
 
 def drop_stale_temps(out_dir: Path, shards: list[int]) -> None:
@@ -288,6 +296,10 @@ def generate(
                 if lines is not None:
                     lines.update(made_samples, new_tokens)
             _write_shard(shard_path(out_dir, k), rows)
+    except Stopped as e:  # a cluster's stop signal: the shards written so far are whole and kept
+        done = sum(shard_path(out_dir, k).exists() for k in range(n_shards))
+        e.detail = f"{done} of {n_shards} shards written to {out_dir}; the same command writes the rest"
+        raise
     finally:
         bar.close()
     write_manifest(out_dir, n_shards, settings)

@@ -260,3 +260,14 @@ def test_the_collective_timeout_and_the_atomic_checkpoint_writer_reach_each_stra
         assert isinstance(s.checkpoint_io, AtomicCheckpointIO)
     else:
         assert type(s).save_checkpoint is strategy_module._AtomicDeepSpeed.save_checkpoint
+
+
+def test_torch_saves_own_full_disk_error_is_read_as_one_only_when_the_disk_is_full(tmp_path, monkeypatch):
+    err = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4096")
+    dest = tmp_path / "step=9.ckpt"
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: type("U", (), {"free": 4096})())
+    full = atomic.disk_full(err, dest, tmp_path / ".step=9.ckpt.tmp-12345678")
+    assert isinstance(full, DiskFull) and str(full).startswith(f"{dest}: no space left on the device")
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: type("U", (), {"free": 1 << 40})())
+    assert atomic.disk_full(err, dest, tmp_path) is None  # room enough: some other fault, reported as it is
+    assert atomic.disk_full(ValueError("unexpected pos"), dest, tmp_path) is None

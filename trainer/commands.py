@@ -86,7 +86,6 @@ def ptq_command(cfg: RunConfig) -> dict:
         calib = calibration_ids(tok, p.n_samples, p.seq_len, "generate", model=model, seed=p.seed)
     progress = out / PTQ_PROGRESS_DIR  # a stopped run's finished blocks, for the rerun
     model, report = run_ptq(model, spec, p, calib, progress_dir=progress)
-    save_config(cfg, out)
     with atomic_dir(out / "model", need=sum(t.numel() * t.element_size() for t in model.state_dict().values())) \
             as tmp:
         model.save_pretrained(tmp)
@@ -94,6 +93,9 @@ def ptq_command(cfg: RunConfig) -> dict:
         # An earlier run's report goes before its model is replaced, so that a report beside model/ is always
         # that model's (this one is written once model/ is in place).
         (out / "ptq_report.json").unlink(missing_ok=True)
+    # Once model/ is in place: a run refused for want of space writes nothing, and one that fails leaves the
+    # earlier run's config beside the earlier run's model.
+    save_config(cfg, out)
     coverage = getattr(model.config, COVERAGE_KEY, None)
     result = {**report.to_dict(), "coverage": coverage, "model_dir": str(out / "model")}
     write_json(out / "ptq_report.json", result)

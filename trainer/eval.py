@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
 
@@ -16,14 +19,14 @@ from tqdm import tqdm
 
 from data.sources import load_texts, spread_windows, token_stream
 from qat.apply import coverage_of, quantize_model
-from qat.io.atomic import atomic_file, write_json, write_text
+from qat.io.atomic import atomic_file, disk_full, write_text
 from qat.io.env import device_name, versions
 from qat.io.folders import Folder, Kind, spec_label
 from qat.io.models import check_spec_fits, load_model, load_tokenizer
 from qat.io.progress import ProgressLines, bars_wanted
 from qat.load import inspect, load
 
-from .config import RunConfig, save_config
+from .config import RunConfig, to_yaml
 from .tasks import headline, plan_tasks, run_tasks, task_groups, task_metrics, task_setup
 
 
@@ -62,10 +65,11 @@ def perplexity(
     return math.exp(nll / count)
 
 
-def plot_bars(results: dict[str, float], path: Path, title: str,
-              closed: Optional[dict[str, float]] = None) -> Optional[Path]:
+def plot_bars(results: dict[str, float], path: Path, title: str, closed: Optional[dict[str, float]] = None,
+              stage: Optional[Callable[[Path], Path]] = None) -> Optional[Path]:
     """A bar chart of perplexities (lower is better), each bar labelled with its value (and, given `closed`, the
-    share of the gap to FP it closes), written atomically; None without matplotlib."""
+    share of the gap to FP it closes), written atomically (or to `stage(path)`: see staged_files); None without
+    matplotlib."""
     try:
         # lazy: matplotlib costs about a second to import and sets a process-wide backend; only plots need it
         import matplotlib
@@ -83,10 +87,40 @@ def plot_bars(results: dict[str, float], path: Path, title: str,
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120)
+    if stage is not None:
+        fig.savefig(stage(path), dpi=120)
+    else:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return path
+
+
+@contextmanager
+def staged_files() -> Iterator[Callable[[Path], Path]]:
+    """`stage(path)` gives a temp file beside `path` to write. When the block ends without error the temps are
+    renamed onto their paths in the order they were staged, otherwise removed: an error while writing any of them
+    (a full disk: a one-line DiskFull naming the file) leaves every file already there as it was."""
+    staged: list[tuple[Path, Path]] = []
+
+    def stage(path: Path) -> Path:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)  # as atomic_file's
+        os.close(fd)
+        staged.append((path, Path(tmp)))
+        return Path(tmp)
+
+    try:
+        yield stage
+        for path, tmp in staged:
+            os.replace(tmp, path)
+    except OSError as e:
+        full = disk_full(e, *staged[-1]) if staged else None  # the file being written: the last one staged
+        if full is None:
+            raise
+        raise full from e
+    finally:
+        for _, tmp in staged:
+            tmp.unlink(missing_ok=True)
 
 
 def run_eval(cfg: RunConfig) -> dict:
@@ -171,12 +205,11 @@ def gap_table(record: dict) -> str:
 def score_models(cfg: RunConfig, entries: list[tuple[str, Callable[[], torch.nn.Module]]],
                  roles: Optional[dict[str, str]] = None) -> dict:
     """Perplexity of each (label, loader) on the same windows of cfg.data (one model in memory at a time), and
-    its eval.tasks scores; eval.json, eval.png and config.yaml under cfg.output_dir. With `roles` ({"fp": label,
-    "rtn": label, ...}) the record also holds each model's share of the log-perplexity gap closed, and eval.md
-    the table of them."""
+    its eval.tasks scores; eval.json, eval.png and config.yaml under cfg.output_dir (see write_results). With
+    `roles` ({"fp": label, "rtn": label, ...}) the record also holds each model's share of the log-perplexity gap
+    closed, and eval.md the table of them."""
     out_dir = Path(cfg.output_dir)
     plan = plan_tasks(cfg.eval)  # before any model loads: lm_eval there, every task known, its data loading
-    save_config(cfg, out_dir)
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     windows = eval_windows(cfg, tok)
     n_tokens = sum(len(w) for w in windows)
@@ -220,19 +253,23 @@ def score_models(cfg: RunConfig, entries: list[tuple[str, Callable[[], torch.nn.
 
 
 def write_results(cfg: RunConfig, out_dir: Path, record: dict) -> None:
-    """eval.png and eval.md, then eval.json: `distqat report` reads a run's eval.json, so it is written last and
-    an earlier run's goes first, and a folder holding one holds this run's plot and table with it (or none: a
-    stale plot or table this run does not write is removed)."""
-    (out_dir / "eval.json").unlink(missing_ok=True)
-    plot, table = out_dir / "eval.png", out_dir / "eval.md"
+    """eval.png, eval.md, config.yaml and eval.json (what `distqat report` reads), all written whole to temp files
+    first, then renamed into place, eval.json last: a failure while writing them (a full disk) leaves the earlier
+    run's files as they were. Once all are whole, the earlier eval.json goes first, so that no eval.json stands
+    beside another run's plot or table; a plot or table this run does not write goes too."""
+    plot, table, result = out_dir / "eval.png", out_dir / "eval.md", out_dir / "eval.json"
     title = f"{cfg.model.name_or_path}, {record['tokens']} tokens of {cfg.eval.split}"
-    if not (cfg.eval.plot and plot_bars(record["perplexity"], plot, title, record.get("gap_closed"))):
-        plot.unlink(missing_ok=True)
-    if "gap_closed" in record:
-        write_text(table, gap_table(record) + "\n")
-    else:
-        table.unlink(missing_ok=True)
-    write_json(out_dir / "eval.json", record)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with staged_files() as stage:
+        drawn = cfg.eval.plot and plot_bars(record["perplexity"], plot, title, record.get("gap_closed"), stage)
+        if "gap_closed" in record:
+            stage(table).write_text(gap_table(record) + "\n")
+        stage(out_dir / "config.yaml").write_text(to_yaml(cfg))
+        stage(result).write_text(json.dumps(record, indent=2) + "\n")
+        result.unlink(missing_ok=True)
+        for path, written in ((plot, drawn), (table, "gap_closed" in record)):
+            if not written:
+                path.unlink(missing_ok=True)
 
 
 def format_table(rows: list[tuple[str, dict]]) -> str:

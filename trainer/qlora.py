@@ -104,8 +104,7 @@ def finish(cfg: RunConfig, student: PeftModel, tokenizer, out_dir: Path, dm: Blo
     adapters = save_adapters(student, out_dir / "adapters", {
         "base": folder.name, "base_kind": folder.kind.value, "fingerprint": base_print,
         "spec": cfg.quant.to_dict() if folder.kind is Kind.BASE else (folder.spec.to_dict() if folder.spec else None),
-        "variant": cfg.lora.variant, "double_quant": cfg.lora.double_quant})
-    tokenizer.save_pretrained(adapters)
+        "variant": cfg.lora.variant, "double_quant": cfg.lora.double_quant}, tokenizer)
     test = held_out(cfg, dm, tokenizer)
     losses: dict[str, float] = {}
     if test is not None:
@@ -121,7 +120,8 @@ def finish(cfg: RunConfig, student: PeftModel, tokenizer, out_dir: Path, dm: Blo
         if merge == "qalora":  # an integer checkpoint (format version 2), tokenizer files copied from the base
             convert_model(merged, model_dir, source=folder.path)
         else:
-            with atomic_dir(model_dir) as tmp:
+            need = sum(t.numel() * t.element_size() for t in merged.state_dict().values())
+            with atomic_dir(model_dir, need=need) as tmp:
                 merged.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
     merged_loss = losses.get(f"merged ({merge})")

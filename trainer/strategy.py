@@ -57,7 +57,7 @@ class _AtomicDeepSpeed:
         try:
             ensure_space(final.parent, _local_state_bytes(self), f"this rank's part of {final.name}")
             super().save_checkpoint(checkpoint, tmp, storage_options)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - every rank must reach the agreement below, whatever failed
             error = disk_full(e, final, tmp) or e
         failed = torch.tensor([self.global_rank if error is not None else -1], device=self.root_device)
         torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)

@@ -66,10 +66,20 @@ def _written(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
+def no_space(e: BaseException) -> bool:
+    """A full disk or quota: an OSError, or safetensors' own error for one ("... (os error 28)")."""
+    if isinstance(e, OSError):
+        return e.errno in NO_SPACE
+    return type(e).__name__ == "SafetensorError" and any(f"(os error {c})" in str(e) for c in NO_SPACE)
+
+
 def disk_full(e: BaseException, dest: Path, tmp: Path, need: Optional[int] = None) -> Optional[DiskFull]:
-    """The one-line DiskFull for an OSError that is a full disk or quota (None for any other error), measured
+    """The one-line DiskFull for an error that is a full disk or quota (None for any other error), measured
     before the temp path goes."""
-    if not isinstance(e, OSError) or isinstance(e, DiskFull) or e.errno not in NO_SPACE:
+    # torch.save's writer reports a full disk as a RuntimeError of its own ("... unexpected pos ..."): read as one
+    # when the disk has no room left indeed.
+    torch_full = isinstance(e, RuntimeError) and "unexpected pos" in str(e) and free_bytes(dest) < HEADROOM
+    if isinstance(e, DiskFull) or not (no_space(e) or torch_full):
         return None
     written = _written(tmp)
     needs = f"{_size(need)} needed, " if need else f"{_size(written)} written when it ran out, "
@@ -92,7 +102,7 @@ def atomic_file(path: PathLike, need: Optional[int] = None) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except Exception as e:
         full = disk_full(e, path, Path(tmp), need)
         if full is None:
             raise
@@ -129,7 +139,7 @@ def atomic_dir(path: PathLike, replace: bool = True, need: Optional[int] = None)
         tmp.chmod(0o755)  # mkdtemp makes it private; the result is meant to be readable like any folder
         try:
             yield tmp
-        except OSError as e:
+        except Exception as e:
             full = disk_full(e, path, tmp, need)
             if full is None:
                 raise

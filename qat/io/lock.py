@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from .atomic import NO_SPACE, DiskFull
+
 LOCK_FILE = ".distqat.lock"
 
 
@@ -111,8 +113,20 @@ class FolderLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(_me(self.command), f)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(_me(self.command), f)
+        except BaseException as e:
+            self.path.unlink(missing_ok=True)  # an empty lock would hold the folder from the next run
+            if self._created:
+                try:
+                    self.folder.rmdir()
+                except OSError:
+                    pass
+            if isinstance(e, OSError) and e.errno in NO_SPACE:
+                raise DiskFull(f"{self.path}: no space left on the device for the run's lock; free space or write "
+                               "elsewhere") from e
+            raise
         return True
 
     def _holder(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ ending with the folder an uninterrupted run writes. Anything else that differs s
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -55,8 +56,20 @@ class BlockProgress:
             "inputs": None if inputs is None else [x.detach().cpu() for x in inputs],
             "report": json.dumps(report),
         }
-        with atomic_file(self.path) as tmp:
-            torch.save(state, tmp)
+        # Serialized in memory, then written by Python: torch.save's own writer reports a full disk as a RuntimeError
+        # ("unexpected pos ..."), which would end the command as a bug; an OSError is the one-line DiskFull.
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getbuffer()
+        try:
+            with atomic_file(self.path, need=data.nbytes) as tmp, open(tmp, "wb") as f:
+                f.write(data)
+        except BaseException:
+            try:
+                self.folder.rmdir()  # made for this file: gone again unless an earlier run's progress is there
+            except OSError:
+                pass
+            raise
 
     def load(self) -> Optional[dict[str, Any]]:
         """The saved progress of this same run, or None (none saved, another run's, or unreadable: start afresh)."""

@@ -27,7 +27,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora.variants import QALoraLinearVariant
 from torch import nn
 
-from ..io.atomic import write_json
+from ..io.atomic import atomic_dir, write_json
 from ..keys import QLORA_RECORD_FILE
 from ..runtime.packed import PackedLinear
 from .config import LoRAConfig
@@ -142,11 +142,16 @@ def add_adapters(model: nn.Module, cfg: LoRAConfig) -> PeftModel:
     return peft_model
 
 
-def save_adapters(peft_model: PeftModel, out: Union[str, Path], record: dict[str, Any]) -> Path:
-    """peft's adapter files plus `record` (the base's name, spec and fingerprint) beside them."""
+def save_adapters(peft_model: PeftModel, out: Union[str, Path], record: dict[str, Any], tokenizer: Any = None) -> Path:
+    """peft's adapter files, `record` (the base's name, spec and fingerprint) and the tokenizer beside them, as one
+    folder that replaces an earlier one whole: a full disk or a kill midway leaves the earlier folder as it was."""
     out = Path(out)
-    peft_model.save_pretrained(str(out))
-    write_json(out / QLORA_RECORD_FILE, record)
+    need = sum(p.numel() * p.element_size() for n, p in peft_model.named_parameters() if "lora_" in n)
+    with atomic_dir(out, need=need) as tmp:
+        peft_model.save_pretrained(str(tmp))
+        write_json(tmp / QLORA_RECORD_FILE, record)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return out
 
 
