@@ -35,9 +35,10 @@ def root(tmp_path_factory, bundled_tokenizer):
     return tiny_run_dir(tmp_path_factory.mktemp("kill"), bundled_tokenizer)
 
 
-def at(target: str, call: int = 1, when: str = "after") -> list[str]:
-    """kill_at.py's arguments for a kill point: the `call`th call of `target`, before it runs or once returned."""
-    return [target, "--call", str(call), "--when", when]
+def at(target: str, call: int = 1, when: str = "after", match: str = "") -> list[str]:
+    """kill_at.py's arguments for a kill point: the `call`th call of `target` (of those whose arguments hold
+    `match`), before it runs or once returned."""
+    return [target, "--call", str(call), "--when", when, "--match", match]
 
 
 def distqat(*args: str, kill: list[str] = ()) -> subprocess.CompletedProcess:
@@ -251,8 +252,8 @@ def test_pipeline_killed_in_each_step_reruns_to_the_same_eval(root, pipe_ref):
     args = pipeline_args(root, out)
     unfinished = ("eval.json", "model", "checkpoints")
 
-    # kill -9 in generate, the second shard's parquet written under its temp name: the first shard only.
-    killed(at("datasets.arrow_dataset:Dataset.to_parquet", 2), *args)
+    # kill -9 in generate, the second shard written under its temp name, not yet renamed: the first shard only.
+    killed(at("os:replace", when="before", match="shard-00001"), *args)
     gen = out / "generated"
     assert sorted(p.name for p in gen.glob("shard-*")) == ["shard-00000.parquet"]
     assert [p.split(".")[1] for p in temps(out)] == ["shard-00001"]
