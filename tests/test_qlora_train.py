@@ -90,6 +90,11 @@ def test_qalora_merge_is_an_integer_checkpoint(tiny_base, tmp_path):
     losses = json.loads((out / "qlora_eval.json").read_text())["held_out_loss"]
     assert losses["trained"] < losses["base"]
     assert abs(losses["merged (qalora)"] - losses["trained"]) < 1e-3  # the fold is exact up to rounding
+    # The same command again (a job requeued after it finished, or killed after the merge): the same folder.
+    written = {f.name: f.read_bytes() for f in (out / "model").iterdir()}
+    r = run(*train_args(tiny_base, out, "lora.variant=qalora", "lora.merge=qalora", "lora.r=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {f.name: f.read_bytes() for f in (out / "model").iterdir()} == written
 
 
 def test_deepspeed_zero2_two_processes_and_zero3_refused(tiny_base, tmp_path):

@@ -118,7 +118,8 @@ def finish(cfg: RunConfig, student: PeftModel, tokenizer, out_dir: Path, dm: Blo
         if test is not None:
             losses[f"merged ({merge})"] = held_out_loss(merged, test)
         if merge == "qalora":  # an integer checkpoint (format version 2), tokenizer files copied from the base
-            convert_model(merged, model_dir, source=folder.path)
+            # replace: a rerun of a finished (or killed after this) run writes its own model/ again
+            convert_model(merged, model_dir, source=folder.path, replace=True)
         else:
             need = sum(t.numel() * t.element_size() for t in merged.state_dict().values())
             with atomic_dir(model_dir, need=need) as tmp:

@@ -90,12 +90,14 @@ def _save_shards(tensors: dict[str, torch.Tensor], out: Path) -> dict[str, str]:
 
 
 def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path] = None,
-                  origin: Optional[dict[str, str]] = None) -> Path:
+                  origin: Optional[dict[str, str]] = None, replace: bool = False) -> Path:
     """Write `model` (fake-quantized by qat.apply, or holding IntLinear layers) as a compressed-tensors folder at
     `out`, atomically. Layers with a real-valued zero point make it a format version 2 checkpoint. `origin`, the
-    SHA-256 of the source folder's files, is recorded (distqat_export.source) so that a rerun knows its output."""
+    SHA-256 of the source folder's files, is recorded (distqat_export.source) so that a rerun knows its output.
+    A non-empty `out` is refused, or with `replace` (a run's own output folder, written again by its rerun)
+    replaced whole once the new one is written."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(out.iterdir()) and not replace:
         raise FileExistsError(f"{out} exists and is not empty; choose another output folder or remove it")
     spec: Optional[QuantSpec] = quant_spec_of(model)
     tensors: dict[str, torch.Tensor] = OrderedDict()
@@ -156,7 +158,7 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
     experts_record = {"names": names.layout, "family": cfg.get("model_type")} if names is not None else None
     notes = reader_notes(quant_config, kv_words, experts_record)
     need = sum(t.numel() * t.element_size() for t in tensors.values())
-    with atomic_dir(out, need=need) as tmp:  # an empty `out` (checked above) is replaced
+    with atomic_dir(out, need=need) as tmp:  # an empty `out` (checked above), or one to replace
         digests = _save_shards(tensors, tmp)
         cfg[EXPORT_KEY] = {
             "version": version,
