@@ -271,3 +271,8 @@ def test_torch_saves_own_full_disk_error_is_read_as_one_only_when_the_disk_is_fu
     monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: type("U", (), {"free": 1 << 40})())
     assert atomic.disk_full(err, dest, tmp_path) is None  # room enough: some other fault, reported as it is
     assert atomic.disk_full(ValueError("unexpected pos"), dest, tmp_path) is None
+
+
+def test_written_files_get_the_umasks_mode_not_mkstemps_private_one(tmp_path):
+    path = write_json(tmp_path / "r.json", {})
+    assert path.stat().st_mode & 0o777 == 0o666 & ~atomic._UMASK != 0o600  # the umask of this test run: 022

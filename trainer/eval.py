@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from data.sources import load_texts, spread_windows, token_stream
 from qat.apply import coverage_of, quantize_model
-from qat.io.atomic import atomic_file, disk_full, write_text
+from qat.io.atomic import atomic_file, disk_full, readable, write_text
 from qat.io.env import device_name, versions
 from qat.io.folders import Folder, Kind, spec_label
 from qat.io.models import check_spec_fits, load_model, load_tokenizer
@@ -106,6 +106,7 @@ def staged_files() -> Iterator[Callable[[Path], Path]]:
     def stage(path: Path) -> Path:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)  # as atomic_file's
         os.close(fd)
+        readable(tmp)
         staged.append((path, Path(tmp)))
         return Path(tmp)
 

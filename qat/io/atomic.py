@@ -88,6 +88,21 @@ def disk_full(e: BaseException, dest: Path, tmp: Path, need: Optional[int] = Non
                     f"write elsewhere; {kept}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def readable(path: PathLike) -> None:
+    """The mode a plain open() would have given: mkstemp makes its files private (0600), and on a shared cluster
+    the team reads each other's results (umask taken once at import: os.umask can only be read by setting it)."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 @contextmanager
 def atomic_file(path: PathLike, need: Optional[int] = None) -> Iterator[Path]:
     """A temp path beside `path`, with its suffix (writers that pick a format by extension see the right one);
@@ -99,6 +114,7 @@ def atomic_file(path: PathLike, need: Optional[int] = None) -> Iterator[Path]:
         ensure_space(path.parent, need, f"writing {path.name}")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
+    readable(tmp)
     try:
         yield Path(tmp)
         os.replace(tmp, path)

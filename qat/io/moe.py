@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from ..keys import COMPLETE_MARKER
 
@@ -62,9 +62,11 @@ def check_split(config: PretrainedConfig, split: MoESplit) -> None:
         raise MoEError(f"spread must be >= 0 and sequences, length >= 1; got {split.describe()}")
 
 
-def mixtral_config(config: PretrainedConfig, split: MoESplit) -> MixtralConfig:
+def mixtral_config(config: PretrainedConfig, split: MoESplit) -> PretrainedConfig:
     """The Mixtral config that computes what the Llama `config` does, with its MLP as `split.experts` experts."""
     check_split(config, split)
+    from transformers import MixtralConfig  # lazy: every command imports this module; only a build needs Mixtral
+
     return MixtralConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
         num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
@@ -211,6 +213,9 @@ def build_moe(dense: Path, out: Path, split: MoESplit = MoESplit()) -> None:
     dense, out = Path(dense), Path(out)
     config = AutoConfig.from_pretrained(dense, local_files_only=True)
     moe_config = mixtral_config(config, split)  # refuses a split that does not fit before anything loads
+    # lazy: every command imports this module (qat.io.models); only a build needs the model classes (1-3 s)
+    from transformers import AutoModelForCausalLM, MixtralForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32, local_files_only=True).eval()
     inputs = calibration_inputs(model, split)
     state = {k: v for k, v in model.state_dict().items() if ".mlp." not in k}
