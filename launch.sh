@@ -43,6 +43,7 @@ tests marked lane again, each dispatcher's GPU branch run by Triton's interprete
 with the given interpreter's environment as it is) and, when they pass, writes that set to requirements-lock.txt.
 
 Environment: DISTQAT_HOME (cache for the bundled model/text, default ~/.cache/distqat),
+DISTQAT_TEST_WORKERS (processes ./launch.sh test runs the suite in, default 2),
 PYTHON (interpreter used to create .venv, default python3), DISTQAT_UNLOCKED=1 (install the newest releases
 instead of the versions in requirements-lock.txt), NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR (default
 127.0.0.1), MASTER_PORT (default 29500).
@@ -141,10 +142,14 @@ fetch_assets() {
 # The suite, then the device lane: the tests marked `lane` again under Triton's interpreter, which runs the
 # kernels on CPU tensors, so the branch each dispatcher takes on a GPU executes here too. Both run; either failing
 # fails the command.
+# The suite runs in DISTQAT_TEST_WORKERS processes (2; a file's tests stay in one, so its module fixtures are built
+# once): most tests wait on a subprocess's start-up (imports, single-threaded), which two workers overlap. One torch
+# thread each: two workers of two threads on two cores spin-wait for each other.
 run_tests() {
   local py=$1; shift
   local rc=0 lane=0
-  "$py" -m pytest -q "$@" || rc=$?
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$py" -m pytest -q -n "${DISTQAT_TEST_WORKERS:-2}" --dist loadfile "$@" \
+    || rc=$?
   say "device lane: TRITON_INTERPRET=1 pytest -m lane (each dispatcher's GPU branch, on CPU)"
   TRITON_INTERPRET=1 "$py" -m pytest -q -m lane "$@" || lane=$?
   [[ $lane -eq 5 ]] && lane=0  # the given tests hold no lane test
