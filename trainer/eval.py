@@ -7,7 +7,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ from tqdm import tqdm
 
 from data.sources import load_texts, spread_windows, token_stream
 from qat.apply import coverage_of, quantize_model
-from qat.io.atomic import atomic_file, disk_full, readable, write_text
+from qat.io.atomic import atomic_file, disk_full, temp_beside, write_text
 from qat.io.env import device_name, versions
 from qat.io.folders import Folder, Kind, spec_label
 from qat.io.models import check_spec_fits, load_model, load_tokenizer
@@ -104,11 +103,9 @@ def staged_files() -> Iterator[Callable[[Path], Path]]:
     staged: list[tuple[Path, Path]] = []
 
     def stage(path: Path) -> Path:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)  # as atomic_file's
-        os.close(fd)
-        readable(tmp)
-        staged.append((path, Path(tmp)))
-        return Path(tmp)
+        tmp = temp_beside(path)
+        staged.append((path, tmp))
+        return tmp
 
     try:
         yield stage

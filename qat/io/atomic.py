@@ -97,10 +97,14 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
-def readable(path: PathLike) -> None:
-    """The mode a plain open() would have given: mkstemp makes its files private (0600), and on a shared cluster
-    the team reads each other's results (umask taken once at import: os.umask can only be read by setting it)."""
-    os.chmod(path, 0o666 & ~_UMASK)
+def temp_beside(path: Path) -> Path:
+    """A new empty temp file beside `path`, with its suffix, named as clean_stale recognises, with the mode a plain
+    open() would have given: mkstemp makes its files private (0600), and on a shared cluster the team reads each
+    other's results (umask taken once at import: os.umask can only be read by setting it)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    return Path(tmp)
 
 
 @contextmanager
@@ -112,14 +116,12 @@ def atomic_file(path: PathLike, need: Optional[int] = None) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     if need is not None:
         ensure_space(path.parent, need, f"writing {path.name}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    readable(tmp)
+    tmp = temp_beside(path)
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     except Exception as e:
-        full = disk_full(e, path, Path(tmp), need)
+        full = disk_full(e, path, tmp, need)
         if full is None:
             raise
         raise full from e
