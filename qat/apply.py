@@ -108,8 +108,7 @@ def quantize_model(
             continue
         if layer.weight is None:
             weightless.add(name)
-        else:
-            check_layer(layer.weight, linear.in_features, name)
+        check_layer(layer.weight, linear.in_features, name, layer.activation)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QuantLinear.from_linear(linear, layer.weight, layer.activation))
@@ -159,9 +158,8 @@ def _quantize_experts(model: nn.Module, spec: QuantSpec, report: QuantReport, we
             layer = resolve_for_layer(spec, full)
             if layer.weight is None:
                 weightless.add(full)
-            else:
-                w = getattr(module, param)
-                check_layer(layer.weight, w.shape[1] if layout.transposed else w.shape[2], full)
+            w = getattr(module, param)
+            check_layer(layer.weight, w.shape[1] if layout.transposed else w.shape[2], full, layer.activation)
             specs[param] = (layer.weight, layer.activation)
             labels.add(_layer_label(layer.weight, layer.activation))
         try:

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from .device import device_path
+from .fp4 import FP4_MAX, fp4_codes, fp4_round, fp4_scales, fp4_values, round_scale
 from .kernels import fused_fake_quant_rows
-from .spec import TensorSpec
+from .spec import FP4_FORMATS, TensorSpec
 
 # QLoRA's NormalFloat-4 levels (quantiles of N(0, 1) scaled to [-1, 1], with an exact zero).
 NF4_LEVELS = torch.tensor([
@@ -78,9 +79,11 @@ def weight_rows(w: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
 
 
 def act_rows(x: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
-    """(..., C) activation -> rows: (1, N) per tensor, (tokens, C) per token."""
+    """(..., C) activation -> rows: (1, N) per tensor, (tokens, C) per token, (tokens * C / g, g) per fp4 block."""
     if spec.granularity == "tensor":
         return x.reshape(1, -1)
+    if spec.granularity == "group":
+        return x.reshape(-1, spec.group_size)
     return x.reshape(-1, x.shape[-1])
 
 
@@ -105,9 +108,14 @@ _TINY = {dt: float(torch.nextafter(torch.zeros((), dtype=dt), torch.ones((), dty
 
 
 def range_qparams(
-    lo: torch.Tensor, hi: torch.Tensor, spec: TensorSpec, scale_dtype: Optional[torch.dtype] = None
+    lo: torch.Tensor, hi: torch.Tensor, spec: TensorSpec, scale_dtype: Optional[torch.dtype] = None,
+    global_rows: Optional[int] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Scale (and zero point) that map [lo, hi] onto the integer grid; fp32, one per row."""
+    """Scale (and zero point) that map [lo, hi] onto the grid; fp32, one per row. fp4 block scales are the format's
+    own stored values (qat.fp4), exact in any float dtype; `global_rows` blocks share an NVFP4 tensor scale (None:
+    all)."""
+    if spec.format in FP4_FORMATS:
+        return fp4_scales(torch.maximum(lo.abs(), hi.abs()), spec.format, global_rows), None
     if spec.symmetric:
         absmax = torch.maximum(lo.abs(), hi.abs())
         top = {"int": spec.qmax, "fp8": FP8_MAX, "nf4": 1.0}[spec.format]
@@ -118,19 +126,21 @@ def range_qparams(
     return scale, zero
 
 
-def minmax_qparams(rows: torch.Tensor, spec: TensorSpec, scale_dtype: Optional[torch.dtype] = None):
+def minmax_qparams(rows: torch.Tensor, spec: TensorSpec, scale_dtype: Optional[torch.dtype] = None,
+                   global_rows: Optional[int] = None):
     r = rows.detach().float()
-    return range_qparams(r.amin(-1, keepdim=True), r.amax(-1, keepdim=True), spec, scale_dtype)
+    return range_qparams(r.amin(-1, keepdim=True), r.amax(-1, keepdim=True), spec, scale_dtype, global_rows)
 
 
-def percentile_qparams(rows: torch.Tensor, spec: TensorSpec, scale_dtype: Optional[torch.dtype] = None):
+def percentile_qparams(rows: torch.Tensor, spec: TensorSpec, scale_dtype: Optional[torch.dtype] = None,
+                       global_rows: Optional[int] = None):
     """Clip each row at its `spec.percentile`-th percentile (of |x| when symmetric)."""
     r = rows.detach().float()
     n = r.shape[-1]
     k = max(1, min(n, math.ceil(spec.percentile / 100.0 * n)))
     if spec.symmetric:
         hi = r.abs().kthvalue(k, dim=-1, keepdim=True).values
-        return range_qparams(-hi, hi, spec, scale_dtype)
+        return range_qparams(-hi, hi, spec, scale_dtype, global_rows)
     hi = r.kthvalue(k, dim=-1, keepdim=True).values
     lo = r.kthvalue(max(1, n - k + 1), dim=-1, keepdim=True).values
     return range_qparams(lo, hi, spec, scale_dtype)
@@ -139,11 +149,12 @@ def percentile_qparams(rows: torch.Tensor, spec: TensorSpec, scale_dtype: Option
 @torch.no_grad()
 def mse_qparams(
     rows: torch.Tensor, spec: TensorSpec, scale_dtype: Optional[torch.dtype] = None,
-    grid: int = 20, max_shrink: float = 0.5, norm: float = 2.4,
+    grid: int = 20, max_shrink: float = 0.5, norm: float = 2.4, global_rows: Optional[int] = None,
 ):
     """Per row, the shrink of the min/max range (1.0 down to 1-max_shrink) with the least |x - Q(x)|^norm.
 
-    The norm of 2.4 follows GPTQ's reference clipping search: it weighs large errors a bit more than MSE.
+    The norm of 2.4 follows GPTQ's reference clipping search: it weighs large errors a bit more than MSE. For fp4
+    each shrunk range is rounded to a storable block scale, so the search runs over the block-scale grid.
     """
     r = rows.float()
     lo0, hi0 = r.amin(-1, keepdim=True), r.amax(-1, keepdim=True)
@@ -151,7 +162,7 @@ def mse_qparams(
     best_scale, best_zero = None, None
     for i in range(grid + 1):
         p = 1.0 - max_shrink * i / grid
-        scale, zero = range_qparams(lo0 * p, hi0 * p, spec, scale_dtype)
+        scale, zero = range_qparams(lo0 * p, hi0 * p, spec, scale_dtype, global_rows)
         err = (fake_quant_values(r, scale, zero, spec) - r).abs().pow(norm).sum(-1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -171,6 +182,8 @@ QPARAMS = {"minmax": minmax_qparams, "percentile": percentile_qparams, "mse": ms
 def quantize_codes(rows: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], spec: TensorSpec):
     """The integer codes (int32) of the int and nf4 formats; what export packs."""
     r = rows.detach().float()
+    if spec.format in FP4_FORMATS:
+        return fp4_codes(fp4_round(r / scale))
     if spec.format == "nf4":
         levels = NF4_LEVELS.to(r.device)
         return (r / scale).unsqueeze(-1).sub(levels).abs().argmin(-1).to(torch.int32)
@@ -183,6 +196,8 @@ def quantize_codes(rows: torch.Tensor, scale: torch.Tensor, zero: Optional[torch
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], spec: TensorSpec):
+    if spec.format in FP4_FORMATS:
+        return fp4_values(codes) * scale
     if spec.format == "nf4":
         return NF4_LEVELS.to(codes.device)[codes.long()] * scale
     q = codes.float()
@@ -195,6 +210,9 @@ def fake_quant_values(rows: torch.Tensor, scale: torch.Tensor, zero: Optional[to
     if spec.format == "fp8":
         y = (r / scale).clamp(-FP8_MAX, FP8_MAX)
         return ((y.to(torch.float8_e4m3fn).float() - y).detach() + y) * scale
+    if spec.format in FP4_FORMATS:
+        y = (r / scale).clamp(-FP4_MAX, FP4_MAX)  # saturated values get no gradient, as the int grid's
+        return ((fp4_round(y.detach()) - y).detach() + y) * scale
     if spec.format == "nf4":
         levels = NF4_LEVELS.to(r.device)
         y = (r / scale).clamp(-1.0, 1.0)
@@ -208,7 +226,8 @@ def fake_quant_values(rows: torch.Tensor, scale: torch.Tensor, zero: Optional[to
 
 
 def fake_quant(
-    rows: torch.Tensor, spec: TensorSpec, scale_dtype: Optional[torch.dtype] = None, use_kernel: bool = True
+    rows: torch.Tensor, spec: TensorSpec, scale_dtype: Optional[torch.dtype] = None, use_kernel: bool = True,
+    global_rows: Optional[int] = None,
 ) -> torch.Tensor:
     """Dynamic fake quant of rows with scales from `spec.scale_method`, in the dtype of `rows`.
 
@@ -223,8 +242,8 @@ def fake_quant(
         out = fused_fake_quant_rows(rows, spec.bits, spec.symmetric, scale_dtype)
         if out is not None:
             return ste(rows, out)
-    scale, zero = QPARAMS[spec.scale_method](rows, spec, scale_dtype)
-    if spec.scale_method == "minmax":
+    scale, zero = QPARAMS[spec.scale_method](rows, spec, scale_dtype, global_rows=global_rows)
+    if spec.scale_method == "minmax" and spec.format not in FP4_FORMATS:  # fp4 saturates: a clamp-aware STE
         with torch.no_grad():
             out = fake_quant_values(rows, scale, zero, spec).to(rows.dtype)
         return ste(rows, out)
@@ -262,6 +281,8 @@ class WeightQuantizer(nn.Module):
         if spec.learnable == "lsq":
             g = 1.0 / math.sqrt(self.n_per_scale * max(spec.qmax, 1))
             scale = _grad_scale(self.scale.clamp_min(EPS), g)
+            if spec.format in FP4_FORMATS:
+                return round_scale(scale, spec.format), None
             scale = scale + (_round_to(scale.detach(), weight.dtype) - scale.detach())
             zero = None
             if self.zero is not None:
@@ -333,7 +354,8 @@ class ActQuantizer(nn.Module):
         spec = self.spec
         r = act_rows(x, spec) if rows is None else rows
         if spec.dynamic:
-            return fake_quant(r, spec).reshape(x.shape)
+            per_token = x.shape[-1] // spec.group_size if spec.granularity == "group" else None
+            return fake_quant(r, spec, global_rows=per_token).reshape(x.shape)
         if self.observing:
             self.absmax.copy_(torch.maximum(self.absmax, x.detach().abs().amax().float()))
             return x
@@ -354,6 +376,7 @@ class ActQuantizer(nn.Module):
 def _describe(spec: TensorSpec) -> str:
     gran = f"group{spec.group_size}" if spec.granularity == "group" else spec.granularity
     fmt = f"int{spec.bits}" if spec.format == "int" else spec.format
+    gran = "block" if spec.format in FP4_FORMATS else gran
     extra = [] if spec.symmetric else ["asym"]
     if spec.scale_method != "minmax":
         extra.append(spec.scale_method)

@@ -15,7 +15,8 @@ from typing import Any, Optional
 from .options import setting
 
 GRANULARITIES = ("tensor", "channel", "group", "token", "head")
-FORMATS = ("int", "fp8", "nf4")
+FORMATS = ("int", "fp8", "nf4", "nvfp4", "mxfp4")
+FP4_FORMATS = {"nvfp4": 16, "mxfp4": 32}  # e2m1 elements and their block size (qat/fp4.py)
 SCALE_METHODS = ("minmax", "mse", "percentile")
 LEARNABLE = ("none", "lsq", "lwc")
 
@@ -42,7 +43,8 @@ class TensorSpec:
                                help="one scale per tensor, output channel, group of input columns, token, or head")
     group_size: Optional[int] = setting(None, range=(2, 1 << 20),
                                         help="input columns sharing a scale (granularity=group only)")
-    format: str = setting("int", choices=FORMATS, help="integer grid, fp8 (e4m3), or nf4 (weights only)")
+    format: str = setting("int", choices=FORMATS, help="integer grid, fp8 (e4m3), nf4 (weights only), or fp4 (e2m1) "
+                         "in blocks of 16 with e4m3 scales (nvfp4) or of 32 with power-of-two scales (mxfp4)")
     scale_method: str = setting("minmax", choices=SCALE_METHODS,
                                 help="how a scale is chosen: the range, an MSE search, or a percentile")
     percentile: float = setting(99.9, range=(50.0, 100.0), help="the percentile scale_method=percentile takes")
@@ -80,6 +82,8 @@ class TensorSpec:
                 raise SpecError(f"{where}.format=nf4 is a weight format; use int for {kind}")
             if self.bits != 4:
                 raise SpecError(f"{where}: nf4 has 4 bits, got bits={self.bits}; set bits=4")
+        if self.format in FP4_FORMATS:
+            self._check_fp4(where, kind)
         if self.format != "int" and not self.symmetric:
             raise SpecError(f"{where}: format {self.format} is symmetric; set symmetric=true")
         if (self.granularity == "group") != (self.group_size is not None):
@@ -91,7 +95,7 @@ class TensorSpec:
             raise SpecError(f"{where}.group_size={self.group_size}: must be >= 2")
         allowed_gran = {
             "weight": ("tensor", "channel", "group"),
-            "activation": ("tensor", "token"),
+            "activation": ("tensor", "token", "group") if self.format in FP4_FORMATS else ("tensor", "token"),
             "kv": ("tensor", "token", "head"),
         }[kind]
         if self.granularity not in allowed_gran:
@@ -117,6 +121,21 @@ class TensorSpec:
             raise SpecError(f"{where}.dynamic=false: weights have no dynamic/static choice; leave it true")
         return self
 
+    def _check_fp4(self, where: str, kind: str) -> None:
+        block = FP4_FORMATS[self.format]
+        if kind == "kv":
+            raise SpecError(f"{where}.format={self.format}: fp4 is for weights and activations; "
+                            "use int for the kv cache")
+        if self.bits != 4:
+            raise SpecError(f"{where}: {self.format} has 4 bits (e2m1), got bits={self.bits}; set bits=4")
+        if (self.granularity, self.group_size) != ("group", block):
+            raise SpecError(f"{where}: {self.format} scales blocks of {block}; "
+                            f"set granularity=group group_size={block}")
+        if self.learnable == "lwc":
+            raise SpecError(f"{where}.learnable=lwc: fp4 block scales learn as lsq; set learnable=lsq or none")
+        if kind == "activation" and not self.dynamic:
+            raise SpecError(f"{where}: {self.format} activations take dynamic block scales; set dynamic=true")
+
     def short(self, prefix: str) -> str:
         """This spec as a short-name component, e.g. 'w4g64asym'; SpecError if it has no short name."""
         kind = prefix_kind(prefix)
@@ -127,6 +146,8 @@ class TensorSpec:
             return f"{prefix}fp8"
         if self.format == "nf4":
             return f"{prefix}nf4" + (f"g{self.group_size}" if self.group_size else "")
+        if self.format in FP4_FORMATS:
+            return f"{prefix}{self.format}"
         s = f"{prefix}{self.bits}" + (f"g{self.group_size}" if self.group_size else "")
         if self.symmetric == default_symmetric(kind, self.format):
             return s
@@ -148,6 +169,8 @@ def default_spec(
     kind: str, bits: int, group: Optional[int], symmetric: Optional[bool] = None, fmt: str = "int"
 ) -> TensorSpec:
     """The spec a short-name component stands for: per-channel (or per-group) weights, per-token rest."""
+    if fmt in FP4_FORMATS:
+        return TensorSpec(bits=4, symmetric=True, granularity="group", group_size=FP4_FORMATS[fmt], format=fmt)
     gran = ("group" if group else "channel") if kind == "weight" else "token"
     if symmetric is None:
         symmetric = default_symmetric(kind, fmt)
@@ -200,6 +223,10 @@ class QuantSpec:
             default_spec("weight", 8, None, None, "fp8"), default_spec("activation", 8, None, None, "fp8"), None
         ):
             return "fp8"
+        for fmt in FP4_FORMATS:
+            if (self.weight, self.activation, self.kv) == (default_spec("weight", 4, None, None, fmt),
+                                                           default_spec("activation", 4, None, None, fmt), None):
+                return fmt
         out = self.weight.short("w")
         out += self.activation.short("a") if self.activation else ""
         out += self.kv.short("kv") if self.kv else ""
@@ -217,17 +244,21 @@ class QuantSpec:
         return cls(**kw).check()
 
 
-_COMPONENT = r"(?:(\d+)|(fp8)|(nf4))(?:g(\d+))?(asym|sym)?"
+_COMPONENT = r"(?:(\d+)|(fp8)|(nf4)|(nvfp4)|(mxfp4))(?:g(\d+))?(asym|sym)?"
 _NAME = re.compile(rf"^w{_COMPONENT}(?:a{_COMPONENT})?(?:kv{_COMPONENT})?$")
 
 
 def parse(name: str) -> QuantSpec:
-    """Parse a short name: w<bits|fp8|nf4>[g<group>][sym|asym] [a<bits>[sym|asym]] [kv<bits>[sym|asym]], or fp8.
+    """Parse a short name: w<bits|fp8|nf4|nvfp4|mxfp4>[g<group>][sym|asym] [a<bits|nvfp4|mxfp4>[sym|asym]]
+    [kv<bits>[sym|asym]], or fp8, nvfp4, mxfp4 (weights and activations in that format).
 
     16 bits means 'not quantized' (w4a16 = weight-only). Without a suffix, weights and kv are symmetric
     and activations asymmetric. Examples: w4a8kv8, w4g128, w4g64asym, w8a8, w8a8symkv8, w2g64, wnf4g64, fp8.
     """
     text = name.strip().lower()
+    if text in FP4_FORMATS:
+        return QuantSpec(weight=default_spec("weight", 4, None, None, text),
+                         activation=default_spec("activation", 4, None, None, text)).check()
     if text == "fp8":
         return QuantSpec(
             weight=default_spec("weight", 8, None, None, "fp8"),
@@ -236,19 +267,27 @@ def parse(name: str) -> QuantSpec:
     m = _NAME.match(text)
     if not m:
         raise SpecError(
-            f"cannot parse quant scheme {name!r}; expected e.g. w4a8kv8, w4g128, w4g64asym, w8a8, wnf4g64 or fp8"
+            f"cannot parse quant scheme {name!r}; expected e.g. w4a8kv8, w4g128, w4g64asym, w8a8, wnf4g64, fp8, "
+            "nvfp4, mxfp4, w4a4kv4"
         )
     groups = m.groups()
     parts: dict[str, Optional[TensorSpec]] = {}
     for i, kind in enumerate(("weight", "activation", "kv")):
-        bits, fp8, nf4, group, sym = groups[5 * i : 5 * i + 5]
-        if bits is None and fp8 is None and nf4 is None:
+        bits, fp8, nf4, nvfp4, mxfp4, group, sym = groups[7 * i : 7 * i + 7]
+        fp4 = nvfp4 or mxfp4
+        if bits is None and fp8 is None and nf4 is None and fp4 is None:
             parts[kind] = None
             continue
         if bits is not None and int(bits) == 16:
             if group or sym:
                 raise SpecError(f"{name!r}: a 16-bit (unquantized) {kind} takes no group or asym")
             parts[kind] = None
+            continue
+        if fp4:
+            if group or sym:
+                raise SpecError(f"{name!r}: {fp4} fixes its own blocks ({FP4_FORMATS[fp4]}) and is symmetric; "
+                                "drop the g<size>/sym suffix")
+            parts[kind] = default_spec(kind, 4, None, None, fp4)
             continue
         if group and kind != "weight":
             raise SpecError(f"{name!r}: groups apply to weights only")
@@ -267,9 +306,13 @@ def resolve_for_layer(spec: QuantSpec, module_name: str) -> QuantSpec:
     return spec
 
 
-def check_layer(spec: TensorSpec, in_features: int, module_name: str) -> None:
-    """Shape checks that need the layer: a group size must divide the input width."""
-    if spec.granularity == "group" and in_features % spec.group_size:
+def check_layer(spec: Optional[TensorSpec], in_features: int, module_name: str,
+                act: Optional[TensorSpec] = None) -> None:
+    """Shape checks that need the layer: a group size (of the weight, or of fp4 input blocks) divides the width."""
+    if act is not None and act.granularity == "group" and in_features % act.group_size:
+        raise SpecError(f"quant.activation: {act.format} blocks of {act.group_size} do not divide in_features="
+                        f"{in_features} of {module_name}; exclude the layer (quant.exclude) or use another format")
+    if spec is not None and spec.granularity == "group" and in_features % spec.group_size:
         divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
         raise SpecError(
             f"quant.weight.group_size={spec.group_size} does not divide in_features={in_features} of {module_name}; "
