@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import kv as kv_quant
+from . import online
 from .coverage import Coverage, CoverageError, OnPurpose, check, measure, routers
 from .experts import ExpertsLayoutError, QuantExperts, describe, experts_modules
 from .keys import COVERAGE_KEY, QUANT_KEY
@@ -123,6 +124,7 @@ def quantize_model(
     share_inputs(model)
     if spec.kv is not None:
         report.kv_modules = kv_quant.install(model, spec.kv)
+    online.reinstall(model)  # R4's hooks sat on the Linears just replaced
     report.coverage = measure(model)
     if spec.weight is not None or any(ov.startswith("w") for ov in spec.overrides.values()):
         check(report.coverage, OnPurpose(spec.include, spec.exclude, weightless | set(router_names)))

@@ -8,6 +8,8 @@ config.json keys that say what a saved folder holds:
 - PTQ_KEY: beside QUANT_KEY in a PTQ result: the method and the calibration tokens.
 - INIT_KEY: in a QAT student started from a PTQ result: that result's PTQ record (the rotation among it), which
   the student no longer is but still computes in.
+- ROTATE_KEY: inside a PTQ_KEY (or INIT_KEY) record: the rotation that turned the model (`qat.ptq.rotate`), its online
+  Hadamards among it (`qat.online` reinstalls them from it on every load, a converted folder's included).
 - LLM_INT8_KEY: an LLM.int8() model (its own kind: no QuantSpec, an outlier threshold).
 - HF_QUANT_KEY / EXPORT_KEY: an integer checkpoint written by convert: the standard compressed-tensors
   `quantization_config`, and distqat's own record (format version, spec, checksums).
@@ -31,6 +33,7 @@ QUANT_KEY = "distqat_quant"
 COVERAGE_KEY = "distqat_coverage"
 PTQ_KEY = "distqat_ptq"
 INIT_KEY = "distqat_init"
+ROTATE_KEY = "rotate"
 LLM_INT8_KEY = "distqat_llm_int8"
 HF_QUANT_KEY = "quantization_config"
 EXPORT_KEY = "distqat_export"

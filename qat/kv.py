@@ -4,7 +4,8 @@ Every model whose attention calls `ALL_ATTENTION_FUNCTIONS` (Llama, Qwen2/3, Mis
 hands the attention function its keys after RoPE and after the cache update, i.e. exactly the tensors
 a real cache stores. We register wrappers (named `keys.KV_ATTENTION_PREFIX` + `sdpa`, `eager` ...) that
 fake-quantize K and V with the attention module's `k_quantizer` / `v_quantizer` and then call the
-original implementation, so no modeling code is copied.
+original implementation, so no modeling code is copied. A model with the online R3 rotation (qat.online) turns its
+queries and keys there too, before K is quantized; such a model runs through the wrapper even with no KV quantizers.
 
 The cache itself keeps high-precision values and the whole K/V is fake-quantized at every step. With
 per-token (or per-head) scales each token's codes depend on that token alone, so this equals attention
@@ -27,6 +28,10 @@ from .spec import TensorSpec
 # Set on K/V tensors that an integer cache (qat.runtime.kv_cache) returns: already quantized, bit for bit
 # what fake quant would give, so quantizing them again would only add rounding noise.
 QUANTIZED_MARK = "_distqat_kv_quantized"
+# Set on keys that cache turned by the attention module's R3 before quantizing them (qat.online): not turned again.
+ROTATED_MARK = "_distqat_kv_rotated"
+# The attention module's attribute holding R3 (a qat.hadamard.Rotation of head_dim), set by qat.online.install.
+QK_ROTATION = "qk_rotation"
 
 
 def kv_rows(x: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
@@ -69,14 +74,23 @@ def _base_function(base: str, module: nn.Module) -> Callable:
 def _make_wrapper(base: str) -> Callable:
     def attention(module: nn.Module, query, key, value, attention_mask, **kwargs: Any):
         kq, vq = getattr(module, "k_quantizer", None), getattr(module, "v_quantizer", None)
-        if kq is None or vq is None:
+        rot = getattr(module, QK_ROTATION, None)
+        if (kq is None or vq is None) and (rot is None or kq is not None or vq is not None):
             raise RuntimeError(
                 f"{type(module).__name__} runs KV-quantized attention but has no k/v quantizers; "
                 "apply qat.apply.quantize_model to the whole model"
             )
-        if not getattr(key, QUANTIZED_MARK, False):
+        if rot is not None:  # R3: q H (k H)^T = q k^T, and the cache quantizes the turned keys
+            query = rot(query)
+            if not getattr(key, ROTATED_MARK, False):
+                if getattr(key, QUANTIZED_MARK, False):
+                    raise RuntimeError(f"{type(module).__name__}: the integer KV cache quantized keys before the "
+                                       "model's R3 rotation; build it with IntKVCache(spec, layers, "
+                                       "key_rotation=qat.online.key_rotation(model))")
+                key = rot(key)
+        if kq is not None and not getattr(key, QUANTIZED_MARK, False):
             key = fake_quant_kv(kq, key)
-        if not getattr(value, QUANTIZED_MARK, False):
+        if vq is not None and not getattr(value, QUANTIZED_MARK, False):
             value = fake_quant_kv(vq, value)
         return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
 

@@ -14,6 +14,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from . import online
 from .export import load_quantized
 from .io.folders import Folder, Kind, inspect, load_fake_quant
 from .io.models import load_model, resolve_dtype
@@ -46,4 +47,5 @@ def load(
         model = llm_int8.restore(load_model(folder.path, torch_dtype, **kwargs), folder.record)
     else:
         model = load_fake_quant(folder, torch_dtype, **kwargs)
+    online.reinstall(model)  # the rotation record's online Hadamards (a fake-quant load has them from quantize_model)
     return model.to(device) if device is not None else model

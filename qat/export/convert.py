@@ -34,7 +34,7 @@ from .format import FormatError, compress, file_sha256, kv_record, weight_args
 from .fp8 import compress_fp8
 from .layers import compressed
 from .load import verify_files
-from .readers import model_card, reader_notes
+from .readers import model_card, reader_notes, rotation_notes
 
 SHARD_BYTES = 4 << 30
 COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -146,7 +146,7 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
     kv_words = None if kv is None else \
         f"int{kv['bits']} per {'token' if kv['granularity'] == 'token' else 'head and token'}, dynamic"
     experts_record = {"names": names.layout, "family": cfg.get("model_type")} if names is not None else None
-    notes = reader_notes(quant_config, kv_words, experts_record)
+    notes = reader_notes(quant_config, kv_words, experts_record) + rotation_notes(cfg)  # online rotations: readers.py
     need = sum(t.numel() * t.element_size() for t in tensors.values())
     with atomic_dir(out, need=need) as tmp:  # an empty `out` (checked above), or one to replace
         digests = _save_shards(tensors, tmp)

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
 from .. import kv as kv_quant
+from .. import online
 from ..io.folders import Folder, inspect
 from ..io.models import CACHE_KWARGS, cache_kwarg
 from ..keys import EXPORT_KEY, HF_QUANT_KEY
@@ -158,6 +159,9 @@ def load_quantized(
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
 
+    # The online rotations (R4 on down_proj inputs, R3 on queries and keys) the folder's rotation record names:
+    # IntLinear reads the turned input as the QuantLinear it came from did, and the integer cache stores turned keys.
+    online.reinstall(model)
     kv = _kv_spec(q, meta)
     if kv is not None:
         kv_quant.install(model, kv)
@@ -185,6 +189,7 @@ def _use_int_cache(model: nn.Module, kv: TensorSpec) -> None:
     """Make `model.generate` store its cache as integers unless the caller passes its own cache (under the
     argument name of the installed transformers, `cache`, or the older `past_key_values`)."""
     n_layers = model.config.get_text_config().num_hidden_layers
+    turn = online.key_rotation(model)
     generate = model.generate
     name = cache_kwarg(model)
 
@@ -192,7 +197,7 @@ def _use_int_cache(model: nn.Module, kv: TensorSpec) -> None:
     def generate_with_int_cache(*args: Any, **kwargs: Any):
         given = any(kwargs.get(k) is not None for k in CACHE_KWARGS)
         if not given and kwargs.get("use_cache", True):
-            kwargs[name] = IntKVCache(kv, n_layers)
+            kwargs[name] = IntKVCache(kv, n_layers, key_rotation=turn)
         return generate(*args, **kwargs)
 
     model.generate = generate_with_int_cache

@@ -38,12 +38,25 @@ one does not fit) and `CompressedTensorsConfig(dequantize=True)` loads them; tha
 activation quantization, so it is named only for weight-only folders. fp8 folders load on CPU too: the e4m3
 weights are decompressed to dense and the inputs fake-quantized per token to e4m3 (in fp32 the logits equal
 the fake-quant model's bit for bit, tested).
+
+Online rotations (`ptq.rotate.online`, qat.online): a folder whose rotation record names R4 (a Hadamard on each
+down_proj's input, its inverse folded into the weight) or R3 (a Hadamard on queries and keys after RoPE) computes its
+model only when a reader applies them. distqat's reader does (qat.export.load_quantized reinstalls them from the
+config's record, and its integer KV cache stores turned keys). No standard reader does: transformers has no
+compressed-tensors transform support, and compressed-tensors' own `transform_config` (a `hadamard` TransformScheme
+at location `input` of down_proj, or `q_attn`/`k_cache`) builds its non-power-of-two Hadamards from a table of known
+matrices, not the Paley construction distqat folds (1536 = 12 x 128), so a description of ours would be a different
+matrix than the weights hold. So distqat writes no `transform_config`: vLLM and transformers would load such a folder
+and compute a different function without saying so (R4's weights expect the turned input; R3 alone is exact in full
+precision, and changes only what a quantized cache rounds).
 """
 
 from __future__ import annotations
 
 import re
 from typing import Any, Optional
+
+from ..online import online_of
 
 DEQUANTIZE_HINT = ("AutoModelForCausalLM.from_pretrained(path, "
                    "quantization_config=CompressedTensorsConfig(dequantize=True))")
@@ -180,6 +193,19 @@ def reader_notes(quant_config: dict[str, Any], kv: Optional[str], experts: Optio
     lines.append(f"distqat: qat.export.load_quantized(path) runs it as written ({kernels}, "
                  + ("integer KV cache" if kv else "no KV quantization") + ")")
     return lines
+
+
+def rotation_notes(config: dict[str, Any]) -> list[str]:
+    """The line a folder with online rotations adds to its readers' notes (none for a folder without)."""
+    spec = online_of(config)
+    if spec is None:
+        return []
+    what = " and ".join({"down": "R4 (a Hadamard on each down_proj input)", "qk": "R3 (a Hadamard on queries and keys "
+                         "after RoPE)"}[o] for o in spec.ops)
+    needs = "vLLM and transformers compute a different function" if "down" in spec.ops else \
+        "vLLM and transformers run it with R3 left out, exact with their full-precision cache"
+    return [f"online rotations: {what}; only distqat's reader applies them (qat.export.load_quantized, or qat.load."
+            f"load); {needs}"]
 
 
 def _transformers_experts(quant_config: dict[str, Any], experts: dict[str, Any]) -> str:

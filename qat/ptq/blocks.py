@@ -14,6 +14,7 @@ from torch import nn
 
 from ..experts import describe, experts_modules
 from ..linear import QuantLinear
+from ..online import turns_input
 
 # Llama-family decoder layer: (module before the group, its kind, the linears sharing one input).
 LLAMA_GROUPS = [
@@ -154,7 +155,10 @@ def check_foldable(model: nn.Module, method: str, what: str = "scales", experts:
 
 def block_groups(layer: nn.Module) -> list[Group]:
     if is_llama_layout(layer):
-        return [Group(p, k, list(names)) for p, k, names in LLAMA_GROUPS]
+        # With R4 down_proj reads (act * up) H: a scale folded into up_proj's rows would not scale its input.
+        turned = turns_input(layer.get_submodule("mlp.down_proj")) is not None
+        return [Group(None, None, list(names)) if turned and p == "mlp.up_proj" else Group(p, k, list(names))
+                for p, k, names in LLAMA_GROUPS]
     if is_llama_layout(layer, mlp=False) and has_experts(layer):
         return [Group(p, k, list(names)) for p, k, names in LLAMA_GROUPS[:2]] + moe_groups(layer)
     # Other layouts: each linear alone, in registration order (no folding transforms).

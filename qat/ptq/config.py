@@ -22,6 +22,7 @@ BASE_METHODS = (*ROUNDING_NAMES, *TRANSFORM_NAMES, *BASELINE_NAMES, *MODEL_TRANS
 METHODS = BASE_METHODS + ("smoothquant+rtn", "smoothquant+gptq", "awq+rtn", "awq+gptq", "smoothquant+awq+gptq",
                           "rotate+rtn", "rotate+gptq", "rotate+hqq", "rotate+smoothquant+gptq", "rotate+awq+gptq")
 ROTATE_KINDS = ("hadamard", "random")
+ONLINE_ROTATIONS = ("down", "qk")  # qat.online.ONLINE: R4 on down_proj inputs, R3 on queries and keys
 
 
 @dataclass
@@ -110,12 +111,22 @@ class AQLMConfig:
 
 @dataclass
 class RotateConfig:
-    """`ptq.rotate`: which orthogonal matrices turn the model (hadamard or random), per-head values too, the seed."""
+    """`ptq.rotate`: which orthogonal matrices turn the model (hadamard or random), per-head values too, the seed,
+    and the online Hadamards (R4 on down_proj inputs, R3 on queries and keys)."""
 
     kind: str = setting("hadamard", choices=ROTATE_KINDS, help="Hadamard with random signs (QuaRot) or a random "
                         "orthogonal matrix")
     heads: bool = setting(True, help="also turn each attention head's values (v_proj rows, o_proj columns)")
     seed: int = setting(0, help="seed of the signs or the matrix: the same settings give the same rotation")
+    # The rotations no weight can absorb, run at inference (qat.online): they matter once activations or the KV
+    # cache are 4-bit. [] keeps a rotated model the plain architecture every reader runs.
+    online: list[str] = setting(factory=list, choices=ONLINE_ROTATIONS, help="online Hadamards: down (R4, each "
+                                "MLP down_proj's input; its weight columns turn offline) and qk (R3, queries and "
+                                "keys after RoPE, so a quantized KV cache holds turned keys); the converted folder "
+                                "needs distqat's reader for them")
+    online_block: int = setting(0, range=(0, 1 << 20), help="R4's Hadamard: 0 one of the MLP's full width (1536 = "
+                                "12 x 128 has one), else a block size dividing it (kron(I, H_block)), a power of two "
+                                "or a Paley order p + 1")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Rotation (QuaRot, SpinQuant's R1/R2 without online Hadamards): fold orthogonal matrices into the weights so the
+"""Rotation (QuaRot, SpinQuant's R1/R2, and optionally R3/R4): fold orthogonal matrices into the weights so the
 full-precision model computes the same function while the weights and activations that get quantized lose their
 outlier channels.
 
@@ -16,87 +16,32 @@ in any process (block-wise training rotates its full-precision reference with th
 The rotated model is the original architecture with its norm weights at 1 and its head untied from the embedding
 (the final norm's weight is folded into the head), so every loader, `convert` and the int kernels take it as it
 is. What it costs: the untied head's parameters (vocab x hidden more floats).
+
+`online` adds the Hadamards no weight absorbs (qat.online): R4 folds H into each down_proj's weight (W H, one
+rounding with R1) and turns its input online; R3 turns queries and keys after RoPE. The model then needs distqat's
+reader, which reinstalls them from the record this returns (`online`, `online_block`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
-from functools import lru_cache
 from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
+from .. import online
 from ..experts import describe, experts_modules
-from ..keys import INIT_KEY, PTQ_KEY
+from ..hadamard import _hadamard_factors, _paley, hadamard, orthogonal  # noqa: F401 (their home before qat.hadamard)
+from ..keys import INIT_KEY, PTQ_KEY, ROTATE_KEY
 from ..spec import QuantSpec
 from .blocks import check_foldable, decoder_layers
-from .config import ROTATE_KINDS, RotateConfig
+from .config import ONLINE_ROTATIONS, ROTATE_KINDS, RotateConfig
 from .parts import ModelTransform
 
 KINDS = ROTATE_KINDS
 READS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 WRITES = ("self_attn.o_proj",)
-ROTATE_KEY = "rotate"  # in a PTQ record (config.json) and the student's INIT_KEY record: the settings of the turn
-
-
-def _is_prime(n: int) -> bool:
-    return n > 1 and all(n % k for k in range(2, int(n**0.5) + 1))
-
-
-def _paley(q: int) -> torch.Tensor:
-    """Paley's construction I: a Hadamard matrix of order q + 1 for a prime q = 3 mod 4."""
-    residues = {(i * i) % q for i in range(1, q)}
-    idx = torch.arange(q)
-    diff = (idx[None, :] - idx[:, None]) % q
-    chi = torch.tensor([0.0] + [1.0 if a in residues else -1.0 for a in range(1, q)], dtype=torch.float64)[diff]
-    s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
-    s[0, 1:] = 1.0
-    s[1:, 0] = -1.0
-    s[1:, 1:] = chi
-    return torch.eye(q + 1, dtype=torch.float64) + s
-
-
-@lru_cache(maxsize=8)
-def _hadamard_factors(n: int) -> Optional[tuple[int, ...]]:
-    """Orders whose Kronecker product is n: powers of two (Sylvester) and Paley orders p + 1; None if none fit."""
-    if n & (n - 1) == 0:
-        return (n,)
-    for m in range(4, n + 1, 4):
-        if n % m == 0 and m & (m - 1) and _is_prime(m - 1) and (m - 1) % 4 == 3:
-            rest = _hadamard_factors(n // m)
-            if rest is not None:
-                return (m, *rest)
-    return None
-
-
-def hadamard(n: int) -> torch.Tensor:
-    """An n x n matrix of +-1 with H H^T = n I (float64); ValueError for an order this construction lacks."""
-    factors = _hadamard_factors(n)
-    if factors is None:
-        raise ValueError(f"no Hadamard matrix of order {n} here (products of 2^k and p + 1, p a prime = 3 mod 4); "
-                         "use ptq.rotate.kind=random")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    for m in factors:
-        if m & (m - 1) == 0:
-            f = torch.ones(1, 1, dtype=torch.float64)
-            while f.shape[0] < m:
-                f = torch.cat([torch.cat([f, f], 1), torch.cat([f, -f], 1)], 0)
-        else:
-            f = _paley(m - 1)
-        h = torch.kron(h, f)
-    return h
-
-
-def orthogonal(n: int, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """An n x n orthogonal matrix (float64): a Hadamard matrix with random signs on its rows, or Haar-random."""
-    if kind == "hadamard":
-        signs = torch.randint(0, 2, (n,), generator=generator).to(torch.float64) * 2 - 1
-        return signs[:, None] * hadamard(n) / n**0.5
-    if kind == "random":
-        q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
-        return q * torch.sign(torch.diagonal(r))[None, :]  # Haar: fix QR's sign ambiguity
-    raise ValueError(f"ptq.rotate.kind={kind!r}: use one of {KINDS}")
 
 
 def _head_dims(config: Any) -> tuple[int, int, int]:
@@ -177,6 +122,7 @@ def rotate_model(model: nn.Module, cfg: RotateConfig, device: Optional[torch.dev
     fold does not describe (a norm after the attention, say) fails with a ValueError instead of a broken model.
     """
     check_rotatable(model)
+    online.check(model, cfg.online, cfg.online_block)
     layers = decoder_layers(model)
     config = model.config
     hidden = int(config.hidden_size)
@@ -192,6 +138,9 @@ def rotate_model(model: nn.Module, cfg: RotateConfig, device: Optional[torch.dev
     dev = device or next(model.parameters()).device
     q = orthogonal(hidden, cfg.kind, gen).to(dev)
     qh = orthogonal(hd, cfg.kind, gen).to(dev) if cfg.heads else None
+    # R4: down_proj reads x H online, so its weight holds W H (one rounding with R1's turn of its rows).
+    r4 = {id(down.weight): rot.matrix().to(dev) for _, down, rot in online.down_rotations(model, cfg.online_block)} \
+        if "down" in cfg.online else {}
 
     def update(p: torch.Tensor, fn) -> None:
         p.copy_(fn(p.detach().to(dev, torch.float64)).to(p.device, p.dtype))
@@ -228,6 +177,9 @@ def rotate_model(model: nn.Module, cfg: RotateConfig, device: Optional[torch.dev
         for p, role, transposed in mlp_tensors(layer.mlp, hidden):
             if role == "read":
                 update(p, (lambda w, g=g_mlp: q.T @ (g.T * w)) if transposed else (lambda w, g=g_mlp: (w * g) @ q))
+            elif role == "write" and id(p) in r4:
+                h4 = r4[id(p)]
+                update(p, lambda w, h=h4: q.T @ w @ h)
             elif role == "write":
                 update(p, (lambda w: w @ q) if transposed else (lambda w: q.T @ w))
             else:
@@ -239,6 +191,7 @@ def rotate_model(model: nn.Module, cfg: RotateConfig, device: Optional[torch.dev
                 update(v.bias, lambda b: (b.view(kv_heads, hd) @ qh).reshape(b.shape))
             update(o.weight, lambda w: (w.view(w.shape[0], heads, hd) @ qh).reshape(w.shape))
 
+    online.install(model, cfg.online, cfg.online_block)
     after = _probe(model)
     err = ((after - before).norm() / before.norm().clamp_min(1e-12)).item()
     tol = 1e-3 if next(model.parameters()).dtype in (torch.float32, torch.float64) else 5e-2
@@ -256,7 +209,8 @@ def rotation_of(config: Any) -> Optional[RotateConfig]:
         rec = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
         if isinstance(rec, dict) and isinstance(rec.get(ROTATE_KEY), dict):
             r = rec[ROTATE_KEY]
-            return RotateConfig(kind=r["kind"], heads=bool(r["heads"]), seed=int(r["seed"]))
+            return RotateConfig(kind=r["kind"], heads=bool(r["heads"]), seed=int(r["seed"]),
+                                online=list(r.get("online") or []), online_block=int(r.get("online_block") or 0))
     return None
 
 
@@ -273,6 +227,10 @@ class Rotate(ModelTransform):
     def check(self, spec: QuantSpec) -> None:
         if self.cfg.kind not in KINDS:
             raise ValueError(f"ptq.rotate.kind={self.cfg.kind!r}: use one of {KINDS}")
+        bad = [o for o in self.cfg.online if o not in ONLINE_ROTATIONS]
+        if bad:
+            raise ValueError(f"ptq.rotate.online={list(self.cfg.online)}: {bad[0]!r} is not an online rotation; use a "
+                             f"subset of {list(ONLINE_ROTATIONS)}")
 
     def apply_model(self, model: nn.Module, device: torch.device) -> dict:
         return rotate_model(model, self.cfg, device)

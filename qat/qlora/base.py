@@ -25,6 +25,7 @@ from ..io.folders import Folder, Kind, inspect, load_fake_quant
 from ..io.models import load_model, resolve_dtype
 from ..keys import QUANT_KEY
 from ..linear import QuantLinear
+from ..online import online_of
 from ..runtime.int_linear import IntLinear
 from ..runtime.packed import PackedLinear
 from ..runtime.packed_experts import PackedExperts
@@ -87,6 +88,11 @@ def build_base(
     quantized folder brings its own spec, and `spec` is then ignored."""
     folder = name_or_path if isinstance(name_or_path, Folder) else inspect(name_or_path)
     kwargs = {"attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code}
+    turns = online_of(folder.config)
+    if turns is not None and "down" in turns.ops:
+        raise ValueError(f"{folder.path} turns each down_proj's input online (ptq.rotate.online has down): a LoRA "
+                         "beside down_proj would read the unturned input and merge wrongly; use a folder rotated "
+                         "without online=[down], or train.mode=qat")
     if folder.kind is Kind.BASE:
         if spec is None or spec.weight is None:
             raise ValueError("train.mode=qlora quantizes a base model at load: set quant.scheme (e.g. w4g64 or "

@@ -4,16 +4,21 @@ Each new token's K/V are quantized once, when they enter the cache, with the sam
 fake-quant attention wrapper (qat.kv): per-token or per-(head, token) scales from the token's own
 min/max. What attention reads back is the dequantized cache, which equals the fake-quantized K/V
 bit for bit; the tensors are marked so that the wrapper does not quantize them a second time.
+
+A model with the online R3 rotation (qat.online) quantizes turned keys: the cache takes that rotation
+(`key_rotation`), turns each new token's keys with the function the wrapper uses before quantizing them, and marks
+what it returns as turned, so the attention reads back exactly the fake-quant model's keys.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Optional
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ..kv import QUANTIZED_MARK, kv_rows
+from ..kv import QUANTIZED_MARK, ROTATED_MARK, kv_rows
 from ..quantizers import dequantize_codes, minmax_qparams, quantize_codes
 from ..spec import TensorSpec
 
@@ -30,8 +35,9 @@ def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 class IntKVLayer(DynamicLayer):
     """One layer's cache: codes (b, h, t, d) int8, or (b, h, t, d/2) uint8 for 4-bit; scales per row."""
 
-    def __init__(self, spec: TensorSpec) -> None:
+    def __init__(self, spec: TensorSpec, key_rotation: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
         super().__init__()
+        self.key_rotation = key_rotation
         if spec.bits not in (4, 8) or spec.format != "int" or spec.granularity not in ("token", "head"):
             raise ValueError(f"IntKVLayer stores int8 or int4 codes per token or per head; got {spec}")
         self.spec = spec
@@ -79,12 +85,16 @@ class IntKVLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.key_rotation is not None:
+            key_states = self.key_rotation(key_states)
         self._k = self._cat(self._k, self._quantize(key_states))
         self._v = self._cat(self._v, self._quantize(value_states))
         self.length += key_states.shape[-2]
         keys, values = self._dequantize(self._k), self._dequantize(self._v)
         setattr(keys, QUANTIZED_MARK, True)
         setattr(values, QUANTIZED_MARK, True)
+        if self.key_rotation is not None:
+            setattr(keys, ROTATED_MARK, True)
         return keys, values
 
     def get_seq_length(self) -> int:
@@ -128,10 +138,12 @@ class IntKVLayer(DynamicLayer):
 
 class IntKVCache(Cache):
     """A Cache of IntKVLayer, one per decoder layer; pass it as generate's cache (`cache_kwarg` names the argument)
-    or let load_quantized do it."""
+    or let load_quantized do it. `key_rotation`: the model's R3 (`qat.online.key_rotation(model)`), for a model
+    that has one."""
 
-    def __init__(self, spec: TensorSpec, num_layers: int) -> None:
-        super().__init__(layers=[IntKVLayer(spec) for _ in range(num_layers)])
+    def __init__(self, spec: TensorSpec, num_layers: int,
+                 key_rotation: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+        super().__init__(layers=[IntKVLayer(spec, key_rotation) for _ in range(num_layers)])
         self.spec = spec
 
     def nbytes(self) -> int:
