@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import lane_only, needs_triton
+from helpers import lane_only, needs_cuda, needs_triton
 
 import qat.quantizers
 from qat.kernels import fused_fp4_fake_quant_rows
@@ -213,6 +213,24 @@ def test_e4m3_rounding_helper_against_torch():
     out = torch.empty_like(x)
     kernel[(triton.cdiv(x.numel(), 4096),)](x, out, x.numel(), BLOCK=4096)
     assert torch.equal(out, x.to(torch.float8_e4m3fn).float())
+
+
+# CUDA: the compiled kernel at real sizes (per-token activations of 4096 channels, 4096 x 4096 weights).
+CUDA_CASES = [("nvfp4", 8192 * 256, 256), ("nvfp4", 4096 * 256, None), ("nvfp4", 2048 * 688, 688),
+              ("mxfp4", 8192 * 128, 128), ("mxfp4", 4096 * 128, None)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("fmt,blocks,global_rows", CUDA_CASES)
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+def test_cuda_matches_reference(fmt, blocks, global_rows, dtype):
+    x = _sample(blocks, fmt, dtype, seed=blocks).cuda()
+    assert _check(x, fmt, global_rows) == ""
+    x.requires_grad_(True)
+    g = torch.randn_like(x)
+    k = torch.autograd.grad(fused_fp4_fake_quant_rows(x, fmt, global_rows), x, g)[0]
+    r = torch.autograd.grad(fake_quant(x, _spec(fmt), use_kernel=False, global_rows=global_rows), x, g)[0]
+    assert _same(k, r)
 
 
 def test_rows_the_kernel_does_not_take_fall_back_to_reference(monkeypatch):
