@@ -51,17 +51,20 @@ def heat(seconds: float) -> None:
 
 @contextlib.contextmanager
 def kernel_disabled():
-    """The fused fake-quant kernel switched off, so that the reference torch ops run: qat.quantizers binds
-    `fused_fake_quant_rows` when it is imported, so its binding is the one replaced (qat.kernels' too)."""
+    """The fused fake-quant kernels (int and fp4) switched off, so that the reference torch ops run: qat.quantizers
+    binds them when it is imported, so its bindings are the ones replaced (qat.kernels' too)."""
     import qat.kernels  # lazy: bench scripts import qat after their own device checks
     import qat.quantizers  # lazy: as above
 
-    saved = (qat.kernels.fused_fake_quant_rows, qat.quantizers.fused_fake_quant_rows)
-    qat.kernels.fused_fake_quant_rows = qat.quantizers.fused_fake_quant_rows = _no_kernel
+    names = ("fused_fake_quant_rows", "fused_fp4_fake_quant_rows")
+    saved = [(mod, name, getattr(mod, name)) for mod in (qat.kernels, qat.quantizers) for name in names]
+    for mod, name, _ in saved:
+        setattr(mod, name, _no_kernel)
     try:
         yield
     finally:
-        qat.kernels.fused_fake_quant_rows, qat.quantizers.fused_fake_quant_rows = saved
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
 
 
 def _no_kernel(*args, **kwargs) -> None:

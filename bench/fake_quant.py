@@ -6,7 +6,8 @@ For each shape (in -> out) and scheme it times, with triton.testing.do_bench (me
   bf16   nn.Linear forward + backward (bf16 weight and input, input requires grad)
   naive  QuantLinear with the kernel disabled (the reference torch ops of qat.quantizers)
   fused  QuantLinear with the fused Triton kernel
-and a second table of the fake-quant step alone (kernel vs reference) with the kernel's bandwidth.
+and a second table of the fake-quant step alone (kernel vs reference) with the kernel's bandwidth: the int
+cases of the schemes, and NVFP4 / MXFP4 block rows of the input (per-token scales) and the weight (one scale).
 Needs one CUDA GPU.
 """
 
@@ -59,10 +60,10 @@ def main(argv=None) -> int:
         return 1
     import triton
 
-    from qat.kernels import fused_fake_quant_rows
+    from qat.kernels import fused_fake_quant_rows, fused_fp4_fake_quant_rows
     from qat.linear import QuantLinear
     from qat.quantizers import act_rows, fake_quant, weight_rows
-    from qat.spec import parse
+    from qat.spec import FP4_FORMATS, TensorSpec, parse
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     shapes = args.shapes
@@ -132,11 +133,21 @@ def main(argv=None) -> int:
             ws = parse(scheme).weight
             if ws is not None and ws.format == "int" and ws.scale_method == "minmax":
                 cases.append((f"weight {scheme}", weight_rows(lin.weight.detach(), ws), ws, dt))
-        for name, rows, spec, sdt in cases:
-            fused_fake_quant_rows(rows, spec.bits, spec.symmetric, sdt)  # compile outside the timing
-            t_k = bench_ms(lambda r=rows, s=spec, d=sdt: fused_fake_quant_rows(r, s.bits, s.symmetric, d), None,
-                           args.rep)
-            t_r = bench_ms(lambda r=rows, s=spec, d=sdt: fake_quant(r, s, d, use_kernel=False), None, args.rep)
+        # NVFP4 / MXFP4 blocks: per-token activation scales (global_rows: one token's blocks), one weight scale.
+        for fmt, block in FP4_FORMATS.items():
+            fp4 = TensorSpec(bits=4, granularity="group", group_size=block, format=fmt)
+            cases.append((f"act {fmt}", act_rows(x.detach(), fp4), fp4, fin // block))
+            cases.append((f"weight {fmt}", weight_rows(lin.weight.detach(), fp4), fp4, None))
+        for name, rows, spec, extra in cases:
+            if spec.format in FP4_FORMATS:  # extra: global_rows
+                kernel = lambda r=rows, s=spec, e=extra: fused_fp4_fake_quant_rows(r, s.format, e)
+                ref = lambda r=rows, s=spec, e=extra: fake_quant(r, s, use_kernel=False, global_rows=e)
+            else:  # extra: the scale dtype
+                kernel = lambda r=rows, s=spec, d=extra: fused_fake_quant_rows(r, s.bits, s.symmetric, d)
+                ref = lambda r=rows, s=spec, d=extra: fake_quant(r, s, d, use_kernel=False)
+            kernel()  # compile outside the timing
+            t_k = bench_ms(kernel, None, args.rep)
+            t_r = bench_ms(ref, None, args.rep)
             gbs = 2 * rows.numel() * rows.element_size() / (t_k * 1e-3) / 1e9
             kernel_results.append(dict(shape=f"{fin}x{fout}", case=name, rows=list(rows.shape), kernel_ms=t_k,
                                        reference_ms=t_r, kernel_gb_s=gbs))

@@ -24,7 +24,8 @@ import torch
 
 # op -> what runs on the device path (and where its kernel lives).
 TRITON_OPS: dict[str, str] = {
-    "fake_quant": "qat/kernels/fake_quant.py: per-row min/max int fake quant (weights, activations, KV cache)",
+    "fake_quant": "qat/kernels/fake_quant.py: per-row min/max int fake quant (weights, activations, KV cache); "
+                  "qat/kernels/fp4_quant.py: NVFP4 / MXFP4 block fake quant",
     "norm_quant": "qat/kernels/norm_quant.py: RMSNorm + per-token fake quant (train.speedups=[norm_quant])",
     "int_linear": "qat/runtime/triton_*.py: weight dequantization, the W*A16 / W*A8 GEMMs and GEMV, int8 "
                   "activation codes (the integer runtime and the QLoRA packed base); the dispatcher's tinygemm "

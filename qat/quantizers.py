@@ -24,7 +24,7 @@ from torch import nn
 
 from .device import device_path
 from .fp4 import FP4_MAX, fp4_codes, fp4_round, fp4_scales, fp4_values, round_scale
-from .kernels import fused_fake_quant_rows
+from .kernels import fused_fake_quant_rows, fused_fp4_fake_quant_rows
 from .spec import FP4_FORMATS, TensorSpec
 
 # QLoRA's NormalFloat-4 levels (quantiles of N(0, 1) scaled to [-1, 1], with an exact zero).
@@ -231,17 +231,17 @@ def fake_quant(
 ) -> torch.Tensor:
     """Dynamic fake quant of rows with scales from `spec.scale_method`, in the dtype of `rows`.
 
-    minmax scales clip nothing, so the gradient is the identity; clipping searches mask it.
-    On the device path (`qat.device`) the minmax int path runs as one fused kernel; `use_kernel=False` forces
-    the reference.
+    minmax scales clip nothing, so the gradient is the identity; clipping searches (and fp4's saturation) mask it.
+    On the device path (`qat.device`) minmax int and fp4 rows take one fused kernel; `use_kernel=False`: the reference.
     """
     # Under torch.compile the reference ops below are traced instead: Inductor fuses them into the
     # producer of `rows`, which an opaque kernel launch would prevent.
-    if (use_kernel and spec.scale_method == "minmax" and spec.format == "int" and device_path(rows, "fake_quant")
-            and not torch.compiler.is_compiling()):
-        out = fused_fake_quant_rows(rows, spec.bits, spec.symmetric, scale_dtype)
-        if out is not None:
-            return ste(rows, out)
+    if (use_kernel and spec.scale_method == "minmax" and spec.format in ("int", *FP4_FORMATS)
+            and device_path(rows, "fake_quant") and not torch.compiler.is_compiling()):
+        out = (fused_fp4_fake_quant_rows(rows, spec.format, global_rows) if spec.format in FP4_FORMATS
+               else fused_fake_quant_rows(rows, spec.bits, spec.symmetric, scale_dtype))
+        if out is not None:  # fp4's carries its clamp-aware STE gradient
+            return out if spec.format in FP4_FORMATS else ste(rows, out)
     scale, zero = QPARAMS[spec.scale_method](rows, spec, scale_dtype, global_rows=global_rows)
     if spec.scale_method == "minmax" and spec.format not in FP4_FORMATS:  # fp4 saturates: a clamp-aware STE
         with torch.no_grad():

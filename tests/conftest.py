@@ -13,6 +13,7 @@ from helpers.models import tiny_config
 # CPU tensors): `kernel_calls` counts their calls, so a lane test can assert that its branch really ran.
 LAUNCHERS = {
     "fake_quant": ("qat.kernels.fake_quant", "fake_quant_rows"),
+    "fp4_fake_quant": ("qat.kernels.fp4_quant", "fp4_fake_quant_rows"),
     "norm_quant": ("qat.kernels.norm_quant", "rms_norm_quant_rows"),
     "dequantize": ("qat.runtime.triton_ops", "dequantize"),
     "linear_a16": ("qat.runtime.triton_ops", "linear_a16"),

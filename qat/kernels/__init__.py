@@ -1,9 +1,9 @@
 """Fused Triton kernels for CUDA; the reference ops in qat.quantizers are the fallback and the oracle.
 
-`fused_fake_quant_rows` is what `qat.quantizers.fake_quant` calls for the min/max integer path on
-CUDA; `fused_rms_norm_quant` is the RMSNorm + per-token fake quant of `qat.fast`'s norm_quant. Both run
-on CPU tensors too when TRITON_INTERPRET=1 is set before triton is first imported (the Triton
-interpreter, for tests on machines without a GPU); `qat.device.device_path` says which.
+`fused_fake_quant_rows` and `fused_fp4_fake_quant_rows` are what `qat.quantizers.fake_quant` calls for the
+min/max integer and NVFP4 / MXFP4 paths on CUDA; `fused_rms_norm_quant` is the RMSNorm + per-token fake quant
+of `qat.fast`'s norm_quant. All run on CPU tensors too when TRITON_INTERPRET=1 is set before triton is first
+imported (the Triton interpreter, for tests on machines without a GPU); `qat.device.device_path` says which.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from ..device import device_path, interpret_mode, triton_available
+from ..fp4 import FP4_BLOCK, FP4_MAX
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SCALE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
@@ -45,6 +46,48 @@ def fused_fake_quant_rows(
     return fake_quant_rows(rows, bits, bool(symmetric), scale_dtype)
 
 
+class Fp4FakeQuant(torch.autograd.Function):
+    """The kernel's output in forward; in backward the reference's clamp-aware STE (qat.quantizers.
+    fake_quant_values through autograd: values beyond +-6 block scales get no gradient), op for op, so the
+    gradient is bit-identical too: (where(|x / eff| <= 6, g * eff, 0) / eff) in fp32, cast to x's dtype."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, out: torch.Tensor, eff: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(rows, eff)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        rows, eff = ctx.saved_tensors
+        y = rows.float() / eff
+        keep = (y >= -FP4_MAX) & (y <= FP4_MAX)  # torch.clamp's backward: NaN gets no gradient
+        grad = torch.where(keep, g.float() * eff, torch.zeros((), dtype=torch.float32, device=g.device)) / eff
+        return grad.to(rows.dtype), None, None
+
+
+def fused_fp4_fake_quant_rows(
+    rows: torch.Tensor, fmt: str, global_rows: Optional[int] = None
+) -> Optional[torch.Tensor]:
+    """NVFP4 / MXFP4 fake quant of block rows (R, 16) / (R, 32) in one pass; None where no kernel applies.
+
+    Bit-identical to `qat.quantizers.fake_quant(rows, spec, use_kernel=False, global_rows=global_rows)` for a
+    min/max spec of format `fmt`, forward and gradient (`Fp4FakeQuant`); `global_rows` consecutive blocks share
+    one NVFP4 tensor scale (None: all of them). The reference handles what this does not take (other dtypes,
+    shapes, R not a multiple of global_rows: its error).
+    """
+    if fmt not in FP4_BLOCK or rows.dim() != 2 or rows.dtype not in _DTYPES or rows.shape[1] != FP4_BLOCK[fmt]:
+        return None
+    if global_rows is not None and (global_rows < 1 or rows.shape[0] % global_rows):
+        return None
+    if not device_path(rows, "fake_quant"):
+        return None
+    # lazy: triton.jit reads TRITON_INTERPRET when the kernel is defined, and triton is optional on CPU
+    from .fp4_quant import fp4_fake_quant_rows
+
+    out, eff = fp4_fake_quant_rows(rows, fmt == "mxfp4", global_rows)
+    return Fp4FakeQuant.apply(rows, out, eff)
+
+
 def fused_rms_norm_quant(
     x: torch.Tensor, weight: torch.Tensor, eps: float, bits: int, symmetric: bool,
     out_dtype: Optional[torch.dtype] = None, store_y: bool = False,
@@ -71,4 +114,5 @@ def fused_rms_norm_quant(
     return rms_norm_quant_rows(x, weight, eps, bits, bool(symmetric), out_dtype, store_y)
 
 
-__all__ = ["fused_fake_quant_rows", "fused_rms_norm_quant", "interpret_mode", "triton_available"]
+__all__ = ["Fp4FakeQuant", "fused_fake_quant_rows", "fused_fp4_fake_quant_rows", "fused_rms_norm_quant",
+           "interpret_mode", "triton_available"]

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DISPATCHERS = {
     "qat/device.py": ["device_path", "launch_device"],
     "qat/quantizers.py": ["fake_quant"],
-    "qat/kernels/__init__.py": ["_kernel_runs", "fused_fake_quant_rows", "fused_rms_norm_quant"],
+    "qat/kernels/__init__.py": ["_kernel_runs", "fused_fake_quant_rows", "fused_fp4_fake_quant_rows",
+                                "fused_rms_norm_quant"],
     "qat/runtime/registry.py": ["KernelRegistry.resolve"],
     "qat/runtime/int_kernels.py": ["_use_triton", "_fallback", "_linear_default", "_int_mm_runs", "_a16_tinygemm",
                                    "dequantize"],
