@@ -30,7 +30,7 @@ from ..experts import ExpertsLayout, ExpertsLayoutError, QuantExperts, describe,
 from ..runtime.fp8 import Fp8Linear
 from ..runtime.int_experts import IntExperts
 from ..runtime.int_linear import IntLinear
-from ..spec import TensorSpec
+from ..spec import FP4_FORMATS, TensorSpec
 from .format import FormatError, compress, weight_args
 from .fp8 import fp8_codes, fp8_scheme
 from .layers import compressed, load_compressed
@@ -220,6 +220,10 @@ def compress_experts(m: nn.Module, name: str, entries: dict[str, list[Entry]]
         e, n, k = w.shape
         w2 = w.reshape(e * n, k)
         q = m.weight_quantizers[p]
+        if wspec.format in FP4_FORMATS:
+            raise FormatError(f"{name}.{p}: {wspec.format} experts have no converted layout in distqat yet (dense "
+                              f"layers do); exclude the experts from fp4 (quant.overrides, e.g. "
+                              f"{{'*.experts.*': 'w4g128'}}) or run the fake-quant folder")
         if wspec.format == "fp8":
             scheme = fp8_scheme(wspec, aspec, f"{name}.{p}")
             codes, scale = fp8_codes(w2, q, wspec)
