@@ -14,6 +14,7 @@ from compressed_tensors.compressors import MXFP4PackedCompressor, NVFP4PackedCom
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 from compressed_tensors.quantization.quant_scheme import MXFP4, MXFP4A16, NVFP4, NVFP4A16
 from helpers.models import tiny_config
+from helpers.moe import tiny_moe
 from helpers.readers import compressed_tensors_weights, vllm_oracle
 from safetensors.torch import load_file
 
@@ -191,3 +192,14 @@ def test_fp4_with_other_activations_is_refused_by_name(tmp_path):
     spec = QuantSpec(weight=parse("wnvfp4").weight, activation=parse("mxfp4").activation)
     with pytest.raises(FormatError, match="nvfp4 weights with mxfp4 dynamic activations"):
         convert_model(_quantized(spec, torch.float32), tmp_path / "bad")
+
+
+@pytest.mark.parametrize("scheme,match", [("nvfp4", "nvfp4 experts have no converted layout"),
+                                          ("w4a4kv4", "int4 activations of experts have no runtime")])
+def test_fp4_and_a4_experts_are_refused_naming_the_way_out(tmp_path, scheme, match):
+    model = tiny_moe("qwen3_moe")
+    quantize_model(model, scheme)
+    with pytest.raises(FormatError, match=match) as e:
+        convert_model(model, tmp_path / "moe")
+    assert "quant.overrides" in str(e.value)
+    assert not (tmp_path / "moe").exists()
