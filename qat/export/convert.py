@@ -26,11 +26,13 @@ from ..io.atomic import atomic_dir, check_dir
 from ..io.folders import Kind, inspect, load_fake_quant, spec_label
 from ..keys import EXPORT_KEY, HF_QUANT_KEY, QUANT_KEY
 from ..linear import QuantLinear
+from ..runtime.fp4 import Fp4Linear
 from ..runtime.fp8 import Fp8Linear
 from ..runtime.int_linear import IntLinear
-from ..spec import QuantSpec
+from ..spec import FP4_FORMATS, QuantSpec
 from .experts import checkpoint_names, compress_experts, experts_of, experts_target, float_experts
 from .format import FormatError, compress, file_sha256, kv_record, weight_args
+from .fp4 import FP4_LAYOUTS, compress_fp4, share_globals
 from .fp8 import compress_fp8
 from .layers import compressed
 from .load import verify_files
@@ -49,6 +51,8 @@ def compress_linear(layer: QuantLinear, name: str) -> tuple[dict[str, torch.Tens
                           "quantize its weights too (e.g. w8a8) or exclude it")
     if w_spec.format == "fp8":
         return compress_fp8(layer, name)
+    if w_spec.format in FP4_FORMATS:
+        return compress_fp4(layer, name)
     weight_args(w_spec, name)  # refuses a format with no integer codes before quantize is asked for them
     weight = layer.weight.detach()
     codes, scale, zero = layer.weight_quantizer.quantize(weight)
@@ -98,7 +102,7 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
     names = checkpoint_names(model) if found else None
     ck = names.module if names is not None else (lambda n: n)
     for name, mod in model.named_modules():
-        if isinstance(mod, (QuantLinear, IntLinear, Fp8Linear)):
+        if isinstance(mod, (QuantLinear, IntLinear, Fp8Linear, Fp4Linear)):
             comp, scheme = compress_linear(mod, name) if isinstance(mod, QuantLinear) else compressed(mod, name)
             for k, t in comp.items():
                 tensors[f"{ck(name)}.{k}"] = t
@@ -107,6 +111,7 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
             groups.setdefault(key, {"targets": [], **scheme})["targets"].append(ck(name))
         elif isinstance(mod, nn.Linear):
             ignore.append(ck(name))
+    unshared = share_globals(tensors, [ck(n) for n in quantized])
     written = _write_experts(found, names, tensors, groups, ignore) if names is not None else set()
     if not quantized and not written:
         raise FormatError("the model has no quantized linear layers or experts to convert")
@@ -146,7 +151,8 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
     kv_words = None if kv is None else \
         f"int{kv['bits']} per {'token' if kv['granularity'] == 'token' else 'head and token'}, dynamic"
     experts_record = {"names": names.layout, "family": cfg.get("model_type")} if names is not None else None
-    notes = reader_notes(quant_config, kv_words, experts_record) + rotation_notes(cfg)  # online rotations: readers.py
+    # online rotations (R3/R4) are named apart: readers.py
+    notes = reader_notes(quant_config, kv_words, experts_record, unshared) + rotation_notes(cfg)
     need = sum(t.numel() * t.element_size() for t in tensors.values())
     with atomic_dir(out, need=need) as tmp:  # an empty `out` (checked above), or one to replace
         digests = _save_shards(tensors, tmp)
@@ -161,7 +167,8 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
         if origin is not None:
             cfg[EXPORT_KEY]["source"] = {"sha256": origin}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        kind = "fp8" if formats_all == {"float-quantized"} else "integer"
+        kind = "fp8" if formats_all == {"float-quantized"} else \
+            "fp4" if formats_all <= set(FP4_LAYOUTS.values()) else "integer"
         (tmp / "README.md").write_text(model_card(out.name, spec_label(spec, "custom"), notes, version, kind))
         if source is not None:
             for f in COPY_FILES:

@@ -30,7 +30,7 @@ from ..experts import ExpertsLayout, ExpertsLayoutError, QuantExperts, describe,
 from ..runtime.fp8 import Fp8Linear
 from ..runtime.int_experts import IntExperts
 from ..runtime.int_linear import IntLinear
-from ..spec import TensorSpec
+from ..spec import FP4_FORMATS, TensorSpec
 from .format import FormatError, compress, weight_args
 from .fp8 import fp8_codes, fp8_scheme
 from .layers import compressed, load_compressed
@@ -220,6 +220,14 @@ def compress_experts(m: nn.Module, name: str, entries: dict[str, list[Entry]]
         e, n, k = w.shape
         w2 = w.reshape(e * n, k)
         q = m.weight_quantizers[p]
+        if aspec is not None and aspec.format == "int" and aspec.bits != 8:
+            raise FormatError(f"{name}.{p}: int{aspec.bits} activations of experts have no runtime here (dense layers "
+                              "do); quantize the experts' activations to 8 bits (quant.overrides, e.g. "
+                              "{'*.experts.*': 'w4a8'}) or run the fake-quant folder")
+        if wspec.format in FP4_FORMATS:
+            raise FormatError(f"{name}.{p}: {wspec.format} experts have no converted layout in distqat yet (dense "
+                              f"layers do); exclude the experts from fp4 (quant.overrides, e.g. "
+                              f"{{'*.experts.*': 'w4g128'}}) or run the fake-quant folder")
         if wspec.format == "fp8":
             scheme = fp8_scheme(wspec, aspec, f"{name}.{p}")
             codes, scale = fp8_codes(w2, q, wspec)
@@ -276,6 +284,9 @@ def load_experts(model: nn.Module, names: CheckpointNames, specs: dict[str, tupl
         if any(v is None for v in chosen.values()) or set(chosen) != set(lay.params):
             raise FormatError(f"{name}: some expert projections are quantized and others not; distqat writes "
                               "experts quantized whole: convert the model again")
+        if any(w.format in FP4_FORMATS or (a is not None and a.bits != 8) for w, a in chosen.values()):
+            raise FormatError(f"{name}: fp4 or 4-bit-activation experts have no runtime in this distqat; the folder "
+                              "was not written by it: convert the fake-quant model again")
         IntExperts.wrap(m, lay, chosen, dtype)
         for p, (w, a) in chosen.items():
             k = shapes[p][1]

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 
 from ..runtime.pack import pack_int32
-from ..spec import TensorSpec
+from ..spec import FP4_FORMATS, TensorSpec
 
 # Version 2 adds `weight_offset`, a real-valued part of the zero point (per output row and weight group,
 # in weight units: W = (code - zero) * scale + offset), which a QA-LoRA merge folds its adapter into.
@@ -66,11 +66,11 @@ def weight_args(spec: TensorSpec, name: str) -> dict[str, Any]:
 def act_args(spec: Optional[TensorSpec], name: str) -> Optional[dict[str, Any]]:
     if spec is None:
         return None
-    if spec.format != "int" or spec.bits != 8 or not spec.dynamic or spec.granularity != "token":
+    if spec.format != "int" or spec.bits not in (4, 8) or not spec.dynamic or spec.granularity != "token":
         raise FormatError(
             f"{name}: activations {spec.bits}-bit {spec.format} {spec.granularity}"
             f"{'' if spec.dynamic else ' static'} have no integer kernel; the runtime runs dynamic per-token "
-            "int8 activations (a8) or none (a16); re-train or re-quantize with a8 or a16"
+            "int8 or int4 activations (a8, a4) or none (a16); re-train or re-quantize with a8, a4 or a16"
         )
     return _int_args(spec, "token", dynamic=True)
 
@@ -93,6 +93,8 @@ def layer_format(weight: TensorSpec, act: Optional[TensorSpec]) -> str:
 
 def spec_from_args(args: dict[str, Any], kind: str) -> TensorSpec:
     """A TensorSpec from a compressed-tensors QuantizationArgs dict (ours or another tool's)."""
+    if args.get("type") == "float" and int(args.get("num_bits", 8)) == 4:
+        return _fp4_spec(args, kind)
     fmt = {"int": "int", "float": "fp8"}.get(args.get("type", "int"))
     if fmt is None or (fmt == "fp8" and int(args.get("num_bits", 8)) != 8):
         raise FormatError(f"{kind}: {args.get('num_bits')}-bit {args.get('type')} quantization is not a format this "
@@ -106,6 +108,15 @@ def spec_from_args(args: dict[str, Any], kind: str) -> TensorSpec:
         group_size=args.get("group_size") if gran == "group" else None, format=fmt,
         dynamic=bool(args.get("dynamic", False)) if kind != "weight" else True,
     )
+
+
+def _fp4_spec(args: dict[str, Any], kind: str) -> TensorSpec:
+    """NVFP4 (tensor_group of 16) or MXFP4 (group of 32) QuantizationArgs as a TensorSpec (see `fp4`)."""
+    fmt = {("tensor_group", 16): "nvfp4", ("group", 32): "mxfp4"}.get((args.get("strategy"), args.get("group_size")))
+    if fmt is None or not args.get("symmetric", True):
+        raise FormatError(f"{kind}: fp4 {args.get('strategy')} blocks of {args.get('group_size')} are not a format "
+                          "this runtime runs (NVFP4: tensor_group 16, MXFP4: group 32, symmetric)")
+    return TensorSpec(bits=4, symmetric=True, granularity="group", group_size=FP4_FORMATS[fmt], format=fmt)
 
 
 def matches(target: str, name: str, module_class: str) -> bool:

@@ -11,25 +11,31 @@ from typing import Any, Union
 
 import torch
 
+from ..runtime.fp4 import Fp4Linear
 from ..runtime.fp8 import FP8, Fp8Linear
 from ..runtime.int_linear import IntLinear
 from ..runtime.pack import pack_int32, packed_cols, unpack_int32
 from .format import FormatError, compress
+from .fp4 import compress_fp4_linear, load_fp4_linear
 from .fp8 import fp8_scheme
 
 __all__ = ["load_compressed", "compressed", "load_int_linear", "compress_int_linear", "load_fp8_linear",
            "compress_fp8_linear"]
 
-RuntimeLinear = Union[IntLinear, Fp8Linear]
+RuntimeLinear = Union[IntLinear, Fp8Linear, Fp4Linear]
 
 
 def load_compressed(layer: RuntimeLinear, tensors: dict[str, torch.Tensor], name: str) -> None:
-    """Fill `layer` (an IntLinear or Fp8Linear) from the entries of the checkpoint's layer `name`."""
+    """Fill `layer` (an IntLinear, Fp8Linear or Fp4Linear) from the entries of the checkpoint's layer `name`."""
+    if isinstance(layer, Fp4Linear):
+        return load_fp4_linear(layer, tensors, name)
     (load_fp8_linear if isinstance(layer, Fp8Linear) else load_int_linear)(layer, tensors, name)
 
 
 def compressed(layer: RuntimeLinear, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The entries and scheme of `layer` (an IntLinear or Fp8Linear), as `load_compressed` reads them."""
+    """The entries and scheme of `layer` (an IntLinear, Fp8Linear or Fp4Linear), as `load_compressed` reads them."""
+    if isinstance(layer, Fp4Linear):
+        return compress_fp4_linear(layer, name)
     return (compress_fp8_linear if isinstance(layer, Fp8Linear) else compress_int_linear)(layer, name)
 
 

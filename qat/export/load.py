@@ -18,12 +18,14 @@ from .. import online
 from ..io.folders import Folder, inspect
 from ..io.models import CACHE_KWARGS, cache_kwarg
 from ..keys import EXPORT_KEY, HF_QUANT_KEY
+from ..runtime.fp4 import Fp4Linear
 from ..runtime.fp8 import Fp8Linear
 from ..runtime.int_linear import IntLinear
 from ..runtime.kv_cache import IntKVCache
-from ..spec import TensorSpec
+from ..spec import FP4_FORMATS, TensorSpec
 from .experts import checkpoint_names, experts_of, load_experts
 from .format import READ_VERSIONS, FormatError, file_sha256, matches, spec_from_args
+from .fp4 import fp4_scheme
 from .fp8 import fp8_scheme
 from .layers import load_compressed
 
@@ -88,10 +90,12 @@ def _layer_specs(q: dict[str, Any], linears: dict[str, nn.Linear]) -> LayerSpecs
         a = spec_from_args(a, "activation") if a else None
         if w.format == "fp8" or (a is not None and a.format == "fp8"):
             fp8_scheme(w, a, f"config group {gname}")  # refuses what Fp8Linear does not run
-        elif a is not None and (a.bits != 8 or a.granularity != "token" or not a.dynamic):
+        elif w.format in FP4_FORMATS or (a is not None and a.format in FP4_FORMATS):
+            fp4_scheme(w, a, f"config group {gname}")  # refuses what Fp4Linear does not run
+        elif a is not None and (a.bits not in (4, 8) or a.granularity != "token" or not a.dynamic):
             raise FormatError(f"config group {gname}: activations {a.bits}-bit {a.granularity} "
                               f"{'dynamic' if a.dynamic else 'static'} have no kernel; the runtime runs "
-                              "dynamic per-token int8 activations")
+                              "dynamic per-token int8 or int4 activations")
         for name, mod in linears.items():
             if name in specs or any(matches(t, name, type(mod).__name__) for t in ignore):
                 continue
@@ -136,7 +140,7 @@ def load_quantized(
     tensors = _read_tensors(files)
     for name, (w, a) in specs.items():
         lin = linears[name]
-        cls = Fp8Linear if w.format == "fp8" else IntLinear
+        cls = Fp8Linear if w.format == "fp8" else Fp4Linear if w.format in FP4_FORMATS else IntLinear
         mod = cls(lin.in_features, lin.out_features, w, a, bias=lin.bias is not None, dtype=dtype)
         prefix = ck(name) + "."
         load_compressed(mod, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, ck(name))
@@ -148,7 +152,7 @@ def load_quantized(
     dense = {ck(n) for n in specs}
     rest = {model_key.get(k, k): v for k, v in tensors.items() if k.rpartition(".")[0] not in dense and k not in used}
     result = model.load_state_dict(rest, strict=False)
-    owned = {f"{n}.{b}" for n in specs for b in ("qweight", "scale", "zero", "bias", "offset")}
+    owned = {f"{n}.{b}" for n in specs for b in ("qweight", "scale", "zero", "bias", "offset", "global_scale")}
     owned |= filled
     missing = [k for k in result.missing_keys if k not in owned
                and not (k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))]

@@ -49,6 +49,39 @@ matrices, not the Paley construction distqat folds (1536 = 12 x 128), so a descr
 matrix than the weights hold. So distqat writes no `transform_config`: vLLM and transformers would load such a folder
 and compute a different function without saying so (R4's weights expect the turned input; R3 alone is exact in full
 precision, and changes only what a quantized cache rounds).
+
+FP4 layers (`nvfp4-pack-quantized`, `mxfp4-pack-quantized`, see `fp4`), after vLLM's `_get_scheme_from_parts`
+(`_is_fp4a16_nvfp4` / `_is_fp4a4_nvfp4`, later `_is_nvfp4_format`, and `_is_mxfp4`):
+- NVFP4 is 4-bit float weights, symmetric, strategy tensor_group, group_size 16. Without input activations vLLM
+  runs CompressedTensorsW4A16Fp4 (FP4 Marlin, weight-only, compute capability 8.0+). With NVFP4 input activations
+  (the same four conditions) in an activation format (nvfp4-pack-quantized is one) it runs CompressedTensorsW4A4Fp4
+  where cutlass FP4 runs (Blackwell, capability 10.0+) or with VLLM_USE_NVFP4_CT_EMULATIONS=1 (emulated in torch);
+  elsewhere it warns and runs W4A16Fp4, the activations not quantized. Recent vLLM refuses NVFP4 weights with
+  activations of another format. It keeps one weight and one input global scale per fused layer (q/k/v, gate/up:
+  the largest of the shards'), which is why convert writes one weight global scale for such siblings (`fp4.
+  share_globals`) and names the siblings it could not share one for (vLLM would scale those wrongly).
+- MXFP4 is 4-bit float weights, symmetric, strategy group, group_size 32, e8m0 (uint8) scales. vLLM runs it as
+  CompressedTensorsW4A16Mxfp4 (weight-only: the activation entry is ignored), recent releases as
+  CompressedTensorsW4A4MxFp4 whatever the activations say, its kernel chosen per platform (MXFP4 activations only
+  on GPUs with FP4 tensor cores).
+- Activations. distqat's NVFP4 activations take a power-of-two global scale per token (`qat.fp4`); vLLM's (and
+  compressed-tensors') take one static `input_global_scale`, written 1.0, so a block's scale is e4m3(amax / 6). Both
+  round the block scale in e4m3 and the values in e2m1 the same way (nearest, ties to even), and scaling by a power of
+  two commutes with e4m3 rounding in its normal range: a block is quantized identically when its scale is an e4m3
+  normal both ways, i.e. amax in [6 x 2^-6, 6 x 448] = [0.09375, 2688] for vLLM and within about 2^14.8 of its
+  token's largest block for distqat. Smaller blocks get a coarser (subnormal) scale in vLLM, larger ones saturate
+  there (values clipped at 6 x 448); vLLM's kernels may also multiply by a reciprocal where distqat divides. Weights
+  are exact in every reader. MXFP4 activations follow compressed-tensors' own e8m0 rule in distqat, so they agree.
+  distqat's runtime (`qat.runtime.fp4.Fp4Linear`) reproduces the fake-quant model (the same quantizer, the same
+  matmul: equal logits).
+- transformers (CPU, compressed-tensors 0.20) decompresses both layouts to bf16 weights (e2m1 * scale / global;
+  exact) and fake-quantizes the activations as the folder says: MXFP4 as distqat does (a bf16 folder gives the
+  fake-quant logits bit for bit, tested), NVFP4 with the static global above. An fp32 model fails in its default
+  path (bf16 weights meet fp32 inputs); `CompressedTensorsConfig(dequantize=True)` loads it (weights exact, the
+  activations then not quantized).
+- int4 activations (w4a4kv4: int4 weights per channel, asymmetric int4 per-token activations) are written
+  `int-quantized`; vLLM has no scheme for them (its integer activation schemes take 8-bit activations; the newest
+  WNA4Int takes symmetric int4 activations only), transformers fake-quantizes them per token.
 """
 
 from __future__ import annotations
@@ -68,6 +101,8 @@ def vllm_scheme(group: dict[str, Any], fmt: str) -> tuple[Optional[str], str]:
     bits, strategy, sym = w["num_bits"], w["strategy"], w["symmetric"]
     if fmt == "float-quantized":
         return vllm_fp8_scheme(w, a)
+    if fmt in FP4_LAYOUT_NAMES:
+        return vllm_fp4_scheme(w, a)
     if w.get("type", "int") != "int" or w.get("dynamic"):
         return None, "vLLM runs static integer weights only"
     if fmt == "pack-quantized":
@@ -81,7 +116,7 @@ def vllm_scheme(group: dict[str, Any], fmt: str) -> tuple[Optional[str], str]:
     if fmt != "int-quantized":
         return None, f"format {fmt!r} is not one distqat writes"
     if a is None or a["num_bits"] != 8 or a["strategy"] != "token" or not a.get("dynamic"):
-        return None, "vLLM's integer activation kernels take dynamic per-token int8 activations"
+        return None, "vLLM's integer activation kernels take dynamic per-token int8 activations (not int4)"
     if not sym:
         return None, "vLLM's integer activation kernels take symmetric weights only"
     if bits == 8 and strategy in ("tensor", "channel"):
@@ -105,6 +140,35 @@ def vllm_fp8_scheme(w: dict[str, Any], a: Optional[dict[str, Any]]) -> tuple[Opt
         why += ("; per-tensor weights of fused layers (qkv, gate/up) are re-quantized to their largest scale, "
                 "so they move by up to one e4m3 step")
     return "W8A8Fp8", why
+
+
+FP4_LAYOUT_NAMES = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")
+
+
+def _is_nvfp4(args: Optional[dict[str, Any]]) -> bool:
+    return bool(args) and args.get("type") == "float" and args["num_bits"] == 4 and \
+        args["strategy"] == "tensor_group" and args.get("group_size") == 16 and args["symmetric"]
+
+
+def _is_mxfp4(args: Optional[dict[str, Any]]) -> bool:
+    return bool(args) and args.get("type") == "float" and args["num_bits"] == 4 and \
+        args["strategy"] == "group" and args.get("group_size") == 32 and args["symmetric"]
+
+
+def vllm_fp4_scheme(w: dict[str, Any], a: Optional[dict[str, Any]]) -> tuple[Optional[str], str]:
+    """vLLM's FP4 schemes: NVFP4 weights alone (W4A16Fp4) or with NVFP4 activations (W4A4Fp4); MXFP4 weights."""
+    if _is_nvfp4(w):
+        if a is None:
+            return "W4A16Fp4", "FP4 Marlin, compute capability 8.0+"
+        if not _is_nvfp4(a):
+            return None, "vLLM takes NVFP4 weights with NVFP4 activations or none"
+        return "W4A4Fp4", ("FP4 tensor cores on capability 10.0+ (or VLLM_USE_NVFP4_CT_EMULATIONS=1); elsewhere vLLM "
+                           "runs it as W4A16Fp4, activations not quantized; its activation block scales use a static "
+                           "global 1.0 where distqat's use one per token (see qat.export.readers)")
+    if _is_mxfp4(w):
+        return ("W4A4MxFp4" if a is not None else "W4A16Mxfp4"), \
+            "older vLLM runs MXFP4 weight-only (W4A16Mxfp4); MXFP4 activations need FP4 tensor cores"
+    return None, "vLLM's FP4 schemes take NVFP4 (tensor_group 16) or MXFP4 (group 32) symmetric weights"
 
 
 def is_experts_target(target: str) -> bool:
@@ -140,10 +204,11 @@ def _experts_prefix(target: str) -> str:
     return re.sub(r"\\(.)", r"\1", target[len("re:^"):].split(r"\.\d+\.")[0])
 
 
-def reader_notes(quant_config: dict[str, Any], kv: Optional[str], experts: Optional[dict[str, Any]] = None
-                 ) -> list[str]:
+def reader_notes(quant_config: dict[str, Any], kv: Optional[str], experts: Optional[dict[str, Any]] = None,
+                 unshared: Optional[list[str]] = None) -> list[str]:
     """One line per standard reader: what it runs of this folder (`kv`: distqat's KV cache, e.g. 'int8 per token';
-    `experts`: distqat_export.experts of a MoE folder)."""
+    `experts`: distqat_export.experts of a MoE folder; `unshared`: NVFP4 siblings vLLM fuses whose weight global
+    scales differ)."""
     fmt = quant_config["format"]
     groups = [(g, *vllm_scheme(g, g.get("format") or fmt)) for g in quant_config["config_groups"].values()]
     parts, runs, layers = [], True, {}
@@ -164,6 +229,10 @@ def reader_notes(quant_config: dict[str, Any], kv: Optional[str], experts: Optio
         runs = False
         parts.append(f"the experts are written under fused names ({experts.get('family')} has no per-expert "
                      "checkpoint names in transformers), which vLLM's loaders do not read")
+    if unshared:
+        runs = False
+        parts.append(f"{unshared[0]} (and {len(unshared) - 1} more) keep different NVFP4 global scales (a block scale "
+                     "would leave e4m3 under a shared one); vLLM fuses them under the largest and misreads the others")
     split = [n for n, gs in layers.items() if any(x is not gs[0] for x in gs)]
     if split:
         runs = False
@@ -172,6 +241,7 @@ def reader_notes(quant_config: dict[str, Any], kv: Optional[str], experts: Optio
                       for g, _, _ in groups)
     has_act = any(g.get("input_activations") for g, _, _ in groups)
     fp8 = any((g.get("format") or fmt) == "float-quantized" for g, _, _ in groups)
+    fp4 = any((g.get("format") or fmt) in FP4_LAYOUT_NAMES for g, _, _ in groups)
     act_words = "fp8 (e4m3)" if fp8 and all((g.get("format") or fmt) == "float-quantized" for g, _, _ in groups) \
         else "int8/fp8" if fp8 else "int8"
     lines = [f"vLLM: {'runs' if runs else 'cannot load'} it: " + "; ".join(parts)]
@@ -181,6 +251,11 @@ def reader_notes(quant_config: dict[str, Any], kv: Optional[str], experts: Optio
     if packed_asym:
         lines.append(f"{who}: packed asymmetric weights load only with {DEQUANTIZE_HINT} (a compressed-"
                      "tensors bug breaks the default path); weights dense, the same logits")
+    elif fp4:
+        lines.append(f"{who}: AutoModelForCausalLM.from_pretrained(path) loads it in bf16, weights dense and exact"
+                     + ("; it fake-quantizes the fp4 activations as the folder says (NVFP4 with a static global "
+                        "scale 1.0 where distqat's is per token: see qat.export.readers)" if has_act else "")
+                     + f"; in fp32 only with {DEQUANTIZE_HINT}, which drops activation quantization")
     else:
         lines.append(f"{who}: AutoModelForCausalLM.from_pretrained(path) loads it, weights dense"
                      + (f"; compressed-tensors quantizes the {act_words} activations per token as in training "
@@ -189,6 +264,7 @@ def reader_notes(quant_config: dict[str, Any], kv: Optional[str], experts: Optio
         lines.append(f"KV cache: {kv} is distqat's own (qat.export.load_quantized); vLLM and transformers keep a "
                      "full-precision cache")
     kernels = "fp8 torch._scaled_mm on GPUs of compute capability 8.9+, an fp32 reference elsewhere" if fp8 \
+        else "fp4 weights dequantized per matmul, the fake-quant input quantizer: the fake-quant logits" if fp4 \
         else "integer kernels"
     lines.append(f"distqat: qat.export.load_quantized(path) runs it as written ({kernels}, "
                  + ("integer KV cache" if kv else "no KV quantization") + ")")
@@ -230,7 +306,7 @@ def _transformers_experts(quant_config: dict[str, Any], experts: dict[str, Any])
 
 
 def model_card(name: str, spec_label: str, notes: list[str], version: int, weights: str = "integer") -> str:
-    """The README.md of a converted folder (`weights`: "integer" or "fp8")."""
+    """The README.md of a converted folder (`weights`: "integer", "fp8" or "fp4")."""
     body = "\n".join(f"- {n}" for n in notes)
     return (f"# {name}: {spec_label}, {weights} weights\n\n"
             "Written by `distqat convert` in the compressed-tensors layout (config.json `quantization_config`); "

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..quantizers import ActQuantizer
 from ..spec import TensorSpec
 from . import ops
 from .pack import packed_cols, unpack_int32
@@ -46,6 +47,9 @@ class IntLinear(nn.Module):
         # The real-valued part of the zero point in weight units (format version 2, a QA-LoRA merge):
         # W = (code - zero) * scale + offset, constant on each (row, group) block.
         self.register_buffer("offset", None)
+        # 4-bit activations have no integer GEMM here: the input is fake-quantized by the training quantizer itself
+        # (per-token int4 codes times their scale, in the input's dtype) and meets the dequantized weight.
+        self.input_quantizer = ActQuantizer(act_spec) if act_spec is not None and act_spec.bits != 8 else None
 
     @property
     def act_symmetric(self) -> Optional[bool]:
@@ -69,7 +73,9 @@ class IntLinear(nn.Module):
         return sums.to(self.offset.dtype) @ self.offset.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_spec is None:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        if self.act_spec is None or self.input_quantizer is not None:
             y = ops.linear_a16(x, self.qweight, self.scale, self.zero, self.bits, self.group_size,
                                self.in_features, bias=self.bias)
             return y if self.offset is None else y + self.offset_term(x).to(y.dtype)
@@ -79,6 +85,7 @@ class IntLinear(nn.Module):
     def extra_repr(self) -> str:
         w = self.weight_spec
         gran = f"g{w.group_size}" if w.granularity == "group" else w.granularity
-        act = "a16" if self.act_spec is None else f"a8{'' if self.act_spec.symmetric else ' asym'}"
+        act = "a16" if self.act_spec is None else \
+            f"a{self.act_spec.bits}{'' if self.act_spec.symmetric else ' asym'}"
         return (f"in={self.in_features}, out={self.out_features}, int{self.bits} {gran}"
                 f"{'' if w.symmetric else ' asym'}, {act}{', real zero' if self.offset is not None else ''}")
