@@ -13,17 +13,17 @@ from helpers import PUBLISHED
 from helpers.models import tiny_ids, tiny_llama, tiny_run_dir
 from torch import nn
 
-from qat.fp4 import round_scale
+from qat.fp4 import fp4_codes, round_scale
 from qat.io.folders import Kind, inspect
 from qat.linear import QuantLinear
 from qat.load import load
 from qat.ptq import PTQConfig, run_ptq
 from qat.ptq import check as check_ptq
 from qat.ptq.awq import search_clip
-from qat.ptq.fp4grid import clip_scales, storable_scales, tensor_exponent
+from qat.ptq.fp4grid import clip_scales, e2m1_codes, storable_scales, tensor_exponent
 from qat.ptq.gptq import GPTQ, GPTQConfig, gptq
 from qat.ptq.grid import check_storable, freeze, frozen_spec, output_error, rtn
-from qat.quantizers import mse_qparams, weight_rows
+from qat.quantizers import fake_quant, minmax_qparams, mse_qparams, quantize_codes, weight_rows
 from qat.spec import parse
 from trainer.cli import main
 
@@ -134,6 +134,22 @@ def test_gptq_fp4_output_error_below_rtn(fmt):
         q = gptq(w, h, spec, damp=0.1, act_order=act_order, static_groups=static)[0]
         assert output_error(w, q, h) < 0.6 * output_error(w, q_rtn, h)
         assert output_error(w, q, ht) < 0.7 * output_error(w, q_rtn, ht)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_rtn_is_the_quantizers_rounding(fmt):
+    """RTN's weight, codes and scales are the fake quant of a WeightQuantizer with the same spec (its arithmetic
+    nibbles are qat.fp4's fp4_codes, -0 and every e2m1 value included)."""
+    spec = parse(f"w{fmt}").weight
+    w = weight().float()
+    deq, codes, scale, _ = rtn(w, spec)
+    rows = weight_rows(w, spec)
+    want_scale = minmax_qparams(rows, spec)[0]
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(codes.reshape(rows.shape), quantize_codes(rows, want_scale, None, spec))
+    assert torch.equal(deq, fake_quant(rows, spec).reshape(w.shape))
+    values = torch.cat([E2M1, -E2M1]).float()
+    assert torch.equal(e2m1_codes(values), fp4_codes(values))
 
 
 # ---------------------------------------------------------------------------------------------

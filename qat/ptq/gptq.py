@@ -17,11 +17,11 @@ from typing import ClassVar, Optional
 
 import torch
 
-from ..fp4 import fp4_codes, fp4_round
+from ..fp4 import fp4_round
 from ..quantizers import NF4_LEVELS
 from ..spec import QuantSpec, TensorSpec
 from .config import GPTQConfig
-from .fp4grid import is_fp4, tensor_exponent
+from .fp4grid import e2m1_codes, is_fp4, tensor_exponent
 from .grid import qparams
 from .parts import Rounded, Rounding
 
@@ -82,7 +82,8 @@ def gptq(
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
     Q = torch.zeros_like(W)
-    codes = torch.zeros(W.shape, dtype=torch.int32, device=W.device)
+    # fp4 keeps each column's e2m1 values (in W's dtype) and packs them into nibbles once at the end
+    codes = torch.zeros(W.shape, dtype=dt if fp4 else torch.int32, device=W.device)
     cols = perm.tolist() if perm is not None else range(n_in)
     cols = list(cols)
     Sf = S.to(dt)
@@ -110,7 +111,7 @@ def gptq(
             s = Sf[:, k]
             if fp4:
                 y = fp4_round(wcol / s)
-                c, q = fp4_codes(y), y * s
+                c, q = y, y * s
             elif nf4:
                 c = (wcol / s).unsqueeze(-1).sub(levels).abs().argmin(-1)
                 q = levels[c] * s
@@ -119,11 +120,13 @@ def gptq(
                 c = torch.clamp(torch.round(wcol / s) + z, qmin, qmax)
                 q = (c - z) * s
             Q[:, i1 + i] = q
-            codes[:, i1 + i] = c.to(torch.int32)
+            codes[:, i1 + i] = c.to(codes.dtype)
             err = (wcol - q) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    if fp4:
+        codes = e2m1_codes(codes)
     if perm is not None:
         inv = torch.argsort(perm)
         Q, codes = Q[:, inv], codes[:, inv]
