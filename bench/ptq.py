@@ -1,8 +1,11 @@
 """Benchmark: perplexity of PTQ baselines on the bundled model, and quantization time per layer.
 
     python -m bench.ptq [--settings w4g64,w3g64,...] [--methods rtn,gptq,awq,hqq] [--json out.json]
+    python -m bench.ptq --settings nvfp4,mxfp4,w4a4kv4 --methods rtn,gptq,rotate+gptq --w8a8 ''
 
-FP, then for each weight setting each method (RTN, GPTQ, AWQ, HQQ), then W8A8 RTN vs SmoothQuant;
+FP, then for each setting (any short name: weight-only, fp4 nvfp4/mxfp4/wnvfp4/wmxfp4, w4a4kv4 ...) each method
+(RTN, GPTQ, AWQ, HQQ, or any ptq.method) skipping the pairs a method refuses (HQQ at fp4), then W8A8 RTN vs
+SmoothQuant;
 perplexity with trainer.eval.perplexity on spread windows (1024 tokens, 8192 in all) of the bundled
 Wikipedia test split; calibration: --n-samples x --seq-len tokens of --calib (default: the bundled `calib`
 split; a `distqat generate` folder calibrates data-free, as a QAT run's train.init does).
@@ -26,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bundled:smollm2-135m")
     p.add_argument("--settings", default="w4g64,w3g64,w4,w3g64asym,w4g64asym,w4asym",
-                   help="weight-only short names")
+                   help="short names (weight-only ones, nvfp4, mxfp4, wnvfp4, wmxfp4, w4a4kv4 ...)")
     p.add_argument("--methods", default="rtn,gptq,awq,hqq")
     p.add_argument("--w8a8", default="w8a8", help="scheme for the RTN vs SmoothQuant comparison ('' skips)")
     p.add_argument("--w8a8-methods", default="rtn,smoothquant")
@@ -55,6 +58,7 @@ def main(argv=None) -> int:
     from data.sources import load_texts, spread_windows, token_stream
     from qat.io.models import load_model, load_tokenizer
     from qat.ptq import PTQConfig, run_ptq
+    from qat.ptq import check as check_ptq
     from qat.ptq.gptq import GPTQConfig
     from qat.spec import parse
     from trainer.eval import perplexity
@@ -71,7 +75,7 @@ def main(argv=None) -> int:
         "eval_tokens": sum(len(w) for w in windows),
         "gptq": {k: getattr(GPTQConfig(), k) if getattr(args, k) is None else getattr(args, k)
                  for k in ("act_order", "damp", "clip")},
-        "runs": [],
+        "runs": [], "skipped": [],
     }
 
     def save():
@@ -99,6 +103,12 @@ def main(argv=None) -> int:
                      if v is not None}
         cfg = PTQConfig(method=method, n_samples=args.n_samples, seq_len=args.seq_len, progress=False,
                         gptq=GPTQConfig(**gptq_opts))
+        try:
+            check_ptq(parse(scheme), cfg)
+        except ValueError as e:  # a method that cannot produce the scheme (hqq at fp4): the rest still run
+            result["skipped"].append({"scheme": scheme, "method": method, "reason": str(e)})
+            print(f"{scheme} {method}: skipped ({e})", file=sys.stderr, flush=True)
+            continue
         t0 = time.perf_counter()
         model, report = run_ptq(model, parse(scheme), cfg, calib)
         tq = time.perf_counter() - t0

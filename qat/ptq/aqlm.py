@@ -211,7 +211,8 @@ class AQLM(Rounding):
         if self.cfg.nbits_per_codebook > 16:
             raise ValueError("ptq.aqlm.nbits_per_codebook is at most 16 (int16 codes)")
 
-    def round(self, weight: torch.Tensor, spec: TensorSpec, h: Optional[torch.Tensor]) -> Rounded:
+    def round(self, weight: torch.Tensor, spec: TensorSpec, h: Optional[torch.Tensor],
+              nvfp4_exp: Optional[torch.Tensor] = None) -> Rounded:
         t0 = time.perf_counter()
         self._result = r = aqlm(weight, h, self.cfg)
         self._seconds = time.perf_counter() - t0

@@ -59,7 +59,7 @@ def search_scale(weights: list[torch.Tensor], h: torch.Tensor, x_mean: torch.Ten
 def search_clip(w: torch.Tensor, h: torch.Tensor, spec: TensorSpec, grid: int = 20, max_shrink: float = 0.5,
                 scale_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The weight clamped per row (per group) to the shrunk range with the least output error."""
-    if spec.granularity == "tensor" or spec.format != "int":
+    if spec.granularity == "tensor" or spec.format not in ("int", "nvfp4", "mxfp4"):
         return w
     dt = h.dtype
     n_out, n_in = w.shape

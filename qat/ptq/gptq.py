@@ -6,7 +6,8 @@ matrix; `act_order` visits columns by decreasing diag(H). With groups, `static_g
 with act_order, so the groups stay contiguous and the result packs) takes each group's scale from
 the weight before any update; otherwise a group's scale is computed when GPTQ reaches it. `clip` picks
 each row's (group's) scale by the clipping search of `scale_method=mse` instead of its min/max, as the GPTQ
-reference's `mse` quantizer and QuaRot's `w_clip` do.
+reference's `mse` quantizer and QuaRot's `w_clip` do. fp4 (NVFP4, MXFP4) rounds each column onto e2m1 times its
+block's scale, the scales and their search in block-scale space from `fp4grid.py`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import ClassVar, Optional
 
 import torch
 
+from ..fp4 import fp4_round
 from ..quantizers import NF4_LEVELS
 from ..spec import QuantSpec, TensorSpec
 from .config import GPTQConfig
+from .fp4grid import e2m1_codes, is_fp4, tensor_exponent
 from .grid import qparams
 from .parts import Rounded, Rounding
 
@@ -27,14 +30,17 @@ from .parts import Rounded, Rounding
 def gptq(
     w: torch.Tensor, h: torch.Tensor, spec: TensorSpec, damp: float = 0.01, block_size: int = 128,
     act_order: bool = False, static_groups: bool = True, scale_dtype: Optional[torch.dtype] = None,
+    nvfp4_exp: Optional[torch.Tensor] = None,
 ):
     """GPTQ of one weight (out, in) with Hessian h (in, in).
 
     Returns (dequantized weight, int32 codes or None, scale rows, zero rows or None), the scale/zero
-    rows laid out as `weight_rows` of the spec (what WeightQuantizer stores).
+    rows laid out as `weight_rows` of the spec (what WeightQuantizer stores). fp4 columns round onto e2m1 times
+    their block's scale; every NVFP4 block scale is over one tensor scale 2^nvfp4_exp (None: from this weight
+    before any update), groups computed as GPTQ reaches them (static_groups=False) included.
     """
     if spec.format == "fp8":
-        raise ValueError("gptq rounds onto an integer or nf4 grid; fp8 weights take rtn")
+        raise ValueError("gptq rounds onto an integer, nf4 or fp4 grid; fp8 weights take rtn")
     dt = torch.float64 if w.dtype == torch.float64 else torch.float32
     W = w.detach().to(dt).clone()
     H = h.detach().to(dt).clone()
@@ -44,6 +50,9 @@ def gptq(
     W[:, dead] = 0
 
     gran, gs = spec.granularity, spec.group_size
+    fp4 = is_fp4(spec)
+    if spec.format == "nvfp4" and nvfp4_exp is None:
+        nvfp4_exp = tensor_exponent(W.reshape(-1, gs))
     S = Z = None
     if gran == "tensor":
         s, z = qparams(W.reshape(1, -1), spec, scale_dtype)
@@ -53,7 +62,7 @@ def gptq(
         S, Z = qparams(W, spec, scale_dtype)
     else:
         if act_order or static_groups:
-            s, z = qparams(W.reshape(-1, gs), spec, scale_dtype)
+            s, z = qparams(W.reshape(-1, gs), spec, scale_dtype, nvfp4_exp)
             S, Z = s.reshape(n_out, -1), None if z is None else z.reshape(n_out, -1)
         else:
             ng = n_in // gs
@@ -73,7 +82,8 @@ def gptq(
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
     Q = torch.zeros_like(W)
-    codes = torch.zeros(W.shape, dtype=torch.int32, device=W.device)
+    # fp4 keeps each column's e2m1 values (in W's dtype) and packs them into nibbles once at the end
+    codes = torch.zeros(W.shape, dtype=dt if fp4 else torch.int32, device=W.device)
     cols = perm.tolist() if perm is not None else range(n_in)
     cols = list(cols)
     Sf = S.to(dt)
@@ -91,7 +101,7 @@ def gptq(
             col = cols[i1 + i]
             k = 0 if gran != "group" else col // gs
             if gran == "group" and not (act_order or static_groups) and col % gs == 0:
-                s, z = qparams(W1[:, i : i + gs], spec, scale_dtype)
+                s, z = qparams(W1[:, i : i + gs], spec, scale_dtype, nvfp4_exp)
                 S[:, k : k + 1] = s
                 Sf[:, k : k + 1] = s.to(dt)
                 if z is not None:
@@ -99,7 +109,10 @@ def gptq(
                     Zf[:, k : k + 1] = z.to(dt)
             wcol = W1[:, i]
             s = Sf[:, k]
-            if nf4:
+            if fp4:
+                y = fp4_round(wcol / s)
+                c, q = y, y * s
+            elif nf4:
                 c = (wcol / s).unsqueeze(-1).sub(levels).abs().argmin(-1)
                 q = levels[c] * s
             else:
@@ -107,11 +120,13 @@ def gptq(
                 c = torch.clamp(torch.round(wcol / s) + z, qmin, qmax)
                 q = (c - z) * s
             Q[:, i1 + i] = q
-            codes[:, i1 + i] = c.to(torch.int32)
+            codes[:, i1 + i] = c.to(codes.dtype)
             err = (wcol - q) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    if fp4:
+        codes = e2m1_codes(codes)
     if perm is not None:
         inv = torch.argsort(perm)
         Q, codes = Q[:, inv], codes[:, inv]
@@ -132,10 +147,11 @@ class GPTQ(Rounding):
 
     def check(self, spec: QuantSpec) -> None:
         if spec.weight is not None and spec.weight.format == "fp8":
-            raise ValueError("ptq.method=gptq rounds onto an integer or nf4 grid; fp8 weights take rtn")
+            raise ValueError("ptq.method=gptq rounds onto an integer, nf4 or fp4 grid; fp8 weights take rtn")
 
-    def round(self, weight: torch.Tensor, spec: TensorSpec, h: Optional[torch.Tensor]) -> Rounded:
+    def round(self, weight: torch.Tensor, spec: TensorSpec, h: Optional[torch.Tensor],
+              nvfp4_exp: Optional[torch.Tensor] = None) -> Rounded:
         c = self.cfg
         if c.clip and spec.scale_method == "minmax":  # a scale method the user chose is kept
             spec = replace(spec, scale_method="mse")
-        return gptq(weight, h, spec, c.damp, c.block_size, c.act_order, c.static_groups, weight.dtype)
+        return gptq(weight, h, spec, c.damp, c.block_size, c.act_order, c.static_groups, weight.dtype, nvfp4_exp)

@@ -1,4 +1,5 @@
-"""The integer grid PTQ rounds onto, and how a PTQ result is frozen into a QuantLinear.
+"""The grid PTQ rounds onto (integer, nf4, fp8; fp4 block scales in `fp4grid.py`), and how a PTQ result is
+frozen into a QuantLinear.
 
 Every method ends in `freeze(qlinear, weight, scale, zero)`: the weight is written back already on
 the grid (dequantized codes) and the layer's `lsq` weight quantizer gets the chosen scales and zero
@@ -15,9 +16,11 @@ from typing import Optional
 import torch
 
 from ..experts import QuantExperts
+from ..fp4 import fp4_round, round_scale
 from ..linear import QuantLinear
 from ..quantizers import QPARAMS, dequantize_codes, fake_quant_values, quantize_codes, weight_rows
 from ..spec import QuantSpec, TensorSpec
+from .fp4grid import e2m1_codes, fp4_qparams, is_fp4
 
 
 def frozen_spec(spec: QuantSpec) -> QuantSpec:
@@ -29,8 +32,13 @@ def frozen_spec(spec: QuantSpec) -> QuantSpec:
     return replace(spec, weight=replace(spec.weight, learnable="lsq"))
 
 
-def qparams(rows: torch.Tensor, spec: TensorSpec, scale_dtype: Optional[torch.dtype]):
-    """Scale (and zero) per row by the spec's scale method, rounded to the dtype the weight is stored in."""
+def qparams(rows: torch.Tensor, spec: TensorSpec, scale_dtype: Optional[torch.dtype],
+            nvfp4_exp: Optional[torch.Tensor] = None):
+    """Scale (and zero) per row by the spec's scale method, rounded to the dtype the weight is stored in. fp4 block
+    scales are the format's stored values over one NVFP4 tensor scale 2^nvfp4_exp (None: these rows' own, so pass
+    every block of a weight at once), chosen in block-scale space by the clipping search (`fp4grid`)."""
+    if is_fp4(spec):
+        return fp4_qparams(rows, spec, nvfp4_exp)
     return QPARAMS[spec.scale_method](rows, spec, scale_dtype)
 
 
@@ -38,14 +46,18 @@ def quant_rows(rows: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Ten
     """(dequantized rows in rows' dtype, int32 codes or None for fp8)."""
     if spec.format == "fp8":
         return fake_quant_values(rows, scale, zero, spec).to(rows.dtype), None
+    if is_fp4(spec):  # quantize_codes / dequantize_codes' values, without their slower nibble conversion
+        y = fp4_round(rows.detach().float() / scale)
+        return (y * scale).to(rows.dtype), e2m1_codes(y)
     codes = quantize_codes(rows, scale, zero, spec)
     return dequantize_codes(codes, scale, zero, spec).to(rows.dtype), codes
 
 
-def rtn(w: torch.Tensor, spec: TensorSpec, scale_dtype: Optional[torch.dtype] = None):
+def rtn(w: torch.Tensor, spec: TensorSpec, scale_dtype: Optional[torch.dtype] = None,
+        nvfp4_exp: Optional[torch.Tensor] = None):
     """Round-to-nearest: (dequantized weight, codes, scale rows, zero rows)."""
     rows = weight_rows(w.detach().float(), spec)
-    scale, zero = qparams(rows, spec, scale_dtype)
+    scale, zero = qparams(rows, spec, scale_dtype, nvfp4_exp)
     deq, codes = quant_rows(rows, scale, zero, spec)
     return deq.reshape(w.shape), None if codes is None else codes.reshape(w.shape), scale, zero
 
@@ -56,12 +68,23 @@ def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
     return float(((d @ h) * d).sum())
 
 
+def check_storable(scale: torch.Tensor, spec: TensorSpec) -> None:
+    """fp4 block scales the frozen quantizer keeps as they are (`qat.fp4.round_scale` over the whole weight, as the
+    lsq quantizer rounds them), so fake quant gives back the PTQ weight bit for bit; RuntimeError otherwise."""
+    if is_fp4(spec):
+        s = scale.detach().reshape(-1, 1).float()
+        if not torch.equal(round_scale(s, spec.format), s):
+            raise RuntimeError(f"{spec.format} block scales of a PTQ result are not storable over one tensor scale; "
+                               "compute them with qat.ptq.fp4grid over the whole weight")
+
+
 @torch.no_grad()
 def freeze(q: QuantLinear, weight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) -> None:
     """Store a PTQ result in q: the on-grid weight and the scales/zeros as the lsq quantizer's parameters."""
     wq = q.weight_quantizer
     if wq is None or wq.spec.learnable != "lsq":
         raise RuntimeError("freeze needs a QuantLinear with an lsq weight quantizer (see frozen_spec)")
+    check_storable(scale, wq.spec)
     q.weight.copy_(weight.to(q.weight.dtype))
     wq.scale.data = scale.detach().reshape(-1, 1).float().to(q.weight.device).clone()
     if wq.zero is not None:
@@ -76,6 +99,7 @@ def freeze_experts(module: QuantExperts, param: str, weight: torch.Tensor, scale
     wq = module.weight_quantizers[param] if param in module.weight_quantizers else None
     if wq is None or wq.spec.learnable != "lsq":
         raise RuntimeError("freeze_experts needs a QuantExperts parameter with an lsq weight quantizer (frozen_spec)")
+    check_storable(scale, wq.spec)
     p = getattr(module, param)
     w = weight.reshape(module.canonical(param).shape)
     p.copy_((w.transpose(1, 2) if module.expert_layout.transposed else w).to(p.dtype))

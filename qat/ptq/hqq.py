@@ -99,6 +99,7 @@ class HQQ(Rounding):
             raise ValueError("ptq.method=hqq needs an integer weight grid, not "
                              f"quant.weight.format={spec.weight.format}")
 
-    def round(self, weight: torch.Tensor, spec: TensorSpec, h: Optional[torch.Tensor]) -> Rounded:
+    def round(self, weight: torch.Tensor, spec: TensorSpec, h: Optional[torch.Tensor],
+              nvfp4_exp: Optional[torch.Tensor] = None) -> Rounded:
         c = self.cfg
         return hqq(weight, spec, c.iters, c.lp_norm, c.beta, c.kappa, weight.dtype)

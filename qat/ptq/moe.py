@@ -33,6 +33,7 @@ from ..experts import QuantExperts, activate
 from ..quantizers import WeightQuantizer
 from ..spec import TensorSpec
 from .blocks import Routed, block_groups, fold, foldable, run_block
+from .fp4grid import tensor_exponent
 from .grid import freeze_experts, rtn
 from .parts import PTQReport, Rounding
 
@@ -167,6 +168,8 @@ def _per_expert(module: QuantExperts, param: str, w: torch.Tensor, spec: TensorS
                          "weights (e.g. quant.scheme=w4g128) or ptq.method=rtn")
     lay = module.expert_layout
     n_min = min_tokens(rounding.moe_min_tokens_per_column, w.shape[-1])
+    # The stacked parameter's quantizer holds one NVFP4 tensor scale for every expert: each expert rounds over it.
+    k = tensor_exponent(w.reshape(-1, spec.group_size)) if spec.format == "nvfp4" else None
     pooled_up: Optional[torch.Tensor] = None
     deqs, scales, zeros, fallback = [], [], [], 0
     for e, n_e in enumerate(routed.counts(w.shape[0])):
@@ -179,7 +182,7 @@ def _per_expert(module: QuantExperts, param: str, w: torch.Tensor, spec: TensorS
             h = hessian(x) if own else pooled_up
         else:
             h = hessian(down_inputs(module, x, e, w_up, quantize))
-        deq, _, scale, zero = rounding.round(w[e], spec, h)
+        deq, _, scale, zero = rounding.round(w[e], spec, h, k)
         deqs.append(deq)
         scales.append(scale.reshape(-1, 1))
         zeros.append(None if zero is None else zero.reshape(-1, 1))

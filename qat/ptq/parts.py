@@ -74,8 +74,11 @@ class Rounding(Part):
     resumable: ClassVar[bool] = True
 
     @abstractmethod
-    def round(self, weight: torch.Tensor, spec: TensorSpec, h: Optional[torch.Tensor]) -> Rounded:
-        """Round one weight (out, in) onto the spec's grid; `h` is its input's H when `needs_hessian`."""
+    def round(self, weight: torch.Tensor, spec: TensorSpec, h: Optional[torch.Tensor],
+              nvfp4_exp: Optional[torch.Tensor] = None) -> Rounded:
+        """Round one weight (out, in) onto the spec's grid; `h` is its input's H when `needs_hessian`;
+        `nvfp4_exp` the NVFP4 tensor-scale exponent it shares with other weights (one expert of a fused experts
+        parameter: `qat.ptq.fp4grid`), None: its own. Int grids ignore it."""
 
     def freeze(self, layer: nn.Module, name: str, q: QuantLinear, rounded: Rounded) -> None:
         """Store `round`'s result in the layer's linear `name` (q); a rounding off the grid (AQLM) replaces q."""

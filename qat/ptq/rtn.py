@@ -16,5 +16,6 @@ class RTN(Rounding):
     handles_experts: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = False
 
-    def round(self, weight: torch.Tensor, spec: TensorSpec, h: Optional[torch.Tensor]) -> Rounded:
-        return rtn(weight, spec, weight.dtype)
+    def round(self, weight: torch.Tensor, spec: TensorSpec, h: Optional[torch.Tensor],
+              nvfp4_exp: Optional[torch.Tensor] = None) -> Rounded:
+        return rtn(weight, spec, weight.dtype, nvfp4_exp)
