@@ -16,7 +16,7 @@ from . import kv as kv_quant
 from . import online
 from .coverage import Coverage, CoverageError, OnPurpose, check, measure, routers
 from .experts import ExpertsLayoutError, QuantExperts, describe, experts_modules
-from .keys import COVERAGE_KEY, QUANT_KEY
+from .keys import COVERAGE_KEY, QUANT_KEY, SOURCE_KEY
 from .linear import ClearShared, QuantLinear, SharedInput
 from .quantizers import ActQuantizer, WeightQuantizer
 from .spec import QuantSpec, TensorSpec, check_layer, parse, resolve_for_layer
@@ -32,6 +32,7 @@ class QuantReport:
     kv_modules: list[str] = field(default_factory=list)
     experts: list[tuple[str, int, str]] = field(default_factory=list)  # name, number of experts, scheme
     coverage: Optional[Coverage] = None
+    source: Optional[dict] = None  # the stored format the model's weights came in (qat.io.models.stored_format)
 
     def __str__(self) -> str:
         by_scheme: dict[str, int] = {}
@@ -49,6 +50,9 @@ class QuantReport:
             lines.append(f"KV cache fake-quantized in {len(self.kv_modules)} attention modules")
         if self.coverage is not None:
             lines.append(str(self.coverage))
+        if self.source:
+            lines.append(f"source: the model's {self.source['weights']} came in {self.source['format'].upper()} "
+                         f"({self.source['read']})")
         return "\n".join(lines)
 
 
@@ -126,6 +130,7 @@ def quantize_model(
         report.kv_modules = kv_quant.install(model, spec.kv)
     online.reinstall(model)  # R4's hooks sat on the Linears just replaced
     report.coverage = measure(model)
+    report.source = getattr(getattr(model, "config", None), SOURCE_KEY, None)
     if spec.weight is not None or any(ov.startswith("w") for ov in spec.overrides.values()):
         check(report.coverage, OnPurpose(spec.include, spec.exclude, weightless | set(router_names)))
     if not report.replaced and not report.kv_modules and not report.experts:
@@ -135,7 +140,8 @@ def quantize_model(
         )
     if hasattr(model, "config"):
         setattr(model.config, QUANT_KEY, spec.to_dict())
-        setattr(model.config, COVERAGE_KEY, report.coverage.to_dict())
+        source = {"source": report.source} if report.source else {}
+        setattr(model.config, COVERAGE_KEY, {**report.coverage.to_dict(), **source})
     return report
 
 

@@ -14,6 +14,8 @@ config.json keys that say what a saved folder holds:
 - HF_QUANT_KEY / EXPORT_KEY: an integer checkpoint written by convert: the standard compressed-tensors
   `quantization_config`, and distqat's own record (format version, spec, checksums).
 - AQLM_KEY: an AQLM model (codes + codebooks + scales, transformers' AQLM layout).
+- SOURCE_KEY: a model read from a folder whose weights were stored in a format transformers dequantizes at load
+  (gpt-oss's MXFP4 experts): which format, which weights; kept in the student's config and its coverage record.
 
 Other records:
 - KV_ATTENTION_PREFIX: the attention functions `qat.kv` registers are this plus the wrapped one's name
@@ -38,6 +40,7 @@ LLM_INT8_KEY = "distqat_llm_int8"
 HF_QUANT_KEY = "quantization_config"
 EXPORT_KEY = "distqat_export"
 AQLM_KEY = "distqat_aqlm"
+SOURCE_KEY = "distqat_source"
 KV_ATTENTION_PREFIX = "distqat_kv_"
 
 FINGERPRINT_KEY = "distqat_base_fingerprint"

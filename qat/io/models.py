@@ -23,7 +23,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..apply import quantize_model
-from ..keys import COMPLETE_MARKER, EXPORT_KEY, HF_QUANT_KEY
+from ..keys import COMPLETE_MARKER, EXPORT_KEY, HF_QUANT_KEY, SOURCE_KEY
 from ..spec import QuantSpec
 from .atomic import atomic_dir
 from .env import distqat_home
@@ -218,14 +218,38 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     path = resolve_model_path(name_or_path)
     check_remote_code(path, trust_remote_code)
+    source = stored_format(path)
+    if source is not None:
+        kwargs.setdefault("quantization_config", transformers.Mxfp4Config(dequantize=True))
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch_dtype, attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code, local_files_only=True, **kwargs,
     )
     model.eval()
+    if source is not None:
+        setattr(model.config, SOURCE_KEY, source)
     model.distqat_load_seconds = time.perf_counter() - t0
     return model
+
+
+def stored_format(path: Path) -> Optional[dict[str, Any]]:
+    """What a base folder's own `quantization_config` says its weights are stored in, for the formats distqat reads
+    by dequantizing at load: gpt-oss's MXFP4 experts (`*_blocks` e2m1 nibbles, `*_scales` e8m0, quant_method mxfp4).
+    None for a plain folder; a distqat integer checkpoint (EXPORT_KEY) is read by qat.export, not here.
+
+    The experts are dequantized on purpose, on any device: transformers would otherwise swap in its MXFP4 kernel
+    module where triton and `kernels` are installed, which trains nothing and which QuantExperts cannot read. The
+    values come out exact (e2m1 x 2^e fits bf16 and fp32), and fake quant at mxfp4 reproduces them bit for bit."""
+    cfg = read_config(path)
+    q = cfg.get(HF_QUANT_KEY)
+    if EXPORT_KEY in cfg or not isinstance(q, dict) or q.get("quant_method") != "mxfp4":
+        return None
+    if getattr(transformers, "Mxfp4Config", None) is None:
+        raise ModelError(f"{path} stores its experts in MXFP4 (quantization_config quant_method mxfp4), which this "
+                         f"transformers {transformers.__version__} cannot read; install transformers >= 4.55")
+    return {"format": "mxfp4", "weights": "experts", "read": "dequantized at load, exact",
+            "not_converted": list(q.get("modules_to_not_convert") or [])}
 
 
 def check_spec_fits(name_or_path: Union[str, Path], spec: QuantSpec, trust_remote_code: bool = False) -> None:

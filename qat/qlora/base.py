@@ -26,16 +26,24 @@ from ..io.models import load_model, resolve_dtype
 from ..keys import QUANT_KEY
 from ..linear import QuantLinear
 from ..online import online_of
+from ..quantizers import WeightQuantizer
 from ..runtime.int_linear import IntLinear
 from ..runtime.packed import PackedLinear
 from ..runtime.packed_experts import PackedExperts
-from ..spec import QuantSpec
+from ..spec import FP4_FORMATS, QuantSpec
 
 
 def pack_model(model: nn.Module, double_quant: bool = False) -> list[str]:
     """Replace the model's QuantLinear (with a weight quantizer) and IntLinear layers by PackedLinear and its
     fake-quant experts by PackedExperts, in place, and freeze every parameter; returns the packed layers' names
     (an experts module's as `<module>.<param>`, one per stacked projection)."""
+    fp4 = next((n for n, m in model.named_modules() if isinstance(m, WeightQuantizer) and m.spec.format in FP4_FORMATS),
+               None)
+    if fp4 is not None:
+        # the packed layers hold integer or NF4 codes; e2m1 codes with e8m0/e4m3 block scales are not among them
+        raise ValueError(f"{fp4.rsplit('.', 1)[0]}: a QLoRA base packs integer or NF4 grids, not "
+                         f"{model.get_submodule(fp4).spec.format}; train LoRA with quant.scheme=w4g32 or wnf4g64, or "
+                         "train the fp4 student itself (train.mode=qat)")
     experts = check_experts(model)
     names = []
     for name, mod in list(model.named_modules()):
