@@ -97,7 +97,8 @@ class QuantExperts(nn.Module):
     """The fake-quant side of a fused experts module; `wrap` mixes it in front of the module's own class.
 
     Weights are quantized per expert: each expert's rows (output channels, or groups along the input) get their
-    own scale, held by one `WeightQuantizer` over the stacked (E*out, in) rows (so LSQ/LWC learn per expert row
+    own scale (and each expert its own NVFP4 tensor scale), held by one `WeightQuantizer` over the stacked
+    (E*out, in) rows (so LSQ/LWC learn per expert row
     and the fused fake-quant kernel quantizes all experts in one call). The input of each projection is quantized
     per token, which for the routed copies of a token equals quantizing the token once before dispatch.
     """
@@ -126,7 +127,11 @@ class QuantExperts(nn.Module):
             wspec, aspec = specs.get(param, (None, None))
             if wspec is not None:
                 w = module.canonical(param).detach()
-                q = WeightQuantizer(wspec, w.reshape(-1, w.shape[-1]))
+                # NVFP4: one tensor scale per expert, as each expert exports (a linear of its own, gate and up
+                # sharing it as vLLM's fused w13 wants), not one over the stack
+                _, o, i = w.shape
+                chunk = o * i // wspec.group_size if wspec.format == "nvfp4" else None
+                q = WeightQuantizer(wspec, w.reshape(-1, i), global_rows=chunk)
                 module.weight_quantizers[param] = q.to(w.device)
             if aspec is not None:
                 module.input_quantizers[param] = ActQuantizer(aspec)

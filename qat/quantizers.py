@@ -261,13 +261,14 @@ class WeightQuantizer(nn.Module):
     lwc: `clip_hi` / `clip_lo` logits; the range is sigmoid(logit) * the row's max / min (OmniQuant).
     """
 
-    def __init__(self, spec: TensorSpec, weight: torch.Tensor) -> None:
+    def __init__(self, spec: TensorSpec, weight: torch.Tensor, global_rows: Optional[int] = None) -> None:
         super().__init__()
         self.spec = spec
+        self.global_rows = global_rows  # blocks that share one NVFP4 tensor scale (None: the whole weight)
         rows = weight_rows(weight.detach(), spec)
         self.n_per_scale = rows.shape[-1]
         if spec.learnable == "lsq":
-            scale, zero = QPARAMS[spec.scale_method](rows, spec)
+            scale, zero = QPARAMS[spec.scale_method](rows, spec, global_rows=global_rows)
             self.scale = nn.Parameter(scale)
             self.zero = nn.Parameter(zero) if zero is not None else None
         elif spec.learnable == "lwc":
@@ -282,7 +283,7 @@ class WeightQuantizer(nn.Module):
             g = 1.0 / math.sqrt(self.n_per_scale * max(spec.qmax, 1))
             scale = _grad_scale(self.scale.clamp_min(EPS), g)
             if spec.format in FP4_FORMATS:
-                return round_scale(scale, spec.format), None
+                return round_scale(scale, spec.format, self.global_rows), None
             scale = scale + (_round_to(scale.detach(), weight.dtype) - scale.detach())
             zero = None
             if self.zero is not None:
@@ -301,12 +302,13 @@ class WeightQuantizer(nn.Module):
             scale = scale + (_round_to(scale.detach(), weight.dtype) - scale.detach())
             zero = None if spec.symmetric else _round_ste(-lo / scale).clamp(spec.qmin, spec.qmax)
             return scale, zero
-        return QPARAMS[spec.scale_method](rows, spec, weight.dtype)
+        return QPARAMS[spec.scale_method](rows, spec, weight.dtype, global_rows=self.global_rows)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         if spec.learnable == "none":
-            return fake_quant(weight_rows(weight, spec), spec, weight.dtype).reshape(weight.shape)
+            return fake_quant(weight_rows(weight, spec), spec, weight.dtype,
+                              global_rows=self.global_rows).reshape(weight.shape)
         scale, zero = self.qparams(weight)
         out = fake_quant_values(weight_rows(weight, spec), scale, zero, spec)
         return out.to(weight.dtype).reshape(weight.shape)
@@ -387,14 +389,7 @@ def _describe(spec: TensorSpec) -> str:
     return ", ".join([fmt, gran, *extra])
 
 
-def quant_error(x: torch.Tensor, spec: TensorSpec) -> float:
-    """Relative L2 error of fake-quantizing a weight with this spec (for reports)."""
-    q = fake_quant(weight_rows(x, spec), spec).reshape(x.shape)
-    return float(torch.linalg.vector_norm((q - x).float()) / torch.linalg.vector_norm(x.float()).clamp_min(EPS))
-
-
 __all__ = [
     "WeightQuantizer", "ActQuantizer", "fake_quant", "fake_quant_values", "quantize_codes", "dequantize_codes",
     "minmax_qparams", "mse_qparams", "percentile_qparams", "range_qparams", "weight_rows", "act_rows", "ste",
-    "quant_error",
 ]

@@ -313,6 +313,9 @@ def check_layer(spec: Optional[TensorSpec], in_features: int, module_name: str,
         raise SpecError(f"quant.activation: {act.format} blocks of {act.group_size} do not divide in_features="
                         f"{in_features} of {module_name}; exclude the layer (quant.exclude) or use another format")
     if spec is not None and spec.granularity == "group" and in_features % spec.group_size:
+        if spec.format in FP4_FORMATS:
+            raise SpecError(f"quant.weight: {spec.format} blocks of {spec.group_size} do not divide in_features="
+                            f"{in_features} of {module_name}; exclude the layer (quant.exclude) or use another format")
         divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
         raise SpecError(
             f"quant.weight.group_size={spec.group_size} does not divide in_features={in_features} of {module_name}; "

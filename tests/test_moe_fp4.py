@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -91,13 +92,13 @@ def test_fp4_experts_blocks_along_the_input_and_one_training_step(family, scheme
         assert stacked.shape[2] == (stored.shape[1] if family == "gpt_oss" else stored.shape[2])
         q = mod.quantized_weight(p)
         for e in range(stacked.shape[0]):
-            want, saturated = ref_fp4_expert(stacked[e], fmt, stacked)
+            want, saturated = ref_fp4_expert(stacked[e], fmt, stacked[e])
             assert torch.equal(q[e].double(), want), (p, e)
         # straight through: the upstream gradient reaches the stored weight unchanged, except at saturated values
         g = torch.randn(q.shape, generator=gen)
         stored.grad = None
         (q * g).sum().backward()
-        masks = torch.stack([ref_fp4_expert(stacked[e], fmt, stacked)[1] for e in range(stacked.shape[0])])
+        masks = torch.stack([ref_fp4_expert(stacked[e], fmt, stacked[e])[1] for e in range(stacked.shape[0])])
         want_grad = torch.where(masks, torch.zeros_like(g), g)
         got = stored.grad.transpose(1, 2) if family == "gpt_oss" else stored.grad
         assert torch.equal(got == 0, want_grad == 0)
@@ -225,3 +226,21 @@ def test_refusals_name_the_problem_in_one_line(mxfp4_folder):
     with pytest.raises(ValueError, match=r"a QLoRA base packs integer or NF4 grids, not mxfp4") as err:
         build_base(mxfp4_folder, parse("wmxfp4"), "float32", "eager", double_quant=False)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("learnable", ["none", "lsq"])
+def test_nvfp4_tensor_scale_is_per_expert(learnable):
+    """Each expert exports as a linear of its own with its own NVFP4 tensor scale: an expert 2^12 smaller than the
+    others keeps its e4m3 block scales out of the subnormals (one scale over the stack would put them there)."""
+    model = tiny_moe("qwen3_moe")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("experts.down_proj"):
+                p[0] *= 2.0**-12
+    spec = parse("wnvfp4")
+    quantize_model(model, replace(spec, weight=replace(spec.weight, learnable=learnable)))
+    mod = next(m for m in model.modules() if isinstance(m, QuantExperts))
+    w, q = mod.canonical("down_proj").detach(), mod.quantized_weight("down_proj")
+    for e in range(w.shape[0]):
+        assert torch.equal(q[e].double(), ref_fp4_expert(w[e], "nvfp4", w[e])[0]), e
+    assert not torch.equal(q[0].double(), ref_fp4_expert(w[0], "nvfp4", w)[0])
