@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from compressed_tensors.quantization.utils.mxfp_utils import generate_mx_scales
+from helpers.models import tiny_llama
 
 from qat.apply import quantize_model
 from qat.fp4 import (
@@ -23,7 +24,6 @@ from qat.fp4 import (
 )
 from qat.quantizers import ActQuantizer, WeightQuantizer, dequantize_codes, fake_quant, quantize_codes, weight_rows
 from qat.spec import SpecError, TensorSpec, parse
-from tests.helpers.models import tiny_llama
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 

@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 from helpers import lane_only, needs_cuda, needs_triton
+from helpers.quant_ref import kernel_and_reference
 
 import qat.quantizers
 from qat.kernels import fused_fp4_fake_quant_rows
@@ -172,18 +173,8 @@ def test_quant_linear_through_the_kernel_matches_reference(scheme, kernel_calls,
     x0[0, 3, ::5] *= 50
     dy = torch.randn(2, 5, 48, dtype=torch.bfloat16)
 
-    def run():
-        lin.weight.grad = lin.bias.grad = None
-        x = x0.clone().requires_grad_(True)
-        y = ql(x)
-        y.backward(dy)
-        return y.detach(), x.grad, lin.weight.grad, lin.bias.grad
-
-    fused = run()
-    assert kernel_calls["fp4_fake_quant"] == 2  # weight and input both went through the kernel
-    monkeypatch.setattr(qat.quantizers, "fused_fp4_fake_quant_rows", lambda *a: None)  # the reference path
-    ref = run()
-    assert kernel_calls["fp4_fake_quant"] == 2
+    fused, ref = kernel_and_reference(ql, x0, dy, monkeypatch, "fused_fp4_fake_quant_rows", kernel_calls,
+                                      "fp4_fake_quant")
     for name, a, b in zip(("output", "input grad", "weight grad", "bias grad"), fused, ref):
         assert torch.equal(a, b), name
 

@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 from helpers import lane_only, needs_cuda, needs_triton
+from helpers.quant_ref import kernel_and_reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -248,7 +249,6 @@ DEVICE_SIZES = [pytest.param("cuda", (4096, 1024, 4, 512), marks=pytest.mark.cud
 def test_quant_linear_through_the_kernel_matches_reference(scheme, device, size, kernel_calls, monkeypatch):
     from torch import nn
 
-    import qat.quantizers
     from qat.device import device_path
     from qat.linear import QuantLinear
     from qat.spec import parse
@@ -264,17 +264,6 @@ def test_quant_linear_through_the_kernel_matches_reference(scheme, device, size,
     x0[0, 3, ::5] *= 50
     grad = torch.randn(b, t, n, device=device, dtype=torch.bfloat16)
 
-    def run():
-        lin.weight.grad = lin.bias.grad = None
-        x = x0.clone().requires_grad_(True)
-        y = ql(x)
-        y.backward(grad)
-        return y.detach(), x.grad, lin.weight.grad, lin.bias.grad
-
-    fused = run()
-    assert kernel_calls["fake_quant"] == 2  # weight and input both went through the kernel
-    monkeypatch.setattr(qat.quantizers, "fused_fake_quant_rows", lambda *a: None)  # the reference path
-    ref = run()
-    assert kernel_calls["fake_quant"] == 2
+    fused, ref = kernel_and_reference(ql, x0, grad, monkeypatch, "fused_fake_quant_rows", kernel_calls, "fake_quant")
     for name, a, b in zip(("output", "input grad", "weight grad", "bias grad"), fused, ref):
         assert torch.equal(a, b), name

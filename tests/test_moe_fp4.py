@@ -220,7 +220,8 @@ def test_refusals_name_the_problem_in_one_line(mxfp4_folder):
     cfg = tiny_moe("gpt_oss").config
     cfg.intermediate_size = 24
     model = tf.AutoModelForCausalLM.from_config(cfg)
-    with pytest.raises(SpecError, match=r"do not divide in_features=24 of model\.layers\.0\.mlp\.experts\.down_proj; exclude the layer"):
+    with pytest.raises(SpecError, match=r"do not divide in_features=24 of model\.layers\.0\.mlp\.experts\."
+                       r"down_proj; exclude the layer"):
         quantize_model(model, parse("wmxfp4"))
     # a QLoRA base packs integer or NF4 codes; fp4 is refused before anything is packed
     with pytest.raises(ValueError, match=r"a QLoRA base packs integer or NF4 grids, not mxfp4") as err:

@@ -155,3 +155,24 @@ def spec_id(spec: TensorSpec) -> str:
 
 
 BITS = (2, 3, 4, 8)
+
+
+def kernel_and_reference(ql, x0: torch.Tensor, dy: torch.Tensor, monkeypatch, kernel: str, kernel_calls, key: str):
+    """A QuantLinear's forward and backward through a fused fake-quant kernel, then with `qat.quantizers.<kernel>`
+    switched off (the torch reference): the (output, input grad, weight grad, bias grad) of each run. Asserts that
+    the weight and the input both went through the kernel in the first run, and nothing did in the second."""
+    import qat.quantizers  # lazy: a kernel test imports qat only after the lane decided on interpret mode
+
+    def run():
+        ql.weight.grad = ql.bias.grad = None
+        x = x0.clone().requires_grad_(True)
+        y = ql(x)
+        y.backward(dy)
+        return y.detach(), x.grad, ql.weight.grad, ql.bias.grad
+
+    fused = run()
+    assert kernel_calls[key] == 2
+    monkeypatch.setattr(qat.quantizers, kernel, lambda *a, **k: None)
+    ref = run()
+    assert kernel_calls[key] == 2
+    return fused, ref
