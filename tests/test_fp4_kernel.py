@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 from helpers import lane_only, needs_cuda, needs_triton
-from helpers.quant_ref import kernel_and_reference
+from helpers.quant_ref import kernel_and_reference, same_bits
 
 import qat.quantizers
 from qat.kernels import fused_fp4_fake_quant_rows
@@ -20,22 +20,10 @@ from qat.quantizers import fake_quant
 from qat.spec import FP4_FORMATS, TensorSpec
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
 def _spec(fmt: str) -> TensorSpec:
     return TensorSpec(bits=4, granularity="group", group_size=FP4_FORMATS[fmt], format=fmt)
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, shape and bits (the sign of zero included); any NaN matches any NaN."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    nan = torch.isnan(a)
-    if not torch.equal(nan, torch.isnan(b)):
-        return False
-    iv = INT_VIEW[a.dtype]
-    return torch.equal(a.masked_fill(nan, 0).contiguous().view(iv), b.masked_fill(nan, 0).contiguous().view(iv))
 
 
 def _sample(blocks: int, fmt: str, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -60,7 +48,7 @@ def _check(x: torch.Tensor, fmt: str, global_rows) -> str:
     where = f"{fmt} {tuple(x.shape)} {x.dtype} global_rows={global_rows}"
     if out is None:
         return f"{where}: no kernel"
-    if not _same(out, ref):
+    if not same_bits(out, ref):
         bad = (out.float() != ref.float()) & ~(torch.isnan(out) & torch.isnan(ref))
         return f"{where}: {int(bad.sum())} differ, e.g. rows {bad.any(-1).nonzero().flatten()[:5].tolist()}"
     return ""
@@ -152,7 +140,7 @@ def test_gradient_is_the_reference_clamp_aware_ste(fmt, dtype, kernel_calls, mon
     monkeypatch.setattr(qat.quantizers, "fused_fp4_fake_quant_rows", lambda *a: None)
     out_r, grad_r = grad()
     assert kernel_calls["fp4_fake_quant"] == 1
-    assert _same(out_k, out_r) and _same(grad_k, grad_r)
+    assert same_bits(out_k, out_r) and same_bits(grad_k, grad_r)
     assert (grad_r == 0).any() and (grad_r != 0).any()  # some values saturated, the others pass
 
 
@@ -221,7 +209,7 @@ def test_cuda_matches_reference(fmt, blocks, global_rows, dtype):
     g = torch.randn_like(x)
     k = torch.autograd.grad(fused_fp4_fake_quant_rows(x, fmt, global_rows), x, g)[0]
     r = torch.autograd.grad(fake_quant(x, _spec(fmt), use_kernel=False, global_rows=global_rows), x, g)[0]
-    assert _same(k, r)
+    assert same_bits(k, r)
 
 
 def test_rows_the_kernel_does_not_take_fall_back_to_reference(monkeypatch):

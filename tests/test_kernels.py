@@ -12,27 +12,15 @@ import warnings
 import pytest
 import torch
 from helpers import lane_only, needs_cuda, needs_triton
-from helpers.quant_ref import kernel_and_reference
+from helpers.quant_ref import kernel_and_reference, same_bits
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
 def _spec(bits: int, symmetric: bool):
     from qat.spec import TensorSpec
 
     return TensorSpec(bits=bits, symmetric=symmetric, granularity="channel")
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, shape and bits, except that any NaN matches any NaN (payloads differ by device)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    nan = torch.isnan(a)
-    if not torch.equal(nan, torch.isnan(b)):
-        return False
-    iv = INT_VIEW[a.dtype]
-    return torch.equal(a.masked_fill(nan, 0).contiguous().view(iv), b.masked_fill(nan, 0).contiguous().view(iv))
 
 
 def _sample(shape: tuple[int, int], dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> torch.Tensor:
@@ -63,7 +51,7 @@ def _compare(x: torch.Tensor, bits: int, symmetric: bool, scale_dtype) -> str:
     where = f"shape={tuple(x.shape)} {x.dtype} bits={bits} sym={symmetric} scale_dtype={scale_dtype}"
     if out is None:
         return f"{where}: kernel returned None"
-    if not _same(out, ref):
+    if not same_bits(out, ref):
         bad = (out.float() != ref.float()) & ~(torch.isnan(out) & torch.isnan(ref))
         return f"{where}: {int(bad.sum())} elements differ, max |diff| {(out.float() - ref.float())[bad].abs().max()}"
     return ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
-from helpers.models import tiny_config
+from helpers.models import far_from_init, tiny_config
 from helpers.quant_ref import assert_int_matches_ref, ref_codes, ref_dequant, ref_minmax
 from torch import nn
 from transformers import DynamicCache
@@ -42,13 +42,7 @@ def model_of(family: str, dtype=F64, seed: int = 0) -> nn.Module:
                                                        num_key_value_heads=2, head_dim=16)
     else:
         cls, cfg = tiny_config(family)
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.3, 2.0)
-    model.to(dtype)
+    model = far_from_init(cls, cfg, seed).to(dtype)
     if dtype == F64:
         for m in model.modules():
             if type(m).__name__.endswith("RMSNorm"):

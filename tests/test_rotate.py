@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.models import tiny_config
+from helpers.models import far_from_init, tiny_config
 from torch import nn
 
 from qat.export import convert_folder
@@ -27,15 +27,7 @@ def model_of(family: str, tied: bool = False, dtype=F64, seed: int = 0) -> nn.Mo
     """A tiny model with norm weights and biases far from their init (so a fold that forgot them shows)."""
     cls, cfg = tiny_config(family)
     cfg.tie_word_embeddings = tied
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.3, 2.0)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
-    return model.to(dtype)
+    return far_from_init(cls, cfg, seed, biases=True).to(dtype)
 
 
 @pytest.mark.parametrize("n", [2, 12, 20, 64, 72, 576, 896, 960])

@@ -93,3 +93,17 @@ def fake_and_packed(scheme, dtype=torch.float32, double_quant=False, **shape):
     return fq, packed
 
 
+
+
+def far_from_init(cls, cfg, seed: int = 0, biases: bool = False) -> torch.nn.Module:
+    """A tiny model (eval mode) whose norm weights, and with `biases` its biases, are far from their init, so a
+    rotation's fold that forgot one of them shows in the logits."""
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.3, 2.0)
+            elif biases and name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model

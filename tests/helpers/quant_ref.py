@@ -176,3 +176,18 @@ def kernel_and_reference(ql, x0: torch.Tensor, dy: torch.Tensor, monkeypatch, ke
     ref = run()
     assert kernel_calls[key] == 2
     return fused, ref
+
+
+INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bits (the sign of zero included), except that any NaN matches any NaN (payloads differ
+    by device)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    nan = torch.isnan(a)
+    if not torch.equal(nan, torch.isnan(b)):
+        return False
+    iv = INT_VIEW[a.dtype]
+    return torch.equal(a.masked_fill(nan, 0).contiguous().view(iv), b.masked_fill(nan, 0).contiguous().view(iv))
