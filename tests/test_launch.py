@@ -152,7 +152,7 @@ finish() {
 for s in TERM USR1 USR2 HUP INT; do trap "finish $s" $s; done
 [[ -n "${WAIT:-}" ]] || finish none
 touch "$WAIT.ready"
-for _ in $(seq 1200); do sleep 0.05; done
+for _ in $(seq 6000); do sleep 0.05; done
 exit 99
 """
 
@@ -189,11 +189,14 @@ def test_signals_go_on_to_the_launcher(tmp_path, name):
     env = fake_allocation(tmp_path, CODES="0:75 1:75", STATUS="1", WAIT=str(seen))
     p = subprocess.Popen(["bash", str(ROOT / "launch.sh"), "train"], cwd=tmp_path, env=env, stderr=subprocess.PIPE,
                          text=True)
-    deadline = time.monotonic() + 120
+    # launch.sh starts Python before srun: on a loaded machine that can take minutes, and a signal sent before its
+    # traps are set would end it outright
+    deadline = time.monotonic() + 600
     while not Path(f"{seen}.ready").exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert Path(f"{seen}.ready").exists(), f"the stand-in srun never started: {p.poll()=}"
     p.send_signal(getattr(signal, f"SIG{name}"))
-    err = p.communicate(timeout=90)[1]
+    err = p.communicate(timeout=300)[1]
     assert seen.read_text().strip() == name
     assert p.returncode == 75, err[-2000:]
     assert not list(ROOT.glob(".distqat-exit.*")) and not list((tmp_path / "tmp").glob("*distqat-exit*"))
