@@ -20,7 +20,7 @@ from qat.load import load
 from qat.ptq import PTQConfig, run_ptq
 from qat.ptq import check as check_ptq
 from qat.ptq.awq import search_clip
-from qat.ptq.fp4grid import clip_scales, e2m1_codes, storable_scales, tensor_exponent
+from qat.ptq.fp4grid import clip_scales, storable_scales, tensor_exponent
 from qat.ptq.gptq import GPTQ, GPTQConfig, gptq
 from qat.ptq.grid import check_storable, freeze, frozen_spec, output_error, rtn
 from qat.quantizers import fake_quant, minmax_qparams, mse_qparams, quantize_codes, weight_rows
@@ -149,7 +149,8 @@ def test_rtn_is_the_quantizers_rounding(fmt):
     assert torch.equal(codes.reshape(rows.shape), quantize_codes(rows, want_scale, None, spec))
     assert torch.equal(deq, fake_quant(rows, spec).reshape(w.shape))
     values = torch.cat([E2M1, -E2M1]).float()
-    assert torch.equal(e2m1_codes(values), fp4_codes(values))
+    assert torch.equal(fp4_codes(values), torch.cat([torch.arange(8), torch.arange(8) + 8]).to(torch.int32)
+                       .masked_fill(values == 0, 0))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -81,15 +81,6 @@ def fp4_qparams(rows: torch.Tensor, spec: TensorSpec, k: Optional[torch.Tensor] 
     return storable_scales(block_absmax(rows, spec), spec.format, k), None
 
 
-def e2m1_codes(y: torch.Tensor) -> torch.Tensor:
-    """e2m1 values -> their nibbles (sign << 3 | magnitude index), as `qat.fp4.fp4_codes` but by arithmetic: the
-    index is 2a below 2, a + 2 below 4, a / 2 + 4 above (a = |y|), without fp4_codes' (N, 8) comparison, which
-    took most of an RTN at fp4 (0.1 s of 0.23 s for a 1536 x 576 weight)."""
-    a = y.abs()
-    mag = torch.where(a < 2, a * 2, torch.where(a < 4, a + 2, a * 0.5 + 4)).to(torch.int32)
-    return mag | (y < 0).to(torch.int32) << 3
-
-
 def block_error(rows: torch.Tensor, scale: torch.Tensor, norm: float) -> torch.Tensor:
     """sum |x - e2m1(x / s) s|^norm per row, in rows' dtype (float64 rows: a float64 reference)."""
     s = scale.to(rows.dtype)
@@ -153,5 +144,5 @@ def clip_scales(rows: torch.Tensor, fmt: str, k: Optional[torch.Tensor] = None, 
     return best
 
 
-__all__ = ["is_fp4", "fp4_qparams", "e2m1_codes", "clip_scales", "candidate_range", "candidate_scale",
+__all__ = ["is_fp4", "fp4_qparams", "clip_scales", "candidate_range", "candidate_scale",
            "storable_scales", "tensor_exponent", "block_error"]

@@ -17,11 +17,11 @@ from typing import ClassVar, Optional
 
 import torch
 
-from ..fp4 import fp4_round
+from ..fp4 import fp4_codes, fp4_round
 from ..quantizers import NF4_LEVELS
 from ..spec import QuantSpec, TensorSpec
 from .config import GPTQConfig
-from .fp4grid import e2m1_codes, is_fp4, tensor_exponent
+from .fp4grid import is_fp4, tensor_exponent
 from .grid import qparams
 from .parts import Rounded, Rounding
 
@@ -126,7 +126,7 @@ def gptq(
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     if fp4:
-        codes = e2m1_codes(codes)
+        codes = fp4_codes(codes)
     if perm is not None:
         inv = torch.argsort(perm)
         Q, codes = Q[:, inv], codes[:, inv]

@@ -16,11 +16,11 @@ from typing import Optional
 import torch
 
 from ..experts import QuantExperts
-from ..fp4 import fp4_round, round_scale
+from ..fp4 import fp4_codes, fp4_round, round_scale
 from ..linear import QuantLinear
 from ..quantizers import QPARAMS, dequantize_codes, fake_quant_values, quantize_codes, weight_rows
 from ..spec import QuantSpec, TensorSpec
-from .fp4grid import e2m1_codes, fp4_qparams, is_fp4
+from .fp4grid import fp4_qparams, is_fp4
 
 
 def frozen_spec(spec: QuantSpec) -> QuantSpec:
@@ -48,7 +48,7 @@ def quant_rows(rows: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Ten
         return fake_quant_values(rows, scale, zero, spec).to(rows.dtype), None
     if is_fp4(spec):  # quantize_codes / dequantize_codes' values, without their slower nibble conversion
         y = fp4_round(rows.detach().float() / scale)
-        return (y * scale).to(rows.dtype), e2m1_codes(y)
+        return (y * scale).to(rows.dtype), fp4_codes(y)
     codes = quantize_codes(rows, scale, zero, spec)
     return dequantize_codes(codes, scale, zero, spec).to(rows.dtype), codes
 
