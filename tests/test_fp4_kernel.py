@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 from helpers import lane_only, needs_cuda, needs_triton
-from helpers.quant_ref import kernel_and_reference, same_bits
+from helpers.quant_ref import kernel_and_reference, kernel_mismatch, same_bits
 
 import qat.quantizers
 from qat.kernels import fused_fp4_fake_quant_rows
@@ -45,13 +45,7 @@ def _check(x: torch.Tensor, fmt: str, global_rows) -> str:
     """'' when kernel and reference agree, else what differs."""
     ref = fake_quant(x, _spec(fmt), use_kernel=False, global_rows=global_rows)
     out = fused_fp4_fake_quant_rows(x, fmt, global_rows)
-    where = f"{fmt} {tuple(x.shape)} {x.dtype} global_rows={global_rows}"
-    if out is None:
-        return f"{where}: no kernel"
-    if not same_bits(out, ref):
-        bad = (out.float() != ref.float()) & ~(torch.isnan(out) & torch.isnan(ref))
-        return f"{where}: {int(bad.sum())} differ, e.g. rows {bad.any(-1).nonzero().flatten()[:5].tolist()}"
-    return ""
+    return kernel_mismatch(out, ref, f"{fmt} {tuple(x.shape)} {x.dtype} global_rows={global_rows}")
 
 
 @needs_triton

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 from helpers import lane_only, needs_cuda, needs_triton
-from helpers.quant_ref import kernel_and_reference, same_bits
+from helpers.quant_ref import kernel_and_reference, kernel_mismatch
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -48,13 +48,8 @@ def _compare(x: torch.Tensor, bits: int, symmetric: bool, scale_dtype) -> str:
 
     ref = fake_quant(x, _spec(bits, symmetric), scale_dtype, use_kernel=False)
     out = fused_fake_quant_rows(x, bits, symmetric, scale_dtype)
-    where = f"shape={tuple(x.shape)} {x.dtype} bits={bits} sym={symmetric} scale_dtype={scale_dtype}"
-    if out is None:
-        return f"{where}: kernel returned None"
-    if not same_bits(out, ref):
-        bad = (out.float() != ref.float()) & ~(torch.isnan(out) & torch.isnan(ref))
-        return f"{where}: {int(bad.sum())} elements differ, max |diff| {(out.float() - ref.float())[bad].abs().max()}"
-    return ""
+    return kernel_mismatch(out, ref, f"shape={tuple(x.shape)} {x.dtype} bits={bits} sym={symmetric} "
+                           f"scale_dtype={scale_dtype}")
 
 
 # ---------------------------------------------------------------------------------------------

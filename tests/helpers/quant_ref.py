@@ -191,3 +191,15 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     iv = INT_VIEW[a.dtype]
     return torch.equal(a.masked_fill(nan, 0).contiguous().view(iv), b.masked_fill(nan, 0).contiguous().view(iv))
+
+
+def kernel_mismatch(out, ref: torch.Tensor, where: str) -> str:
+    """'' when a kernel's output (None: it declined) has the reference's bits, else what differs, prefixed by
+    `where`."""
+    if out is None:
+        return f"{where}: the kernel returned None"
+    if same_bits(out, ref):
+        return ""
+    bad = (out.float() != ref.float()) & ~(torch.isnan(out) & torch.isnan(ref))
+    return (f"{where}: {int(bad.sum())} elements differ (max |diff| {(out.float() - ref.float())[bad].abs().max()}), "
+            f"e.g. rows {bad.reshape(-1, out.shape[-1]).any(-1).nonzero().flatten()[:5].tolist()}")
