@@ -183,12 +183,19 @@ def test_the_ranks_code_is_the_exit_code(tmp_path, codes, status, expected):
     assert r.returncode == expected, r.stderr[-2000:]
 
 
+def default_signals() -> None:
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("name", ["TERM", "USR1", "USR2", "HUP", "INT"])
 def test_signals_go_on_to_the_launcher(tmp_path, name):
     seen = tmp_path / "seen"
     env = fake_allocation(tmp_path, CODES="0:75 1:75", STATUS="1", WAIT=str(seen))
+    # A shell cannot trap a signal it was started ignoring, and a job runner or a non-interactive parent shell
+    # (nohup, `cmd &`) starts its children with HUP or INT ignored: start launch.sh as a terminal would
     p = subprocess.Popen(["bash", str(ROOT / "launch.sh"), "train"], cwd=tmp_path, env=env, stderr=subprocess.PIPE,
-                         text=True)
+                         text=True, preexec_fn=default_signals)
     # launch.sh starts Python before srun: on a loaded machine that can take minutes, and a signal sent before its
     # traps are set would end it outright
     deadline = time.monotonic() + 600
