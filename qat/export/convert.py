@@ -36,7 +36,7 @@ from .fp4 import FP4_LAYOUTS, compress_fp4, share_globals
 from .fp8 import compress_fp8
 from .layers import compressed
 from .load import verify_files
-from .readers import model_card, reader_notes, rotation_notes
+from .readers import kv_words, model_card, reader_notes, rotation_notes
 
 SHARD_BYTES = 4 << 30
 COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -84,9 +84,11 @@ def _save_shards(tensors: dict[str, torch.Tensor], out: Path) -> dict[str, str]:
 
 
 def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path] = None,
-                  origin: Optional[dict[str, str]] = None, replace: bool = False) -> Path:
+                  origin: Optional[dict[str, str]] = None, replace: bool = False, real_zero: bool = True) -> Path:
     """Write `model` (fake-quantized by qat.apply, or holding IntLinear layers) as a compressed-tensors folder at
-    `out`, atomically. Layers with a real-valued zero point make it a format version 2 checkpoint. `origin`, the
+    `out`, atomically. Layers with a real-valued zero point (a QA-LoRA merge) make it a format version 4 checkpoint
+    whose weight-only integer layers all carry float zero points, which transformers runs (`real_zero`); with
+    `real_zero=False`, version 2's `weight_offset`, which only distqat reads. `origin`, the
     SHA-256 of the source folder's files, is recorded (distqat_export.source) so that a rerun knows its output.
     A non-empty `out` is refused, or with `replace` (a run's own output folder, written again by its rerun)
     replaced whole once the new one is written."""
@@ -101,13 +103,17 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
     found = experts_of(model)
     names = checkpoint_names(model) if found else None
     ck = names.module if names is not None else (lambda n: n)
+    # One layout for every weight-only integer layer: a folder of float and packed asymmetric zero points would
+    # need compressed-tensors' dequantize=True in transformers, which the float ones do not (see readers).
+    real = real_zero and any(isinstance(m, IntLinear) and m.offset is not None for m in model.modules())
     for name, mod in model.named_modules():
         if isinstance(mod, (QuantLinear, IntLinear, Fp8Linear, Fp4Linear)):
-            comp, scheme = compress_linear(mod, name) if isinstance(mod, QuantLinear) else compressed(mod, name)
+            comp, scheme = compress_linear(mod, name) if isinstance(mod, QuantLinear) else \
+                compressed(mod, name, real_zero=real)
             for k, t in comp.items():
                 tensors[f"{ck(name)}.{k}"] = t
             quantized.add(name)
-            key = (repr(mod.weight_spec), repr(mod.act_spec))
+            key = (repr(mod.weight_spec), repr(mod.act_spec), scheme["format"])
             groups.setdefault(key, {"targets": [], **scheme})["targets"].append(ck(name))
         elif isinstance(mod, nn.Linear):
             ignore.append(ck(name))
@@ -146,13 +152,11 @@ def convert_model(model: nn.Module, out: Union[str, Path], source: Optional[Path
         cfg["tie_word_embeddings"] = False  # the head is now integer codes, the embedding stays float
 
     unpacked_narrow = any(g["format"] == "int-quantized" and g["weights"]["num_bits"] < 8 for g in groups.values())
-    offsets = any(k.endswith(".weight_offset") for k in tensors)
-    version = 3 if kv is not None or unpacked_narrow else 2 if offsets else 1
-    kv_words = None if kv is None else \
-        f"int{kv['bits']} per {'token' if kv['granularity'] == 'token' else 'head and token'}, dynamic"
+    offsets = sum(k.endswith(".weight_offset") for k in tensors)
+    version = 4 if real else 3 if kv is not None or unpacked_narrow else 2 if offsets else 1
     experts_record = {"names": names.layout, "family": cfg.get("model_type")} if names is not None else None
     # online rotations (R3/R4) are named apart: readers.py
-    notes = reader_notes(quant_config, kv_words, experts_record, unshared) + rotation_notes(cfg)
+    notes = reader_notes(quant_config, kv_words(kv), experts_record, unshared, offsets) + rotation_notes(cfg)
     need = sum(t.numel() * t.element_size() for t in tensors.values())
     with atomic_dir(out, need=need) as tmp:  # an empty `out` (checked above), or one to replace
         digests = _save_shards(tensors, tmp)

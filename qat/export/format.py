@@ -29,8 +29,10 @@ from ..spec import FP4_FORMATS, TensorSpec
 # version whose readers run it as written, so older distqat versions refuse what they would misread.
 # fp8 folders (`float-quantized`, see `fp8`) need no new version: readers before fp8 refuse float weights by
 # their type rather than misread them.
-FORMAT_VERSION = 3
-READ_VERSIONS = (1, 2, 3)
+# Version 4 writes a real-valued zero point the standard way (`real_zero`: naive-quantized codes, a float
+# `weight_zero_point` declared by `zp_dtype`), which readers before it would cast to an integer zero point.
+FORMAT_VERSION = 4
+READ_VERSIONS = (1, 2, 3, 4)
 
 
 class FormatError(ValueError):

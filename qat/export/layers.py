@@ -18,6 +18,7 @@ from ..runtime.pack import pack_int32, packed_cols, unpack_int32
 from .format import FormatError, compress
 from .fp4 import compress_fp4_linear, load_fp4_linear
 from .fp8 import fp8_scheme
+from .real_zero import compress_real_zero, split_real_zero
 
 __all__ = ["load_compressed", "compressed", "load_int_linear", "compress_int_linear", "load_fp8_linear",
            "compress_fp8_linear"]
@@ -32,11 +33,15 @@ def load_compressed(layer: RuntimeLinear, tensors: dict[str, torch.Tensor], name
     (load_fp8_linear if isinstance(layer, Fp8Linear) else load_int_linear)(layer, tensors, name)
 
 
-def compressed(layer: RuntimeLinear, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The entries and scheme of `layer` (an IntLinear, Fp8Linear or Fp4Linear), as `load_compressed` reads them."""
+def compressed(layer: RuntimeLinear, name: str, real_zero: bool = False) -> tuple[dict[str, torch.Tensor],
+                                                                                 dict[str, Any]]:
+    """The entries and scheme of `layer` (an IntLinear, Fp8Linear or Fp4Linear), as `load_compressed` reads them;
+    `real_zero`: a weight-only integer layer with float zero points (`real_zero`), else its offset as version 2's."""
     if isinstance(layer, Fp4Linear):
         return compress_fp4_linear(layer, name)
-    return (compress_fp8_linear if isinstance(layer, Fp8Linear) else compress_int_linear)(layer, name)
+    if isinstance(layer, Fp8Linear):
+        return compress_fp8_linear(layer, name)
+    return compress_int_linear(layer, name, real_zero)
 
 
 @torch.no_grad()
@@ -61,6 +66,12 @@ def load_int_linear(layer: IntLinear, tensors: dict[str, torch.Tensor], name: st
     check("weight_scale", scale, layer.scale.shape, (torch.bfloat16, torch.float16, torch.float32))
     layer.scale = scale.contiguous()
     zp = tensors.get("weight_zero_point")
+    real = None
+    if zp is not None and zp.is_floating_point():  # a real-valued zero point (see real_zero): integer zero + offset
+        if "weight" not in tensors or layer.act_spec is not None or "weight_offset" in tensors:
+            raise FormatError(f"{name}: a float zero point is read for weight-only layers with unpacked int8 codes "
+                              "(naive-quantized) and no weight_offset; the checkpoint does not match its config")
+        zp, real = split_real_zero(zp, layer.scale, b, name)
     if (zp is None) != layer.weight_spec.symmetric:
         raise FormatError(f"{name}: zero points {'missing' if zp is None else 'present'} but the config "
                           f"declares symmetric={layer.weight_spec.symmetric}")
@@ -100,6 +111,8 @@ def load_int_linear(layer: IntLinear, tensors: dict[str, torch.Tensor], name: st
             raise FormatError(f"{name}: a real-valued zero point (weight_offset) with int8 activations has "
                               "no kernel; merge QA-LoRA adapters into weight-only (a16) layers")
         layer.offset = offset.contiguous()
+    if real is not None:
+        layer.offset = real
     if layer.bias is not None:
         bias = need("bias")
         if tuple(bias.shape) != (n,):
@@ -109,8 +122,11 @@ def load_int_linear(layer: IntLinear, tensors: dict[str, torch.Tensor], name: st
 
 
 
-def compress_int_linear(layer: IntLinear, name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """An IntLinear's compressed-tensors tensors and scheme, the inverse of `load_int_linear`."""
+def compress_int_linear(layer: IntLinear, name: str, real_zero: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """An IntLinear's compressed-tensors tensors and scheme, the inverse of `load_int_linear`: a weight-only layer
+    with float zero points when `real_zero`, else its offset (if any) as format version 2's `weight_offset`."""
+    if real_zero and layer.act_spec is None:
+        return compress_real_zero(layer, name)
     codes, zero = layer.unsigned_codes()
     out, scheme = compress(codes, layer.scale, zero, layer.weight_spec, layer.act_spec, layer.bias, name,
                            layer.scale.dtype)

@@ -86,10 +86,17 @@ FP4 layers (`nvfp4-pack-quantized`, `mxfp4-pack-quantized`, see `fp4`), after vL
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any, Optional
 
+from safetensors import safe_open
+
+from ..keys import EXPORT_KEY, HF_QUANT_KEY
 from ..online import online_of
+from .fp4 import FUSED
+from .real_zero import REAL_ZERO_FORMAT, is_real_zero
 
 DEQUANTIZE_HINT = ("AutoModelForCausalLM.from_pretrained(path, "
                    "quantization_config=CompressedTensorsConfig(dequantize=True))")
@@ -105,6 +112,9 @@ def vllm_scheme(group: dict[str, Any], fmt: str) -> tuple[Optional[str], str]:
         return vllm_fp4_scheme(w, a)
     if w.get("type", "int") != "int" or w.get("dynamic"):
         return None, "vLLM runs static integer weights only"
+    if is_real_zero(w):
+        return None, ("float zero points (a QA-LoRA merge): vLLM's integer kernels take integer zero points, and "
+                      f"it matches no scheme to a weight-only {fmt} layer (WNA16 is pack-quantized only)")
     if fmt == "pack-quantized":
         if a is not None:
             return None, "vLLM drops the activation quantization of a weight-only (pack-quantized) layer"
@@ -204,11 +214,44 @@ def _experts_prefix(target: str) -> str:
     return re.sub(r"\\(.)", r"\1", target[len("re:^"):].split(r"\.\d+\.")[0])
 
 
+def kv_words(kv: Optional[dict[str, Any]]) -> Optional[str]:
+    """distqat_export.kv (a TensorSpec dict) in the words of the notes, e.g. 'int8 per token, dynamic'."""
+    if kv is None:
+        return None
+    return f"int{kv['bits']} per {'token' if kv['granularity'] == 'token' else 'head and token'}, dynamic"
+
+
+def folder_notes(path: Path) -> list[str]:
+    """The notes of a converted folder computed from what it holds (config.json and its tensors' names), as convert
+    writes them into its README.md: what a folder written by an older distqat (e.g. a version 2 merge) runs where."""
+    path = Path(path)
+    cfg = json.loads((path / "config.json").read_text())
+    meta = cfg.get(EXPORT_KEY) or {}
+    keys: dict[str, Path] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            keys.update({k: f for k in sf.keys()})
+    offsets = sum(k.endswith(".weight_offset") for k in keys)
+    unshared = []
+    for parent in sorted({k.rsplit(".", 2)[0] for k in keys if k.endswith(".weight_global_scale")}):
+        for group in FUSED:
+            names = [f"{parent}.{c}.weight_global_scale" for c in group]
+            if all(n in keys for n in names):
+                values = set()
+                for n in names:
+                    with safe_open(str(keys[n]), "pt") as sf:
+                        values.add(float(sf.get_tensor(n).reshape(-1)[0]))
+                if len(values) > 1:
+                    unshared.append(f"{parent}.{{{','.join(group)}}}")
+    return reader_notes(cfg[HF_QUANT_KEY], kv_words(meta.get("kv")), meta.get("experts"), unshared, offsets) + \
+        rotation_notes(cfg)
+
+
 def reader_notes(quant_config: dict[str, Any], kv: Optional[str], experts: Optional[dict[str, Any]] = None,
-                 unshared: Optional[list[str]] = None) -> list[str]:
+                 unshared: Optional[list[str]] = None, offsets: int = 0) -> list[str]:
     """One line per standard reader: what it runs of this folder (`kv`: distqat's KV cache, e.g. 'int8 per token';
     `experts`: distqat_export.experts of a MoE folder; `unshared`: NVFP4 siblings vLLM fuses whose weight global
-    scales differ)."""
+    scales differ; `offsets`: how many layers hold version 2's `weight_offset`)."""
     fmt = quant_config["format"]
     groups = [(g, *vllm_scheme(g, g.get("format") or fmt)) for g in quant_config["config_groups"].values()]
     parts, runs, layers = [], True, {}
@@ -237,6 +280,11 @@ def reader_notes(quant_config: dict[str, Any], kv: Optional[str], experts: Optio
     if split:
         runs = False
         parts.append(f"{split[0]} mixes schemes across its expert projections, which vLLM refuses")
+    if offsets:
+        runs = False
+        parts.append(f"{offsets} layers hold weight_offset (the real-valued part of their zero points, format version "
+                     "2, a QA-LoRA merge), which no vLLM layer has a parameter for: its weight loader stops there")
+    real = any(is_real_zero(g["weights"]) for g, _, _ in groups)
     packed_asym = any(not g["weights"]["symmetric"] and (g.get("format") or fmt) == "pack-quantized"
                       for g, _, _ in groups)
     has_act = any(g.get("input_activations") for g, _, _ in groups)
@@ -248,7 +296,12 @@ def reader_notes(quant_config: dict[str, Any], kv: Optional[str], experts: Optio
     if experts is not None:
         lines.append(_transformers_experts(quant_config, experts))
     who = "transformers (dense layers)" if experts is not None else "transformers"
-    if packed_asym:
+    if offsets:
+        lines.append(f"{who}: from_pretrained(path) fails on the packed asymmetric weights, and with {DEQUANTIZE_HINT} "
+                     "it drops every weight_offset (reported UNEXPECTED), computing the base without the merged "
+                     "adapter; to serve it, write it again with float zero points: "
+                     "qat.export.convert_model(qat.export.load_quantized(path), out)")
+    elif packed_asym:
         lines.append(f"{who}: packed asymmetric weights load only with {DEQUANTIZE_HINT} (a compressed-"
                      "tensors bug breaks the default path); weights dense, the same logits")
     elif fp4:
@@ -259,13 +312,15 @@ def reader_notes(quant_config: dict[str, Any], kv: Optional[str], experts: Optio
     else:
         lines.append(f"{who}: AutoModelForCausalLM.from_pretrained(path) loads it, weights dense"
                      + (f"; compressed-tensors quantizes the {act_words} activations per token as in training "
-                        "(do not pass dequantize=True: it drops them)" if has_act else ", the same logits"))
+                        "(do not pass dequantize=True: it drops them)" if has_act else
+                        f" ({REAL_ZERO_FORMAT} codes minus float zero points, times scales, in the model's dtype), the "
+                        "same logits as distqat's within that dtype's rounding" if real else ", the same logits"))
     if kv:
         lines.append(f"KV cache: {kv} is distqat's own (qat.export.load_quantized); vLLM and transformers keep a "
                      "full-precision cache")
     kernels = "fp8 torch._scaled_mm on GPUs of compute capability 8.9+, an fp32 reference elsewhere" if fp8 \
         else "fp4 weights dequantized per matmul, the fake-quant input quantizer: the fake-quant logits" if fp4 \
-        else "integer kernels"
+        else "integer kernels" + (", real-valued zero points as a per-group offset term" if real or offsets else "")
     lines.append(f"distqat: qat.export.load_quantized(path) runs it as written ({kernels}, "
                  + ("integer KV cache" if kv else "no KV quantization") + ")")
     return lines
