@@ -1,4 +1,5 @@
-"""Merging QLoRA adapters: QA-LoRA into the zero points (format version 2), requant onto the grid, bf16."""
+"""Merging QLoRA adapters: QA-LoRA into the zero points (format version 2 here; version 4, which standard readers
+run, in test_qalora_serve), requant onto the grid, bf16."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def test_qalora_merge_folds_exactly_into_the_zero_points():
 def test_qalora_merge_converts_to_a_version_2_checkpoint(tmp_path):
     model = with_adapters(dtype=torch.bfloat16, variant="qalora")
     merged = merge_qalora(model)
-    out = convert_model(merged, tmp_path / "int")
+    out = convert_model(merged, tmp_path / "int", real_zero=False)  # version 4 (float zero points): test_qalora_serve
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["distqat_export"]["version"] == 2
     rt = load_quantized(out)
@@ -71,7 +72,8 @@ def test_qalora_merge_converts_to_a_version_2_checkpoint(tmp_path):
 def test_older_readers_refuse_version_2(tmp_path, monkeypatch):
     from qat.export import load as export_load
 
-    out = convert_model(merge_qalora(with_adapters(dtype=torch.bfloat16, variant="qalora")), tmp_path / "int")
+    out = convert_model(merge_qalora(with_adapters(dtype=torch.bfloat16, variant="qalora")), tmp_path / "int",
+                        real_zero=False)
     monkeypatch.setattr(export_load, "READ_VERSIONS", (1,))
     with pytest.raises(ValueError, match="format version 2; this distqat reads versions 1"):
         load_quantized(out)

@@ -142,3 +142,36 @@ def vllm_moe_oracle(quant_config: dict, experts_prefix: str):
     if w["num_bits"] == 4 and a["num_bits"] == 8 and w["strategy"] in ("group", "channel") and token:
         return "W4A8Int8MoE"
     return None  # "Unsupported FusedMoe scheme"
+
+
+# The parameters vLLM's compressed-tensors schemes create for a layer (create_weights of each scheme class), restated
+# from its source: a checkpoint entry of a layer that names none of them has no parameter to load into, and vLLM's
+# weight loading stops there (AutoWeightsLoader: "There is no module or parameter named ...", or a KeyError in the
+# models that look their parameters up by name).
+VLLM_PARAMS = {
+    "WNA16": {"weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx", "bias"},
+    "W8A8Int8": {"weight", "weight_scale", "input_scale", "input_zero_point", "bias"},
+    "W4A8Int": {"weight", "weight_scale", "weight_zero_point", "bias"},
+}
+
+
+def vllm_loads(folder) -> bool:
+    """Whether vLLM would load a converted folder of dense layers: every config group has a scheme
+    (`vllm_oracle`) and every entry of its layers is a parameter that scheme creates."""
+    from safetensors import safe_open
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    q = config["quantization_config"]
+    keys = set()
+    for f in Path(folder).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as sf:
+            keys |= set(sf.keys())
+    for group in q["config_groups"].values():
+        scheme = vllm_oracle(group, q["format"])
+        if scheme is None:
+            return False
+        for t in group["targets"]:
+            own = {k[len(t) + 1:] for k in keys if k.startswith(t + ".")}
+            if not own <= VLLM_PARAMS.get(scheme, own):
+                return False
+    return True
