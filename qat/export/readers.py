@@ -215,7 +215,7 @@ def _experts_prefix(target: str) -> str:
 
 
 def kv_words(kv: Optional[dict[str, Any]]) -> Optional[str]:
-    """distqat_export.kv (a TensorSpec dict) in the words of the notes, e.g. 'int8 per token, dynamic'."""
+    """The KV record of distqat_export (a TensorSpec dict) in the words of the notes, e.g. 'int8 per token, dynamic'."""
     if kv is None:
         return None
     return f"int{kv['bits']} per {'token' if kv['granularity'] == 'token' else 'head and token'}, dynamic"
