@@ -10,11 +10,11 @@ import pytest
 import torch
 import transformers as tf
 from helpers.models import fake_and_packed, tiny_ids
-from helpers.readers import compressed_tensors_weights, vllm_loads
+from helpers.readers import compressed_tensors_weights, vllm_loads, vllm_oracle
 
 from qat.export import convert_model, load_quantized
 from qat.export import load as export_load
-from qat.export.readers import folder_notes
+from qat.export.readers import folder_notes, vllm_scheme
 from qat.export.real_zero import split_real_zero
 from qat.qlora.adapters import add_adapters
 from qat.qlora.config import LoRAConfig
@@ -124,6 +124,9 @@ def test_every_reader_note_holds_for_the_reader_it_names(tmp_path, version):
 
     # vLLM: the note agrees with its rules restated from its source (tests/helpers/readers.py)
     assert vllm.startswith("vLLM: runs it") == vllm_loads(out) and vllm.startswith("vLLM: cannot load it")
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    for group in q["config_groups"].values():  # the scheme the note names is the one its rules pick
+        assert vllm_scheme(group, group["format"])[0] == vllm_oracle(group, q["format"])
     assert ("weight_offset" in vllm) == (version == 2) and ("float zero points" in vllm) == (version == 4)
 
     # distqat: its runtime computes the merged model
