@@ -14,6 +14,7 @@ from helpers.readers import compressed_tensors_weights, vllm_loads, vllm_oracle
 
 from qat.export import convert_model, load_quantized
 from qat.export import load as export_load
+from qat.export.convert import convert_folder
 from qat.export.readers import folder_notes, vllm_scheme
 from qat.export.real_zero import split_real_zero
 from qat.qlora.adapters import add_adapters
@@ -150,14 +151,16 @@ def test_every_reader_note_holds_for_the_reader_it_names(tmp_path, version):
         assert (got - trained).abs().max() > 0.1 * scale
 
 
-def test_a_version_2_folder_written_again_is_version_4_and_runs_in_transformers(tmp_path):
+def test_convert_writes_a_version_2_folder_again_as_version_4_which_runs_in_transformers(tmp_path):
     model, x = qalora(), tiny_ids()
     trained = logits(model, x)
     old = convert_model(merge_qalora(model), tmp_path / "v2", real_zero=False)
-    new = convert_model(load_quantized(old, dtype=torch.float32), tmp_path / "v4")
+    new = convert_folder(old, tmp_path / "v4", dtype=torch.float32)  # what `distqat convert <v2> --out` runs
     assert json.loads((new / "config.json").read_text())["distqat_export"]["version"] == 4
     hf = tf.AutoModelForCausalLM.from_pretrained(new, dtype=torch.float32)
     assert (logits(hf, x) - trained).abs().max() <= 1e-5 * trained.abs().max()
+    with pytest.raises(ValueError, match="is converted already"):  # nothing to rewrite in a version 4 folder
+        convert_folder(new, tmp_path / "again")
 
 
 def test_older_readers_refuse_version_4(tmp_path, monkeypatch):

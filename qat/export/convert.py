@@ -35,8 +35,8 @@ from .format import FormatError, compress, file_sha256, kv_record, weight_args
 from .fp4 import FP4_LAYOUTS, compress_fp4, share_globals
 from .fp8 import compress_fp8
 from .layers import compressed
-from .load import verify_files
-from .readers import kv_words, model_card, reader_notes, rotation_notes
+from .load import load_quantized, verify_files
+from .readers import kv_words, model_card, offset_layers, reader_notes, rotation_notes
 
 SHARD_BYTES = 4 << 30
 COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -208,9 +208,12 @@ def _write_experts(found: dict, names, tensors: dict[str, torch.Tensor], groups:
 
 
 def convert_folder(src: Union[str, Path], out: Union[str, Path], dtype: Optional[torch.dtype] = None) -> Path:
-    """Load a QAT or PTQ folder (in the dtype it was saved in, unless `dtype`) and write its integer checkpoint."""
+    """Load a QAT or PTQ folder (in the dtype it was saved in, unless `dtype`) and write its integer checkpoint; a
+    converted folder holding `weight_offset` (format version 2) is written again with float zero points."""
     folder = inspect(src, what="the folder to convert")
-    if folder.kind is Kind.INT:
+    # A version 2 QA-LoRA merge (weight_offset) is written again with float zero points, which transformers runs.
+    rewrite = folder.kind is Kind.INT and offset_layers(folder.path) > 0
+    if folder.kind is Kind.INT and not rewrite:
         raise FormatError(f"{folder.path} is converted already; load it with qat.load.load")
     if folder.kind is Kind.LLM_INT8:
         raise FormatError(f"{folder.path} is an LLM.int8() model: its fp16 outlier columns have no place in the "
@@ -231,7 +234,8 @@ def convert_folder(src: Union[str, Path], out: Union[str, Path], dtype: Optional
             return out
         raise FileExistsError(f"{out} exists and is not empty; choose another output folder or remove it")
     drop_stale_temps(out)
-    model = load_fake_quant(folder, dtype or folder.dtype)
+    dtype = dtype or folder.dtype
+    model = load_quantized(folder, dtype=dtype) if rewrite else load_fake_quant(folder, dtype)
     print(f"distqat convert: {src} -> {out}", file=sys.stderr)
     return convert_model(model, out, source=folder.path, origin=origin)
 

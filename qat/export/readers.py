@@ -221,16 +221,27 @@ def kv_words(kv: Optional[dict[str, Any]]) -> Optional[str]:
     return f"int{kv['bits']} per {'token' if kv['granularity'] == 'token' else 'head and token'}, dynamic"
 
 
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """{entry name: its safetensors file} of a folder, from the files' headers."""
+    keys: dict[str, Path] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            keys.update({k: f for k in sf.keys()})
+    return keys
+
+
+def offset_layers(path: Path) -> int:
+    """How many layers of a converted folder hold version 2's `weight_offset` (distqat's reader alone runs them)."""
+    return sum(k.endswith(".weight_offset") for k in _tensor_files(path))
+
+
 def folder_notes(path: Path) -> list[str]:
     """The notes of a converted folder computed from what it holds (config.json and its tensors' names), as convert
     writes them into its README.md: what a folder written by an older distqat (e.g. a version 2 merge) runs where."""
     path = Path(path)
     cfg = json.loads((path / "config.json").read_text())
     meta = cfg.get(EXPORT_KEY) or {}
-    keys: dict[str, Path] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as sf:
-            keys.update({k: f for k in sf.keys()})
+    keys = _tensor_files(path)
     offsets = sum(k.endswith(".weight_offset") for k in keys)
     unshared = []
     for parent in sorted({k.rsplit(".", 2)[0] for k in keys if k.endswith(".weight_global_scale")}):
@@ -299,8 +310,7 @@ def reader_notes(quant_config: dict[str, Any], kv: Optional[str], experts: Optio
     if offsets:
         lines.append(f"{who}: from_pretrained(path) fails on the packed asymmetric weights, and with {DEQUANTIZE_HINT} "
                      "it drops every weight_offset (reported UNEXPECTED), computing the base without the merged "
-                     "adapter; to serve it, write it again with float zero points: "
-                     "qat.export.convert_model(qat.export.load_quantized(path), out)")
+                     "adapter; to serve it, write it again with float zero points: distqat convert <path> --out <new>")
     elif packed_asym:
         lines.append(f"{who}: packed asymmetric weights load only with {DEQUANTIZE_HINT} (a compressed-"
                      "tensors bug breaks the default path); weights dense, the same logits")
