@@ -18,11 +18,11 @@ import torch
 import transformers as tf
 from helpers import PUBLISHED
 from helpers.foreign import awq_folder, compressed_tensors_folder, gptq_folder, gptq_layer, quantize
-from helpers.models import tiny_ids, tiny_llama, tiny_run_dir
+from helpers.models import far_from_init, tiny_config, tiny_ids, tiny_llama, tiny_run_dir
 from safetensors.torch import load_file, save_file
 
 from qat.export import convert_model
-from qat.export.foreign import check_exact, load_foreign_fake_quant
+from qat.export.foreign import inexact_layer, load_foreign_fake_quant
 from qat.io.models import ModelError
 from qat.keys import HF_QUANT_KEY, PTQ_KEY
 from qat.linear import QuantLinear
@@ -78,7 +78,7 @@ def test_a_foreign_folder_is_read_as_stored(kind, tmp_path):
     assert_weights(base, expected, PackedLinear)
     student = load_foreign_fake_quant(folder, torch.float32)
     assert_weights(student, expected, QuantLinear)
-    check_exact(student)
+    assert inexact_layer(student) is None
     assert getattr(student.config, PTQ_KEY)["method"] == f"{folder.record['format']} folder"
     assert not hasattr(student.config, HF_QUANT_KEY)  # saved, it is our fake-quant kind, not the foreign one
     ids = tiny_ids()
@@ -86,6 +86,20 @@ def test_a_foreign_folder_is_read_as_stored(kind, tmp_path):
         ref = load(folder, torch.float32)(ids).logits
         torch.testing.assert_close(student(ids).logits, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(base(ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_linears_with_bias_and_a_bf16_start_that_cannot_be_exact(tmp_path):
+    """Qwen2's q/k/v biases come from the folder as saved; a bf16 fake-quant start from fp16 scales is not the
+    folder's weights, and inexact_layer says which layer shows it."""
+    expected = build("gptq-w4g32-v2", tmp_path / "f", far_from_init(*tiny_config("qwen2"), biases=True).half())
+    model = load(tmp_path / "f", torch.float32)
+    assert_weights(model, expected, IntLinear)
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert q.bias is not None and bool(q.bias.abs().sum() > 0)
+    assert torch.equal(q.bias, load_file(tmp_path / "f" / "model.safetensors")[
+        "model.layers.0.self_attn.q_proj.bias"].float())
+    assert inexact_layer(load_foreign_fake_quant(tmp_path / "f", torch.float32)) is None
+    assert inexact_layer(load_foreign_fake_quant(tmp_path / "f", torch.bfloat16)) is not None
 
 
 def test_the_folders_dtype_keeps_fp16_scales_exact_and_the_dequantized_weights_those_of_the_folder(tmp_path):
@@ -265,3 +279,22 @@ def test_eval_scores_a_gptq_folder_as_its_fake_quant_start(run_dirs, tmp_path):
         ppl.update(json.loads((tmp_path / ("ev" + name) / "eval.json").read_text())["perplexity"])
     assert set(ppl) == {"w4g32asym (gptq)", "w4g32asym (saved)"}
     assert ppl["w4g32asym (gptq)"] == pytest.approx(ppl["w4g32asym (saved)"], rel=1e-6)
+
+
+def test_qlora_run_on_a_gptq_folder_trains_and_its_qalora_merge_is_exact(run_dirs, tmp_path):
+    """train.mode=qlora with model.name_or_path=<gptq folder>: the base is the folder's codes (its kind recorded
+    with the adapters), training lowers the held-out loss, and the QA-LoRA merge keeps what it trained."""
+    out = tmp_path / "qa"
+    argv = [sys.executable, "-m", "trainer", "train", PUBLISHED, f"model.name_or_path={run_dirs / 'gptq'}",
+            "train.mode=qlora", "model.dtype=float32", "data.path=bundled:instructions", "data.format=instructions",
+            "data.seq_len=64", "train.max_steps=8", "train.micro_batch_size=2", "train.lr=2e-3",
+            "train.save_every=8", "train.val_every=1000", "lora.r=2", "lora.variant=qalora", "lora.merge=qalora",
+            "distributed.strategy=single", f"output_dir={out}"]
+    r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads((out / "adapters" / "distqat_qlora.json").read_text())
+    assert record["base_kind"] == "foreign" and record["spec"]["weight"]["group_size"] == 32
+    losses = json.loads((out / "qlora_eval.json").read_text())["held_out_loss"]
+    assert losses["trained"] < losses["base"]
+    assert abs(losses["merged (qalora)"] - losses["trained"]) < 1e-3
+    assert inspect(out / "model").kind is Kind.INT

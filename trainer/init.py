@@ -32,7 +32,7 @@ import torch
 
 from data.calib import calibration_ids
 from qat.apply import quantize_model
-from qat.export.foreign import load_foreign_fake_quant
+from qat.export.foreign import inexact_layer, load_foreign_fake_quant
 from qat.io.atomic import atomic_dir, clean_stale, write_json
 from qat.io.env import rank_world
 from qat.io.folders import Folder, Kind, inspect, spec_label
@@ -255,6 +255,10 @@ def load_student(cfg: RunConfig, start: Optional[Path], dtype: str) -> torch.nn.
     folder = inspect(start, "train.init")
     if folder.kind is Kind.FOREIGN:  # its codes as a frozen lsq grid: step 0 computes the folder's weights
         student = load_foreign_fake_quant(folder, resolve_dtype(dtype))
+        if (layer := inexact_layer(student)) is not None and rank_world()[0] == 0:
+            print(f"train: train.init={start}: its scales do not fit {dtype} exactly ({layer}), so the student starts "
+                  "from the folder's weights rounded to that grid; train.master_weights=fp32 starts exactly there",
+                  file=sys.stderr)
     else:
         student = load(folder, dtype, attn_implementation=m.attn_implementation,
                        trust_remote_code=m.trust_remote_code)
