@@ -298,3 +298,21 @@ def test_qlora_run_on_a_gptq_folder_trains_and_its_qalora_merge_is_exact(run_dir
     assert losses["trained"] < losses["base"]
     assert abs(losses["merged (qalora)"] - losses["trained"]) < 1e-3
     assert inspect(out / "model").kind is Kind.INT
+
+
+@pytest.mark.lane
+@pytest.mark.parametrize("kind", ["gptq-w4g32-v1", "gptq-w8g32-sym", "awq-w4g32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_packed_foreign_base_on_the_device_path_is_the_folders_weight(kind, dtype, tmp_path, kernel_calls):
+    """fp16 scales under an fp32 or bf16 compute dtype: on the device path (a GPU; the Triton interpreter in the
+    lane) the packed base's dequantization gives the folder's weight rounded once to the compute dtype."""
+    from qat.device import device_path
+
+    expected = build(kind, tmp_path / "f")
+    base, _ = build_base(tmp_path / "f", None, dtype=dtype)
+    layers = {n: m for n, m in base.named_modules() if isinstance(m, PackedLinear)}
+    on_device = device_path(next(iter(layers.values())).qweight, "int_linear")
+    for name, m in layers.items():
+        assert m.scale.dtype == (torch.float32 if dtype == torch.float32 else torch.float16)
+        assert torch.equal(m.dequantized_weight(), torch.from_numpy(expected[name]).to(dtype)), name
+    assert kernel_calls["dequantize"] == (len(layers) if on_device else 0)

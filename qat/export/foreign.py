@@ -137,7 +137,8 @@ def load_foreign_fake_quant(path: Union[str, Path, Folder], dtype: Optional[torc
     folder = _folder(path)
     if folder.spec is None:
         raise ModelError(f"{folder.path}: a QAT start needs one integer weight-only scheme for every layer; this "
-                         f"{folder.record['format']} folder has none (or several)")
+                         f"{folder.record['format']} folder holds float (fp8/fp4) weights, activation quantization "
+                         "or several schemes")
     model = load_foreign(folder, dtype)
     dtype = dtype or folder.dtype
     ints = {n: m for n, m in model.named_modules() if isinstance(m, IntLinear)}

@@ -46,6 +46,9 @@ def foreign_config(cfg: dict[str, Any], path: Path) -> Optional[dict[str, Any]]:
                              "source") from None
     if not isinstance(q, dict) or str(q.get("quant_method", "")).lower() not in FOREIGN_METHODS:
         return None
+    if str(q["quant_method"]).lower() == "compressed-tensors" and (
+            q.get("quantization_status", "compressed") != "compressed" or q.get("format") == "dense"):
+        return None  # float weights (llm-compressor's dense or frozen save): a plain model, as transformers reads it
     return q
 
 
@@ -112,9 +115,6 @@ CT_FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "nvfp4-pack-
 
 
 def _compressed_tensors(q: dict[str, Any], path: Path) -> tuple[Optional[QuantSpec], dict[str, Any]]:
-    status = q.get("quantization_status", "compressed")
-    if status != "compressed":
-        raise _refuse(path, "compressed-tensors", "quantization_status", status, "compressed checkpoints")
     if q.get("kv_cache_scheme"):
         raise _refuse(path, "compressed-tensors", "kv_cache_scheme", "set", "weight (and dynamic activation) "
                       "schemes; its calibrated KV-cache scales have no place in distqat's runtime")

@@ -126,8 +126,8 @@ def build_base(
     elif folder.kind is Kind.FOREIGN:
         if folder.spec is None:
             raise ValueError(f"{folder.path}: a QLoRA base packs one integer weight-only scheme; this "
-                             f"{folder.record['format']} folder has none (or several); train on its base model "
-                             "with quant.scheme")
+                             f"{folder.record['format']} folder holds float (fp8/fp4) weights, activation "
+                             "quantization or several schemes; train on its base model with quant.scheme")
         model = load_foreign(folder, dtype=None if dtype == "auto" else resolve_dtype(dtype))
         pack_model(model)
         compute = next(p for p in model.parameters() if p.is_floating_point()).dtype
