@@ -154,6 +154,7 @@ def test_refusals_name_the_field_and_what_is_read(tmp_path):
     assert "bits=5" in with_config(bits=5) and "bits 2, 3, 4, 8" in with_config(bits=5)
     assert "checkpoint_format='marlin'" in with_config(checkpoint_format="marlin")
     assert "dynamic" in with_config(dynamic={"-:.*down": {}})
+    assert "pack_dtype='int16'" in with_config(pack_dtype="int16")
     assert "version='gemv'" in with_config(quant_method="awq", version="gemv")
     assert "bits=8" in with_config(quant_method="awq", bits=8)
     assert "zero_point=False" in with_config(quant_method="awq", zero_point=False)

@@ -85,6 +85,9 @@ def _gptq(q: dict[str, Any], path: Path) -> tuple[QuantSpec, dict[str, Any]]:
     group = int(q.get("group_size", 128))
     if group not in (-1, 0) and (group < 1 or group & (group - 1)):
         raise _refuse(path, "gptq", "group_size", group, "group_size -1 (per channel) or a power of two")
+    pack = str(q.get("pack_dtype") or "int32").replace("torch.", "")
+    if pack != "int32":  # GPTQModel can pack into other word sizes; the layout above is int32 words
+        raise _refuse(path, "gptq", "pack_dtype", pack, "pack_dtype int32")
     if q.get("dynamic"):
         raise _refuse(path, "gptq", "dynamic", "per-module overrides", "one bits/group_size for every module")
     sym = bool(q.get("sym", True))
