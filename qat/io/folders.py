@@ -2,7 +2,9 @@
 
 Every command that takes a model folder asks `inspect` first: it reads config.json once and names the
 kind from the keys of `qat.keys`. `qat.load.load` dispatches on the kind; the kinds built from the
-numerics alone (base and fake-quant models) load here, the LLM.int8() and integer kinds in their packages.
+numerics alone (base and fake-quant models) load here, the LLM.int8(), integer and foreign kinds in their
+packages. Another tool's quantized folder (GPTQ, AWQ, compressed-tensors without distqat's record) is its own kind,
+checked by `qat.io.foreign` when inspected, so no reader takes it for a plain model and rounds it again.
 """
 
 from __future__ import annotations
