@@ -169,7 +169,7 @@ def _rewrite(path: Path, name: str, **tensors) -> None:
     save_file(state, str(f), metadata={"format": "pt"})
 
 
-def test_act_order_and_an_underflowed_v1_zero_point_are_refused_in_one_line(tmp_path):
+def test_act_order_and_an_underflowed_v1_zero_point_are_refused_in_one_line(tmp_path, capsys, bundled_tokenizer):
     """desc_act=true with a g_idx that is not position // group_size (groups of scattered inputs) and a v1 zero
     point of 0 (stored as -1, which AutoGPTQ's packer smears over the word) are not read: one line each."""
     name = "model.layers.1.mlp.up_proj"
@@ -180,6 +180,14 @@ def test_act_order_and_an_underflowed_v1_zero_point_are_refused_in_one_line(tmp_
     with pytest.raises(Exception, match=r"g_idx .*desc_act=false") as e:
         load(tmp_path / "f")
     assert "\n" not in str(e.value)
+    from trainer.cli import main
+
+    (tmp_path / "c.txt").write_text("A few words to score, and a few more. " * 40)
+    bundled_tokenizer.save_pretrained(tmp_path / "f")
+    assert main(["eval", PUBLISHED, f"model.name_or_path={tmp_path / 'f'}", f"data.path={tmp_path / 'c.txt'}",
+                 "eval.max_tokens=96", "eval.seq_len=32", f"output_dir={tmp_path / 'ev'}"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "up_proj.g_idx" in last and "desc_act=false" in last, last
 
     build("gptq-w4g32-v1", tmp_path / "g")
     w = tiny_llama(torch.float16).get_submodule(name).weight.detach()
