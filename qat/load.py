@@ -16,6 +16,7 @@ from torch import nn
 
 from . import online
 from .export import load_quantized
+from .export.foreign import load_foreign
 from .io.folders import Folder, Kind, inspect, load_fake_quant
 from .io.models import load_model, resolve_dtype
 from .ptq import llm_int8
@@ -29,14 +30,17 @@ def load(
     device: Union[str, torch.device, None] = None, attn_implementation: Optional[str] = "sdpa",
     trust_remote_code: bool = False,
 ) -> nn.Module:
-    """The model of a base, QAT, PTQ, LLM.int8() or integer folder (or a bundled: name), in eval mode.
+    """The model of a base, QAT, PTQ, LLM.int8(), integer or foreign (GPTQ, AWQ, compressed-tensors) folder (or a
+    bundled: name), in eval mode.
 
     dtype: None loads the dtype the folder was saved in; "auto" (the config's default) is bf16 on a GPU and
-    fp32 on CPU, except for integer checkpoints, whose scales are exact in their saved dtype and keep it.
+    fp32 on CPU, except for integer and foreign checkpoints, whose scales are exact in their saved dtype and keep it.
     """
     folder = name_or_path if isinstance(name_or_path, Folder) else inspect(name_or_path)
     if folder.kind is Kind.INT:
         return load_quantized(folder, device=device, dtype=None if dtype == "auto" else resolve_dtype(dtype))
+    if folder.kind is Kind.FOREIGN:  # GPTQ, AWQ, compressed-tensors: their codes as stored, scales exact
+        return load_foreign(folder, dtype=None if dtype == "auto" else resolve_dtype(dtype), device=device)
     kwargs = {"attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code}
     torch_dtype = resolve_dtype(dtype)
     if folder.kind is Kind.BASE:

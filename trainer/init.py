@@ -6,7 +6,9 @@ train.init:
   training text (the generated text in the pipeline: data-free end to end) or on `ptq.calib_data`, and writes
   <output_dir>/init/model; the student starts there. Its frozen grid (the lsq scales and zero points PTQ
   chose, the on-grid weights) is the trainable starting point, so step 0 computes exactly the PTQ model;
-- a folder written by `distqat ptq` or `distqat train` (or an AQLM folder): the student starts from it.
+- a folder written by `distqat ptq` or `distqat train` (or an AQLM folder): the student starts from it;
+- another tool's GPTQ, AWQ or compressed-tensors folder: its codes, scales and zero points become a frozen lsq
+  grid (`qat.export.foreign`), so step 0 computes the folder's dequantized weights.
 An AQLM start trains its codebooks and scales only (the codes stay frozen), as AQLM's fine-tuning does.
 
 With train.blockwise.steps > 0, the start is then reconstructed block by block against the full-precision
@@ -30,10 +32,11 @@ import torch
 
 from data.calib import calibration_ids
 from qat.apply import quantize_model
+from qat.export.foreign import inexact_layer, load_foreign_fake_quant
 from qat.io.atomic import atomic_dir, clean_stale, write_json
 from qat.io.env import rank_world
 from qat.io.folders import Folder, Kind, inspect, spec_label
-from qat.io.models import load_model, load_tokenizer
+from qat.io.models import load_model, load_tokenizer, resolve_dtype
 from qat.keys import INIT_KEY, PTQ_KEY, START_FILE
 from qat.load import load
 from qat.ptq import check as check_ptq
@@ -67,7 +70,7 @@ def check_init(cfg: RunConfig) -> None:
     else:
         folder = start_folder_of(init, "train.init")
         check_same_model(folder, cfg)
-        if folder.kind in (Kind.PTQ, Kind.QAT) and folder.spec is not None:
+        if folder.kind in (Kind.PTQ, Kind.QAT, Kind.FOREIGN) and folder.spec is not None:
             if _spec_key(folder.spec) != _spec_key(cfg.quant):
                 raise ValueError(f"train.init={init} was quantized as {spec_label(folder.spec, 'custom settings')}, "
                                  f"but quant asks for {spec_label(cfg.quant, 'custom settings')}; set quant to the "
@@ -107,9 +110,13 @@ def start_folder_of(path: str, key: str) -> Folder:
         raise ValueError(f"{key}={path!r} is neither rtn, a PTQ method ({', '.join(METHODS)}) nor an existing "
                          "folder; give one of those")
     folder = inspect(path, key)
-    if folder.kind not in (Kind.PTQ, Kind.QAT, Kind.AQLM):
+    if folder.kind is Kind.FOREIGN and folder.spec is None:
+        raise ValueError(f"{key}={path!r} is a {folder.record['format']} folder without one integer weight-only "
+                         "scheme; a student starts from a GPTQ, AWQ or compressed-tensors folder of one int scheme")
+    if folder.kind not in (Kind.PTQ, Kind.QAT, Kind.AQLM, Kind.FOREIGN):
         raise ValueError(f"{key}={path!r} is a {folder.kind.value} folder; a student starts from a folder written by "
-                         "distqat ptq or distqat train (fake-quantized) or an AQLM folder, not from "
+                         "distqat ptq or distqat train (fake-quantized), a GPTQ, AWQ or compressed-tensors folder, or "
+                         "an AQLM folder, not from "
                          f"{'a base model (use train.init=rtn)' if folder.kind is Kind.BASE else 'integer weights'}")
     return folder
 
@@ -246,7 +253,15 @@ def load_student(cfg: RunConfig, start: Optional[Path], dtype: str) -> torch.nn.
         quantize_model(student, cfg.quant)
         return student
     folder = inspect(start, "train.init")
-    student = load(folder, dtype, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
+    if folder.kind is Kind.FOREIGN:  # its codes as a frozen lsq grid: step 0 computes the folder's weights
+        student = load_foreign_fake_quant(folder, resolve_dtype(dtype))
+        if (layer := inexact_layer(student)) is not None and rank_world()[0] == 0:
+            print(f"train: train.init={start}: its scales do not fit {dtype} exactly ({layer}), so the student starts "
+                  "from the folder's weights rounded to that grid; train.master_weights=fp32 starts exactly there",
+                  file=sys.stderr)
+    else:
+        student = load(folder, dtype, attn_implementation=m.attn_implementation,
+                       trust_remote_code=m.trust_remote_code)
     if folder.kind is Kind.AQLM:
         return prepare_finetune(student, folder.record, start)
     for p in student.parameters():

@@ -2,7 +2,9 @@
 
 Every command that takes a model folder asks `inspect` first: it reads config.json once and names the
 kind from the keys of `qat.keys`. `qat.load.load` dispatches on the kind; the kinds built from the
-numerics alone (base and fake-quant models) load here, the LLM.int8() and integer kinds in their packages.
+numerics alone (base and fake-quant models) load here, the LLM.int8(), integer and foreign kinds in their
+packages. Another tool's quantized folder (GPTQ, AWQ, compressed-tensors without distqat's record) is its own kind,
+checked by `qat.io.foreign` when inspected, so no reader takes it for a plain model and rounds it again.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ except ImportError:
 from ..apply import quantize_model, quantizer_keys
 from ..keys import AQLM_KEY, EXPORT_KEY, HF_QUANT_KEY, LLM_INT8_KEY, PTQ_KEY, QUANT_KEY
 from ..spec import QuantSpec, SpecError
+from .foreign import describe, foreign_config
 from .models import ModelError, check_remote_code, read_config, resolve_model_path
 
 _CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -40,6 +43,7 @@ class Kind(str, Enum):
     LLM_INT8 = "llm_int8"  # LLM.int8(): fp weights, int8 matmul with fp16 outliers at run time
     INT = "int"  # packed integer weights (compressed-tensors), as `distqat convert` writes
     AQLM = "aqlm"  # AQLM codes + codebooks + scales (transformers' AQLM layout), as `ptq.method=aqlm` writes
+    FOREIGN = "foreign"  # another tool's quantized folder: GPTQ, AWQ (GEMM), compressed-tensors (`qat.io.foreign`)
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,7 @@ class Folder:
     path: Path
     kind: Kind
     config: dict[str, Any] = field(repr=False)
-    spec: Optional[QuantSpec] = None  # the quantization (QAT, PTQ, INT); None for BASE and LLM_INT8
+    spec: Optional[QuantSpec] = None  # the quantization (QAT, PTQ, INT, FOREIGN); None for BASE and LLM_INT8
     record: dict[str, Any] = field(default_factory=dict)  # the kind's own record (PTQ method, int8 threshold ...)
 
     @property
@@ -68,6 +72,8 @@ class Folder:
             return f"aqlm {self.record.get('num_codebooks')}x{self.record.get('nbits_per_codebook')} (saved)"
         if self.kind is Kind.INT:
             return f"{spec_label(self.spec) if self.spec is not None else 'int'} (int)"
+        if self.kind is Kind.FOREIGN:
+            return f"{spec_label(self.spec, 'int')} ({self.record['format']})"
         return f"{spec_label(self.spec, 'quant')} (saved)"
 
 
@@ -110,6 +116,10 @@ def inspect(name_or_path: Union[str, Path], what: str = "model.name_or_path") ->
         meta = cfg[EXPORT_KEY] or {}
         spec = _spec(meta["spec"], file, EXPORT_KEY) if meta.get("spec") else None
         return Folder(name, path, Kind.INT, cfg, spec, meta)
+    foreign = foreign_config(cfg, path) if EXPORT_KEY not in cfg else None
+    if foreign is not None:  # read as stored, never rounded again: not a plain model
+        spec, record = describe(foreign, path)
+        return Folder(name, path, Kind.FOREIGN, cfg, spec, record)
     if LLM_INT8_KEY in cfg:
         return Folder(name, path, Kind.LLM_INT8, cfg, None, dict(cfg[LLM_INT8_KEY] or {}))
     ptq = cfg.get(PTQ_KEY)

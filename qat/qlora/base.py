@@ -3,7 +3,9 @@
 - a base model (or `bundled:` name): quantized at load by RTN with the run's spec (NF4 with double-quantized
   scales when asked), exactly as `quantize_model` fake-quantizes it;
 - a QAT or PTQ folder: its trained or calibrated codes and scales as they are;
-- an integer checkpoint: its packed buffers as they are.
+- an integer checkpoint: its packed buffers as they are;
+- another tool's quantized folder (GPTQ, AWQ GEMM, compressed-tensors): its codes, scales and zero points as
+  stored (`qat.export.foreign`), computed in the model's dtype.
 Every linear the spec quantizes becomes a `PackedLinear`, every fused experts module a `PackedExperts` (no expert
 stays full precision: a model whose experts are not all quantized is refused); every parameter is frozen.
 """
@@ -21,6 +23,7 @@ from ..apply import quantize_model
 from ..coverage import CoverageError
 from ..experts import ExpertsLayoutError, QuantExperts, describe, experts_modules
 from ..export import load_quantized
+from ..export.foreign import load_foreign
 from ..io.folders import Folder, Kind, inspect, load_fake_quant
 from ..io.models import load_model, resolve_dtype
 from ..keys import QUANT_KEY
@@ -120,6 +123,17 @@ def build_base(
         if folder.spec is not None:  # convert and the merges read the spec from the config, as for QAT folders
             setattr(model.config, QUANT_KEY, folder.spec.to_dict())
         pack_model(model)
+    elif folder.kind is Kind.FOREIGN:
+        if folder.spec is None:
+            raise ValueError(f"{folder.path}: a QLoRA base packs one integer weight-only scheme; this "
+                             f"{folder.record['format']} folder holds float (fp8/fp4) weights, activation "
+                             "quantization or several schemes; train on its base model with quant.scheme")
+        model = load_foreign(folder, dtype=None if dtype == "auto" else resolve_dtype(dtype))
+        pack_model(model)
+        compute = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        for m in model.modules():  # fp16 scales in an fp32 model: dequantize in fp32 (exact), not in fp16
+            if isinstance(m, PackedLinear):
+                m.compute_dtype = compute
     elif folder.kind is Kind.AQLM:
         raise ValueError(f"{folder.path} is an AQLM folder: its codes and codebooks are no grid QLoRA can pack; "
                          "fine-tune its codebooks with distqat train train.init=<that folder>, or train LoRA on its "
