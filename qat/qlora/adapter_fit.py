@@ -20,8 +20,6 @@ from ..runtime.packed_experts import PackedExpertStack
 
 ADAPTER_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # peft's saved keys start with it (PeftModel -> LoraModel -> the model)
-# A QLoRA checkpoint's record of its adapters (beside the base's fingerprint): what a resume compares.
-ADAPTER_LAYOUT_KEY = "distqat_adapter_layout"
 
 
 def adapter_shapes(path: Union[str, Path]) -> dict[str, tuple[int, ...]]:

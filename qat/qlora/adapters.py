@@ -188,7 +188,7 @@ def _dispatch(original: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
                     return custom(target, adapter_name, config=lora_config, **kwargs)
         return original(lora_config, adapter_name, target, **kwargs)
 
-    create_new_module.distqat_original = original  # type: ignore[attr-defined]
+    create_new_module.wrapped_by_qat = original  # type: ignore[attr-defined]
     return create_new_module
 
 
@@ -209,14 +209,14 @@ def _not_for_packed(convert: Callable[..., Any], keep: Callable[..., Any]) -> Ca
             return keep(*args, **kwargs)
         return convert(*args, **kwargs)
 
-    wrapper.distqat_original = convert  # type: ignore[attr-defined]
+    wrapper.wrapped_by_qat = convert  # type: ignore[attr-defined]
     return wrapper
 
 
 def register_with_peft() -> None:
     """Make plain peft (`get_peft_model`, `PeftModel.from_pretrained`) put distqat's LoRA layers on packed layers;
     runs once, on import of this module."""
-    if hasattr(LoraModel._create_new_module, "distqat_original"):
+    if hasattr(LoraModel._create_new_module, "wrapped_by_qat"):
         return
     LoraModel._create_new_module = staticmethod(_dispatch(LoraModel._create_new_module))
     try:
