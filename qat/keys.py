@@ -23,6 +23,7 @@ Other records:
   (transformers does not save that setting into config.json).
 - FINGERPRINT_KEY: in a QLoRA training checkpoint: the fingerprint of the base its adapters belong to.
 - QLORA_RECORD_FILE: beside peft's files in a QLoRA adapters folder: the base the adapters were trained on.
+- ADAPTER_LAYOUT_KEY: beside FINGERPRINT_KEY: the adapters' targets, rank, alpha and variant, which a resume compares.
 
 Files that say a folder is finished (a reader that sees them may use the folder; a writer writes them last):
 - COMPLETE_MARKER: in a cache folder built once (the bundled model, the bundled text and instruction sets).
@@ -45,6 +46,7 @@ KV_ATTENTION_PREFIX = "distqat_kv_"
 
 FINGERPRINT_KEY = "distqat_base_fingerprint"
 QLORA_RECORD_FILE = "distqat_qlora.json"
+ADAPTER_LAYOUT_KEY = "distqat_adapter_layout"
 
 COMPLETE_MARKER = "_COMPLETE"
 MANIFEST_FILE = "manifest.json"

@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 import transformers as tf
+from peft import PeftModel
 
 from qat.apply import quantize_model
 from qat.coverage import CoverageError, measure
@@ -248,6 +249,11 @@ def test_expert_adapters_save_and_reload(tmp_path):
     assert len([m for m in again.modules() if isinstance(m, PackedLoraExperts)]) == 4
     with torch.no_grad():
         assert torch.equal(again(x).logits, want)
+    # Plain peft too, its transformers-5 MoE target rewrite left out for a packed base (the experts keep adapters).
+    plain = PeftModel.from_pretrained(fake_and_packed("qwen3_moe")[1], str(tmp_path / "a"))
+    assert len([m for m in plain.modules() if isinstance(m, PackedLoraExperts)]) == 4
+    with torch.no_grad():
+        assert torch.equal(plain(x).logits, want)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -77,6 +77,10 @@ def test_resume_continues_and_refuses_another_base(tiny_base, tmp_path):
     assert (out / "checkpoints" / "step=8.ckpt").exists()
     r = run(*train_args(tiny_base, out, "train.max_steps=12", "quant.scheme=w4g32asym"))
     assert r.returncode == 2 and "trained on another base" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    # Other adapters (fewer targets) are refused, naming the change, rather than started fresh.
+    r = run(*train_args(tiny_base, out, "train.max_steps=12", "lora.target_modules=[q_proj]"))
+    assert r.returncode == 2 and "holds other adapters: lora.target_modules adapted 14 layers there and 2 now" in \
+        r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
 
 
 def test_qalora_merge_is_an_integer_checkpoint(tiny_base, tmp_path):

@@ -99,10 +99,10 @@ NOT_FOR_A_START = ("ptq.method", "ptq.llm_int8")
 
 COMMANDS: dict[str, Command] = {
     "generate": Command("the teacher writes its own training text (LLM-QAT data-free)",
-                        (*RUN, "seed", "model", "generate"), _run_generate),
+                        (*RUN, "seed", "model", "generate", "lora:use"), _run_generate),
     "train": Command("QAT: distill the full-precision teacher into the fake-quantized student",
                      (*RUN, "seed", "model", "quant", "data", "train", "distributed", "lora", "ptq"), _run_train,
-                     skips=NOT_FOR_A_START),
+                     skips=(*NOT_FOR_A_START, "lora.adapter")),
     "ptq": Command("post-training quantization (RTN, GPTQ, AWQ, SmoothQuant, LLM.int8(), HQQ, AQLM; rotation)",
                    (*RUN, "model", "quant", "data:text", "ptq"), _run_ptq),
     "convert": Command("pack a trained or PTQ model into integer weights (compressed-tensors layout)"),
@@ -112,7 +112,7 @@ COMMANDS: dict[str, Command] = {
                         (*RUN, "seed", "model", "quant", "data", "generate", "train", "distributed", "ptq", "eval"),
                         _run_pipeline, skips=(*NOT_FOR_A_START, "eval.compare")),
     "eval": Command("perplexity of the full-precision and the fake-quantized model, with a plot; lm-eval tasks",
-                    (*RUN, "model", "quant", "data:text", "eval"), _run_eval),
+                    (*RUN, "model", "quant", "data:text", "eval", "lora:use"), _run_eval),
     "bench": Command("speed benchmarks, each as a ratio to bf16"),
     "report": Command("collect the results of runs into one table and plot", RUN, _run_report),
 }

@@ -23,6 +23,7 @@ from qat.keys import COVERAGE_KEY
 from qat.load import load
 from qat.ptq import check as check_ptq
 from qat.ptq import needs_calibration, run_ptq
+from qat.qlora.use import with_adapter
 
 from .config import RunConfig, save_config
 
@@ -56,8 +57,12 @@ def run_generate(cfg: RunConfig, rank: Optional[int] = None, world: Optional[int
     out_dir = Path(g.out_dir) if g.out_dir else Path(cfg.output_dir) / "generated"
     check_dir(out_dir, "generate.out_dir")  # every rank writes shards here: no cleaning
     tok = load_tokenizer(m.name_or_path, m.trust_remote_code)
-    model = load(m.name_or_path, m.dtype, attn_implementation=m.attn_implementation,
-                 trust_remote_code=m.trust_remote_code)
+    if cfg.lora.adapter:  # the base held packed with the adapter on it, un-merged (qat.qlora.use)
+        model = with_adapter(m.name_or_path, cfg.lora.adapter, None, m.dtype, m.attn_implementation,
+                             m.trust_remote_code)
+    else:
+        model = load(m.name_or_path, m.dtype, attn_implementation=m.attn_implementation,
+                     trust_remote_code=m.trust_remote_code)
     return generate(model, tok, g, out_dir, cfg.seed, m.name_or_path, rank, world, progress)
 
 

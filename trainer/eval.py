@@ -24,6 +24,7 @@ from qat.io.folders import Folder, Kind, spec_label
 from qat.io.models import check_spec_fits, load_model, load_tokenizer
 from qat.io.progress import ProgressLines, bars_wanted
 from qat.load import inspect, load
+from qat.qlora.use import adapter_spec, base_label, check_adapter, with_adapter
 
 from .config import RunConfig, to_yaml
 from .tasks import headline, plan_tasks, run_tasks, task_groups, task_metrics, task_setup
@@ -128,6 +129,8 @@ def run_eval(cfg: RunConfig) -> dict:
     if unknown or not cfg.eval.compare:
         raise ValueError(f"eval.compare={cfg.eval.compare}: allowed entries are 'fp' and 'quant'")
     folder = inspect(cfg.model.name_or_path)
+    if cfg.lora.adapter:
+        return score_models(cfg, adapter_models(cfg, folder))
     if folder.kind is not Kind.BASE:
         return score_models(cfg, [saved_model(cfg, folder)])
     if "quant" in cfg.eval.compare:  # before anything is scored: a spec that does not fit fails in seconds
@@ -159,6 +162,21 @@ def saved_model(cfg: RunConfig, path: Union[str, Folder]) -> tuple[str, Callable
                     trust_remote_code=m.trust_remote_code)
 
     return folder.label, load_saved
+
+
+def adapter_models(cfg: RunConfig, folder: Folder) -> list[tuple[str, Callable[[], torch.nn.Module]]]:
+    """(label, loader) of the packed base of `folder`, then of the same base with lora.adapter on it, un-merged
+    (qat.qlora.use: what the adapter gains, on the same tokens)."""
+    m, adapter = cfg.model, cfg.lora.adapter
+    check_adapter(adapter)  # before anything loads
+    spec = adapter_spec(folder, adapter, cfg.quant)
+    label = base_label(folder, spec)
+
+    def loader(attach: bool) -> Callable[[], torch.nn.Module]:
+        return lambda: with_adapter(folder, adapter, spec, m.dtype, m.attn_implementation, m.trust_remote_code,
+                                    attach=attach)
+
+    return [(f"{label} packed", loader(False)), (f"{label} + adapter {Path(adapter).name}", loader(True))]
 
 
 MIN_TOKENS = 64  # fewer scored tokens than this make a perplexity that means nothing

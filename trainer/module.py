@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from qat.coverage import routers
-from qat.keys import FINGERPRINT_KEY
+from qat.keys import ADAPTER_LAYOUT_KEY, FINGERPRINT_KEY
+from qat.qlora.adapter_fit import adapter_layout, layout_change
 
 from .config import TrainConfig
 from .losses import kd_loss, kd_loss_topk, next_token_ce, router_kd_loss
@@ -214,6 +215,7 @@ class QATModule(L.LightningModule):
                 del state[k]
         if self.base_fingerprint is not None:
             checkpoint[FINGERPRINT_KEY] = self.base_fingerprint
+            checkpoint[ADAPTER_LAYOUT_KEY] = adapter_layout(self.student)
             if state is not None:
                 trainable = {f"student.{n}" for n, p in self.student.named_parameters() if p.requires_grad}
                 for k in [k for k in state if k not in trainable]:
@@ -224,3 +226,9 @@ class QATModule(L.LightningModule):
         if self.base_fingerprint is not None and found != self.base_fingerprint:
             raise ValueError("the checkpoint to resume from was trained on another base (its fingerprint differs); "
                              "resume with the same model.name_or_path and quant settings, or set train.resume=never")
+        # The checkpoint loads non-strictly (it holds no teacher): other adapters would start fresh without a word.
+        change = layout_change(checkpoint.get(ADAPTER_LAYOUT_KEY), adapter_layout(self.student)) \
+            if self.base_fingerprint is not None else None
+        if change is not None:
+            raise ValueError(f"the checkpoint to resume from holds other adapters: {change}; resume with its lora "
+                             "settings, or set train.resume=never (or another output_dir) to train fresh adapters")

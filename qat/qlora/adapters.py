@@ -1,9 +1,14 @@
 """LoRA adapters on the packed base through peft: `get_peft_model`, `save_pretrained`, `PeftModel.from_pretrained`.
 
-peft does not know `PackedLinear`; `PackedLoraLinear`, a subclass of peft's `lora.Linear`, is registered for
-it as a custom module (`LoraConfig._register_custom_module`). peft keeps that mapping out of the saved
-adapter config, so `load_adapters` registers it again before loading; `PeftModel.from_pretrained` alone
-stops with peft's "not supported" error, which names the layer and, through its repr, `load_adapters`.
+peft does not know `PackedLinear`; `PackedLoraLinear`, a subclass of peft's `lora.Linear`, is its LoRA layer.
+Importing this module registers it with peft for every LoRA model (`register_with_peft`: peft's own per-config
+mapping, `LoraConfig._register_custom_module`, is not saved with an adapter), so plain peft loads an adapter onto a
+packed base once distqat's adapters are imported:
+
+    import qat.qlora.adapters  # noqa: F401  (registers the packed layers with peft)
+    model = PeftModel.from_pretrained(build_base(folder, None)[0], adapter_folder)
+
+Any other model's layers go to peft's own dispatch, as before.
 The QA-LoRA variant is peft's own (`use_qalora`): the adapter sees each weight group's input pooled.
 A packed experts stack (`PackedExpertStack`, one projection of every expert) gets per-expert adapters from
 `qat.qlora.expert_adapters.PackedLoraExperts`, registered the same way; targets name it as `<experts>.<param>`
@@ -13,23 +18,23 @@ A packed experts stack (`PackedExpertStack`, one projection of every expert) get
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Optional, Union
-from unittest.mock import patch
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners import tuners_utils
 from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import LoraModel
 from peft.tuners.lora.variants import QALoraLinearVariant
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..io.atomic import atomic_dir, write_json
 from ..keys import QLORA_RECORD_FILE
 from ..runtime.packed import PackedLinear
+from .adapter_fit import check_fits
 from .config import LoRAConfig
 from .expert_adapters import CUSTOM_MODULES as EXPERT_MODULES
 
@@ -113,28 +118,12 @@ def peft_config(model: nn.Module, cfg: LoRAConfig) -> LoraConfig:
     config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                         bias="none", task_type="CAUSAL_LM", use_qalora=qalora,
                         **({"qalora_group_size": group} if qalora else {}))
-    config._register_custom_module(CUSTOM_MODULES)
     return config
-
-
-@contextmanager
-def exact_targets() -> Iterator[None]:
-    """peft injects on exactly the names distqat gives it.
-
-    Under transformers 5, peft rewrites the targets of about 30 MoE model types (Qwen3-MoE, OLMoE, DeepSeek-V3,
-    Mixtral...) from their transformers 4 per-expert linears to the fused 3-D parameters: a target ending in
-    `down_proj`, `gate_proj`, `up_proj`, `gate` (or `w1`-`w3`) becomes a `target_parameters` entry, and
-    `gate_up_proj` gets twice the rank. distqat's targets are the module names of the packed model as it is (expert
-    stacks, shared experts, dense layers), so that rewrite would silently leave them without adapters.
-    """
-    with patch.object(tuners_utils, "is_transformers_ge_v5", False):
-        yield
 
 
 def add_adapters(model: nn.Module, cfg: LoRAConfig) -> PeftModel:
     """Trainable adapters (in `cfg.dtype`) on the packed base; the base stays frozen."""
-    with exact_targets():
-        peft_model = get_peft_model(model, peft_config(model, cfg))
+    peft_model = get_peft_model(model, peft_config(model, cfg))
     dtype = TORCH_DTYPES[cfg.dtype]
     for name, p in peft_model.named_parameters():
         if "lora_" in name:
@@ -163,15 +152,82 @@ def read_record(path: Union[str, Path]) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
+def find_record(path: Union[str, Path]) -> Optional[dict[str, Any]]:
+    """The distqat record of an adapter folder; None for one written elsewhere (peft alone)."""
+    return read_record(path) if (Path(path) / QLORA_RECORD_FILE).is_file() else None
+
+
 def load_adapters(model: nn.Module, path: Union[str, Path], fingerprint: Optional[str] = None,
                   trainable: bool = False) -> PeftModel:
-    """The adapters of `path` on the packed `model`, registering the custom module mapping peft needs. With
-    `fingerprint`, a folder trained on another base is refused."""
-    record = read_record(path)
-    if fingerprint is not None and record.get("fingerprint") != fingerprint:
+    """The adapters of `path` on the packed `model`. A folder distqat wrote carries the base's fingerprint: with
+    `fingerprint`, one trained on another base is refused. A folder written elsewhere (peft alone, on the same
+    model unquantized or under bitsandbytes) has none; every layer it adapts must then exist in `model` with the
+    adapter's widths, or it is refused in one line naming the first that does not fit."""
+    path = Path(path)
+    record = find_record(path)
+    if fingerprint is not None and record is not None and record.get("fingerprint") != fingerprint:
         raise ValueError(f"the adapters in {path} were trained on another base ({record.get('base')}, a different "
                          "fingerprint); load them onto the base they were trained on")
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{path} holds no adapter_config.json: not a peft adapter folder")
     config = LoraConfig.from_pretrained(str(path))
-    config._register_custom_module(CUSTOM_MODULES)
-    with exact_targets():
-        return PeftModel.from_pretrained(model, str(path), config=config, is_trainable=trainable)
+    check_fits(model, path, config)
+    return PeftModel.from_pretrained(model, str(path), config=config, is_trainable=trainable)
+
+
+def _dispatch(original: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """peft's LoRA layer factory, sending packed layers to distqat's LoRA layers and everything else to `original`
+    (a mapping the config registers itself still wins: peft checks it first)."""
+
+    def create_new_module(lora_config: LoraConfig, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        own = getattr(lora_config, "_custom_modules", None) or {}
+        if not any(isinstance(base, key) for key in own):
+            for key, custom in CUSTOM_MODULES.items():
+                if isinstance(base, key):
+                    return custom(target, adapter_name, config=lora_config, **kwargs)
+        return original(lora_config, adapter_name, target, **kwargs)
+
+    create_new_module.wrapped_by_qat = original  # type: ignore[attr-defined]
+    return create_new_module
+
+
+def _not_for_packed(convert: Callable[..., Any], keep: Callable[..., Any]) -> Callable[..., Any]:
+    """`convert`, one of peft's transformers-5 rewrites of MoE adapters, skipped (`keep`) for a model that holds a
+    packed layer.
+
+    Under transformers 5, peft rewrites the targets of about 30 MoE model types (Qwen3-MoE, OLMoE, DeepSeek-V3,
+    Mixtral...) from their transformers 4 per-expert linears to the fused 3-D parameters: a target ending in
+    `down_proj`, `gate_proj`, `up_proj`, `gate` (or `w1`-`w3`) becomes a `target_parameters` entry, and
+    `gate_up_proj` gets twice the rank. distqat's targets are the module names of the packed model as it is (expert
+    stacks, shared experts, dense layers), so that rewrite would silently leave them without adapters.
+    """
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        model = kwargs.get("model")
+        if model is not None and any(isinstance(m, PackedLinear) for m in model.modules()):
+            return keep(*args, **kwargs)
+        return convert(*args, **kwargs)
+
+    wrapper.wrapped_by_qat = convert  # type: ignore[attr-defined]
+    return wrapper
+
+
+def register_with_peft() -> None:
+    """Make plain peft (`get_peft_model`, `PeftModel.from_pretrained`) put distqat's LoRA layers on packed layers;
+    runs once, on import of this module."""
+    if hasattr(LoraModel._create_new_module, "wrapped_by_qat"):
+        return
+    LoraModel._create_new_module = staticmethod(_dispatch(LoraModel._create_new_module))
+    try:
+        # lazy: the module exists in peft >= 0.19 only (transformers 5's MoE layouts), and is optional here
+        from peft.utils import transformers_weight_conversion as v5
+    except ImportError:
+        return
+    v5.convert_peft_config_for_transformers = _not_for_packed(v5.convert_peft_config_for_transformers,
+                                                              lambda *a, **k: None)
+    v5.convert_peft_adapter_state_dict_for_transformers = _not_for_packed(
+        v5.convert_peft_adapter_state_dict_for_transformers, lambda *a, **k: k["adapter_state_dict"])
+
+
+register_with_peft()

@@ -27,5 +27,10 @@ class LoRAConfig:
                            "weight afresh (ptq.gptq settings) on calibration from the training text")
     double_quant: bool = setting(True, help="an nf4 base quantized at load stores its group scales as int8 too "
                                  "(QLoRA's double quantization)")
+    adapter: str = setting("", group="use", help="eval and generate: run the model with this adapter folder on "
+                           "it, un-merged (a QLoRA run's <output_dir>/adapters, or a peft LoRA folder trained on the "
+                           "same model); the model is held packed as in QLoRA training: model.name_or_path is a base "
+                           "model (quantized at load with the adapter's spec), a ptq/train output or a converted "
+                           "integer checkpoint")
     distill: bool = setting(False, help="also distil the full-precision model (KL) besides the loss on assistant "
                             "tokens")
