@@ -136,3 +136,9 @@ def test_flat_ptq_keys_name_their_new_place(old, new):
 def test_method_keys_nest_under_their_method():
     cfg = load_config(None, ["ptq.method=awq+gptq", "ptq.gptq.damp=0.01", "ptq.awq.clip=false"])
     assert cfg.ptq.gptq.damp == 0.01 and cfg.ptq.awq.clip is False and cfg.ptq.hqq.iters == 20
+
+
+def test_a_yaml_alias_in_an_override_is_one_line_that_says_to_quote():
+    with pytest.raises(ConfigError, match=r"quote values that start with \*"):
+        load_config(None, ["lora.target_modules=[*.q_proj]"])
+    assert load_config(None, ["lora.target_modules=['*.q_proj']"]).lora.target_modules == ["*.q_proj"]

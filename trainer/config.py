@@ -18,6 +18,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -207,6 +208,10 @@ def _parse_overrides(overrides: list[str]) -> dict:
         return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=False)
     except OmegaConfBaseException as e:
         raise ConfigError(f"cannot parse overrides {overrides}: {' '.join(str(e).split())}") from None
+    except yaml.YAMLError as e:
+        # a bare `*` starts a YAML alias: lora.target_modules=[*.q_proj] is the usual way to hit it
+        raise ConfigError(f"cannot parse overrides {overrides} as YAML ({' '.join(str(e).split()[:8])}); quote "
+                          "values that start with * or &, e.g. \"lora.target_modules=['*.q_proj']\"") from None
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> RunConfig:
