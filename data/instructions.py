@@ -59,6 +59,8 @@ def _check(path: str, i: int, messages, sharegpt: bool = False) -> list[dict[str
     out = []
     for turn in messages:
         role, content = (turn.get(keys[0]), turn.get(keys[1])) if isinstance(turn, dict) else (None, None)
+        if sharegpt and role is None and isinstance(turn, dict):  # some ShareGPT sets carry {role, content} turns
+            role, content = turn.get("role"), turn.get("content")
         if sharegpt:
             if role not in SHAREGPT_ROLES:
                 raise ValueError(f"{where} has a turn from {role!r}; ShareGPT `from` values read are "
