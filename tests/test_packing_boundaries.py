@@ -12,6 +12,7 @@ import torch
 import transformers
 from helpers.models import save_tiny_teacher, tiny_config
 
+from data import blocks as data_blocks
 from data.blocks import BlockData
 from data.packing import model_inputs, pack_bins
 from qat.apply import quantize_model
@@ -181,3 +182,10 @@ def test_block_data_batches_train_each_example_as_if_alone(tmp_path, instruction
         print(f"\nkd {got['kd']:.6g} alone vs {leaky['kd']:.6g} across examples; "
               f"ce {got['ce']:.6g} vs {leaky['ce']:.6g}")
         assert abs(leaky["kd"] / got["kd"] - 1) > 1e-3 and abs(leaky["ce"] / got["ce"] - 1) > 1e-5
+
+
+def test_caches_of_boundary_free_blocks_are_not_read(tmp_path, instruction_file, bundled_tokenizer, monkeypatch):
+    kw = dict(path=instruction_file, seq_len=64, tokenizer=bundled_tokenizer, cache_dir=tmp_path, format="instructions")
+    now = BlockData(**kw).cache_file()
+    monkeypatch.setattr(data_blocks, "INSTRUCTION_BLOCKS_VERSION", 1)  # what packed examples across boundaries
+    assert BlockData(**kw).cache_file() != now
