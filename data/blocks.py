@@ -20,12 +20,15 @@ the world size so every rank gets as many batches; a run resumed mid-epoch resta
 
 Formats. `format="text"` packs documents into blocks of real tokens (items: input_ids, attention_mask of
 ones, labels = input_ids). `format="instructions"` renders conversations through the chat template
-(data.instructions) and packs them the same way (`packing=True`; cross-example attention is not masked) or
-puts one per block, right-padded (`packing=False`); the cache file then also holds the bool `assistant` mask
-(and the bool `attention` mask when padded), and items add `assistant_mask` (long 0/1) and carry labels =
-input_ids with -100 wherever the assistant mask is 0 (prompts, separators, padding) and the real attention
-mask (0 on padding). Blocks without any assistant token are dropped (nothing to learn; a batch of them would
-make a NaN loss). Teacher top-k caching works for both: with right padding and causal attention the teacher's
+(data.instructions) and either packs whole examples into blocks keeping their boundaries (`packing=True`,
+data.packing.pack_bins: an example is cut only when longer than a block, each block's tail padded, positions
+restarting at 0 for each example) or puts one per block, right-padded (`packing=False`); the cache file then
+also holds the bool `assistant` and `attention` masks, and when packed the int32 `positions`. Items add
+`assistant_mask` (long 0/1), labels = input_ids with -100 wherever the assistant mask is 0 (prompts, padding),
+the real attention mask (0 on padding) and, when packed, `position_ids`: data.packing.model_inputs then calls the
+model with those positions and no 2-D mask, so attention stays inside each example. Blocks without any
+assistant token are dropped (nothing to learn; a batch of them would make a NaN loss). Teacher top-k caching
+works for both: the teacher runs on the same model inputs, and with right padding and causal attention its
 logits at real tokens do not depend on the padding.
 """
 
@@ -47,27 +50,31 @@ from qat.io.atomic import atomic_file
 from qat.io.env import distqat_home, rank_world
 from qat.io.models import load_tokenizer
 
-from .instructions import load_conversations, pack_examples, pad_examples, render
-from .packing import pack
+from .instructions import load_conversations, pad_examples, render
+from .packing import pack, pack_bins
 from .sources import BUNDLED, load_documents
 from .teacher_cache import build_topk_cache, load_topk_cache, topk_cache_file
 from .text import BUNDLED_INSTRUCTIONS, BUNDLED_TEXT, INSTRUCTIONS_VERSION
 
 CACHE_VERSION = 1  # bump when packing changes what a cached file holds
-INSTRUCTION_BLOCKS_VERSION = 1  # the same for instruction blocks (in their key only: text keys stay as they are)
+# The same for instruction blocks (in their key only: text keys stay as they are). 2: packing keeps example
+# boundaries (whole examples, padded tails, positions); a version-1 file would be read as boundary-free blocks.
+INSTRUCTION_BLOCKS_VERSION = 2
 FORMATS = ("text", "instructions")
-Masks = dict[str, torch.Tensor]  # "assistant" and, for padded blocks, "attention": bool (n, seq_len)
+# "assistant" and "attention": bool (n, seq_len); for packed instruction blocks "positions": int32 (n, seq_len)
+Masks = dict[str, torch.Tensor]
 
 
 class BlockDataset(Dataset):
     """Packed blocks, each with the teacher's cached top-k logits when those are given, and for instruction
-    data its assistant mask (and attention mask, when padded)."""
+    data its assistant and attention masks and, when packed with boundaries, each token's position in its example."""
 
     def __init__(self, blocks: torch.Tensor, topk: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                 assistant: Optional[torch.Tensor] = None, attention: Optional[torch.Tensor] = None) -> None:
+                 assistant: Optional[torch.Tensor] = None, attention: Optional[torch.Tensor] = None,
+                 positions: Optional[torch.Tensor] = None) -> None:
         self.blocks = blocks
         self.topk = topk
-        self.assistant, self.attention = assistant, attention
+        self.assistant, self.attention, self.positions = assistant, attention, positions
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -81,6 +88,8 @@ class BlockDataset(Dataset):
             real = self.attention[i].long() if self.attention is not None else torch.ones_like(ids)
             item = {"input_ids": ids, "attention_mask": real, "labels": ids.masked_fill(~answer, -100),
                     "assistant_mask": answer.long()}
+            if self.positions is not None:
+                item["position_ids"] = self.positions[i].long()
         if self.topk is not None:
             item["teacher_topk_values"] = self.topk[0][i]
             item["teacher_topk_indices"] = self.topk[1][i]
@@ -202,8 +211,8 @@ class BlockData:
         return tensors["blocks"], meta
 
     def packed_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        """What the cache file holds: "blocks" (int32 (n, seq_len)), for instructions also "assistant" and, when
-        padded, "attention" (bool (n, seq_len)); and the counts."""
+        """What the cache file holds: "blocks" (int32 (n, seq_len)), for instructions also "assistant" and
+        "attention" (bool (n, seq_len)) and, when packed, "positions" (int32 (n, seq_len)); and the counts."""
         path = self.cache_file()
         if path.exists():
             try:
@@ -233,27 +242,20 @@ class BlockData:
     def _pack_instructions(self, tok) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         examples = [render(chat, tok) for chat in load_conversations(self.path, self.split)]
         meta = {"examples": len(examples)}
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if pad is None:
+            raise ValueError("the model's tokenizer has neither a pad nor an EOS token to pad blocks with")
         if self.packing:
-            eos = tok.eos_token_id
-            if eos is None:
-                raise ValueError("the model's tokenizer has no EOS token to separate packed examples; "
-                                 "set data.packing=false")
-            blocks, assistant = pack_examples(examples, self.seq_len, eos)
-            stream = sum(len(ids) + (ids[-1] != eos) for ids, _ in examples if ids)
-            tensors = {"blocks": blocks, "assistant": assistant}
-            meta.update(truncated_examples=0, dropped_tokens=stream - blocks.numel())
+            tensors, counts = pack_bins(examples, self.seq_len, pad)
+            meta.update(counts)
         else:
-            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-            if pad is None:
-                raise ValueError("the model's tokenizer has neither a pad nor an EOS token to pad examples with")
             blocks, assistant, attention = pad_examples(examples, self.seq_len, pad)
             tensors = {"blocks": blocks, "assistant": assistant, "attention": attention}
             meta["truncated_examples"] = sum(len(ids) > self.seq_len for ids, _ in examples)
         keep = tensors["assistant"].any(dim=1)  # a block with no answer token teaches nothing
         tensors = {k: v[keep] for k, v in tensors.items()}
-        meta.update(no_answer_blocks=int((~keep).sum()), assistant_tokens=int(tensors["assistant"].sum()))
-        if not self.packing:
-            meta["padding_tokens"] = int((~tensors["attention"]).sum())
+        meta.update(no_answer_blocks=int((~keep).sum()), assistant_tokens=int(tensors["assistant"].sum()),
+                    padding_tokens=int((~tensors["attention"]).sum()))
         return tensors, meta
 
     def topk_file(self) -> Optional[Path]:
@@ -261,9 +263,10 @@ class BlockData:
 
     def prepare_data(self) -> None:
         # Lightning runs this on one process per node first, so the other ranks only read the caches.
-        blocks, _ = self.packed()
+        tensors, _ = self.packed_tensors()
         if self.teacher_topk:
-            build_topk_cache(self.topk_file(), blocks, self.teacher_topk, self.load_teacher, self.topk_batch_size)
+            build_topk_cache(self.topk_file(), tensors["blocks"], self.teacher_topk, self.load_teacher,
+                             self.topk_batch_size, tensors.get("positions"))
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_blocks is not None:

@@ -2,32 +2,40 @@
 
 Records come from any source `data.sources.load_records` reads (json / jsonl / parquet / a saved `datasets`
 folder, or `bundled:instructions`), each either a chat `messages` list of {role, content} (roles system, user,
-assistant; at least one assistant turn) or `instruction` / optional `input` / `output` fields.
+assistant, with "model" read as assistant; at least one assistant turn), a ShareGPT `conversations` list of
+{from, value} (from: system; human or user; gpt, assistant, model, chatgpt, bing, bard or claude; see
+SHAREGPT_ROLES), or `instruction` / optional `input` / `output` fields.
 
 `render` puts a conversation through the tokenizer's chat template and marks the tokens the model learns to
 write: the content of each assistant turn and the template's tokens that close that turn (its end-of-turn
 token(s)), never the role header that opens it. The mask comes from the template itself, rendering the
 conversation up to each assistant turn (with the generation prompt) and through it, so it needs no
-`{% generation %}` support in the template, only that each rendering is a prefix of the whole.
+`{% generation %}` support in the template, only that each rendering is a prefix of the whole. A template that
+refuses a conversation (Gemma's has no system role) is reported in one line with its own words.
 
-Blocks (`pack_examples`, `pad_examples`) hold ids as int64 (the caller stores int32) and masks as bool:
-`assistant` (train on this token) and, when padded, `attention` (a real token, not padding).
+Blocks: `data.packing.pack_bins` (whole examples per block, per-example positions) or `pad_examples` (one per
+block); ids int64 (the caller stores int32), masks bool: `assistant` (train on this token) and `attention` (a
+real token, not padding).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-import numpy as np
 import torch
 
 from .sources import load_records
 from .text import BUNDLED_INSTRUCTIONS, load_bundled_instructions
 
-__all__ = ["BUNDLED_INSTRUCTIONS", "ROLES", "load_bundled_instructions", "load_conversations", "render",
-           "pack_examples", "pad_examples"]
+__all__ = ["BUNDLED_INSTRUCTIONS", "ROLES", "SHAREGPT_ROLES", "load_bundled_instructions", "load_conversations",
+           "render", "pad_examples"]
 
 ROLES = ("system", "user", "assistant")
+ROLE_ALIASES = {"model": "assistant"}  # Gemma's name for the assistant turn
+# ShareGPT's `from` values seen in the common sets, by the role they play.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+                  "claude": "assistant"}
 Example = tuple[Sequence[int], Sequence[int]]  # (token ids, assistant mask) of one conversation
 
 
@@ -41,15 +49,24 @@ def _from_instruction(record: dict) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
 
-def _check(path: str, i: int, messages) -> list[dict[str, str]]:
+def _check(path: str, i: int, messages, sharegpt: bool = False) -> list[dict[str, str]]:
     """One conversation as plain {role, content} dicts, or a one-line error naming the record and the fix."""
     where = f"data.path={path!r}: record {i}"
+    field, keys = ("conversations", ("from", "value")) if sharegpt else ("messages", ("role", "content"))
     if not isinstance(messages, (list, tuple)):
-        raise ValueError(f"{where} has `messages` of type {type(messages).__name__}; give a list of "
-                         "{role, content} turns")
+        raise ValueError(f"{where} has `{field}` of type {type(messages).__name__}; give a list of "
+                         f"{{{', '.join(keys)}}} turns")
     out = []
     for turn in messages:
-        role, content = (turn.get("role"), turn.get("content")) if isinstance(turn, dict) else (None, None)
+        role, content = (turn.get(keys[0]), turn.get(keys[1])) if isinstance(turn, dict) else (None, None)
+        if sharegpt and role is None and isinstance(turn, dict):  # some ShareGPT sets carry {role, content} turns
+            role, content = turn.get("role"), turn.get("content")
+        if sharegpt:
+            if role not in SHAREGPT_ROLES:
+                raise ValueError(f"{where} has a turn from {role!r}; ShareGPT `from` values read are "
+                                 f"{', '.join(SHAREGPT_ROLES)}: rename it in the file or drop the record")
+            role = SHAREGPT_ROLES[role]
+        role = ROLE_ALIASES.get(role, role)
         if role not in ROLES:
             raise ValueError(f"{where} has a turn with role {role!r}; data.format=instructions takes the roles "
                              f"{', '.join(ROLES)}: rename it in the file")
@@ -70,12 +87,15 @@ def load_conversations(path: str, split: str = "train") -> list[list[dict[str, s
     if "messages" in columns:
         # Arrow gives every turn the union of keys over the file; keys a turn lacked come back as None.
         chats = [_check(path, i, m) for i, m in enumerate(ds["messages"])]
+    elif "conversations" in columns:  # ShareGPT
+        chats = [_check(path, i, m, sharegpt=True) for i, m in enumerate(ds["conversations"])]
     elif "instruction" in columns and "output" in columns:
         chats = [_from_instruction(r) for r in ds.select_columns(
             [c for c in ("instruction", "input", "output") if c in columns])]
     else:
-        raise ValueError(f"data.path={path!r} has neither `messages` nor `instruction`/`output` fields (fields: "
-                         f"{columns}); give records in one of those forms, or use data.format=text for plain text")
+        raise ValueError(f"data.path={path!r} has none of the fields `messages`, `conversations` (ShareGPT) or "
+                         f"`instruction`/`output` (fields: {columns}); give records in one of those forms, or use "
+                         "data.format=text for plain text")
     if not any(t["content"].strip() for chat in chats for t in chat if t["role"] == "assistant"):
         raise ValueError(f"data.path={path!r}: every assistant turn is empty, so there is nothing to train on; "
                          "fill in the answers (`output` or the assistant turns' content)")
@@ -91,8 +111,11 @@ def _template(tokenizer, messages, add_generation_prompt: bool = False, tokenize
                                             add_generation_prompt=add_generation_prompt)
     except Exception as e:  # jinja's TemplateError and friends: keep one line
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"the tokenizer's chat template cannot render a conversation with roles "
-                         f"{[t['role'] for t in messages]}: {reason}") from e
+        roles = [t["role"] for t in messages]
+        fix = ("drop the system turns or fold them into the first user turn" if "system" in roles
+               and "system" in reason.lower() else "give conversations in the form this template accepts")
+        raise ValueError(f"the tokenizer's chat template cannot render a conversation with roles {roles}: {reason}; "
+                         f"{fix}") from e
     return [int(x) for x in out] if tokenize else out
 
 
@@ -147,35 +170,6 @@ def render(messages: Sequence[dict[str, str]], tokenizer) -> tuple[list[int], li
 
 
 # -- examples -> blocks -----------------------------------------------------------------------------------
-
-
-def pack_examples(examples: Iterable[Example], seq_len: int, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate the examples, each ending with one EOS, and cut the stream into full blocks of `seq_len`.
-
-    The EOS added as a separator has assistant bit 0 (the template's own end-of-turn tokens keep theirs); an
-    example already ending with EOS gets none. Empty examples are skipped and the final partial block is
-    dropped, so every other token lands in exactly one block, in order, with its mask bit beside it. Returns
-    (blocks (n, seq_len) int64, assistant (n, seq_len) bool).
-    """
-    if seq_len < 2:
-        raise ValueError(f"block length {seq_len} is too short; use data.seq_len >= 2")
-    ids_parts: list[np.ndarray] = []
-    mask_parts: list[np.ndarray] = []
-    for ids, mask in examples:
-        if len(ids) != len(mask):
-            raise ValueError(f"an example has {len(ids)} tokens but {len(mask)} mask bits")
-        if len(ids) == 0:
-            continue
-        ids_parts.append(np.asarray(ids, dtype=np.int64))
-        mask_parts.append(np.asarray(mask, dtype=bool))
-        if ids[-1] != eos_id:
-            ids_parts.append(np.array([eos_id], dtype=np.int64))
-            mask_parts.append(np.zeros(1, dtype=bool))
-    ids_all = np.concatenate(ids_parts) if ids_parts else np.empty(0, dtype=np.int64)
-    mask_all = np.concatenate(mask_parts) if mask_parts else np.empty(0, dtype=bool)
-    n = len(ids_all) // seq_len
-    return (torch.from_numpy(ids_all[: n * seq_len].reshape(n, seq_len)),
-            torch.from_numpy(mask_all[: n * seq_len].reshape(n, seq_len)))
 
 
 def pad_examples(

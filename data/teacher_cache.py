@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,6 +25,8 @@ from torch import nn
 
 from qat.io.atomic import atomic_file
 from qat.io.progress import ProgressLines, bars_wanted
+
+from .packing import model_inputs
 
 TOPK_VERSION = 1
 
@@ -48,8 +51,10 @@ def topk_cache_file(block_file: Path, teacher: str, k: int) -> Path:
 @torch.no_grad()
 def compute_topk(
     teacher: nn.Module, blocks: torch.Tensor, k: int, batch_size: int = 4, progress: bool = True,
+    positions: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values (N, L, k) bf16, indices (N, L, k) int32) of the teacher's logits over each block."""
+    """(values (N, L, k) bf16, indices (N, L, k) int32) of the teacher's logits over each block; with `positions`
+    (blocks packed with example boundaries) the teacher attends within each example, as in training."""
     vocab = teacher.get_output_embeddings().weight.shape[0]
     if not 1 <= k <= vocab:
         raise ValueError(f"train.teacher_topk={k}: must be between 1 and the vocabulary size {vocab}")
@@ -63,7 +68,10 @@ def compute_topk(
     lines = ProgressLines(f"teacher top-{k}", n, 30.0, unit="blocks") if progress and not bar else None
     for i in range(0, n, batch_size):
         ids = blocks[i:i + batch_size].to(device=device, dtype=torch.long)
-        logits = teacher(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if positions is not None:
+            batch["position_ids"] = positions[i:i + batch_size].to(device=device, dtype=torch.long)
+        logits = teacher(**model_inputs(batch)).logits.float()
         top = logits.topk(k, dim=-1)
         values[i:i + len(ids)] = top.values.to(torch.bfloat16).cpu()
         indices[i:i + len(ids)] = top.indices.to(torch.int32).cpu()
@@ -82,12 +90,13 @@ def compute_topk(
 
 def build_topk_cache(
     path: Path, blocks: torch.Tensor, k: int, load_teacher: Callable[[], nn.Module], batch_size: int = 4,
+    positions: Optional[torch.Tensor] = None,
 ) -> Path:
     """Compute and store the cache at `path` unless it is there (written whole, then renamed)."""
     if path.exists():
         return path
     teacher = load_teacher()
-    values, indices = compute_topk(teacher, blocks, k, batch_size)
+    values, indices = compute_topk(teacher, blocks, k, batch_size, positions=positions)
     del teacher
     with atomic_file(path) as tmp:
         save_file({"values": values, "indices": indices}, str(tmp), metadata={"k": str(k)})

@@ -19,10 +19,10 @@ from data.instructions import (
     BUNDLED_INSTRUCTIONS,
     load_bundled_instructions,
     load_conversations,
-    pack_examples,
     pad_examples,
     render,
 )
+from data.packing import pack_bins
 from data.sources import load_documents, load_records
 from data.text import build_instruction_dataset, load_bundled_text, split_sentences
 from qat.keys import COMPLETE_MARKER
@@ -137,7 +137,8 @@ def test_bad_records_each_give_one_clear_error(tmp_path):
         msg = str(e.value)
         assert "\n" not in msg and f"data.path={path!r}" in msg, msg
 
-    fails([{"text": "plain"}], r"neither `messages` nor `instruction`/`output` fields \(fields: \['text'\]\); give")
+    fails([{"text": "plain"}], r"none of the fields `messages`, `conversations` \(ShareGPT\) or `instruction`/`output` "
+                               r"\(fields: \['text'\]\); give")
     fails([{"messages": CHAT}, {"messages": [{"role": "user", "content": "hi"}]}],
           "record 1 has no assistant turn, so nothing to train on; add the answer")
     fails([{"messages": [{"role": "bot", "content": "hi"}]}], "role 'bot'; .* rename it in the file")
@@ -149,29 +150,6 @@ def test_bad_records_each_give_one_clear_error(tmp_path):
 # -- examples -> blocks ---------------------------------------------------------------------------------------
 
 EOS = 0
-
-
-def test_pack_examples_keeps_every_token_once_with_its_mask():
-    rng = random.Random(0)
-    for _ in range(200):
-        examples = []
-        for _ in range(rng.randrange(0, 12)):
-            n = rng.randrange(0, 30)
-            examples.append(([rng.randrange(0, 40) for _ in range(n)], [rng.randrange(0, 2) for _ in range(n)]))
-        seq_len = rng.randrange(2, 17)
-        blocks, assistant = pack_examples(examples, seq_len, EOS)
-        ids, mask = [], []
-        for i, m in examples:
-            if i:
-                ids += i + ([] if i[-1] == EOS else [EOS])
-                mask += m + ([] if i[-1] == EOS else [0])  # the separator is never learned
-        n = len(ids) // seq_len
-        assert blocks.shape == assistant.shape == (n, seq_len)
-        assert blocks.dtype == torch.long and assistant.dtype == torch.bool
-        assert blocks.flatten().tolist() == ids[: n * seq_len]
-        assert assistant.flatten().int().tolist() == mask[: n * seq_len]
-    with pytest.raises(ValueError, match="data.seq_len"):
-        pack_examples([([1, 2], [0, 1])], 1, EOS)
 
 
 def test_pad_examples_truncates_and_masks_padding():
@@ -203,11 +181,12 @@ def test_block_data_round_trip(tmp_path, instruction_file, bundled_tokenizer, mo
     assert s["examples"] == 60 and s["assistant_tokens"] == int(tensors["assistant"].sum()) > 0
     assert s["blocks"] == s["train_blocks"] + s["val_blocks"] and s["val_blocks"] == round(0.1 * s["blocks"])
     assert tensors["blocks"].dtype == torch.int32 and tensors["assistant"].dtype == torch.bool
-    assert ("attention" in tensors) == (not packing)
+    assert ("positions" in tensors) == packing
     examples = [render(c, bundled_tokenizer) for c in load_conversations(instruction_file)]
-    if packing:
-        blocks, assistant = pack_examples(examples, 50, bundled_tokenizer.eos_token_id)
-        assert torch.equal(tensors["blocks"].long(), blocks) and torch.equal(tensors["assistant"], assistant)
+    if packing:  # 48 to 52 tokens each: one per block, the longer ones cut, their prompt-only heads dropped
+        want, counts = pack_bins(examples, 50, bundled_tokenizer.eos_token_id)
+        assert all(torch.equal(tensors[k].to(v.dtype), v) for k, v in want.items()) and set(tensors) == set(want)
+        assert s["split_examples"] == counts["split_examples"] > 0 and s["padding_tokens"] == counts["padding_tokens"]
     else:  # 48 to 52 tokens each: some padded, some truncated (their answers survive, so no block is dropped)
         lengths = [len(ids) for ids, _ in examples]
         assert s["blocks"] == 60 and s["no_answer_blocks"] == 0
@@ -215,17 +194,15 @@ def test_block_data_round_trip(tmp_path, instruction_file, bundled_tokenizer, mo
         assert s["padding_tokens"] == sum(max(0, 50 - n) for n in lengths) > 0
 
     loaded = list(dm.dataloader())
-    assert all(set(b) == {"input_ids", "attention_mask", "labels", "assistant_mask"} for b in loaded)
+    keys = {"input_ids", "attention_mask", "labels", "assistant_mask"} | ({"position_ids"} if packing else set())
+    assert all(set(b) == keys for b in loaded)
     assert all(v.dtype == torch.long and v.shape == (2, 50) for b in loaded for v in b.values())
     batch = {k: torch.cat([b[k] for b in loaded]) for k in loaded[0]}
     ids, labels, answer = batch["input_ids"], batch["labels"], batch["assistant_mask"].bool()
     assert torch.equal(labels[answer], ids[answer]) and labels[~answer].eq(-100).all() and answer.any()
-    if packing:
-        assert batch["attention_mask"].eq(1).all()
-    else:
-        real = batch["attention_mask"].bool()
-        assert not real.all() and not answer[~real].any(), "padding is neither attended nor learned"
-        assert all(r.tolist() == sorted(r.tolist(), reverse=True) for r in real), "right-padded"
+    real = batch["attention_mask"].bool()
+    assert not real.all() and not answer[~real].any(), "padding is neither attended nor learned"
+    assert all(r.tolist() == sorted(r.tolist(), reverse=True) for r in real), "right-padded"
     for row, learned_bits in zip(ids, answer):  # answers ("k, then k+1.") and their end of turn, never prompts
         learned = bundled_tokenizer.decode(row[learned_bits])
         assert not any(word in learned for word in ("Question", "assistant", "user", "helpful")), learned

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from data.packing import model_inputs
 from qat.coverage import routers
 from qat.keys import ADAPTER_LAYOUT_KEY, FINGERPRINT_KEY
 from qat.qlora.adapter_fit import adapter_layout, layout_change
@@ -89,7 +90,8 @@ class QATModule(L.LightningModule):
         if self._routers is not None:
             for r in self._routers:
                 r.clear()
-        student = self.student(input_ids=ids, attention_mask=mask).logits
+        inputs = model_inputs(batch)  # packed examples: their positions, attention kept inside each example
+        student = self.student(**inputs).logits
         # Which tokens are targets (next_token_ce reads mask[:, 1:]) and which positions predict one (KD).
         ce_mask, kd_mask = mask, mask
         if "assistant_mask" in batch:
@@ -104,7 +106,7 @@ class QATModule(L.LightningModule):
             loss = loss + out["kd"]
         elif self.teacher is not None:
             with torch.no_grad():
-                teacher = self.teacher(input_ids=ids, attention_mask=mask).logits
+                teacher = self.teacher(**inputs).logits
             out["kd"] = kd_loss(student, teacher, kd_mask, self.cfg.kd_temperature)
             loss = loss + out["kd"]
         if self._routers is not None:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from data.blocks import BlockData
 from data.instructions import BUNDLED_INSTRUCTIONS
+from data.packing import model_inputs
 from qat.export.convert import convert_model
 from qat.io.atomic import atomic_dir, write_json
 from qat.io.folders import Folder, Kind
@@ -76,7 +77,7 @@ def held_out_loss(model: nn.Module, loader: DataLoader) -> float:
             break
         ids = batch["input_ids"].to(device)
         mask = batch.get("assistant_mask", batch["attention_mask"]).to(device)
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
+        logits = model(**model_inputs({k: v.to(device) for k, v in batch.items()})).logits
         n = int(mask[:, 1:].sum())
         total += float(next_token_ce(logits, ids, mask)) * n
         count += n

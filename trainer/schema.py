@@ -86,10 +86,11 @@ class DataConfig:
     chat_template: bool = setting(False, help="wrap plain text in the tokenizer's chat template")
     val_fraction: float = setting(0.05, range=(0.0, 0.5), help="share of the blocks held out for validation")
     format: str = setting("text", choices=("text", "instructions"), help="text: plain text; instructions: records "
-                          "of chat `messages` or instruction/input/output, through the chat template, with the loss "
-                          "on assistant tokens only (bundled:instructions is a small offline set)")
-    packing: bool = setting(True, help="instructions: several examples per block; false: one example per block, "
-                            "padded")
+                          "of chat `messages`, ShareGPT `conversations` or instruction/input/output, through the chat "
+                          "template, with the loss on assistant tokens only (bundled:instructions is a small offline "
+                          "set)")
+    packing: bool = setting(True, help="instructions: whole examples packed several to a block, each attending only "
+                            "to itself (an example longer than a block is cut); false: one example per block, padded")
 
 
 @dataclass
