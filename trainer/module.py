@@ -14,7 +14,7 @@ from qat.coverage import routers
 from qat.keys import FINGERPRINT_KEY
 
 from .config import TrainConfig
-from .losses import kd_loss, kd_loss_topk, next_token_ce, router_kd_loss
+from .losses import CHUNKED_CE, kd_loss, kd_loss_topk, next_token_ce, router_kd_loss
 from .optim import AdamWBF16, param_groups, resolve_master_weights, warmup_cosine
 
 
@@ -88,6 +88,11 @@ class QATModule(L.LightningModule):
         if self._routers is not None:
             for r in self._routers:
                 r.clear()
+        # QLoRA without a teacher: the cross-entropy from hidden states, no vocabulary-wide logits (trainer/qlora.py)
+        chunked = getattr(self.student, CHUNKED_CE, None)
+        if chunked is not None and self.teacher is None and "teacher_topk_values" not in batch and not self._routers:
+            ce = chunked(ids, mask, batch.get("assistant_mask", mask))
+            return {"ce": ce, "loss": ce}
         student = self.student(input_ids=ids, attention_mask=mask).logits
         # Which tokens are targets (next_token_ce reads mask[:, 1:]) and which positions predict one (KD).
         ce_mask, kd_mask = mask, mask
