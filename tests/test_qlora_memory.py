@@ -12,6 +12,11 @@ import transformers as tf
 from helpers.models import save_tiny_teacher, tiny_llama
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from qat.apply import quantize_model
+from qat.qlora.base import pack_model
+from qat.runtime import packed
+from qat.runtime.packed import PackedLinear
+from qat.spec import parse
 from trainer.config import load_config
 from trainer.losses import CHUNKED_CE, chunked_next_token_ce, next_token_ce
 from trainer.models import enable_checkpointing
@@ -176,3 +181,33 @@ def test_qlora_losses_go_through_the_chunked_ce_and_equal_the_logits_loss(tiny_b
 def test_qlora_recipes_checkpoint_by_default(recipe):
     cfg = load_config(ROOT / "configs" / "qlora" / f"{recipe}.yaml")
     assert cfg.train.mode == "qlora" and cfg.train.gradient_checkpointing
+
+
+@pytest.mark.parametrize("scheme", ["w4g32", "w4g32asym", "w8g32asym", "w3g32", "w4", "wnf4g32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_in_tiles_computes_what_the_whole_weight_computes(scheme, dtype, monkeypatch):
+    model = tiny_llama(dtype)
+    quantize_model(model, parse(scheme))
+    pack_model(model, double_quant="nf4" in scheme)
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    torch.manual_seed(0)
+    results = []
+    for tile in (1 << 30, 32 * 64):  # whole, then tiles of 32 rows (64 wide) / 32 columns
+        monkeypatch.setattr(packed, "TILE_ELEMENTS", tile)
+        out = []
+        for m in layers:
+            x = torch.randn(2, 5, m.in_features, dtype=dtype, generator=torch.Generator().manual_seed(1),
+                            requires_grad=True)
+            y = m(x)
+            y.backward(torch.ones_like(y))
+            out += [y.detach(), x.grad]
+        results.append(out)
+    tiled = [m for m in layers if m.tile_rows() < m.out_features]
+    assert tiled  # the small tile did split layers
+    if scheme != "w4":
+        assert any(m.tile_cols() < m.in_features for m in layers)
+    # Every output element is one dot product over the whole reduction either way; the BLAS may still sum it in
+    # another order for another shape (fp32 here: a few ulps), so: equal up to the last bit or two.
+    tol = {"rtol": 2e-6, "atol": 2e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, **tol)
