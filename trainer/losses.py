@@ -67,7 +67,7 @@ def router_kd_loss(student_logits: list[torch.Tensor], teacher_logits: list[torc
     return torch.stack(terms).mean()
 
 
-CE_CHUNK_ELEMENTS = 1 << 24  # logits per chunk of the chunked cross-entropy: 64 MB in fp32
+CE_CHUNK_ELEMENTS = 1 << 22  # logits per chunk of the chunked cross-entropy: 16 MB in fp32
 CHUNKED_CE = "chunked_ce"  # a student's attribute holding its chunked loss (trainer/qlora.py; QATModule reads it)
 
 
