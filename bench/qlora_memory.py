@@ -1,12 +1,18 @@
 """Benchmark: peak memory and step time of QLoRA (packed int4 / NF4 base) against LoRA on a bf16 base.
 
     python -m bench.qlora_memory [--shapes smollm2-135m,llama-1b] [--batch 1] [--seq 256] [--json out.json]
+        [--variants lora,qlora-int4,qlora-int4+ckpt+chunk,...]
 
 For each shape (random init: speed and memory do not depend on the weights), the same model, batch and
 LoRA adapters (rank --rank on every linear of the decoder, fp32, AdamW) train for --steps steps as
   lora        the base's linears as frozen nn.Linear in the model dtype (--dtype: bf16 on a GPU, fp32 on CPU)
   qlora-int4  the base packed to int4 groups of 64 (qat.qlora: codes dequantized per matmul)
-  qlora-nf4   the base packed to NF4 groups of 64 with double-quantized scales.
+  qlora-nf4   the base packed to NF4 groups of 64 with double-quantized scales,
+each optionally with `+ckpt` (transformers' gradient checkpointing of every decoder layer, the QLoRA recipes'
+default) and `+chunk` (the loss from the hidden states a chunk of tokens at a time, trainer/qlora.py's
+ChunkedCE, as train.mode=qlora computes it; without it the loss is the fp32 cross-entropy of the full logits).
+Besides the resident set, each run counts the bytes autograd saves for backward in its first step (distinct
+storages, parameters and buffers excluded): a deterministic measure of the activations a step keeps.
 Each variant runs in a process of its own, so that one's peak cannot hide another's; the ratios are to the
 `lora` run of the same invocation. Memory: on CUDA `torch.cuda.max_memory_allocated` over the training steps
 and the memory allocated before them; on CPU the process's resident set (VmHWM, reset after the model is
@@ -17,6 +23,7 @@ libraries (about 0.5 GB).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -31,13 +38,16 @@ import torch
 from bench._common import SHAPES, model_shapes
 
 VARIANTS = {"lora": None, "qlora-int4": "w4g64", "qlora-nf4": "wnf4g64"}
+OPTIONS = ("ckpt", "chunk")
+DEFAULT = "lora,qlora-int4+ckpt+chunk,qlora-nf4+ckpt+chunk"  # the QLoRA recipes as they train
 GB = 1 << 30
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="smollm2-135m,llama-1b", type=model_shapes)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=DEFAULT, type=variants,
+                   help=f"comma-separated {'/'.join(VARIANTS)}, each with optional +ckpt and +chunk")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=3)
@@ -47,6 +57,35 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--worker", nargs=2, metavar=("VARIANT", "SHAPE"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def variants(text: str) -> list[str]:
+    out = []
+    for v in text.split(","):
+        name, *opts = v.split("+")
+        if name not in VARIANTS or any(o not in OPTIONS for o in opts):
+            raise argparse.ArgumentTypeError(f"unknown variant {v!r}: {'/'.join(VARIANTS)} with +ckpt and/or +chunk")
+        out.append(v)
+    return out
+
+
+class SavedBytes:
+    """Bytes of the distinct storages autograd saves for backward while active, `exclude`'s tensors left out."""
+
+    def __init__(self, exclude: torch.nn.Module) -> None:
+        self.skip = {t.untyped_storage().data_ptr() for t in [*exclude.parameters(), *exclude.buffers()]}
+        self.seen: dict[int, int] = {}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in self.skip:
+            self.seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
 
 
 def _status(field: str) -> float:
@@ -75,23 +114,31 @@ def worker(variant: str, shape: str, args: argparse.Namespace) -> dict:
     from qat.qlora.base import pack_model
     from qat.qlora.config import LoRAConfig
     from qat.spec import parse
+    from trainer.models import enable_checkpointing
+    from trainer.qlora import ChunkedCE
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     auto = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
+    name, *opts = variant.split("+")
     torch.manual_seed(0)
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(2048, args.seq))
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
     targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
-    if VARIANTS[variant] is None:
+    if "ckpt" in opts:
+        enable_checkpointing(model)  # before peft wraps it, as trainer/qlora.py does
+    if VARIANTS[name] is None:
         model.requires_grad_(False)
         model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets))
     else:
-        quantize_model(model, parse(VARIANTS[variant]), include=targets)
+        quantize_model(model, parse(VARIANTS[name]), include=targets)
         pack_model(model, double_quant=True)
         model = add_adapters(model, LoRAConfig(r=args.rank, alpha=2 * args.rank, dropout=0.0))
     model.train()
+    chunked = ChunkedCE.of(model) if "chunk" in opts else None
+    if "chunk" in opts and chunked is None:
+        raise SystemExit(f"{variant}: the model's logits are not head(hidden state); no chunked loss")
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -106,10 +153,16 @@ def worker(variant: str, shape: str, args: argparse.Namespace) -> dict:
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
     _reset_peak(device)
     times = []
+    saved = SavedBytes(model)
     for step in range(args.steps + 1):  # the first step (allocating optimizer state) is not timed
         t0 = time.perf_counter()
-        logits = model(input_ids=ids).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+        with saved.hooks if not step else contextlib.nullcontext():
+            if chunked is not None:
+                loss = chunked({"input_ids": ids}, None)
+            else:
+                logits = model(input_ids=ids).logits
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+                del logits
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -117,12 +170,12 @@ def worker(variant: str, shape: str, args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         if step:
             times.append(time.perf_counter() - t0)
-        del logits, loss
+        del loss
     peak = torch.cuda.max_memory_allocated() / GB if device.type == "cuda" else _status("VmHWM")
     step_s = statistics.median(times)
     return {"variant": variant, "shape": shape, "device": torch.cuda.get_device_name() if device.type == "cuda"
             else f"cpu, {torch.get_num_threads()} threads", "dtype": str(dtype).replace("torch.", ""),
-            "resident_gb": resident, "peak_gb": peak, "step_s": step_s,
+            "resident_gb": resident, "peak_gb": peak, "step_s": step_s, "saved_gb": saved.total / GB,
             "tokens_per_s": args.batch * args.seq / step_s, "trainable": sum(p.numel() for p in params)}
 
 
@@ -133,7 +186,7 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for shape in args.shapes:
-        for variant in args.variants.split(","):
+        for variant in args.variants:
             cmd = [sys.executable, __file__, "--worker", variant, shape, "--batch", str(args.batch), "--seq",
                    str(args.seq), "--steps", str(args.steps), "--rank", str(args.rank), "--dtype", args.dtype]
             r = subprocess.run(cmd, capture_output=True, text=True)
@@ -141,7 +194,8 @@ def main(argv=None) -> int:
                 print(r.stderr[-3000:], file=sys.stderr)
                 return 1
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-            print(f"{shape} {variant}: peak {rows[-1]['peak_gb']:.2f} GB, {rows[-1]['step_s']:.3f} s/step",
+            print(f"{shape} {variant}: peak {rows[-1]['peak_gb']:.2f} GB, saved for backward "
+                  f"{rows[-1]['saved_gb'] * 1024:.0f} MB, {rows[-1]['step_s']:.3f} s/step",
                   file=sys.stderr, flush=True)
     print(format_table(rows, args))
     if args.json:
@@ -152,15 +206,15 @@ def main(argv=None) -> int:
 def format_table(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [f"device: {rows[0]['device']}, {rows[0]['dtype']} base, batch {args.batch} x {args.seq} tokens, "
              f"LoRA rank {args.rank}", "",
-             "| shape | variant | resident GB | peak GB | peak / lora | s/step | step / lora | tokens/s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| shape | variant | resident GB | peak GB | peak / lora | saved MB | s/step | step / lora | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     base = {r["shape"]: r for r in rows if r["variant"] == "lora"}
     for r in rows:
         ref = base.get(r["shape"])
         mem = f"{r['peak_gb'] / ref['peak_gb']:.2f}" if ref else "-"
         speed = f"{r['step_s'] / ref['step_s']:.2f}" if ref else "-"
         lines.append(f"| {r['shape']} | {r['variant']} | {r['resident_gb']:.2f} | {r['peak_gb']:.2f} | {mem} | "
-                     f"{r['step_s']:.3f} | {speed} | {r['tokens_per_s']:.0f} |")
+                     f"{r['saved_gb'] * 1024:.0f} | {r['step_s']:.3f} | {speed} | {r['tokens_per_s']:.0f} |")
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ from qat.keys import ADAPTER_LAYOUT_KEY, FINGERPRINT_KEY
 from qat.qlora.adapter_fit import adapter_layout, layout_change
 
 from .config import TrainConfig
-from .losses import kd_loss, kd_loss_topk, next_token_ce, router_kd_loss
+from .losses import CHUNKED_CE, kd_loss, kd_loss_topk, next_token_ce, router_kd_loss
 from .optim import AdamWBF16, param_groups, resolve_master_weights, warmup_cosine
 
 
@@ -91,6 +91,11 @@ class QATModule(L.LightningModule):
             for r in self._routers:
                 r.clear()
         inputs = model_inputs(batch)  # packed examples: their positions, attention kept inside each example
+        # QLoRA without a teacher: the cross-entropy from hidden states, no vocabulary-wide logits (trainer/qlora.py)
+        chunked = getattr(self.student, CHUNKED_CE, None)
+        if chunked is not None and self.teacher is None and "teacher_topk_values" not in batch and not self._routers:
+            ce = chunked(inputs, batch.get("assistant_mask", mask))
+            return {"ce": ce, "loss": ce}
         student = self.student(**inputs).logits
         # Which tokens are targets (next_token_ce reads mask[:, 1:]) and which positions predict one (KD).
         ce_mask, kd_mask = mask, mask

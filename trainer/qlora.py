@@ -12,6 +12,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 from torch.utils.data import DataLoader
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from data.blocks import BlockData
 from data.instructions import BUNDLED_INSTRUCTIONS
@@ -25,7 +26,7 @@ from qat.qlora.merge import merge_bf16, merge_qalora, merge_requant
 from qat.runtime.packed_experts import packed_experts
 
 from .config import RunConfig
-from .losses import next_token_ce
+from .losses import CHUNKED_CE, chunked_next_token_ce, next_token_ce
 
 HELD_OUT_BLOCKS = 64  # blocks scored before and after training (the held-out loss of the run)
 
@@ -62,8 +63,73 @@ def build(cfg: RunConfig, load_teacher: Callable[[], nn.Module],
     student = add_adapters(base, cfg.lora)
     if cfg.train.gradient_checkpointing:
         student.enable_input_require_grads()  # the frozen embedding's output must carry grad into the checkpoints
+        train_checkpointed_layers(student)
+    if not cfg.lora.distill:
+        # KD needs the student's logits; the plain (and instruction-masked) cross-entropy does not.
+        setattr(student, CHUNKED_CE, ChunkedCE.of(student))
     teacher = load_teacher() if cfg.lora.distill and not cfg.train.teacher_topk else None
     return student, teacher, base_print, folder
+
+
+def train_checkpointed_layers(model: nn.Module) -> int:
+    """Put the layers that transformers checkpoints (its GradientCheckpointingLayer: a decoder layer) in train
+    mode, alone: a layer recomputes its activations in backward only while `training` is set, and the rest of
+    the base stays in eval (its dropouts off, as the packed base was built). Returns how many were set."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True
+              and isinstance(m, GradientCheckpointingLayer)]
+    for m in layers:
+        m.training = True  # not m.train(): that would switch the layer's attention and MLP dropouts on as well
+    return len(layers)
+
+
+class ChunkedCE:
+    """The student's next-token cross-entropy from its decoder's last hidden state and its output head, scored a
+    chunk of tokens at a time (trainer.losses.chunked_next_token_ce): the (tokens, vocab) fp32 logits, and the
+    softmax autograd would keep of them, never exist. Only for a model whose logits are head(hidden) (softcapped
+    where its config says so), which `of` checks on a few tokens."""
+
+    def __init__(self, decoder: nn.Module, head: nn.Linear, softcap: Optional[float]) -> None:
+        self.decoder, self.head, self.softcap = decoder, head, softcap
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model: nn.Module) -> Optional[ChunkedCE]:
+        """The chunked loss of `model` (a peft model or a causal LM), or None where its logits are not
+        head(hidden): the loss then goes through the model's logits as before."""
+        inner = model.get_base_model() if isinstance(model, PeftModel) else model
+        try:
+            decoder, head = inner.get_decoder(), inner.get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            return None
+        if type(head) is not nn.Linear or decoder is None:  # a packed or adapted head computes otherwise
+            return None
+        config = inner.config.get_text_config() if hasattr(inner.config, "get_text_config") else inner.config
+        loss = cls(decoder, head, getattr(config, "final_logit_softcapping", None))
+        ids = torch.arange(8, device=head.weight.device)[None] % head.weight.shape[0]
+        mode = [(m, m.training) for m in inner.modules()]
+        inner.eval()
+        seen: list[torch.Tensor] = []  # the decoder's output in the same forward: one pass over the base, not two
+        hook = decoder.register_forward_hook(lambda module, args, out: seen.append(out.last_hidden_state))
+        try:
+            want = inner(input_ids=ids).logits.double()
+        finally:
+            hook.remove()
+            for m, training in mode:
+                m.training = training
+        if len(seen) != 1:
+            return None
+        got = loss.logits(seen[0]).double()
+        # a logit scale or another head would differ by far more than the matmul's rounding
+        return loss if got.shape == want.shape and torch.allclose(got, want, rtol=1e-3, atol=1e-3) else None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.head(hidden)
+        return out if self.softcap is None else torch.tanh(out / self.softcap) * self.softcap
+
+    def __call__(self, inputs: dict[str, Optional[torch.Tensor]], loss_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """`inputs`: the model's keyword arguments (`data.packing.model_inputs`: packed blocks bring positions)."""
+        hidden = self.decoder(**inputs).last_hidden_state
+        return chunked_next_token_ce(hidden, self.head, inputs["input_ids"], loss_mask, self.softcap)
 
 
 @torch.no_grad()

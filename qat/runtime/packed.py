@@ -3,8 +3,9 @@
 The codes, scales and zero points are those `convert` writes (an `IntLinear` layout: 2-8 bit codes packed
 into int32 words, 8-bit codes as int8, group or channel scales, optional zero points), or NF4 indices
 with group scales, optionally double-quantized to int8 as in the QLoRA paper. Forward dequantizes the
-weight for one matmul; backward dequantizes it again for the input gradient (`_PackedMatmul`), so no
-weight-sized tensor outlives the matmul that needed it. The weight of a frozen fake-quant `QuantLinear`
+weight for one matmul; backward dequantizes it again for the input gradient (`_PackedMatmul`), a tile of at
+most TILE_ELEMENTS weights at a time, so no weight-sized tensor outlives the matmul that needed it, and a large
+layer's dequantized weight never exists whole. The weight of a frozen fake-quant `QuantLinear`
 would stay in memory next to its quantized copy.
 
 The buffers are not persistent: a checkpoint of a QLoRA run holds its adapters and a fingerprint of the
@@ -13,6 +14,7 @@ base (`qat.qlora.base.fingerprint`), never the base, which is rebuilt from its f
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Optional
 
@@ -29,21 +31,42 @@ from .int_linear import IntLinear
 from .pack import pack_int32, unpack_int32
 
 DQ_BLOCK = 256  # group scales per second-level scale in double quantization (the QLoRA paper's)
+TILE_ELEMENTS = 1 << 22  # weights dequantized at once by a matmul of the packed base: 8 MB in bf16
 
 
 class _PackedMatmul(torch.autograd.Function):
-    """y = x @ W^T + b with W dequantized in forward and again in backward; nothing weight-sized is saved."""
+    """y = x @ W^T + b with W dequantized in forward and again in backward, a tile of at most TILE_ELEMENTS
+    weights at a time; nothing weight-sized is saved or, for a layer of more than one tile, ever held.
+
+    Forward tiles W by output rows, backward (grad_x = grad @ W) by input columns whole groups at a time: either
+    way each output element is one dot product over the whole reduction, as with the untiled weight."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: PackedLinear, dtype: torch.dtype) -> torch.Tensor:  # type: ignore[override]
         ctx.layer, ctx.dtype, ctx.x_dtype = layer, dtype, x.dtype
+        x = x.to(dtype)
         bias = None if layer.bias is None else layer.bias.to(dtype)
-        return F.linear(x.to(dtype), layer.dequantized_weight(dtype), bias)
+        n, step = layer.out_features, layer.tile_rows()
+        if step >= n:
+            return F.linear(x, layer.dequantized_weight(dtype), bias)
+        y = x.new_empty(*x.shape[:-1], n)
+        for r in range(0, n, step):
+            rows = slice(r, min(r + step, n))
+            y[..., rows] = F.linear(x, layer.dequantized_weight(dtype, rows=rows), None if bias is None else bias[rows])
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        w = ctx.layer.dequantized_weight(ctx.dtype)
-        return (grad.to(ctx.dtype) @ w).to(ctx.x_dtype), None, None
+        layer, dtype = ctx.layer, ctx.dtype
+        grad = grad.to(dtype)
+        k, step = layer.in_features, layer.tile_cols()
+        if step >= k:
+            return (grad @ layer.dequantized_weight(dtype)).to(ctx.x_dtype), None, None
+        out = grad.new_empty(*grad.shape[:-1], k, dtype=ctx.x_dtype)
+        for c in range(0, k, step):
+            c1 = min(c + step, k)
+            out[..., c:c1] = grad @ layer.dequantized_weight(dtype, cols=(c, c1))
+        return out, None, None
 
 
 def _nonpersistent(module: nn.Module, name: str) -> None:
@@ -142,35 +165,69 @@ class PackedLinear(IntLinear):
 
     # -- compute ---------------------------------------------------------------------------------
 
-    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """(N, K) weight in `dtype`: codes times scales in fp32 (fp64 for an fp64 model), plus the offset."""
+    def tile_rows(self) -> int:
+        """Output rows per forward tile: at least one."""
+        return max(1, TILE_ELEMENTS // self.in_features)
+
+    def tile_cols(self) -> int:
+        """Input columns per backward tile: whole groups covering whole int32 words (a multiple of 32 columns), or
+        the whole width where groups do not tile it (per channel, or a width that is not a multiple of them)."""
+        k, g = self.in_features, self.group_size
+        align = math.lcm(g, 32)
+        if k % g or align >= k:
+            return k
+        return max(align, TILE_ELEMENTS // self.out_features // align * align)
+
+    def _block(self, rows: slice, cols: Optional[tuple[int, int]]):
+        """(codes, scales, zero points, offsets, width) of the weight block rows x cols, as stored (packed)."""
+        k, g = self.in_features, self.group_size
+        c0, c1 = cols or (0, k)
+        groups = slice(c0 // g, -(-c1 // g))
+        words = slice(c0, c1) if self.bits == 8 else slice(c0 * self.bits // 32, -(-c1 * self.bits // 32))
+        whole = (c0, c1) == (0, k)
+
+        def take(t: Optional[torch.Tensor], cut: slice) -> Optional[torch.Tensor]:
+            if t is None:
+                return None
+            t = t[rows]
+            return t if whole else t[:, cut].contiguous()
+
+        scale = self.group_scales()[rows] if self.nf4 else self.scale[rows]
+        return (take(self.qweight, words), scale if whole else scale[:, groups].contiguous(), take(self.zero, groups),
+                take(self.offset, groups), c1 - c0)
+
+    def dequantized_weight(self, dtype: Optional[torch.dtype] = None, rows: slice = slice(None),
+                           cols: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """(N, K) weight in `dtype`: codes times scales in fp32 (fp64 for an fp64 model), plus the offset; or its
+        block `rows` x `cols` (columns [c0, c1), c0 a multiple of the group size and of 32: see tile_cols)."""
         dtype = dtype or self.compute_dtype
-        n, k, g = self.out_features, self.in_features, self.group_size
+        qweight, scale, zero, offset, k = self._block(rows, cols)
+        n, g = qweight.shape[0], self.group_size
         wide = torch.float64 if self.compute_dtype == torch.float64 else torch.float32
         if self.nf4:
-            idx = unpack_int32(self.qweight, 4, k).long()
-            w = NF4_LEVELS.to(idx.device, wide)[idx].reshape(n, -1, g) * self.group_scales().to(wide).unsqueeze(-1)
-        elif (wide == torch.float32 and self.offset is None and ops.kernels_enabled()
-              and device_path(self.qweight, "int_linear")):
+            idx = unpack_int32(qweight, 4, k).long()
+            w = NF4_LEVELS.to(idx.device, wide)[idx].reshape(n, -1, g) * scale.to(wide).unsqueeze(-1)
+        elif (wide == torch.float32 and offset is None and ops.kernels_enabled()
+              and device_path(qweight, "int_linear")):
             # The runtime's dequantization (its Triton kernel on the device path): the numbers below, bit for bit.
-            return ops.dequantize_weight(self.qweight, self.scale, self.zero, self.bits, g, k, dtype)
+            return ops.dequantize_weight(qweight, scale, zero, self.bits, g, k, dtype)
         else:
             # (code - zero) * scale with the codes widened once. The integers (|code - zero| <= 255) are exact in
             # every float dtype, and a product of two bf16/fp16 values is exact in fp32, so computing in the
             # scales' own dtype rounds once, as fake quant's fp32 product cast to that dtype does: the same bits
             # at half the memory traffic (this runs twice per step on CPU).
-            work = dtype if self.offset is None and self.scale.dtype == dtype else wide
+            work = dtype if offset is None and scale.dtype == dtype else wide
             if self.bits == 8:
-                c, center = self.qweight, self.zero
+                c, center = qweight, zero
             else:
-                c = unpack_int32(self.qweight, self.bits, k)
-                center = self.zero if self.zero is not None else torch.full((1, 1), 1 << (self.bits - 1))
+                c = unpack_int32(qweight, self.bits, k)
+                center = zero if zero is not None else torch.full((1, 1), 1 << (self.bits - 1))
             w = c.to(work).reshape(n, -1, g)
             if center is not None:
                 w = w - center.to(w.device, work).unsqueeze(-1)
-            w = w * self.scale.to(work).unsqueeze(-1)
-        if self.offset is not None:
-            w = w + self.offset.to(wide).unsqueeze(-1)
+            w = w * scale.to(work).unsqueeze(-1)
+        if offset is not None:
+            w = w + offset.to(wide).unsqueeze(-1)
         return w.reshape(n, k).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
