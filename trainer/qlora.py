@@ -184,7 +184,7 @@ def finish(cfg: RunConfig, student: PeftModel, tokenizer, out_dir: Path, dm: Blo
         merged = _merge(cfg, student, dm, folder, out_dir)
         if test is not None:
             losses[f"merged ({merge})"] = held_out_loss(merged, test)
-        if merge == "qalora":  # an integer checkpoint (format version 2), tokenizer files copied from the base
+        if merge == "qalora":  # an integer checkpoint (format version 4), tokenizer files copied from the base
             # replace: a rerun of a finished (or killed after this) run writes its own model/ again
             convert_model(merged, model_dir, source=folder.path, replace=True)
         else:
