@@ -1,7 +1,7 @@
 """Benchmark: how much of what QLoRA training gained each merge keeps, on the bundled instruction set's held-out split.
 
     python -m bench.qlora_merges --run runs/qlora_int4 [--rows base,qlora,rtn,gptq,gptq-grid,gptq-keep,fp]
-        [--blocks 16] [--per-task 20] [--json out.json]
+        [--blocks 16] [--per-task 20] [--calib-blocks N] [--json out.json]
 
 `--run` is a finished `distqat train train.mode=qlora` folder (its `adapters/` and `config.yaml`, any lora.merge).
 Each row is scored on the same held-out blocks (cross-entropy on the assistant tokens of `--blocks` blocks of the
@@ -24,6 +24,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -40,7 +41,7 @@ from trainer.qlora import HELD_OUT_BLOCKS, held_out, held_out_loss
 ROWS = ("base", "qlora", "qalora", "rtn", "gptq", "gptq-grid", "gptq-keep", "fp")
 
 
-def _model(row: str, run: Path, cfg, dm: BlockData):
+def _model(row: str, run: Path, cfg, dm: BlockData, calib_blocks: Optional[int]):
     base, _ = build_base(cfg.model.name_or_path, cfg.quant, cfg.model.dtype, cfg.model.attn_implementation, False,
                          cfg.lora.double_quant)
     peft = load_adapters(base, run / "adapters")
@@ -53,11 +54,11 @@ def _model(row: str, run: Path, cfg, dm: BlockData):
     calib = None
     if row in CALIBRATED_REQUANT:
         dm.setup()
-        calib = dm.train_blocks[: min(cfg.ptq.n_samples, len(dm.train_blocks))].long()
+        calib = dm.train_blocks[: min(calib_blocks or cfg.ptq.n_samples, len(dm.train_blocks))].long()
     return merge_requant(peft, row, calib, cfg.ptq.gptq)[0]
 
 
-def score(row: str, run: Path, blocks: int, per_task: int) -> dict:
+def score(row: str, run: Path, blocks: int, per_task: int, calib_blocks: Optional[int] = None) -> dict:
     cfg = load_config(run / "config.yaml")
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     t = cfg.train
@@ -67,7 +68,7 @@ def score(row: str, run: Path, blocks: int, per_task: int) -> dict:
                    total_samples=t.max_steps * t.grad_accum * t.micro_batch_size, format=cfg.data.format,
                    packing=cfg.data.packing)
     t0 = time.perf_counter()
-    model = _model(row, run, cfg, dm)
+    model = _model(row, run, cfg, dm, calib_blocks)
     merge_s = time.perf_counter() - t0
     model.eval()
     test = held_out(cfg, dm, tokenizer)
@@ -110,6 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default="base,qlora,rtn,gptq,gptq-grid,gptq-keep,fp")
     ap.add_argument("--blocks", type=int, default=16, help="held-out blocks scored (the run's own loss: 64)")
     ap.add_argument("--per-task", type=int, default=20, help="questions per task (title, section)")
+    ap.add_argument("--calib-blocks", type=int, help="calibration blocks of the calibrated merges (default: the "
+                    "run's ptq.n_samples, as its own merge)")
     ap.add_argument("--json", type=Path, help="write the rows' results here")
     ap.add_argument("--table", nargs="+", type=Path, help="print the table of these --json files and stop")
     a = ap.parse_args(argv)
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
         return 2
     out = []
     for row in rows:
-        out.append(score(row, a.run, a.blocks, a.per_task))
+        out.append(score(row, a.run, a.blocks, a.per_task, a.calib_blocks))
         print(json.dumps({k: v for k, v in out[-1].items() if k != "answers"}), file=sys.stderr, flush=True)
         if a.json:
             a.json.write_text(json.dumps(out, indent=1))
