@@ -1,7 +1,7 @@
 """Benchmark: how much of what QLoRA training gained each merge keeps, on the bundled instruction set's held-out split.
 
     python -m bench.qlora_merges --run runs/qlora_int4 [--rows base,qlora,rtn,gptq,gptq-grid,gptq-keep,fp]
-        [--blocks 16] [--per-task 20] [--calib-blocks N] [--json out.json]
+        [--blocks 16] [--per-task 20] [--calib-blocks N] [--damp D] [--json out.json]
 
 `--run` is a finished `distqat train train.mode=qlora` folder (its `adapters/` and `config.yaml`, any lora.merge).
 Each row is scored on the same held-out blocks (cross-entropy on the assistant tokens of `--blocks` blocks of the
@@ -23,6 +23,7 @@ import contextlib
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -41,7 +42,7 @@ from trainer.qlora import HELD_OUT_BLOCKS, held_out, held_out_loss
 ROWS = ("base", "qlora", "qalora", "rtn", "gptq", "gptq-grid", "gptq-keep", "fp")
 
 
-def _model(row: str, run: Path, cfg, dm: BlockData, calib_blocks: Optional[int]):
+def _model(row: str, run: Path, cfg, dm: BlockData, calib_blocks: Optional[int], damp: Optional[float]):
     base, _ = build_base(cfg.model.name_or_path, cfg.quant, cfg.model.dtype, cfg.model.attn_implementation, False,
                          cfg.lora.double_quant)
     peft = load_adapters(base, run / "adapters")
@@ -55,10 +56,11 @@ def _model(row: str, run: Path, cfg, dm: BlockData, calib_blocks: Optional[int])
     if row in CALIBRATED_REQUANT:
         dm.setup()
         calib = dm.train_blocks[: min(calib_blocks or cfg.ptq.n_samples, len(dm.train_blocks))].long()
-    return merge_requant(peft, row, calib, cfg.ptq.gptq)[0]
+    return merge_requant(peft, row, calib, cfg.ptq.gptq if damp is None else replace(cfg.ptq.gptq, damp=damp))[0]
 
 
-def score(row: str, run: Path, blocks: int, per_task: int, calib_blocks: Optional[int] = None) -> dict:
+def score(row: str, run: Path, blocks: int, per_task: int, calib_blocks: Optional[int] = None,
+          damp: Optional[float] = None) -> dict:
     cfg = load_config(run / "config.yaml")
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     t = cfg.train
@@ -68,7 +70,7 @@ def score(row: str, run: Path, blocks: int, per_task: int, calib_blocks: Optiona
                    total_samples=t.max_steps * t.grad_accum * t.micro_batch_size, format=cfg.data.format,
                    packing=cfg.data.packing)
     t0 = time.perf_counter()
-    model = _model(row, run, cfg, dm, calib_blocks)
+    model = _model(row, run, cfg, dm, calib_blocks, damp)
     merge_s = time.perf_counter() - t0
     model.eval()
     test = held_out(cfg, dm, tokenizer)
@@ -113,6 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--per-task", type=int, default=20, help="questions per task (title, section)")
     ap.add_argument("--calib-blocks", type=int, help="calibration blocks of the calibrated merges (default: the "
                     "run's ptq.n_samples, as its own merge)")
+    ap.add_argument("--damp", type=float, help="ptq.gptq.damp of the GPTQ merges (default: the run's)")
     ap.add_argument("--json", type=Path, help="write the rows' results here")
     ap.add_argument("--table", nargs="+", type=Path, help="print the table of these --json files and stop")
     a = ap.parse_args(argv)
@@ -127,7 +130,7 @@ def main(argv=None) -> int:
         return 2
     out = []
     for row in rows:
-        out.append(score(row, a.run, a.blocks, a.per_task, a.calib_blocks))
+        out.append(score(row, a.run, a.blocks, a.per_task, a.calib_blocks, a.damp))
         print(json.dumps({k: v for k, v in out[-1].items() if k != "answers"}), file=sys.stderr, flush=True)
         if a.json:
             a.json.write_text(json.dumps(out, indent=1))
