@@ -144,5 +144,5 @@ def test_merge_refusals_name_the_key_and_the_fix():
         merge_qalora(with_adapters("w4g32"))
     with pytest.raises(ValueError, match=r"lora.merge=qalora needs an integer weight-only.*requant or bf16"):
         merge_qalora(with_adapters("w4g32a8", variant="qalora"))
-    with pytest.raises(ValueError, match="lora.requant='nearest': use rtn or gptq"):
+    with pytest.raises(ValueError, match="lora.requant='nearest': use rtn, gptq, gptq-grid or gptq-keep"):
         merge_requant(with_adapters("w4g32"), "nearest")

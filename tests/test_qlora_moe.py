@@ -307,3 +307,19 @@ def test_requant_merge_gives_a_zero_adapter_back_and_keeps_a_real_one(family):
     with torch.no_grad():
         got = merged(x).logits
     assert (got - want).abs().mean() < 0.1 * (want - want.mean()).abs().mean()
+
+
+@pytest.mark.parametrize("method", ["gptq-grid", "gptq-keep"])
+def test_grid_requant_rounds_experts_to_nearest_and_gives_a_zero_adapter_back(method):
+    model = adapted(next(iter(FAMILIES)), "w8g16asym", std=0.0)
+    base = {n.replace(".base_layer", ""): m.experts_weight(torch.float32) for n, m in model.named_modules()
+            if isinstance(m, PackedExpertStack)}
+    merged, report = merge_requant(model, method, calib_ids=ids(4, 16))
+    assert all(r["error"] == 0.0 for r in report) and len(report) == 12
+    # no per-expert Hessian in the grid re-roundings: expert stacks round to nearest, the linears by `method`
+    assert {r["algorithm"] for r in report if "experts" in r["name"]} == {"rtn-grid"}
+    assert {r["algorithm"] for r in report if "experts" not in r["name"]} == {method}
+    for name, w in base.items():
+        parent, _, param = name.removeprefix("base_model.model.").rpartition(".")
+        owner = merged.get_submodule(parent)
+        assert isinstance(owner, QuantExperts) and torch.equal(owner.quantized_weight(param).detach(), w)

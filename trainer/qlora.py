@@ -22,6 +22,7 @@ from qat.io.atomic import atomic_dir, write_json
 from qat.io.folders import Folder, Kind
 from qat.qlora.adapters import add_adapters, save_adapters
 from qat.qlora.base import build_base, fingerprint
+from qat.qlora.config import CALIBRATED_REQUANT
 from qat.qlora.merge import merge_bf16, merge_qalora, merge_requant
 from qat.runtime.packed_experts import packed_experts
 
@@ -213,7 +214,7 @@ def _merge(cfg: RunConfig, student: PeftModel, dm: BlockData, folder: Folder, ou
     if cfg.lora.merge == "bf16":
         return merge_bf16(student)
     n = min(cfg.ptq.n_samples, len(dm.train_blocks))
-    calib = dm.train_blocks[:n].long() if cfg.lora.requant == "gptq" else None
+    calib = dm.train_blocks[:n].long() if cfg.lora.requant in CALIBRATED_REQUANT else None
     model, report = merge_requant(student, cfg.lora.requant, calib, cfg.ptq.gptq)
     write_json(out_dir / "merge_report.json", {"merge": f"requant-{cfg.lora.requant}", "layers": report})
     return model

@@ -155,3 +155,78 @@ class GPTQ(Rounding):
         if c.clip and spec.scale_method == "minmax":  # a scale method the user chose is kept
             spec = replace(spec, scale_method="mse")
         return gptq(weight, h, spec, c.damp, c.block_size, c.act_order, c.static_groups, weight.dtype, nvfp4_exp)
+
+
+def _grid_columns(t: Optional[torch.Tensor], spec: TensorSpec, n_out: int, n_in: int) -> Optional[torch.Tensor]:
+    """Scale or zero rows laid out as `weight_rows` of the spec -> (n_out, groups): column j reads group j // gs."""
+    if t is None:
+        return None
+    if spec.granularity == "tensor":
+        return t.reshape(1, 1).expand(n_out, 1)
+    if spec.granularity == "channel":
+        return t.reshape(n_out, 1)
+    return t.reshape(n_out, n_in // spec.group_size)
+
+
+@torch.no_grad()
+def gptq_on_grid(
+    w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], spec: TensorSpec,
+    damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+    fixed: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's column-by-column rounding with error feedback onto a grid that is given, not chosen: `scale` (and
+    the unsigned `zero`) as `weight_rows` of the spec lays them out, e.g. a packed base's own grid, so that only
+    the codes move. `fixed` = (codes, mask), both (out, in): where mask is true the code is `codes` whatever the
+    updated weight rounds to (its rounding error is still fed forward). Integer and nf4 grids.
+
+    Returns (dequantized weight, int32 codes), in w's shape; a weight already on the grid comes back unchanged.
+    """
+    if spec.format not in ("int", "nf4"):
+        raise ValueError(f"gptq_on_grid rounds onto an integer or nf4 grid, not {spec.format}")
+    dt = torch.float64 if w.dtype == torch.float64 else torch.float32
+    W = w.detach().to(dt).clone()
+    H = h.detach().to(dt).clone()
+    n_out, n_in = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1  # an input that never fires carries no error forward; its weight still rounds (kept as is)
+    S = _grid_columns(scale.detach(), spec, n_out, n_in).to(dt)
+    Z = _grid_columns(None if zero is None else zero.detach(), spec, n_out, n_in)
+    Z = None if Z is None else Z.to(dt)
+    gs = spec.group_size if spec.granularity == "group" else n_in
+    cols = list(range(n_in))
+    if act_order:  # the grid is fixed, so visiting columns out of order needs no static groups
+        cols = torch.argsort(torch.diag(H), descending=True).tolist()
+    perm = torch.tensor(cols, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    if fixed is not None:
+        fixed = (fixed[0][:, perm], fixed[1][:, perm])
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    try:
+        L = torch.linalg.cholesky(H)
+    except RuntimeError as e:
+        raise ValueError(f"gptq: the damped Hessian is not positive definite ({e}); raise ptq.gptq.damp") from None
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    Q = torch.zeros_like(W)
+    codes = torch.zeros(W.shape, dtype=torch.int32, device=W.device)
+    levels = NF4_LEVELS.to(W.device, dt) if spec.format == "nf4" else None
+    for i1 in range(0, n_in, block_size):
+        i2 = min(i1 + block_size, n_in)
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(n_out, i2 - i1, dtype=dt, device=W.device), \
+            Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            k = 0 if S.shape[1] == 1 else cols[i1 + i] // gs
+            s = S[:, k]
+            if levels is not None:
+                c = (W1[:, i] / s).unsqueeze(-1).sub(levels).abs().argmin(-1)
+            else:
+                c = torch.clamp(torch.round(W1[:, i] / s) + (0 if Z is None else Z[:, k]), spec.qmin, spec.qmax)
+            if fixed is not None:
+                c = torch.where(fixed[1][:, i1 + i], fixed[0][:, i1 + i].to(c.dtype), c)
+            q = levels[c.long()] * s if levels is not None else (c - (0 if Z is None else Z[:, k])) * s
+            Q[:, i1 + i], codes[:, i1 + i] = q, c.to(torch.int32)
+            err = (W1[:, i] - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    return Q[:, inv].to(w.dtype), codes[:, inv]

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from ..options import setting
 
 DTYPES = ("float32", "bfloat16", "float16")
+REQUANT = ("rtn", "gptq", "gptq-grid", "gptq-keep")
+CALIBRATED_REQUANT = ("gptq", "gptq-grid", "gptq-keep")  # the lora.requant choices that need calibration text
 
 
 @dataclass
@@ -22,9 +24,12 @@ class LoRAConfig:
     merge: str = setting("none", choices=("none", "qalora", "requant", "bf16"), help="what train writes besides "
                          "the adapters: qalora (into the zero points: an integer checkpoint), requant (dequantized "
                          "base + adapter, re-rounded: a PTQ folder), bf16 (a full-precision folder), none")
-    requant: str = setting("rtn", choices=("rtn", "gptq"), help="merge=requant: rtn rounds onto the base's own "
-                           "grid (a zero adapter gives the base back bit for bit); gptq quantizes the merged "
-                           "weight afresh (ptq.gptq settings) on calibration from the training text")
+    requant: str = setting("rtn", choices=REQUANT, help="merge=requant: rtn rounds onto the base's own grid (a "
+                           "zero adapter gives the base back bit for bit); gptq quantizes the merged weight afresh "
+                           "(ptq.gptq settings) on calibration from the training text; gptq-grid rounds it onto the "
+                           "base's own grid with GPTQ's error feedback on that calibration (only codes move; a zero "
+                           "adapter gives the base back); gptq-keep likewise, but keeps every base code the merged "
+                           "weight still rounds to")
     double_quant: bool = setting(True, help="an nf4 base quantized at load stores its group scales as int8 too "
                                  "(QLoRA's double quantization)")
     adapter: str = setting("", group="use", help="eval and generate: run the model with this adapter folder on "

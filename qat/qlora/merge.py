@@ -6,7 +6,8 @@
 - `requant`: the base dequantized (not the original fp weights) plus the adapter, quantized again: RTN onto
   the base's own grid (its scales and zero points, so a zero adapter gives the base back bit for bit; a
   group the merged weight leaves gets fresh min/max scales instead of clipping), or GPTQ afresh from the
-  merged weight on calibration text. The result is a PTQ folder; each layer's merge error goes into a report.
+  merged weight on calibration text, or GPTQ's error feedback onto the base's own grid (`gptq-grid`, `gptq-keep`:
+  `requant.py`). The result is a PTQ folder; each layer's merge error goes into a report.
 - `bf16`: the base dequantized plus the adapter as a plain full-precision model.
 
 A packed experts stack is a `PackedLinear` over its (E*out, in) rows and its adapter's weight comes over the same
@@ -38,6 +39,7 @@ from ..runtime.packed_experts import PackedExpertStack
 from ..spec import QuantSpec, TensorSpec
 from .adapters import PackedLoraLinear
 from .expert_adapters import PackedLoraExperts
+from .requant import GRID_METHODS, requant_on_grid
 
 LORA_LAYERS = (PackedLoraLinear, PackedLoraExperts)
 
@@ -107,6 +109,12 @@ def _widened(rows: torch.Tensor, s: torch.Tensor, z: Optional[torch.Tensor], spe
     return s, z
 
 
+def _nearest(base: PackedLinear, target: torch.Tensor, s: torch.Tensor, z: Optional[torch.Tensor]) -> torch.Tensor:
+    """`target` rounded to nearest on the grid (s, z) laid out as `weight_rows` of the base's spec."""
+    rows = weight_rows(target, base.weight_spec)
+    return dequantize_codes(quantize_codes(rows, s, z, base.weight_spec), s, z, base.weight_spec).reshape(target.shape)
+
+
 def _merged_weights(peft_model: PeftModel) -> dict[str, tuple[PackedLinear, torch.Tensor, torch.Tensor]]:
     """Base-model name -> (packed layer, its dequantized weight, the adapter's weight), fp32, every packed linear."""
     adapted = _adapted(peft_model)
@@ -139,31 +147,39 @@ def merge_requant(
     spec: QuantSpec = quant_spec_of(peft_model.base_model.model)
     model = peft_model.unload()
     report = []
-    if method == "rtn":
+    if method in ("rtn", *GRID_METHODS):
+        if method != "rtn" and calib_ids is None:
+            raise ValueError(f"lora.requant={method} needs calibration token ids (the training text gives them)")
         fspec = frozen_spec(spec)
-        experts: dict[str, tuple[PackedExpertStack, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = {}
+        grids = {name: _widened(weight_rows(w0 + delta, base.weight_spec), *_grid(base), base.weight_spec,
+                                base.compute_dtype) for name, (base, w0, delta) in merged.items()}
+        # rtn, and the packed expert stacks of the grid methods (no per-expert Hessian there): to nearest
+        tag = {"algorithm": "rtn-grid"} if method != "rtn" else {}
+        rounded = {name: (_nearest(base, w0 + delta, *grids[name]), tag)
+                   for name, (base, w0, delta) in merged.items()
+                   if method == "rtn" or isinstance(base, PackedExpertStack)}
+        experts = {n: (merged[n][0], w, *grids[n]) for n, (w, _) in rounded.items()
+                   if isinstance(merged[n][0], PackedExpertStack)}
+        for parent, stacks in _by_module(experts).items():
+            module = _restore(model, parent, {p: (b, w) for p, (b, w, _, _) in stacks.items()})
+            _freeze_experts(module, parent, {p: (b, s, z) for p, (b, _, s, z) in stacks.items()})
+        if method != "rtn":
+            linears = {n: (b, w0 + d, w0) for n, (b, w0, d) in merged.items() if n not in rounded}
+            rounded.update(requant_on_grid(model, linears, grids, method, calib_ids, gptq or GPTQConfig()))
         for name, (base, w0, delta) in merged.items():
-            target = w0 + delta
-            wspec = base.weight_spec
-            rows = weight_rows(target, wspec)
-            s, z = _widened(rows, *_grid(base), wspec, base.compute_dtype)
-            codes = quantize_codes(rows, s, z, wspec)
-            w = dequantize_codes(codes, s, z, wspec).reshape(target.shape)
-            report.append({"name": name, **_error(w, target, delta, w0)})
+            w, extra = rounded[name]
+            report.append({"name": name, **_error(w, w0 + delta, delta, w0), **extra})
             if isinstance(base, PackedExpertStack):
-                experts[name] = (base, w, s, z)
                 continue
+            s, z = grids[name]
             lin = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
                             dtype=base.compute_dtype, device=w.device)
             lin.weight.requires_grad_(False)
-            q = QuantLinear.from_linear(lin, replace(wspec, learnable="lsq"), base.act_spec)
+            q = QuantLinear.from_linear(lin, replace(base.weight_spec, learnable="lsq"), base.act_spec)
             freeze(q, w, s, z)
             if base.bias is not None:
                 q.bias.copy_(base.bias)
             _replace(model, name, q)
-        for parent, stacks in _by_module(experts).items():
-            module = _restore(model, parent, {p: (b, w) for p, (b, w, _, _) in stacks.items()})
-            _freeze_experts(module, parent, {p: (b, s, z) for p, (b, _, s, z) in stacks.items()})
         setattr(model.config, QUANT_KEY, fspec.to_dict())
     elif method == "gptq":
         if calib_ids is None:
@@ -195,7 +211,7 @@ def merge_requant(
                 w = model.get_submodule(name).quantized_weight().float()
             report.append({"name": name, **_error(w, target, delta, w0)})
     else:
-        raise ValueError(f"lora.requant={method!r}: use rtn or gptq")
+        raise ValueError(f"lora.requant={method!r}: use rtn, gptq, gptq-grid or gptq-keep")
     setattr(model.config, PTQ_KEY, {"method": f"qlora+requant-{method}",
                                     "calib_tokens": 0 if calib_ids is None else int(calib_ids.numel())})
     return model, report
