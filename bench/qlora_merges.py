@@ -56,7 +56,8 @@ def _model(row: str, run: Path, cfg, dm: BlockData, calib_blocks: Optional[int],
     if row in CALIBRATED_REQUANT:
         dm.setup()
         calib = dm.train_blocks[: min(calib_blocks or cfg.ptq.n_samples, len(dm.train_blocks))].long()
-    return merge_requant(peft, row, calib, cfg.ptq.gptq if damp is None else replace(cfg.ptq.gptq, damp=damp))[0]
+    damp = cfg.lora.requant_damp if damp is None else damp
+    return merge_requant(peft, row, calib, replace(cfg.ptq.gptq, damp=damp))[0]
 
 
 def score(row: str, run: Path, blocks: int, per_task: int, calib_blocks: Optional[int] = None,
@@ -115,7 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--per-task", type=int, default=20, help="questions per task (title, section)")
     ap.add_argument("--calib-blocks", type=int, help="calibration blocks of the calibrated merges (default: the "
                     "run's ptq.n_samples, as its own merge)")
-    ap.add_argument("--damp", type=float, help="ptq.gptq.damp of the GPTQ merges (default: the run's)")
+    ap.add_argument("--damp", type=float, help="GPTQ's damping in the GPTQ merges (default: the run's "
+                    "lora.requant_damp)")
     ap.add_argument("--json", type=Path, help="write the rows' results here")
     ap.add_argument("--table", nargs="+", type=Path, help="print the table of these --json files and stop")
     a = ap.parse_args(argv)

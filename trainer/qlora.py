@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -215,6 +216,6 @@ def _merge(cfg: RunConfig, student: PeftModel, dm: BlockData, folder: Folder, ou
         return merge_bf16(student)
     n = min(cfg.ptq.n_samples, len(dm.train_blocks))
     calib = dm.train_blocks[:n].long() if cfg.lora.requant in CALIBRATED_REQUANT else None
-    model, report = merge_requant(student, cfg.lora.requant, calib, cfg.ptq.gptq)
+    model, report = merge_requant(student, cfg.lora.requant, calib, replace(cfg.ptq.gptq, damp=cfg.lora.requant_damp))
     write_json(out_dir / "merge_report.json", {"merge": f"requant-{cfg.lora.requant}", "layers": report})
     return model
