@@ -2,7 +2,8 @@
 
 - `qalora`: a QA-LoRA adapter's weight is constant on each (row, weight group) block, so it folds exactly
   into the zero point: the codes and scales stay, and a real-valued part of the zero point (an offset per
-  block, in weight units) is added. The result is an integer checkpoint of format version 2.
+  block, in weight units) is added. Convert writes it with float zero points (format version 4, which
+  transformers loads; `qat.export.real_zero`).
 - `requant`: the base dequantized (not the original fp weights) plus the adapter, quantized again: RTN onto
   the base's own grid (its scales and zero points, so a zero adapter gives the base back bit for bit; a
   group the merged weight leaves gets fresh min/max scales instead of clipping), or GPTQ afresh from the
