@@ -27,6 +27,17 @@ from .parts import Rounded, Rounding
 
 
 @torch.no_grad()
+
+def damped_inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, GPTQ's column-update operator (H damped in
+    place)."""
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    try:
+        L = torch.linalg.cholesky(H)
+    except RuntimeError as e:
+        raise ValueError(f"gptq: the damped Hessian is not positive definite ({e}); raise ptq.gptq.damp") from None
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
 def gptq(
     w: torch.Tensor, h: torch.Tensor, spec: TensorSpec, damp: float = 0.01, block_size: int = 128,
     act_order: bool = False, static_groups: bool = True, scale_dtype: Optional[torch.dtype] = None,
@@ -74,12 +85,7 @@ def gptq(
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
-    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    try:
-        L = torch.linalg.cholesky(H)
-    except RuntimeError as e:
-        raise ValueError(f"gptq: the damped Hessian is not positive definite ({e}); raise ptq.gptq.damp") from None
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    Hinv = damped_inverse_cholesky(H, damp)
 
     Q = torch.zeros_like(W)
     # fp4 keeps each column's e2m1 values (in W's dtype) and packs them into nibbles once at the end
@@ -200,12 +206,7 @@ def gptq_on_grid(
     W, H = W[:, perm], H[perm][:, perm]
     if fixed is not None:
         fixed = (fixed[0][:, perm], fixed[1][:, perm])
-    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    try:
-        L = torch.linalg.cholesky(H)
-    except RuntimeError as e:
-        raise ValueError(f"gptq: the damped Hessian is not positive definite ({e}); raise ptq.gptq.damp") from None
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    Hinv = damped_inverse_cholesky(H, damp)
     Q = torch.zeros_like(W)
     codes = torch.zeros(W.shape, dtype=torch.int32, device=W.device)
     levels = NF4_LEVELS.to(W.device, dt) if spec.format == "nf4" else None
