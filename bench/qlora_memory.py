@@ -8,6 +8,10 @@ LoRA adapters (rank --rank on every linear of the decoder, fp32, AdamW) train fo
   lora        the base's linears as frozen nn.Linear in the model dtype (--dtype: bf16 on a GPU, fp32 on CPU)
   qlora-int4  the base packed to int4 groups of 64 (qat.qlora: codes dequantized per matmul)
   qlora-nf4   the base packed to NF4 groups of 64 with double-quantized scales,
+  bnb-nf4     peft + bitsandbytes as users run it: the model saved, loaded again with transformers'
+              BitsAndBytesConfig (NF4, blocks of 64, double quant, compute in the model dtype), then peft's
+              prepare_model_for_kbit_training (its gradient checkpointing with `+ckpt`) and LoRA on the same
+              linears (needs bitsandbytes importable; refused with `+chunk`, which is distqat's loss),
 each optionally with `+ckpt` (transformers' gradient checkpointing of every decoder layer, the QLoRA recipes'
 default) and `+chunk` (the loss from the hidden states a chunk of tokens at a time, trainer/qlora.py's
 ChunkedCE, as train.mode=qlora computes it; without it the loss is the fp32 cross-entropy of the full logits).
@@ -26,6 +30,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -37,7 +42,7 @@ import torch
 
 from bench._common import SHAPES, model_shapes
 
-VARIANTS = {"lora": None, "qlora-int4": "w4g64", "qlora-nf4": "wnf4g64"}
+VARIANTS = {"lora": None, "qlora-int4": "w4g64", "qlora-nf4": "wnf4g64", "bnb-nf4": "bitsandbytes"}
 OPTIONS = ("ckpt", "chunk")
 DEFAULT = "lora,qlora-int4+ckpt+chunk,qlora-nf4+ckpt+chunk"  # the QLoRA recipes as they train
 GB = 1 << 30
@@ -65,6 +70,8 @@ def variants(text: str) -> list[str]:
         name, *opts = v.split("+")
         if name not in VARIANTS or any(o not in OPTIONS for o in opts):
             raise argparse.ArgumentTypeError(f"unknown variant {v!r}: {'/'.join(VARIANTS)} with +ckpt and/or +chunk")
+        if name == "bnb-nf4" and "chunk" in opts:
+            raise argparse.ArgumentTypeError(f"{v}: +chunk is distqat's loss; bitsandbytes runs take the full logits")
         out.append(v)
     return out
 
@@ -104,6 +111,26 @@ def _reset_peak(device: torch.device) -> None:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
 
 
+def _bitsandbytes(model: torch.nn.Module, dtype: torch.dtype, targets: list[str], ckpt: bool, rank: int):
+    """The same model through transformers + bitsandbytes NF4 + peft, the way a peft user builds QLoRA."""
+    # lazy: only this variant needs bitsandbytes, which distqat does not depend on
+    import tempfile
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        del model
+        gc.collect()
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=q, dtype=dtype, device_map="cpu"
+                                                     if not torch.cuda.is_available() else "cuda")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt)
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets))
+
+
 def worker(variant: str, shape: str, args: argparse.Namespace) -> dict:
     # lazy: the parent process only launches workers and needs none of these
     from peft import LoraConfig, get_peft_model
@@ -126,9 +153,11 @@ def worker(variant: str, shape: str, args: argparse.Namespace) -> dict:
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
     targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
-    if "ckpt" in opts:
+    if "ckpt" in opts and name != "bnb-nf4":
         enable_checkpointing(model)  # before peft wraps it, as trainer/qlora.py does
-    if VARIANTS[name] is None:
+    if name == "bnb-nf4":
+        model = _bitsandbytes(model, dtype, targets, "ckpt" in opts, args.rank)
+    elif VARIANTS[name] is None:
         model.requires_grad_(False)
         model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets))
     else:
@@ -185,6 +214,9 @@ def main(argv=None) -> int:
         print(json.dumps(worker(*args.worker, args)))
         return 0
     rows = []
+    if importlib.util.find_spec("bitsandbytes") is None and any(v.startswith("bnb-") for v in args.variants):
+        print("bench.qlora_memory: bitsandbytes is not installed; its variants are skipped", file=sys.stderr)
+        args.variants = [v for v in args.variants if not v.startswith("bnb-")]
     for shape in args.shapes:
         for variant in args.variants:
             cmd = [sys.executable, __file__, "--worker", variant, shape, "--batch", str(args.batch), "--seq",
