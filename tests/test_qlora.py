@@ -16,8 +16,8 @@ from qat.qlora.adapters import add_adapters, load_adapters, save_adapters
 from qat.qlora.base import fingerprint
 from qat.qlora.config import LoRAConfig
 from qat.quantizers import NF4_LEVELS, weight_rows
-from qat.runtime.pack import unpack_int32
-from qat.runtime.packed import PackedLinear, weight_bytes_ratio
+from qat.runtime.pack import pack_int32, unpack_int32
+from qat.runtime.packed import PackedLinear, nf4_levels, weight_bytes_ratio
 from trainer.models import enable_checkpointing
 
 SCHEMES = ["w4g32", "w4g32asym", "w4", "w8g32asym", "w3g32", "w4a8", "wnf4g32"]
@@ -252,3 +252,12 @@ def test_a_step_on_the_packed_base_takes_the_runtime_dequantizer_on_the_device_p
     # each frozen linear dequantizes in forward, and again in backward where its input needs a gradient (not the
     # first layer's q/k/v, which read the frozen embedding): no weight is kept for backward
     assert kernel_calls["dequantize"] - before == (2 * len(layers) - 3 if on_device else 0)
+
+
+@pytest.mark.parametrize("k", [64, 40, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nf4_levels_decode_each_packed_index_exactly(k, dtype):
+    torch.manual_seed(k)
+    codes = torch.randint(0, 16, (5, k), dtype=torch.int32)
+    got = nf4_levels(pack_int32(codes, 4), k, dtype)
+    assert got.dtype == dtype and torch.equal(got, NF4_LEVELS.to(dtype)[codes.long()])
