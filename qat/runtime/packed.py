@@ -168,14 +168,16 @@ class PackedLinear(IntLinear):
         self._store(codes.reshape(w.shape), torch.ones_like(self.scale), None)
         self.scale = None  # the double-quantized scales stand in for it
 
-    def group_scales(self) -> torch.Tensor:
-        """(N, G) fp32 scales: the stored ones, or the double-quantized ones reconstructed."""
+    def group_scales(self, rows: slice = slice(None)) -> torch.Tensor:
+        """(N, G) fp32 scales of the output `rows`: the stored ones, or the double-quantized ones reconstructed
+        (only those rows' codes: a packed experts stack asks one expert's rows at a time)."""
         if self.scale_codes is None:
-            return self.scale.float()
-        n = len(self.scale_codes)
-        absmax = self.scale_absmax.repeat_interleave(DQ_BLOCK)[:n]
-        s = self.scale_codes.float() / 127 * absmax + self.scale_mean
-        return s.reshape(self.out_features, -1)
+            return self.scale[rows].float()
+        g = len(self.scale_codes) // self.out_features
+        lo, hi, _ = rows.indices(self.out_features)
+        idx = torch.arange(lo * g, hi * g, device=self.scale_codes.device)
+        s = self.scale_codes[lo * g: hi * g].float() / 127 * self.scale_absmax[idx // DQ_BLOCK] + self.scale_mean
+        return s.reshape(hi - lo, g)
 
     # -- compute ---------------------------------------------------------------------------------
 
@@ -206,7 +208,7 @@ class PackedLinear(IntLinear):
             t = t[rows]
             return t if whole else t[:, cut].contiguous()
 
-        scale = self.group_scales()[rows] if self.nf4 else self.scale[rows]
+        scale = self.group_scales(rows) if self.nf4 else self.scale[rows]
         return (take(self.qweight, words), scale if whole else scale[:, groups].contiguous(), take(self.zero, groups),
                 take(self.offset, groups), c1 - c0)
 

@@ -26,13 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..device import device_path
 from ..experts import ExpertsLayout, QuantExperts, activate
-from ..quantizers import NF4_LEVELS
 from ..spec import TensorSpec
-from . import ops
-from .pack import unpack_int32
-from .packed import DQ_BLOCK, PackedLinear
+from .packed import PackedLinear
 
 
 def spans(counts: list[int]) -> Iterator[tuple[int, int, int]]:
@@ -103,44 +99,9 @@ class PackedExpertStack(PackedLinear):
             m.input_quantizer = aq
         return m
 
-    def _scales(self, lo: int, hi: int) -> torch.Tensor:
-        """(hi - lo, G) fp32 scales of rows lo:hi: stored, or double-quantized ones reconstructed for those rows."""
-        if self.scale_codes is None:
-            return self.scale[lo:hi].float()
-        g = len(self.scale_codes) // self.out_features
-        idx = torch.arange(lo * g, hi * g, device=self.scale_codes.device)
-        s = self.scale_codes[lo * g: hi * g].float() / 127 * self.scale_absmax[idx // DQ_BLOCK] + self.scale_mean
-        return s.reshape(hi - lo, g)
-
     def expert_weight(self, e: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """Expert e's (out, in) weight in `dtype`: `dequantized_weight`'s rows of e, bit for bit."""
-        dtype = dtype or self.compute_dtype
-        lo, hi = e * self.expert_out, (e + 1) * self.expert_out
-        n, k, g = hi - lo, self.in_features, self.group_size
-        wide = torch.float64 if self.compute_dtype == torch.float64 else torch.float32
-        offset = None if self.offset is None else self.offset[lo:hi]
-        if self.nf4:
-            idx = unpack_int32(self.qweight[lo:hi], 4, k).long()
-            w = NF4_LEVELS.to(idx.device, wide)[idx].reshape(n, -1, g) * self._scales(lo, hi).to(wide).unsqueeze(-1)
-        elif (wide == torch.float32 and offset is None and ops.kernels_enabled()
-              and device_path(self.qweight, "int_linear")):
-            zero = None if self.zero is None else self.zero[lo:hi]
-            return ops.dequantize_weight(self.qweight[lo:hi], self.scale[lo:hi], zero, self.bits, g, k, dtype)
-        else:  # PackedLinear.dequantized_weight's arithmetic on rows lo:hi (why it is exact is said there)
-            scale = self.scale[lo:hi]
-            work = dtype if offset is None and scale.dtype == dtype else wide
-            if self.bits == 8:
-                c, center = self.qweight[lo:hi], None if self.zero is None else self.zero[lo:hi]
-            else:
-                c = unpack_int32(self.qweight[lo:hi], self.bits, k)
-                center = self.zero[lo:hi] if self.zero is not None else torch.full((1, 1), 1 << (self.bits - 1))
-            w = c.to(work).reshape(n, -1, g)
-            if center is not None:
-                w = w - center.to(w.device, work).unsqueeze(-1)
-            w = w * scale.to(work).unsqueeze(-1)
-        if offset is not None:
-            w = w + offset.to(wide).unsqueeze(-1)
-        return w.reshape(n, k).to(dtype)
+        """Expert e's (out, in) weight in `dtype`: `dequantized_weight`'s rows of e."""
+        return self.dequantized_weight(dtype, rows=slice(e * self.expert_out, (e + 1) * self.expert_out))
 
     def experts_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Every expert's weight at once, (E, out, in)."""
