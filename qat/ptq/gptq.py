@@ -22,6 +22,7 @@ from ..quantizers import NF4_LEVELS
 from ..spec import QuantSpec, TensorSpec
 from .config import GPTQConfig
 from .fp4grid import is_fp4, tensor_exponent
+from .gptq_clip import clip_qparams
 from .grid import qparams
 from .parts import Rounded, Rounding
 
@@ -38,6 +39,38 @@ def damped_inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
         raise ValueError(f"gptq: the damped Hessian is not positive definite ({e}); raise ptq.gptq.damp") from None
     return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
+def _qparams(rows: torch.Tensor, spec: TensorSpec, scale_dtype: Optional[torch.dtype],
+             nvfp4_exp: Optional[torch.Tensor] = None):
+    """`grid.qparams`, the clipping search of integer and nf4 grids vectorized over its shrink factors (the same
+    choice, `gptq_clip.py`)."""
+    if spec.scale_method == "mse" and spec.format in ("int", "nf4"):
+        return clip_qparams(rows, spec, scale_dtype)
+    return qparams(rows, spec, scale_dtype, nvfp4_exp)
+
+
+def _round_column(w: torch.Tensor, s: torch.Tensor, z: Optional[torch.Tensor], spec: TensorSpec,
+                  levels: Optional[torch.Tensor], c: torch.Tensor, q: torch.Tensor) -> None:
+    """One column onto its grid, written in place: its codes into c (integer codes, nf4 indices or e2m1 values, in
+    w's dtype) and its dequantized values into q."""
+    if is_fp4(spec):
+        c.copy_(fp4_round(w / s))
+        torch.mul(c, s, out=q)
+    elif levels is not None:
+        idx = (w / s).unsqueeze(-1).sub(levels).abs().argmin(-1)
+        c.copy_(idx)
+        torch.mul(levels[idx], s, out=q)
+    else:
+        torch.div(w, s, out=c).round_()
+        if z is not None:
+            c.add_(z)
+        c.clamp_(spec.qmin, spec.qmax)
+        if z is not None:
+            torch.sub(c, z, out=q).mul_(s)
+        else:
+            torch.mul(c, s, out=q)
+
+
+@torch.no_grad()
 def gptq(
     w: torch.Tensor, h: torch.Tensor, spec: TensorSpec, damp: float = 0.01, block_size: int = 128,
     act_order: bool = False, static_groups: bool = True, scale_dtype: Optional[torch.dtype] = None,
@@ -64,78 +97,68 @@ def gptq(
     fp4 = is_fp4(spec)
     if spec.format == "nvfp4" and nvfp4_exp is None:
         nvfp4_exp = tensor_exponent(W.reshape(-1, gs))
-    S = Z = None
+    dynamic = gran == "group" and not (act_order or static_groups)  # a group's scale when GPTQ reaches it
     if gran == "tensor":
-        s, z = qparams(W.reshape(1, -1), spec, scale_dtype)
+        s, z = _qparams(W.reshape(1, -1), spec, scale_dtype)
         S, Z = s.expand(n_out, 1), None if z is None else z.expand(n_out, 1)
         tensor_qparams = (s.float(), None if z is None else z.float())
     elif gran == "channel":
-        S, Z = qparams(W, spec, scale_dtype)
+        S, Z = _qparams(W, spec, scale_dtype)
+    elif not dynamic:
+        s, z = _qparams(W.reshape(-1, gs), spec, scale_dtype, nvfp4_exp)
+        S, Z = s.reshape(n_out, -1), None if z is None else z.reshape(n_out, -1)
     else:
-        if act_order or static_groups:
-            s, z = qparams(W.reshape(-1, gs), spec, scale_dtype, nvfp4_exp)
-            S, Z = s.reshape(n_out, -1), None if z is None else z.reshape(n_out, -1)
-        else:
-            ng = n_in // gs
-            S = torch.zeros(n_out, ng, dtype=torch.float32, device=W.device)
-            Z = None if spec.symmetric else torch.zeros_like(S)
-            block_size = max(1, block_size // gs) * gs  # keep every group inside one block
+        S = torch.zeros(n_out, n_in // gs, dtype=torch.float32, device=W.device)
+        Z = None if spec.symmetric else torch.zeros_like(S)
+        block_size = max(1, block_size // gs) * gs  # keep every group inside one block
 
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     Hinv = damped_inverse_cholesky(H, damp)
+    d = Hinv.diagonal().tolist()
 
-    Q = torch.zeros_like(W)
-    # fp4 keeps each column's e2m1 values (in W's dtype) and packs them into nibbles once at the end
-    codes = torch.zeros(W.shape, dtype=dt if fp4 else torch.int32, device=W.device)
-    cols = perm.tolist() if perm is not None else range(n_in)
-    cols = list(cols)
-    Sf = S.to(dt)
-    Zf = None if Z is None else Z.to(dt)
-    qmin, qmax = spec.qmin, spec.qmax
-    nf4 = spec.format == "nf4"
-    if nf4:
-        levels = NF4_LEVELS.to(W.device, dt)
+    # Column j (in visiting order) is row j of these (in, out) matrices: contiguous, so each column's rounding and
+    # the rank-1 updates of the columns after it run over contiguous memory, and every column's scale is one row.
+    WT = W.T.contiguous()
+    QT, CT = torch.empty_like(WT), torch.empty_like(WT)  # fp4 keeps e2m1 values, packed into nibbles once at the end
+    ET = torch.empty(min(block_size, n_in), n_out, dtype=dt, device=W.device)
+    if dynamic:
+        ST = torch.empty_like(WT)
+        ZT = None if Z is None else torch.empty_like(WT)
+    else:
+        col = torch.arange(n_in, device=W.device) if perm is None else perm
+        group = col // gs if gran == "group" else torch.zeros_like(col)
+        ST = S.to(dt)[:, group].T.contiguous()
+        ZT = None if Z is None else Z.to(dt)[:, group].T.contiguous()
+    levels = NF4_LEVELS.to(W.device, dt) if spec.format == "nf4" else None
     for i1 in range(0, n_in, block_size):
         i2 = min(i1 + block_size, n_in)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        W1, Hinv1, E1 = WT[i1:i2], Hinv[i1:i2, i1:i2], ET[: i2 - i1]
         for i in range(i2 - i1):
-            col = cols[i1 + i]
-            k = 0 if gran != "group" else col // gs
-            if gran == "group" and not (act_order or static_groups) and col % gs == 0:
-                s, z = qparams(W1[:, i : i + gs], spec, scale_dtype, nvfp4_exp)
+            j = i1 + i
+            if dynamic and j % gs == 0:
+                s, z = _qparams(W1[i : i + gs].T, spec, scale_dtype, nvfp4_exp)
+                k = j // gs
                 S[:, k : k + 1] = s
-                Sf[:, k : k + 1] = s.to(dt)
+                ST[j : j + gs] = s.to(dt).reshape(1, -1)
                 if z is not None:
                     Z[:, k : k + 1] = z
-                    Zf[:, k : k + 1] = z.to(dt)
-            wcol = W1[:, i]
-            s = Sf[:, k]
-            if fp4:
-                y = fp4_round(wcol / s)
-                c, q = y, y * s
-            elif nf4:
-                c = (wcol / s).unsqueeze(-1).sub(levels).abs().argmin(-1)
-                q = levels[c] * s
-            else:
-                z = 0 if Zf is None else Zf[:, k]
-                c = torch.clamp(torch.round(wcol / s) + z, qmin, qmax)
-                q = (c - z) * s
-            Q[:, i1 + i] = q
-            codes[:, i1 + i] = c.to(codes.dtype)
-            err = (wcol - q) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    if fp4:
-        codes = fp4_codes(codes)
+                    ZT[j : j + gs] = z.to(dt).reshape(1, -1)
+            wj, qj, e = W1[i], QT[j], E1[i]
+            _round_column(wj, ST[j], None if ZT is None else ZT[j], spec, levels, CT[j], qj)
+            torch.sub(wj, qj, out=e).div_(d[j])
+            if i + 1 < i2 - i1:
+                W1[i + 1 :].addr_(Hinv1[i, i + 1 :], e, alpha=-1)
+        if i2 < n_in:
+            WT[i2:].addmm_(Hinv[i1:i2, i2:].T, E1, alpha=-1)
+    Q = QT.T
+    codes = fp4_codes(CT.T) if fp4 else CT.T.to(torch.int32)
     if perm is not None:
         inv = torch.argsort(perm)
         Q, codes = Q[:, inv], codes[:, inv]
+    Q, codes = Q.contiguous(), codes.contiguous()
     if gran == "tensor":
         return Q, codes, *tensor_qparams
     return Q, codes, S.reshape(-1, 1).float(), None if Z is None else Z.reshape(-1, 1).float()
