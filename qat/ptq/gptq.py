@@ -8,6 +8,11 @@ the weight before any update; otherwise a group's scale is computed when GPTQ re
 each row's (group's) scale by the clipping search of `scale_method=mse` instead of its min/max, as the GPTQ
 reference's `mse` quantizer and QuaRot's `w_clip` do. fp4 (NVFP4, MXFP4) rounds each column onto e2m1 times its
 block's scale, the scales and their search in block-scale space from `fp4grid.py`.
+
+The loop runs over the rows of the transposed weight with a few in-place tensor operations per column, the update
+operator comes from one Cholesky factorization and a triangular inverse, and the clipping search evaluates all its
+shrink factors at once (`gptq_clip.py`): on the bundled model's projections about 3x faster on one CPU thread than
+the straightforward version (tests/helpers/gptq_ref.py, which gives the same codes in float64; bench/gptq_speed.py).
 """
 
 from __future__ import annotations
