@@ -9,9 +9,10 @@ split. Both sides round them at w4g64 symmetric, weight-only, with act-order (st
 (`ptq.gptq.clip`), llm-compressor with its min/max observer (it has no search inside GPTQ). llm-compressor runs in
 its own virtualenv (--peer-python, default /work/peers/llmc/bin/python) as a subprocess of this script that reads
 the saved weights and Hessians (safetensors) and imports nothing from distqat; without that interpreter its column
-is skipped with a line. Each time is the median of --rounds runs at OMP/torch threads 1 and 2 (--threads); the
-ratio is ours / theirs (below 1: distqat is faster). `err` is each result's output error tr(dW H dW^T) over
-llm-compressor's, a check that both sides solved the same problem.
+is skipped with a line. Each time is the median of --rounds runs at OMP/torch threads 1 and 2 (--threads), the two
+libraries' runs alternating so that both share whatever else the cores run; the ratio is ours / theirs (below 1:
+distqat is faster). `err` is each result's output error tr(dW H dW^T) over llm-compressor's, a check that both
+sides solved the same problem.
 """
 
 from __future__ import annotations
@@ -49,14 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def median_time(fn, rounds: int) -> float:
-    fn()  # warm-up: first-call allocations and lazy imports are not the algorithm's
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
@@ -66,10 +63,14 @@ def output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # The llm-compressor side: runs in its own virtualenv, so it imports only torch, safetensors and llm-compressor.
+# It reads a weight's name per line and answers with the seconds one GPTQ of it took, so that its rounds and
+# distqat's alternate and share whatever else the cores are running; at the end of input it saves its results.
 
 
-def peer_worker(folder: Path, threads: int, rounds: int, damp: float, block_size: int) -> None:
+def peer_worker(folder: Path, threads: int, damp: float, block_size: int) -> None:
     # lazy: these exist only in llm-compressor's virtualenv
+    import compressed_tensors
+    import llmcompressor
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.utils import calculate_qparams
     from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
@@ -78,43 +79,54 @@ def peer_worker(folder: Path, threads: int, rounds: int, damp: float, block_size
     inputs = load_file(str(folder / "inputs.safetensors"))
     args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=64,
                             actorder="static")
-    out, times = {}, {}
-    for name in sorted({k.rsplit(".", 1)[0] for k in inputs}):
+    out = {}
+
+    def run(name: str) -> None:
         w, h = inputs[name + ".w"], inputs[name + ".h"]
+        # The observer's scales (min/max of each group of the weight before any update, as GPTQModifier's
+        # memoryless observer takes them) count as part of the quantization, as distqat's do.
+        g = w.reshape(w.shape[0], -1, 64)
+        scale, zero = calculate_qparams(g.amin(-1), g.amax(-1), args)
+        q = quantize_weight(w.clone()[None], h.clone()[None], scale[None], zero[None], None, args,
+                            blocksize=block_size, percdamp=damp)[0]
+        out[name] = q[0].contiguous()
 
-        def run(w=w, h=h, name=name):
-            # The observer's scales (min/max of each group of the weight before any update, as GPTQModifier's
-            # memoryless observer takes them) count as part of the quantization, as distqat's do.
-            g = w.reshape(w.shape[0], -1, 64)
-            scale, zero = calculate_qparams(g.amin(-1), g.amax(-1), args)
-            q = quantize_weight(w.clone()[None], h.clone()[None], scale[None], zero[None], None, args,
-                                blocksize=block_size, percdamp=damp)[0]
-            out[name] = q[0].contiguous()
-
-        times[name] = median_time(run, rounds)
+    print(json.dumps({"llmcompressor": llmcompressor.__version__,
+                      "compressed_tensors": compressed_tensors.__version__, "torch": torch.__version__}), flush=True)
+    for line in sys.stdin:
+        name = line.strip()
+        print(json.dumps({"seconds": timed(lambda name=name: run(name))}), flush=True)
     save_file(out, str(folder / f"peer_t{threads}.safetensors"))
-    print(json.dumps({"times": times, "versions": _versions()}))
 
 
-def _versions() -> dict:
-    import compressed_tensors  # lazy: llm-compressor's virtualenv only
-    import llmcompressor  # lazy: llm-compressor's virtualenv only
+class Peer:
+    """llm-compressor's worker process at `threads` threads."""
 
-    return {"llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,
-            "torch": torch.__version__}
+    def __init__(self, python: str, folder: Path, threads: int, args: argparse.Namespace) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": ""}
+        cmd = [python, str(Path(__file__).resolve()), "--peer-worker", str(folder), "--threads", str(threads),
+               "--damp", str(args.damp), "--block-size", str(args.block_size)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     cwd=folder)
+        self.versions = self._answer()
+        self.folder, self.threads = folder, threads
 
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"llm-compressor's worker exited ({self.proc.wait()}); see its stderr above")
+        return json.loads(line)
 
-def run_peer(python: str, folder: Path, threads: int, args: argparse.Namespace):
-    """(times by weight, versions) from llm-compressor's virtualenv, or None with the reason printed."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": ""}
-    cmd = [python, str(Path(__file__).resolve()), "--peer-worker", str(folder), "--threads", str(threads),
-           "--rounds", str(args.rounds), "--damp", str(args.damp), "--block-size", str(args.block_size)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=folder)
-    if r.returncode != 0:
-        print(f"llm-compressor: failed ({r.stderr.strip().splitlines()[-1:]}); its column is skipped",
-              file=sys.stderr)
-        return None
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    def time(self, name: str) -> float:
+        self.proc.stdin.write(name + "\n")
+        self.proc.stdin.flush()
+        return self._answer()["seconds"]
+
+    def results(self) -> dict[str, torch.Tensor]:
+        self.proc.stdin.close()
+        if self.proc.wait() != 0:
+            raise RuntimeError("llm-compressor's worker failed saving its results")
+        return load_file(str(self.folder / f"peer_t{self.threads}.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +178,7 @@ def capture(args: argparse.Namespace) -> dict[str, torch.Tensor]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.peer_worker:
-        peer_worker(Path(args.peer_worker), int(args.threads), args.rounds, args.damp, args.block_size)
+        peer_worker(Path(args.peer_worker), int(args.threads), args.damp, args.block_size)
         return 0
     # lazy: the peer side runs without distqat
     from dataclasses import replace
@@ -177,39 +189,53 @@ def main(argv=None) -> int:
     threads = [int(t) for t in args.threads.split(",") if t]
     spec = parse("w4g64").weight
     specs = {"gptq": spec, "gptq+clip": replace(spec, scale_method="mse")}
-    peer = args.peer_python if Path(args.peer_python).exists() else None
-    if peer is None:
+    python = args.peer_python if Path(args.peer_python).exists() else None
+    if python is None:
         print(f"llm-compressor: no interpreter at {args.peer_python} (pass --peer-python); its column is skipped",
               file=sys.stderr)
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": "python " + " ".join(sys.argv),
-              "layer": args.layer, "calib_tokens": args.n_samples * args.seq_len, "damp": args.damp, "rows": []}
+              "layer": args.layer, "calib_tokens": args.n_samples * args.seq_len, "damp": args.damp,
+              "rounds": args.rounds, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         inputs = capture(args)
         save_file(inputs, str(folder / "inputs.safetensors"))
         for t in threads:
             torch.set_num_threads(t)
-            theirs = run_peer(peer, folder, t, args) if peer else None
-            qs = load_file(str(folder / f"peer_t{t}.safetensors")) if theirs else {}
-            if theirs:
-                result["peer_versions"] = theirs["versions"]
+            peer = Peer(python, folder, t, args) if python else None
+            if peer:
+                result["peer_versions"] = peer.versions
+            rows, ours_q = [], {}
             for name in PROJECTIONS:
                 w, h = inputs[name + ".w"], inputs[name + ".h"]
-                ref_err = output_error(w, qs[name], h) if name in qs else None
-                for method, s in specs.items():
-                    out = {}
 
-                    def run(s=s, w=w, h=h, out=out):
-                        out["q"] = gptq(w, h, s, args.damp, args.block_size, act_order=True, static_groups=True,
-                                        scale_dtype=torch.float32)[0]
+                def run(method: str, w=w, h=h, name=name, ours_q=ours_q) -> None:
+                    ours_q[name, method] = gptq(w, h, specs[method], args.damp, args.block_size, act_order=True,
+                                                static_groups=True, scale_dtype=torch.float32)[0]
 
-                    ours = median_time(run, args.rounds)
-                    row = {"threads": t, "weight": name.rsplit(".", 1)[-1], "shape": list(w.shape), "method": method,
-                           "ours_s": ours, "theirs_s": theirs["times"][name] if theirs else None}
-                    row["ratio"] = row["ours_s"] / row["theirs_s"] if theirs else None
-                    row["err"] = output_error(w, out["q"], h) / ref_err if ref_err else None
-                    result["rows"].append(row)
+                # a warm-up of each (first-call allocations and lazy imports are not the algorithm's), then the
+                # rounds alternating between the two libraries
+                theirs = [peer.time(name)] if peer else []
+                ours = {m: [timed(lambda m=m: run(m))] for m in specs}
+                for _ in range(args.rounds):
+                    if peer:
+                        theirs.append(peer.time(name))
+                    for m in specs:
+                        ours[m].append(timed(lambda m=m: run(m)))
+                for m in specs:
+                    row = {"threads": t, "weight": name.rsplit(".", 1)[-1], "shape": list(w.shape), "method": m,
+                           "ours_s": statistics.median(ours[m][1:]),
+                           "theirs_s": statistics.median(theirs[1:]) if peer else None, "name": name}
+                    row["ratio"] = row["ours_s"] / row["theirs_s"] if peer else None
+                    rows.append(row)
                     print(_line(row), file=sys.stderr, flush=True)
+            qs = peer.results() if peer else {}
+            for row in rows:
+                name = row.pop("name")
+                w, h = inputs[name + ".w"], inputs[name + ".h"]
+                row["err"] = (output_error(w, ours_q[name, row["method"]], h) / output_error(w, qs[name], h)
+                              if name in qs else None)
+            result["rows"] += rows
     _table(result["rows"])
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

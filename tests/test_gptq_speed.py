@@ -3,6 +3,7 @@ same codes and scales, in float64 exactly, in float32 to its rounding; bench/gpt
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -103,3 +104,19 @@ def test_damped_inverse_cholesky_is_the_upper_factor_of_the_inverse():
     torch.testing.assert_close(u.T @ u @ hd, torch.eye(600, dtype=F64), rtol=0, atol=1e-9)
     with pytest.raises(ValueError, match="not positive definite"):
         damped_inverse_cholesky(-torch.eye(4, dtype=F64), 0.0)
+
+
+def test_bench_times_both_methods_and_skips_an_absent_peer(tmp_path, capsys):
+    from bench import gptq_speed
+
+    out = tmp_path / "speed.json"
+    argv = ["--threads", "1", "--rounds", "1", "--n-samples", "1", "--seq-len", "32", "--layer", "1",
+            "--peer-python", str(tmp_path / "no-python"), "--json", str(out)]
+    assert gptq_speed.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "its column is skipped" in captured.err
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["weight"], r["method"]) for r in rows] == [
+        (w, m) for w in ("q_proj", "gate_proj", "down_proj") for m in ("gptq", "gptq+clip")]
+    assert all(r["ours_s"] > 0 and r["theirs_s"] is None and r["ratio"] is None for r in rows)
+    assert "| 1 | down_proj | 576x1536 | gptq+clip |" in captured.out
