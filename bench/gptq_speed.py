@@ -67,6 +67,13 @@ def output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
 # distqat's alternate and share whatever else the cores are running; at the end of input it saves its results.
 
 
+ANSWER = "gptq_speed: "  # llm-compressor logs to stdout too: the worker's answers are the lines with this prefix
+
+
+def answer(d: dict) -> None:
+    print(ANSWER + json.dumps(d), flush=True)
+
+
 def peer_worker(folder: Path, threads: int, damp: float, block_size: int) -> None:
     # lazy: these exist only in llm-compressor's virtualenv
     import compressed_tensors
@@ -91,11 +98,11 @@ def peer_worker(folder: Path, threads: int, damp: float, block_size: int) -> Non
                             blocksize=block_size, percdamp=damp)[0]
         out[name] = q[0].contiguous()
 
-    print(json.dumps({"llmcompressor": llmcompressor.__version__,
-                      "compressed_tensors": compressed_tensors.__version__, "torch": torch.__version__}), flush=True)
+    answer({"llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,
+            "torch": torch.__version__})
     for line in sys.stdin:
         name = line.strip()
-        print(json.dumps({"seconds": timed(lambda name=name: run(name))}), flush=True)
+        answer({"seconds": timed(lambda name=name: run(name))})
     save_file(out, str(folder / f"peer_t{threads}.safetensors"))
 
 
@@ -112,10 +119,12 @@ class Peer:
         self.folder, self.threads = folder, threads
 
     def _answer(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"llm-compressor's worker exited ({self.proc.wait()}); see its stderr above")
-        return json.loads(line)
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"llm-compressor's worker exited ({self.proc.wait()}); see its stderr above")
+            if line.startswith(ANSWER):
+                return json.loads(line[len(ANSWER):])
 
     def time(self, name: str) -> float:
         self.proc.stdin.write(name + "\n")
