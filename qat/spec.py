@@ -163,7 +163,8 @@ class TensorSpec:
         """This spec as a short-name component, e.g. 'w4g64asym'; SpecError if it has no short name."""
         kind = prefix_kind(prefix)
         default = default_spec(kind, self.bits, self.group_size, self.symmetric, self.format)
-        if replace(self, sym_range=self.sym_range or default.sym_range) != default:
+        # The grid (sym_range) is not part of a short name: a spec recorded on the qmax grid keeps its name.
+        if replace(self, sym_range=default.sym_range) != default:
             raise SpecError(f"{asdict(self)} has no short name (only defaults of each short name do)")
         if self.format == "fp8":
             return f"{prefix}fp8"

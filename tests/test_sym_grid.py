@@ -99,6 +99,7 @@ def test_old_records_keep_the_qmax_grid():
     spec = QuantSpec.from_dict(old)
     assert (spec.weight.sym_range, spec.kv.sym_range, spec.activation.sym_range) == ("qmax", "qmax", "full")
     assert spec.weight.q_range == 7.0 and parse("w4g64").weight.q_range == 7.5
+    assert spec.name == "w4g64a8kv8"  # an old record keeps its name (the grid is not part of one)
     new = parse("w4g64a8symkv8")
     assert (new.weight.sym_range, new.activation.sym_range, new.kv.sym_range) == ("full", "full", "qmax")
     assert TensorSpec(bits=8, granularity="token").check("kv").q_range == 127.0  # a kv spec naming no grid
