@@ -118,7 +118,7 @@ def test_the_defaults_are_the_laptop_recipe_at_full_size():
     assert resolved(load_config(None, sizes)) == resolved(load_config(ROOT / "configs/default.yaml"))
     cfg = load_config(None, [])
     assert cfg.quant.name == "w4a8kv8" and cfg.train.start == Start("method", method="rotate+gptq")
-    assert cfg.ptq.gptq.clip and cfg.generate.first_token == "word" and cfg.train.lr == 6e-4
+    assert cfg.ptq.gptq.clip and cfg.generate.first_token == "word" and cfg.train.peak_lr == 6e-4
 
 
 def test_published_recipe_differs_from_the_defaults_in_the_recommended_keys_only():
@@ -159,3 +159,13 @@ def test_sections_the_lower_layers_own_declare_help_too():
 
     for cls in (GenerateConfig, PTQConfig, LoRAConfig, QuantSpec, TensorSpec):
         assert all(f.metadata.get("help") for f in fields(cls)), cls.__name__
+
+
+def test_a_null_lr_is_resolved_by_the_start():
+    """train.lr null: 6e-4 from a PTQ start (weights on the grid must cross rounding boundaries), 1e-4 from RTN (6e-4
+    stalls the distillation loss there, issue 31); a given lr is kept."""
+    lr = lambda *over: load_config(None, list(over)).train.peak_lr  # noqa: E731
+    assert lr() == lr("train.init=gptq") == lr("train.init=rotate+gptq") == 6e-4
+    assert lr("train.init=rtn") == 1e-4
+    assert lr("train.init=rtn", "train.lr=3e-4") == lr("train.init=gptq", "train.lr=3e-4") == 3e-4
+    assert lr("train.mode=qlora") == 6e-4

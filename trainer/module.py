@@ -205,11 +205,12 @@ class QATModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.cfg
-        groups = param_groups(self.student, cfg.lr, cfg.weight_decay, cfg.quantizer_lr, cfg.fp_lr, cfg.lr_relative)
+        groups = param_groups(self.student, cfg.peak_lr, cfg.weight_decay, cfg.quantizer_lr, cfg.fp_lr,
+                              cfg.lr_relative)
         if resolve_master_weights(cfg.master_weights) == "bf16":
-            opt = AdamWBF16(groups, lr=cfg.lr, compensation=cfg.compensation, seed=self.seed)
+            opt = AdamWBF16(groups, lr=cfg.peak_lr, compensation=cfg.compensation, seed=self.seed)
         else:
-            opt = torch.optim.AdamW(groups, lr=cfg.lr)
+            opt = torch.optim.AdamW(groups, lr=cfg.peak_lr)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         )

@@ -26,6 +26,8 @@ RECOMMENDED_SCHEME = "w4a8kv8"
 # rotate+gptq with the clipping search: 22.00 before training and 21.15 after 55 steps on the laptop recipe,
 # against 37.89 for the RTN start (README; docs/ACCURACY.md).
 RECOMMENDED_INIT = "rotate+gptq"
+PTQ_START_LR = 6e-4
+RTN_START_LR = 1e-4
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,11 @@ class TrainConfig:
     micro_batch_size: int = setting(1, range=(1, 1 << 20), help="sequences per device per forward")
     grad_accum: int = setting(1, range=(1, 1 << 20), help="micro-batches per optimizer step")
     # From a PTQ start the weights sit on the grid: lr must move them across rounding boundaries. 1.2e-3
-    # diverged and 3e-4 ended worse on the laptop recipe (docs/ACCURACY.md).
-    lr: float = setting(6e-4, range=(0.0, 1.0), help="peak learning rate of the quantized linears' weights")
+    # diverged and 3e-4 ended worse on the laptop recipe (docs/ACCURACY.md). From RTN 6e-4 is too high: the
+    # distillation loss stalled near 0.28 against 0.15-0.17 at 1e-4, for torchao's QAT as for ours (issue 31).
+    lr: Optional[float] = setting(None, range=(0.0, 1.0), help="peak learning rate of the quantized linears' "
+                                  f"weights; null: {PTQ_START_LR} from a PTQ or folder start (and in qlora mode), "
+                                  f"{RTN_START_LR} from train.init=rtn")
     quantizer_lr: float = setting(1e-5, range=(0.0, 1.0), help="learning rate of the quantizers' parameters "
                                   "(LSQ scales and zero points, LWC clipping)")
     fp_lr: Optional[float] = setting(None, range=(0.0, 1.0), help="learning rate of the parameters that stay "
@@ -165,6 +170,13 @@ class TrainConfig:
     blockwise: BlockwiseConfig = setting(factory=BlockwiseConfig, help="block-wise reconstruction of the start "
                                          "before distillation (EfficientQAT's Block-AP), on blockwise.samples x "
                                          "blockwise.seq_len training tokens")
+
+    @property
+    def peak_lr(self) -> float:
+        """train.lr, null resolved by the start."""
+        if self.lr is not None:
+            return self.lr
+        return RTN_START_LR if self.mode == "qat" and self.start.kind == "rtn" else PTQ_START_LR
 
     @property
     def start(self) -> Start:

@@ -111,7 +111,7 @@ def run_train(cfg: RunConfig, devices: Optional[int] = None, max_time: Optional[
     # From here on (and in the config.yaml saved with the run) auto and null are what they resolved to here.
     start = cfg.train.start
     cfg = replace(cfg, train=replace(cfg.train, master_weights=master_weights(cfg), lr_relative=lr_relative(cfg),
-                                     init=start.method or start.path or start.kind))
+                                     init=start.method or start.path or start.kind, lr=cfg.train.peak_lr))
     # The frozen teacher is in eval mode on purpose; Lightning's warning about it would only alarm users.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     # A mid-epoch resume is exact here (ResumableSampler restores the data order from the step); Lightning
