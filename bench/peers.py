@@ -250,6 +250,7 @@ def main(argv=None) -> int:
             ptq_part(args, scorer, rec, work)
         if "qat" in parts:
             qat_part(args, scorer, rec, work)
+    rec.save()  # the skips and versions too, when no row ran
     print(format_tables(rec.data))
     return 0
 
