@@ -60,17 +60,18 @@ def peer_versions(python: str, peer: str) -> dict[str, str]:
     return json.loads(lines[-1]) if out.returncode == 0 and lines else {}
 
 
-def run_peer(python: str, script: str, args: list[str], log: Optional[Path] = None) -> dict:
-    """Run bench/peer_scripts/<script> in the peer's venv; its last stdout line is its JSON record. Its output
-    goes to `log` (and its tail into the error when it fails)."""
+def run_peer(python: str, script: str, args: list[str], log: Path) -> dict:
+    """Run bench/peer_scripts/<script> in the peer's venv, its output streamed to `log` (progress can be watched
+    there); its last stdout line is its JSON record, and a failure raises with the log's tail."""
     cmd = [python, str(SCRIPTS / script), *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=peer_env())
-    if log is not None:
-        log.write_text(out.stdout + "\n--- stderr ---\n" + out.stderr)
-    if out.returncode != 0:
-        tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-15:])
-        raise RuntimeError(f"{script} failed (exit {out.returncode}):\n{tail}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    out_file, err_file = log.with_suffix(".out"), log
+    with open(out_file, "w") as out, open(err_file, "w") as err:
+        rc = subprocess.run(cmd, stdout=out, stderr=err, env=peer_env()).returncode
+    stdout = out_file.read_text().strip().splitlines()
+    if rc != 0 or not stdout:
+        tail = "\n".join(err_file.read_text().strip().splitlines()[-15:])
+        raise RuntimeError(f"{script} failed (exit {rc}):\n{tail}")
+    return json.loads(stdout[-1])
 
 
 class Scorer:
