@@ -192,18 +192,21 @@ def qat_part(args: argparse.Namespace, scorer: Scorer, rec: Record, work: Path) 
             rec.data["skipped"]["torchao"] = skip
         elif "torchao" not in rec.data["versions"]:
             rec.data["versions"]["torchao"] = peer_versions(torchao, "torchao")
-    distqat_start = None
+    distqat_start = torchao_start = None  # each start is the same at every lr: scored once
     for lr in [float(x) for x in args.qat_lrs.split(",") if x]:
         common = dict(lr=lr, steps=args.qat_steps, batch=args.qat_batch, seq_len=args.qat_seq_len)
         if torchao is not None:
             start, end = work / f"torchao-{lr:g}-start.safetensors", work / f"torchao-{lr:g}.safetensors"
+            own = ["--windows", str(windows_file)] if torchao_start is None else []
             info = run_peer(torchao, "torchao_qat.py", [
-                "--model", str(folder), "--train", str(train_file), "--windows", str(windows_file),
+                "--model", str(folder), "--train", str(train_file), *own,
                 "--steps", str(args.qat_steps), "--batch", str(args.qat_batch), "--lr", str(lr),
                 "--warmup", str(args.qat_warmup), "--start-out", str(start), "--out", str(end)],
                 log=work / f"torchao-{lr:g}.log")
+            if torchao_start is None:
+                torchao_start = scorer.score_state(start, ACTIVATIONS)
             row = dict(label=f"torchao QAT from its RTN, lr {lr:g}", peer="torchao", **common,
-                       seconds=info["train_seconds"], start_ppl=scorer.score_state(start, ACTIVATIONS),
+                       seconds=info["train_seconds"], start_ppl=torchao_start,
                        end_ppl=scorer.score_state(end, ACTIVATIONS), peer_info=info)
             print(f"{row['label']}: {row['start_ppl']:.3f} -> {row['end_ppl']:.3f}", file=sys.stderr, flush=True)
             rec.put("qat", f"torchao-{lr:g}", row)
@@ -220,7 +223,8 @@ def qat_part(args: argparse.Namespace, scorer: Scorer, rec: Record, work: Path) 
                             f"data.path={generated}", f"data.seq_len={args.qat_seq_len}", f"train.lr={lr}",
                             f"train.max_steps={args.qat_steps}", f"train.micro_batch_size={args.qat_batch}",
                             f"train.warmup_steps={args.qat_warmup}", "train.save_every=1000000",
-                            "train.val_every=1000000", "train.resume=never", f"output_dir={out}"],
+                            "train.val_every=1000000", "train.val_batches=0", "train.resume=never",
+                            f"output_dir={out}"],
                            check=True, cwd=REPO)
             seconds = time.perf_counter() - t0
             _, load = saved_model(scorer.cfg, out / "model")
