@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -113,6 +114,16 @@ class Scorer:
 
     def score_state(self, state_file: Path, activations: Optional[str] = None) -> float:
         return self.score(self.with_state(state_file, activations))
+
+
+def train_elapsed(log: str) -> Optional[float]:
+    """Seconds of training in a `distqat train` log: the `elapsed` of its last progress line (qat.io.progress's
+    42s / 1m05s / 2h03m), without the command's start-up; None when it has none."""
+    found = re.findall(r"train: step .*\| elapsed (?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", log)
+    if not found:
+        return None
+    h, m, s = (int(x or 0) for x in found[-1])
+    return 3600.0 * h + 60.0 * m + s
 
 
 def ratio(value: Optional[float], base: Optional[float]) -> str:

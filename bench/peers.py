@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import transformers
 from safetensors.torch import save_file
 
-from bench._peers_run import Scorer, peer_python, peer_versions, ptq_table, qat_table, run_peer
+from bench._peers_run import Scorer, peer_python, peer_versions, ptq_table, qat_table, run_peer, train_elapsed
 
 REPO = Path(__file__).resolve().parents[1]
 # key: (label, peer or "distqat", method, GPTQ clipping search)
@@ -167,6 +168,25 @@ def training_blocks(args: argparse.Namespace, generated: Path, tokenizer, seed: 
     return torch.cat(ids).to(torch.int32).contiguous()
 
 
+def distqat_train(args: argparse.Namespace, generated: Path, lr: float, work: Path) -> tuple[Path, float, float]:
+    """`distqat train` from the RTN start at `lr` on the generated text: (its output folder, the seconds of its
+    training loop from its log, the seconds of the whole command)."""
+    out, log = work / f"distqat-{lr:g}", work / f"distqat-{lr:g}.log"
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.run([
+            sys.executable, "-m", "trainer", "train", "configs/default.yaml", f"model.name_or_path={args.model}",
+            f"quant.scheme={QAT_SCHEME}", "train.init=rtn", f"data.path={generated}",
+            f"data.seq_len={args.qat_seq_len}", f"train.lr={lr}", f"train.max_steps={args.qat_steps}",
+            f"train.micro_batch_size={args.qat_batch}",
+            f"train.warmup_steps={args.qat_warmup}", "train.save_every=1000000", "train.val_every=1000000",
+            "train.val_batches=0", "train.resume=never", f"output_dir={out}"],
+            cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise RuntimeError(f"distqat train failed (exit {rc}); its log: {log}")
+    return out, train_elapsed(log.read_text()), time.perf_counter() - t0
+
+
 def qat_part(args: argparse.Namespace, scorer: Scorer, rec: Record, work: Path) -> None:
     from qat.apply import quantize_model  # lazy: only the QAT part quantizes
     from qat.io.models import bundled_model_path, resolve_model_path
@@ -216,21 +236,10 @@ def qat_part(args: argparse.Namespace, scorer: Scorer, rec: Record, work: Path) 
                 quantize_model(model, parse(QAT_SCHEME))
                 distqat_start = scorer.score(model)
                 del model
-            out = work / f"distqat-{lr:g}"
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "trainer", "train", "configs/default.yaml",
-                            f"model.name_or_path={args.model}", f"quant.scheme={QAT_SCHEME}", "train.init=rtn",
-                            f"data.path={generated}", f"data.seq_len={args.qat_seq_len}", f"train.lr={lr}",
-                            f"train.max_steps={args.qat_steps}", f"train.micro_batch_size={args.qat_batch}",
-                            f"train.warmup_steps={args.qat_warmup}", "train.save_every=1000000",
-                            "train.val_every=1000000", "train.val_batches=0", "train.resume=never",
-                            f"output_dir={out}"],
-                           check=True, cwd=REPO)
-            seconds = time.perf_counter() - t0
+            out, seconds, command_seconds = distqat_train(args, generated, lr, work)
             _, load = saved_model(scorer.cfg, out / "model")
             row = dict(label=f"distqat QAT from its RTN, lr {lr:g}", peer="distqat", **common, seconds=seconds,
-                       seconds_note="the whole `distqat train` command", start_ppl=distqat_start,
-                       end_ppl=scorer.score(load()))
+                       command_seconds=command_seconds, start_ppl=distqat_start, end_ppl=scorer.score(load()))
             print(f"{row['label']}: {row['start_ppl']:.3f} -> {row['end_ppl']:.3f}", file=sys.stderr, flush=True)
             rec.put("qat", f"distqat-{lr:g}", row)
 
@@ -238,8 +247,6 @@ def qat_part(args: argparse.Namespace, scorer: Scorer, rec: Record, work: Path) 
 def main(argv=None) -> int:
     args = parse_args(argv)
     rec = Record(args.json)
-    import transformers  # lazy: only its version is read
-
     rec.data["versions"]["distqat env"] = {"torch": torch.__version__, "transformers": transformers.__version__}
     rec.data.update(device=f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
                     command="python -m bench.peers " + " ".join(sys.argv[1:]))

@@ -10,7 +10,7 @@ from helpers.models import save_tiny_teacher
 from safetensors.torch import save_file
 
 from bench import peers
-from bench._peers_run import Scorer, peer_python, ptq_table, qat_table, ratio, seconds_text
+from bench._peers_run import Scorer, peer_python, ptq_table, qat_table, ratio, seconds_text, train_elapsed
 from qat.apply import quantize_model
 from qat.io.models import load_tokenizer
 from qat.spec import parse
@@ -98,3 +98,12 @@ def test_tables_and_ratios():
     assert lines[2] == "| torchao | 0.0001 | 5 | 27.00 | 21.55 |  | 1 min 00 s |"
     assert lines[3] == "| distqat | 0.0001 | 5 | 28.57 | 21.88 | 1.02x |  |"
     assert lines[4] == "| distqat 6e-4 | 0.0006 | 5 | 28.57 | 27.78 |  |  |"  # no torchao row at that lr
+
+
+def test_the_training_time_is_read_from_distqat_trains_last_progress_line():
+    log = ("train: step 1/55 (2%) | loss 0.3 | 900 tokens/s | elapsed 9s | ETA 8m06s\n"
+           "train: step 55/55 (100%) | loss 0.2 | 1,000 tokens/s | elapsed 8m06s\nsaved\n")
+    assert train_elapsed(log) == 486.0
+    assert train_elapsed("train: step 9/9 (100%) | loss 1 | elapsed 1h02m") == 3720.0
+    assert train_elapsed("train: step 1/2 (50%) | loss 1 | elapsed 42s | ETA 42s") == 42.0
+    assert train_elapsed("no progress") is None
