@@ -118,10 +118,10 @@ def range_qparams(
         return fp4_scales(torch.maximum(lo.abs(), hi.abs()), spec.format, global_rows), None
     if spec.symmetric:
         absmax = torch.maximum(lo.abs(), hi.abs())
-        top = {"int": spec.qmax, "fp8": FP8_MAX, "nf4": 1.0}[spec.format]
+        top = {"int": spec.q_range, "fp8": FP8_MAX, "nf4": 1.0}[spec.format]
         return _round_to((absmax / top).clamp_min(EPS), scale_dtype), None
     lo, hi = lo.clamp_max(0), hi.clamp_min(0)  # keep 0 exactly representable (padding, ReLU zeros)
-    scale = _round_to(((hi - lo) / (spec.qmax - spec.qmin)).clamp_min(EPS), scale_dtype)
+    scale = _round_to(((hi - lo) / spec.q_range).clamp_min(EPS), scale_dtype)
     zero = (-lo / scale).round().clamp(spec.qmin, spec.qmax)
     return scale, zero
 
@@ -239,7 +239,8 @@ def fake_quant(
     if (use_kernel and spec.scale_method == "minmax" and spec.format in ("int", *FP4_FORMATS)
             and device_path(rows, "fake_quant") and not torch.compiler.is_compiling()):
         out = (fused_fp4_fake_quant_rows(rows, spec.format, global_rows) if spec.format in FP4_FORMATS
-               else fused_fake_quant_rows(rows, spec.bits, spec.symmetric, scale_dtype))
+               else fused_fake_quant_rows(rows, spec.bits, spec.symmetric, scale_dtype,
+                                                         spec.sym_range != "qmax"))
         if out is not None:  # fp4's carries its clamp-aware STE gradient
             return out if spec.format in FP4_FORMATS else ste(rows, out)
     scale, zero = QPARAMS[spec.scale_method](rows, spec, scale_dtype, global_rows=global_rows)
@@ -293,11 +294,11 @@ class WeightQuantizer(nn.Module):
             r = rows.float()
             if spec.symmetric:
                 hi = torch.sigmoid(self.clip_hi) * r.abs().amax(-1, keepdim=True)
-                scale = hi / spec.qmax
+                scale = hi / spec.q_range
             else:
                 hi = torch.sigmoid(self.clip_hi) * r.amax(-1, keepdim=True).clamp_min(0)
                 lo = torch.sigmoid(self.clip_lo) * r.amin(-1, keepdim=True).clamp_max(0)
-                scale = (hi - lo) / (spec.qmax - spec.qmin)
+                scale = (hi - lo) / spec.q_range
             scale = scale.clamp_min(EPS)
             scale = scale + (_round_to(scale.detach(), weight.dtype) - scale.detach())
             zero = None if spec.symmetric else _round_ste(-lo / scale).clamp(spec.qmin, spec.qmax)

@@ -19,6 +19,7 @@ FORMATS = ("int", "fp8", "nf4", "nvfp4", "mxfp4")
 FP4_FORMATS = {"nvfp4": 16, "mxfp4": 32}  # e2m1 elements and their block size (qat/fp4.py)
 SCALE_METHODS = ("minmax", "mse", "percentile")
 LEARNABLE = ("none", "lsq", "lwc")
+SYM_RANGES = ("full", "qmax")
 
 
 
@@ -51,6 +52,12 @@ class TensorSpec:
     learnable: str = setting("none", choices=LEARNABLE,
                              help="lsq learns the step size; lwc learns clipping factors (weights); none: fixed")
     dynamic: bool = setting(True, help="activations/kv: a scale from each batch; false: a calibrated scale")
+    sym_range: Optional[str] = setting(
+        None, help="symmetric int grids: full maps a row's absmax to qmax + 1/2 (absmax / 7.5 at 4 bits: every code "
+        "of [-2^(b-1), 2^(b-1)-1] in use, as compressed-tensors, torchao and GPTQ's reference); qmax maps it to qmax "
+        "(absmax / 7, the lowest code unused: no rounding tie at a negative absmax, LLM-QAT's grid); null: full for "
+        "weights and activations, qmax for the KV cache (quantized on the fly, where a tie would round differently "
+        "in a cached and a full forward)")
 
     @property
     def qmin(self) -> int:
@@ -61,6 +68,14 @@ class TensorSpec:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
     @property
+    def q_range(self) -> float:
+        """What a row's range is divided by to give its scale: qmax + 1/2 (full) or qmax for symmetric int grids,
+        qmax - qmin for asymmetric ones."""
+        if not self.symmetric:
+            return float(self.qmax - self.qmin)
+        return float(self.qmax) if self.sym_range == "qmax" else self.qmax + 0.5
+
+    @property
     def clips(self) -> bool:
         """True when values can fall outside the quantization range (so the STE must mask them)."""
         return self.scale_method != "minmax" or self.learnable != "none" or not self.dynamic
@@ -68,6 +83,10 @@ class TensorSpec:
     def check(self, kind: str) -> TensorSpec:
         """Raise SpecError for a combination that makes no sense for this tensor kind."""
         where = f"quant.{kind}"
+        if self.sym_range is None:
+            self.sym_range = default_sym_range(kind, self.format, self.symmetric)
+        elif self.sym_range not in SYM_RANGES:
+            raise SpecError(f"{where}.sym_range={self.sym_range!r} is not one of {list(SYM_RANGES)}")
         for f in fields(self):
             allowed = f.metadata.get("choices")
             if allowed and getattr(self, f.name) not in allowed:
@@ -86,6 +105,10 @@ class TensorSpec:
             self._check_fp4(where, kind)
         if self.format != "int" and not self.symmetric:
             raise SpecError(f"{where}: format {self.format} is symmetric; set symmetric=true")
+        if self.sym_range == "qmax" and (kind == "activation" or self.format != "int" or not self.symmetric):
+            # The integer runtime quantizes activations on the full range only (its kernels take no divisor).
+            raise SpecError(f"{where}.sym_range={self.sym_range}: only symmetric int weights and kv take the qmax "
+                            "grid; leave sym_range=full")
         if (self.granularity == "group") != (self.group_size is not None):
             raise SpecError(
                 f"{where}: group_size goes with granularity=group "
@@ -140,7 +163,7 @@ class TensorSpec:
         """This spec as a short-name component, e.g. 'w4g64asym'; SpecError if it has no short name."""
         kind = prefix_kind(prefix)
         default = default_spec(kind, self.bits, self.group_size, self.symmetric, self.format)
-        if self != default:
+        if replace(self, sym_range=self.sym_range or default.sym_range) != default:
             raise SpecError(f"{asdict(self)} has no short name (only defaults of each short name do)")
         if self.format == "fp8":
             return f"{prefix}fp8"
@@ -152,6 +175,13 @@ class TensorSpec:
         if self.symmetric == default_symmetric(kind, self.format):
             return s
         return s + ("sym" if self.symmetric else "asym")
+
+
+def default_sym_range(kind: str, fmt: str = "int", symmetric: bool = True) -> str:
+    """The grid a symmetric int spec takes when it names none: the full signed range, but the KV cache keeps qmax
+    (it is quantized on the fly; a negative absmax on the full range sits on a rounding tie that one ulp of
+    difference between a cached and a full forward, or the runtime and fake quant, rounds either way)."""
+    return "qmax" if kind == "kv" and fmt == "int" and symmetric else "full"
 
 
 def prefix_kind(prefix: str) -> str:
@@ -170,11 +200,13 @@ def default_spec(
 ) -> TensorSpec:
     """The spec a short-name component stands for: per-channel (or per-group) weights, per-token rest."""
     if fmt in FP4_FORMATS:
-        return TensorSpec(bits=4, symmetric=True, granularity="group", group_size=FP4_FORMATS[fmt], format=fmt)
+        return TensorSpec(bits=4, symmetric=True, granularity="group", group_size=FP4_FORMATS[fmt], format=fmt,
+                          sym_range="full")
     gran = ("group" if group else "channel") if kind == "weight" else "token"
     if symmetric is None:
         symmetric = default_symmetric(kind, fmt)
-    return TensorSpec(bits=bits, symmetric=symmetric, granularity=gran, group_size=group, format=fmt)
+    return TensorSpec(bits=bits, symmetric=symmetric, granularity=gran, group_size=group, format=fmt,
+                      sym_range=default_sym_range(kind, fmt, symmetric))
 
 
 @dataclass
@@ -237,11 +269,22 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
+        """A recorded spec. A record without `sym_range` predates it: its symmetric int weights and kv were trained
+        on the qmax grid, so they keep it."""
         kw = dict(d)
         for kind in ("weight", "activation", "kv"):
             if kw.get(kind) is not None:
-                kw[kind] = TensorSpec(**kw[kind])
+                kw[kind] = TensorSpec(**legacy_sym_range(kw[kind], kind))
         return cls(**kw).check()
+
+
+def legacy_sym_range(d: dict[str, Any], kind: str) -> dict[str, Any]:
+    """A TensorSpec record with the grid it was written with: symmetric int weights and kv recorded before
+    `sym_range` existed used absmax / qmax (activations move to the full range: the runtime has no other)."""
+    if "sym_range" in d:
+        return d
+    legacy = kind != "activation" and d.get("symmetric", True) and d.get("format", "int") == "int"
+    return {**d, "sym_range": "qmax" if legacy else None}
 
 
 _COMPONENT = r"(?:(\d+)|(fp8)|(nf4)|(nvfp4)|(mxfp4))(?:g(\d+))?(asym|sym)?"
@@ -324,5 +367,5 @@ def check_layer(spec: Optional[TensorSpec], in_features: int, module_name: str,
 
 
 __all__ = [
-    "TensorSpec", "QuantSpec", "SpecError", "parse", "resolve_for_layer", "check_layer",
+    "TensorSpec", "QuantSpec", "SpecError", "parse", "legacy_sym_range", "resolve_for_layer", "check_layer",
 ]

@@ -96,8 +96,10 @@ def test_gptq_clip_shrinks_the_grid_and_lowers_the_output_error(scheme):
     q0, _, s0, _ = GPTQ(GPTQConfig(clip=False)).round(w, spec, h)
     q1, _, s1, _ = GPTQ(GPTQConfig(clip=True)).round(w, spec, h)
     assert bool((s1 <= s0).all()) and float((s1 < s0).float().mean()) > 0.5
-    assert output_error(w, q1, h) < 0.85 * output_error(w, q0, h)
-    assert output_error(w, q1, ht) < 0.85 * output_error(w, q0, ht)
+    # (on the qmax grid the search cut the error by more than 15% at w4; the full signed range wastes less of min/max's
+    # grid, so less is left to gain)
+    assert output_error(w, q1, h) < 0.95 * output_error(w, q0, h)
+    assert output_error(w, q1, ht) < 0.95 * output_error(w, q0, ht)
     # clip=False is the plain algorithm; a percentile spec keeps its own scales with clip on
     assert torch.equal(q0, gptq(w, h, spec, damp=0.1, act_order=True, scale_dtype=F64)[0])
     pct = replace(spec, scale_method="percentile", percentile=99.0)

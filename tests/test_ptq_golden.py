@@ -3,7 +3,8 @@
 Where the bits are defined the record is exact: tests/data/ptq_golden_w4g64.json holds SHA-256 prefixes of each
 frozen linear's weight, codes, scales and zero points for RTN, and of the scales for GPTQ (static groups: taken
 from the weights before any matmul), recorded by this test's own computation on the tree before the re-layout
-(commit 04bc59d). RTN is elementwise arithmetic and a max, the same bits on every IEEE machine.
+(commit 04bc59d), on the qmax grid (absmax / 7, `sym_range: qmax`) that was then the only one. RTN is elementwise
+arithmetic and a max, the same bits on every IEEE machine.
 
 GPTQ's codes are not defined to the bit: they come through the model's matmuls (the calibration inputs) and the
 Hessian's, whose summation order and bf16 rounding belong to the CPU's kernels (AVX2, AVX512-BF16, AMX). One code
@@ -52,8 +53,10 @@ def digest(t):
 
 def quantized(method: str, dtype: str) -> dict[str, tuple[torch.Tensor, QuantLinear]]:
     ids = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(0))
-    model, _ = run_ptq(tiny(getattr(torch, dtype)), parse("w4g64"), PTQConfig(method=method, progress=False,
-                                                                             batch_size=4), ids)
+    spec = parse("w4g64")
+    spec.weight.sym_range = "qmax"  # the grid the record was made on (issue 31 moved the default to the full range)
+    model, _ = run_ptq(tiny(getattr(torch, dtype)), spec, PTQConfig(method=method, progress=False, batch_size=4),
+                       ids)
     out = {n: (m.weight_quantizer.quantize(m.weight)[0], m) for n, m in model.named_modules()
            if isinstance(m, QuantLinear)}
     assert len(out) == 14

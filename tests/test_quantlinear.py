@@ -10,7 +10,7 @@ from helpers.quant_ref import (
     F64,
     rand_act,
     ref_act_rows,
-    ref_codes,
+    ref_codes_taking_ties,
     ref_dequant,
     ref_minmax,
     ref_near_tie,
@@ -40,13 +40,16 @@ def test_quantlinear_forward_matches_quantizer_functions():
     qw = fake_quant(weight_rows(lin.weight, W_SPEC), W_SPEC, torch.float32).reshape(lin.weight.shape)
     assert torch.equal(y, F.linear(qx, qw, lin.bias))
     assert not torch.allclose(y, lin(x), rtol=1e-3, atol=1e-3)  # the quantization is actually applied
-    # against the float64 reference of the same quantizers: close up to fp32 matmul noise and rare ties
+    # against the float64 reference of the same quantizers: close up to fp32 matmul noise and rare ties (a row's
+    # negative absmax sits at qmin + 1/2 on the full signed range: there the fp32 path's code is taken)
     wr = ref_weight_rows(lin.weight.detach().double(), "group", 7)
     sw, _ = ref_minmax(wr, 4, True)
-    w_ref = ref_dequant(ref_codes(wr, sw, None, 4, True), sw, None).reshape(6, 21)
+    w_codes = (weight_rows(qw, W_SPEC).double() / sw).round()
+    w_ref = ref_dequant(ref_codes_taking_ties(wr, sw, 4, w_codes), sw, None).reshape(6, 21)
     xr = ref_act_rows(x.double(), "token")
     sx, _ = ref_minmax(xr, 8, True)
-    x_ref = ref_dequant(ref_codes(xr, sx, None, 8, True), sx, None).reshape(x.shape)
+    x_codes = (act_rows(qx, A_SPEC).double() / sx).round()
+    x_ref = ref_dequant(ref_codes_taking_ties(xr, sx, 8, x_codes), sx, None).reshape(x.shape)
     torch.testing.assert_close(y.double(), F.linear(x_ref, w_ref, lin.bias.double()), rtol=1e-5, atol=1e-5)
 
 
@@ -80,9 +83,14 @@ def test_quantlinear_from_to_linear_share_parameters():
     qw = WeightQuantizer(W_SPEC, lin.weight)(lin.weight)
     assert torch.equal(baked.weight, qw) and not torch.equal(baked.weight, lin.weight)
     assert torch.equal(baked.bias, lin.bias) and baked.bias is not lin.bias
-    # with the weight quantized already, a weight-only QuantLinear over the baked linear changes nothing
+    # On the qmax grid (absmax / qmax) min/max fake quant is a projection: over the baked linear it changes nothing.
+    # The full signed range is not one (a baked row's absmax can be 8 steps, re-read as 7.5), as in
+    # compressed-tensors.
     x = rand_act((3, 21), "ql-baked")
-    assert torch.equal(QuantLinear.from_linear(baked, W_SPEC)(x), F.linear(x, qw, lin.bias))
+    old = TensorSpec(bits=4, granularity="group", group_size=7, sym_range="qmax")
+    baked_old = QuantLinear.from_linear(lin, old).to_linear(fake_quantized=True)
+    qw_old = WeightQuantizer(old, lin.weight)(lin.weight)
+    assert torch.equal(QuantLinear.from_linear(baked_old, old)(x), F.linear(x, qw_old, lin.bias))
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
@@ -126,7 +134,7 @@ def test_static_activation_scale_calibration():
     assert absmax != float(hidden[0].abs().amax()) and absmax != float(hidden[-1].abs().amax())
     scale = ql.input_quantizer.scale
     assert scale.shape == (1,)
-    torch.testing.assert_close(scale.double(), torch.tensor([absmax / 127.0], dtype=F64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(scale.double(), torch.tensor([absmax / 127.5], dtype=F64), rtol=1e-6, atol=0)
     # after calibration: a fixed per-tensor grid, values beyond the calibrated range clip to its ends
     h = torch.cat([2.0 * hidden[1], -2.0 * hidden[1]])
     out = ql.input_quantizer(h)

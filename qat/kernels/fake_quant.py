@@ -5,7 +5,8 @@ reduces each row to its min/max scale, quantizes and dequantizes, and stores the
 input dtype. The arithmetic mirrors `qat.quantizers` step by step so the result is bit-identical
 to `fake_quant(..., use_kernel=False)` on the same device:
 
-- scale = absmax / qmax (symmetric) or (hi - lo) / (qmax - qmin) (asymmetric). torch divides a
+- scale = absmax / (qmax + 1/2) (symmetric, the full signed range; absmax / qmax for `sym_range=qmax`) or
+  (hi - lo) / (qmax - qmin) (asymmetric). torch divides a
   tensor by a Python number as `x * (1 / b)` on CUDA but as a true division on CPU, so the kernel
   does the same (`RECIP`), then clamps at EPS and rounds the scale to the storage dtype.
 - y = x / scale is an IEEE (round-to-nearest) division (`tl.div_rn`, not Triton's default
@@ -150,7 +151,7 @@ def _fake_quant_tile(
 @triton.jit
 def _fake_quant_rows_kernel(
     x_ptr, out_ptr, R, N,
-    q_range, inv_q_range,  # fp32: the scale divisor (qmax, or qmax - qmin) and its fp32 reciprocal
+    q_range, inv_q_range,  # fp32: the scale divisor (TensorSpec.q_range) and its fp32 reciprocal
     QMIN: tl.constexpr, QMAX: tl.constexpr,
     SYMMETRIC: tl.constexpr, SCALE_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
     RECIP: tl.constexpr, EMULATE: tl.constexpr,
@@ -173,18 +174,19 @@ INTERPRETED = type(_fake_quant_rows_kernel).__name__ == "InterpretedFunction"
 
 
 @functools.cache
-def reciprocal(q: int) -> float:
+def reciprocal(q: float) -> float:
     """The fp32 1/q that torch's CUDA division of a tensor by the Python number q multiplies with."""
     return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(float(q), dtype=torch.float32))
 
 
 @functools.lru_cache(maxsize=4096)
-def int_grid(bits: int, symmetric: bool) -> tuple[int, int, int]:
-    """(qmin, qmax, the scale divisor): qmax for symmetric grids, qmax - qmin for asymmetric ones."""
+def int_grid(bits: int, symmetric: bool, full_range: bool = True) -> tuple[int, int, float]:
+    """(qmin, qmax, the scale divisor): `TensorSpec.q_range` — qmax + 1/2 for symmetric grids over the full signed
+    range (qmax with full_range False), qmax - qmin for asymmetric ones."""
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        return -(2 ** (bits - 1)), qmax, qmax
-    return 0, 2**bits - 1, 2**bits - 1
+        return -(2 ** (bits - 1)), qmax, qmax + 0.5 if full_range else float(qmax)
+    return 0, 2**bits - 1, float(2**bits - 1)
 
 
 def launch_config(R: int, n: int) -> tuple[int, int, int]:
@@ -204,7 +206,7 @@ def launch_config(R: int, n: int) -> tuple[int, int, int]:
 
 
 def fake_quant_rows(
-    rows: torch.Tensor, bits: int, symmetric: bool, scale_dtype: Optional[torch.dtype]
+    rows: torch.Tensor, bits: int, symmetric: bool, scale_dtype: Optional[torch.dtype], full_range: bool = True,
 ) -> torch.Tensor:
     """Launch the kernel on a 2-D (R, n) tensor with 1 <= n <= MAX_N; the caller checks support."""
     x = rows.detach().contiguous()
@@ -212,7 +214,7 @@ def fake_quant_rows(
     R, n = x.shape
     if R == 0:
         return out
-    qmin, qmax, q_range = int_grid(bits, symmetric)
+    qmin, qmax, q_range = int_grid(bits, symmetric, full_range)
     block_r, block_n, warps = launch_config(R, n)
     grid = (triton.cdiv(R, block_r),)
     args = dict(

@@ -37,7 +37,7 @@ def _store(ptr, offs, v, mask, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 @triton.jit
 def _rms_norm_quant_kernel(
     x_ptr, w_ptr, out_ptr, y_ptr, rstd_ptr, R, N, eps,
-    q_range, inv_q_range,  # fp32: the scale divisor (qmax, or qmax - qmin) and its fp32 reciprocal
+    q_range, inv_q_range,  # fp32: the scale divisor (TensorSpec.q_range) and its fp32 reciprocal
     QMIN: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr,
     IN_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, Q_DTYPE: tl.constexpr,
     RECIP: tl.constexpr, EMULATE: tl.constexpr, STORE_Y: tl.constexpr,

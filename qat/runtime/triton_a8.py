@@ -95,7 +95,7 @@ def quantize_act_int8(x2d: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor,
     br = max(1, min(triton.next_power_of_2(m), 4096 // bk))
     elems = br * bk
     warps = 2 if elems <= 1024 else 4 if elems <= 2048 else 8 if elems <= 8192 else 16
-    q_range = 127 if symmetric else 255
+    q_range = 127.5 if symmetric else 255.0  # TensorSpec.q_range of int8 activations (the full signed range)
     _act_quant_kernel[(triton.cdiv(m, br),)](
         x, xq, xs, xs if xz is None else xz, m, k, x.stride(0), reciprocal(q_range), float(q_range),
         SYMMETRIC=bool(symmetric), RECIP=on_cuda(x), BLOCK_R=br, BLOCK_K=bk, num_warps=warps,

@@ -72,11 +72,12 @@ def ref_act_rows(x: torch.Tensor, granularity: str) -> torch.Tensor:
     return x.reshape(1, -1) if granularity == "tensor" else x.reshape(-1, x.shape[-1])
 
 
-def ref_range(lo, hi, bits, symmetric):
-    """float64 (scale, zero) mapping [lo, hi] (per row) onto the integer grid."""
+def ref_range(lo, hi, bits, symmetric, full=True):
+    """float64 (scale, zero) mapping [lo, hi] (per row) onto the integer grid. Symmetric: absmax over half the code
+    span, (qmax - qmin) / 2 (compressed-tensors' and torchao's symmetric scale), or over qmax when not `full`."""
     qmin, qmax = ref_grid(bits, symmetric)
     if symmetric:
-        return (torch.maximum(lo.abs(), hi.abs()) / qmax).clamp_min(1e-8), None
+        return (torch.maximum(lo.abs(), hi.abs()) / ((qmax - qmin) / 2 if full else qmax)).clamp_min(1e-8), None
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     s = ((hi - lo) / (qmax - qmin)).clamp_min(1e-8)
     return s, torch.round(-lo / s).clamp(qmin, qmax)
@@ -105,13 +106,34 @@ def ref_codes(rows, s, z, bits, symmetric):
     return q.clamp(qmin, qmax)
 
 
+def ref_designed_ties(rows, s, bits):
+    """Symmetric rows' values at qmin + 1/2 steps: a row's negative absmax on the full signed range, where fp32
+    rounding picks qmin or qmin + 1 (as it does in compressed-tensors)."""
+    qmin, _ = ref_grid(bits, True)
+    return (rows / s - (qmin + 0.5)).abs() < 1e-4
+
+
+def ref_codes_taking_ties(rows, s, bits, taken):
+    """Symmetric reference codes, with the designed ties resolved as `taken` (the fp32 path's codes) did; each taken
+    code there must be one of the two neighbours."""
+    ref = ref_codes(rows, s, None, bits, True)
+    tie = ref_designed_ties(rows, s, bits)
+    taken = taken.to(ref.dtype)
+    assert ((taken - ref).abs()[tie] <= 1).all()
+    return torch.where(tie, taken, ref)
+
+
 def ref_dequant(codes, s, z):
     return (codes - z) * s if z is not None else codes * s
 
 
-def ref_near_tie(rows, s):
+def ref_near_tie(rows, s, top=None):
+    """Values whose x / s is within rounding of a half step. With `top` (the grid's largest code, in units of s
+    before any zero point is added), ties above it are left out: both neighbours clamp to the top code (the full
+    signed range puts every row's positive absmax at qmax + 1/2)."""
     t = rows / s
-    return ((t - t.floor()) - 0.5).abs() < TIE_REL * t.abs().clamp_min(1.0)
+    tie = ((t - t.floor()) - 0.5).abs() < TIE_REL * t.abs().clamp_min(1.0)
+    return tie if top is None else tie & (t < top)
 
 
 def ref_fp8(rows, s):
@@ -131,8 +153,12 @@ def assert_int_matches_ref(out_rows, rows, s, z, bits, symmetric, codes=None):
     """
     ref_c = ref_codes(rows, s, z, bits, symmetric)
     deq = ref_dequant(ref_c, s, z)
-    tie = ref_near_tie(rows, s)
-    assert tie.double().mean() < 0.01, "too many near-ties: the comparison would be hollow"
+    qmin, qmax = ref_grid(bits, symmetric)
+    tie = ref_near_tie(rows, s, qmax - (0 if z is None else z))
+    # The full signed range puts a row's negative absmax at qmin + 1/2 by design (a tie in every such row, as in
+    # compressed-tensors): allowed, but not counted as the accidental ties that would make the comparison hollow.
+    designed = (rows / s - (qmin + 0.5)).abs() < 1e-4 if symmetric else torch.zeros_like(tie)
+    assert (tie & ~designed).double().mean() < 0.01, "too many near-ties: the comparison would be hollow"
     err = (out_rows.double() - deq).abs()
     tol = 1e-6 * (deq.abs() + s)
     bad = (err > tol) & ~(tie & (err <= s * (1 + 1e-5)))
