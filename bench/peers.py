@@ -99,6 +99,17 @@ class Record:
             self.path.write_text(json.dumps(self.data, indent=2))
 
 
+def _peer(rec, venv: str, name: str):
+    """The peer's python, its versions recorded once; None (and one printed line, recorded) when it is absent."""
+    python, skip = peer_python(venv, name)
+    if skip:
+        print(skip, file=sys.stderr, flush=True)
+        rec.data["skipped"][name] = skip
+        return None
+    if name not in rec.data["versions"]:
+        rec.data["versions"][name] = peer_versions(python, name)
+    return python
+
 def ptq_part(args: argparse.Namespace, scorer: Scorer, rec: Record, work: Path) -> None:
     from data.calib import calibration_ids  # lazy: only the PTQ part calibrates
     from qat.ptq import PTQConfig, run_ptq
@@ -113,12 +124,7 @@ def ptq_part(args: argparse.Namespace, scorer: Scorer, rec: Record, work: Path) 
     from qat.io.models import bundled_model_path, resolve_model_path  # lazy: as above
 
     folder = bundled_model_path(args.model) if args.model.startswith("bundled:") else resolve_model_path(args.model)
-    llmc, skip = peer_python(args.llmc_venv, "llmc")
-    if skip:
-        print(skip, file=sys.stderr, flush=True)
-        rec.data["skipped"]["llmc"] = skip
-    elif "llmc" not in rec.data["versions"]:
-        rec.data["versions"]["llmc"] = peer_versions(llmc, "llmc")
+    llmc = _peer(rec, args.llmc_venv, "llmc")
     base = None
     for key in [k for k in args.rows.split(",") if k]:
         label, peer, method, clip = PTQ_ROWS[key]
@@ -204,14 +210,7 @@ def qat_part(args: argparse.Namespace, scorer: Scorer, rec: Record, work: Path) 
     save_file({"ids": torch.tensor(scorer.windows, dtype=torch.int32)}, str(windows_file))
     folder = bundled_model_path(args.model) if args.model.startswith("bundled:") else resolve_model_path(args.model)
     peers = [p for p in args.qat_peers.split(",") if p]
-    torchao = None
-    if "torchao" in peers:
-        torchao, skip = peer_python(args.torchao_venv, "torchao")
-        if skip:
-            print(skip, file=sys.stderr, flush=True)
-            rec.data["skipped"]["torchao"] = skip
-        elif "torchao" not in rec.data["versions"]:
-            rec.data["versions"]["torchao"] = peer_versions(torchao, "torchao")
+    torchao = _peer(rec, args.torchao_venv, "torchao") if "torchao" in peers else None
     distqat_start = torchao_start = None  # each start is the same at every lr: scored once
     for lr in [float(x) for x in args.qat_lrs.split(",") if x]:
         common = dict(lr=lr, steps=args.qat_steps, batch=args.qat_batch, seq_len=args.qat_seq_len)
