@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ..device import launch_device, on_cuda
+from ..spec import TensorSpec
 
 MAX_N = 32768  # longest row handled by one program; longer rows (per-tensor scales) use the reference
 _DTYPE_CODES = {None: 0, torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -183,10 +184,8 @@ def reciprocal(q: float) -> float:
 def int_grid(bits: int, symmetric: bool, full_range: bool = True) -> tuple[int, int, float]:
     """(qmin, qmax, the scale divisor): `TensorSpec.q_range` — qmax + 1/2 for symmetric grids over the full signed
     range (qmax with full_range False), qmax - qmin for asymmetric ones."""
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        return -(2 ** (bits - 1)), qmax, qmax + 0.5 if full_range else float(qmax)
-    return 0, 2**bits - 1, float(2**bits - 1)
+    spec = TensorSpec(bits=bits, symmetric=symmetric, sym_range="full" if full_range or not symmetric else "qmax")
+    return spec.qmin, spec.qmax, spec.q_range
 
 
 def launch_config(R: int, n: int) -> tuple[int, int, int]:
