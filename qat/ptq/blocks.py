@@ -15,6 +15,7 @@ from torch import nn
 from ..experts import describe, experts_modules
 from ..linear import QuantLinear
 from ..online import turns_input
+from .gram import add_upper_gram, symmetrize
 
 # Llama-family decoder layer: (module before the group, its kind, the linears sharing one input).
 LLAMA_GROUPS = [
@@ -50,11 +51,11 @@ class Stats:
         self.abs_sum += x.abs().sum(0)
         self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
         if want_h:
-            self.h.addmm_(x.T, x)
+            add_upper_gram(self.h, x)
 
     def finish(self) -> Stats:
         if self.h is not None:
-            self.h /= max(self.n, 1)
+            symmetrize(self.h).div_(max(self.n, 1))
         return self
 
     @property
@@ -305,20 +306,29 @@ def capture_calls(layer: nn.Module, names: list[str], inputs, kwargs) -> dict[st
 
 @contextmanager
 def quantizers_off(mods: dict[str, QuantLinear]):
-    """Run these QuantLinears in full precision; `on(name)` switches one back (it stays on after)."""
+    """Run these QuantLinears in full precision; `on(name)` switches one back (it stays on after). A static
+    activation quantizer stays off until the end: its scale is calibrated on the finished block."""
     saved = {n: (m.weight_quantizer, m.input_quantizer) for n, m in mods.items()}
+    later: dict[str, Any] = {}
     for m in mods.values():
         m.weight_quantizer, m.input_quantizer = None, None
 
     def on(name: str) -> None:
         if name in saved:
-            mods[name].weight_quantizer, mods[name].input_quantizer = saved.pop(name)
+            w, a = saved.pop(name)
+            mods[name].weight_quantizer = w
+            if a is not None and not a.spec.dynamic:
+                later[name] = a
+            else:
+                mods[name].input_quantizer = a
 
     try:
         yield on
     finally:
         for n in list(saved):
             on(n)
+        for n, a in later.items():
+            mods[n].input_quantizer = a
 
 
 @torch.no_grad()
