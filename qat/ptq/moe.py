@@ -34,6 +34,7 @@ from ..quantizers import WeightQuantizer
 from ..spec import TensorSpec
 from .blocks import Routed, block_groups, fold, foldable, run_block
 from .fp4grid import tensor_exponent
+from .gram import gram
 from .grid import freeze_experts, rtn
 from .parts import PTQReport, Rounding
 
@@ -115,7 +116,7 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
     """X^T X / n of the rows of x, in float32 (float64 for a float64 x), as the block loop's `Stats` holds it."""
     x = x.reshape(-1, x.shape[-1])
     x = x.double() if x.dtype == torch.float64 else x.float()
-    return x.T @ x / max(x.shape[0], 1)
+    return gram(x).div_(max(x.shape[0], 1))
 
 
 def min_tokens(ratio: float, width: int) -> int:
