@@ -37,6 +37,7 @@ from .blocks import (
     collect,
     decoder_layers,
     has_experts,
+    is_llama_layout,
     outside_layers,
     quantizers_off,
     run_block,
@@ -47,6 +48,7 @@ from .moe import check_folds, experts_off, freeze_rtn_experts, quantized_experts
 from .parts import Baseline, ModelTransform, Part, PTQReport, Rounding, Transform
 from .progress import BlockProgress, fingerprint
 from .registry import PARTS, build, parse_method
+from .settled import AttentionReuse
 
 
 def _parts(spec: QuantSpec, cfg: PTQConfig) -> list[Part]:
@@ -145,9 +147,8 @@ def run_ptq(
         for i, layer in enumerate(layers[start:], start):
             t0 = time.perf_counter()
             layer.to(device)
-            _quantize_block(layer, transforms, rounding, inputs, kwargs, report, prefix=f"model.layers.{i}.")
-            if needs_data and i + 1 < len(layers):
-                inputs = run_block(layer, inputs, kwargs)
+            inputs = _quantize_block(layer, transforms, rounding, inputs, kwargs, report, f"model.layers.{i}.",
+                                     outputs=needs_data and i + 1 < len(layers))
             layer.to(home)
             dt = time.perf_counter() - t0
             report.blocks.append({"index": i, "seconds": dt})
@@ -197,7 +198,32 @@ def _resume(progress: Optional[BlockProgress], layers: list[nn.Module], inputs, 
 
 
 def _quantize_block(layer: nn.Module, transforms: list[Transform], rounding: Rounding, inputs, kwargs,
-                    report: PTQReport, prefix: str) -> None:
+                    report: PTQReport, prefix: str, outputs: bool) -> Optional[list[torch.Tensor]]:
+    """Round the block's linears (and fused experts); with `outputs`, the quantized block's outputs (the next
+    block's inputs)."""
+    reuse = None
+    if inputs is not None and rounding.sequential and is_llama_layout(layer, mlp=False):
+        reuse = AttentionReuse(layer, len(inputs))
+    try:
+        _round_block(layer, transforms, rounding, inputs, kwargs, report, prefix, reuse)
+        statics = [m for m in layer.modules() if isinstance(m, ActQuantizer) and not m.spec.dynamic]
+        if reuse is not None and (statics or not reuse.valid_with_quantizers()):
+            reuse.close()  # the kept attention outputs were computed with the activation quantizers off
+        if statics and inputs is not None:
+            for m in statics:
+                m.absmax.zero_()
+                m.observing = True
+            run_block(layer, inputs, kwargs)
+            for m in statics:
+                m.finish_calibration()
+        return run_block(layer, inputs, kwargs) if outputs else None
+    finally:
+        if reuse is not None:
+            reuse.close()
+
+
+def _round_block(layer: nn.Module, transforms: list[Transform], rounding: Rounding, inputs, kwargs,
+                 report: PTQReport, prefix: str, reuse: Optional[AttentionReuse]) -> None:
     qmods = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear) and m.weight_quantizer is not None}
     groups = block_groups(layer)
     specs = {n: m.weight_quantizer.spec for n, m in qmods.items()}
@@ -245,18 +271,12 @@ def _quantize_block(layer: nn.Module, transforms: list[Transform], rounding: Rou
                 on(n)
                 rounding.freeze(layer, n, q, rounded)
                 report.add(prefix + n, time.perf_counter() - t0, rounding.name)
+            if reuse is not None:
+                reuse.rounded(names)
         if experts and rounding.needs_hessian and routed is None:  # routed by the block rounded so far
             routed = capture_routed(layer, list(experts), inputs, kwargs)
         for n, m in experts.items():
             round_experts(n, m, off, rounding, None if routed is None else routed[n], report, prefix)
-    statics = [m for m in layer.modules() if isinstance(m, ActQuantizer) and not m.spec.dynamic]
-    if statics and inputs is not None:
-        for m in statics:
-            m.absmax.zero_()
-            m.observing = True
-        run_block(layer, inputs, kwargs)
-        for m in statics:
-            m.finish_calibration()
 
 
 def _check_experts(model: nn.Module, parts: list[Part], name: str) -> None:
