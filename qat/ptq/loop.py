@@ -48,7 +48,7 @@ from .moe import check_folds, experts_off, freeze_rtn_experts, quantized_experts
 from .parts import Baseline, ModelTransform, Part, PTQReport, Rounding, Transform
 from .progress import BlockProgress, fingerprint
 from .registry import PARTS, build, parse_method
-from .settled import AttentionReuse
+from .settled import BlockReuse
 
 
 def _parts(spec: QuantSpec, cfg: PTQConfig) -> list[Part]:
@@ -203,12 +203,12 @@ def _quantize_block(layer: nn.Module, transforms: list[Transform], rounding: Rou
     block's inputs)."""
     reuse = None
     if inputs is not None and rounding.sequential and is_llama_layout(layer, mlp=False):
-        reuse = AttentionReuse(layer, len(inputs))
+        reuse = BlockReuse(layer, len(inputs))
     try:
         _round_block(layer, transforms, rounding, inputs, kwargs, report, prefix, reuse)
         statics = [m for m in layer.modules() if isinstance(m, ActQuantizer) and not m.spec.dynamic]
-        if reuse is not None and (statics or not reuse.valid_with_quantizers()):
-            reuse.close()  # the kept attention outputs were computed with the activation quantizers off
+        if reuse is not None:
+            reuse.close() if statics else reuse.final_pass()  # kept with static quantizers off: not the block's
         if statics and inputs is not None:
             for m in statics:
                 m.absmax.zero_()
@@ -223,7 +223,7 @@ def _quantize_block(layer: nn.Module, transforms: list[Transform], rounding: Rou
 
 
 def _round_block(layer: nn.Module, transforms: list[Transform], rounding: Rounding, inputs, kwargs,
-                 report: PTQReport, prefix: str, reuse: Optional[AttentionReuse]) -> None:
+                 report: PTQReport, prefix: str, reuse: Optional[BlockReuse]) -> None:
     qmods = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear) and m.weight_quantizer is not None}
     groups = block_groups(layer)
     specs = {n: m.weight_quantizer.spec for n, m in qmods.items()}
@@ -259,7 +259,10 @@ def _round_block(layer: nn.Module, transforms: list[Transform], rounding: Roundi
         for gi, g in enumerate(groups):
             names = [n for n in g.names if n in qmods]
             if names and gi > 0 and rounding.sequential:
+                keep = reuse.keep_down_inputs(names) if reuse is not None else None
                 collect(layer, [g], inputs, kwargs, want_h=True, stop_early=True)
+                if keep is not None:
+                    keep.remove()
             if names and rounding.needs_hessian and (g.stats is None or not g.stats.n):
                 raise ValueError(f"ptq.method={rounding.name}: {prefix}{names[0]} never ran on the calibration tokens "
                                  "(the model uses its weight without calling it), so it has no Hessian; keep it full "
