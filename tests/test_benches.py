@@ -94,3 +94,12 @@ def test_moe_bench_prints_and_records_every_variant_against_the_own_experts(tmp_
         a16, a8 = infer[(n, "int", "w4g32")], infer[(n, "int", "w8a8")]
         assert a16["max_rel_diff"] == 0.0 and a8["max_rel_diff"] < 1e-5  # the converted experts compute the fake quant
         assert a16["impl"] == "reference" and a16["convert_s"] > 0
+
+
+def test_hessian_bench_times_both_forms_and_they_agree(capsys):
+    assert main(["bench", "hessian", "--widths", "200,70", "--tokens", "64", "--threads", "1", "--rounds", "1"]) == 0
+    rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.strip().splitlines()[2:]]
+    assert [(int(r[0]), int(r[1]), int(r[2])) for r in rows] == [(200, 1, 2), (70, 1, 1)]
+    for r in rows:
+        assert float(r[3]) > 0 and float(r[4]) > 0 and r[5].strip().endswith("x")
+        assert float(r[6]) == 0.0  # each block multiplies the same columns as the full product

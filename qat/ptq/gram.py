@@ -3,7 +3,7 @@
 X^T X is symmetric, so only the blocks on and above the diagonal are multiplied (a column split into k chunks takes
 k(k+1)/2 of the k^2 block products) and the lower triangle is copied from the upper once the sum is complete. Each
 block is a product of the same columns the full product would multiply; on the bundled model's widths (576, 1536)
-at one CPU thread it takes 0.65x the time of the full product (bench/gptq_speed.py's Hessian rows).
+at one CPU thread it takes 0.6-0.85x the time of the full product (bench/hessian.py).
 """
 
 from __future__ import annotations
