@@ -117,6 +117,8 @@ def range_qparams(
     if spec.format in FP4_FORMATS:
         return fp4_scales(torch.maximum(lo.abs(), hi.abs()), spec.format, global_rows), None
     if spec.symmetric:
+        if spec.format == "int" and spec.sym_range == "signed":
+            return _round_to(spec.signed_scale(lo, hi).clamp_min(EPS), scale_dtype), None
         absmax = torch.maximum(lo.abs(), hi.abs())
         top = {"int": spec.q_range, "fp8": FP8_MAX, "nf4": 1.0}[spec.format]
         return _round_to((absmax / top).clamp_min(EPS), scale_dtype), None
@@ -239,8 +241,7 @@ def fake_quant(
     if (use_kernel and spec.scale_method == "minmax" and spec.format in ("int", *FP4_FORMATS)
             and device_path(rows, "fake_quant") and not torch.compiler.is_compiling()):
         out = (fused_fp4_fake_quant_rows(rows, spec.format, global_rows) if spec.format in FP4_FORMATS
-               else fused_fake_quant_rows(rows, spec.bits, spec.symmetric, scale_dtype,
-                                                         spec.sym_range != "qmax"))
+               else fused_fake_quant_rows(rows, spec.bits, spec.symmetric, scale_dtype, spec.sym_range or "full"))
         if out is not None:  # fp4's carries its clamp-aware STE gradient
             return out if spec.format in FP4_FORMATS else ste(rows, out)
     scale, zero = QPARAMS[spec.scale_method](rows, spec, scale_dtype, global_rows=global_rows)
@@ -292,7 +293,10 @@ class WeightQuantizer(nn.Module):
             return scale, zero
         if spec.learnable == "lwc":
             r = rows.float()
-            if spec.symmetric:
+            if spec.symmetric and spec.sym_range == "signed":
+                scale = torch.sigmoid(self.clip_hi) * spec.signed_scale(r.amin(-1, keepdim=True),
+                                                                        r.amax(-1, keepdim=True))
+            elif spec.symmetric:
                 hi = torch.sigmoid(self.clip_hi) * r.abs().amax(-1, keepdim=True)
                 scale = hi / spec.q_range
             else:

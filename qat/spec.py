@@ -19,7 +19,7 @@ FORMATS = ("int", "fp8", "nf4", "nvfp4", "mxfp4")
 FP4_FORMATS = {"nvfp4": 16, "mxfp4": 32}  # e2m1 elements and their block size (qat/fp4.py)
 SCALE_METHODS = ("minmax", "mse", "percentile")
 LEARNABLE = ("none", "lsq", "lwc")
-SYM_RANGES = ("full", "qmax")
+SYM_RANGES = ("signed", "full", "qmax")
 
 
 
@@ -53,11 +53,13 @@ class TensorSpec:
                              help="lsq learns the step size; lwc learns clipping factors (weights); none: fixed")
     dynamic: bool = setting(True, help="activations/kv: a scale from each batch; false: a calibrated scale")
     sym_range: Optional[str] = setting(
-        None, help="symmetric int grids: full maps a row's absmax to qmax + 1/2 (absmax / 7.5 at 4 bits: every code "
-        "of [-2^(b-1), 2^(b-1)-1] in use, as compressed-tensors, torchao and GPTQ's reference); qmax maps it to qmax "
-        "(absmax / 7, the lowest code unused: no rounding tie at a negative absmax, LLM-QAT's grid); null: full for "
-        "weights and activations, qmax for the KV cache (quantized on the fly, where a tie would round differently "
-        "in a cached and a full forward)")
+        None, help="symmetric int grids: signed (weights) takes the smallest scale that clips neither end of a row, "
+        "max(max / qmax, -min / -qmin) (absmax / 8 for a row whose absmax is negative, max / 7 otherwise at 4 bits: "
+        "every code of [-2^(b-1), 2^(b-1)-1] usable, no rounding tie at either end); full maps a row's absmax to "
+        "qmax + 1/2 (absmax / 7.5, as compressed-tensors, torchao and GPTQ's reference); qmax maps it to qmax "
+        "(absmax / 7, the lowest code unused, LLM-QAT's grid); null: signed for weights, full for activations, qmax "
+        "for the KV cache (quantized on the fly, where a tie would round differently in a cached and a full "
+        "forward). Stored scales make every choice exact in the exported formats")
 
     @property
     def qmin(self) -> int:
@@ -70,10 +72,18 @@ class TensorSpec:
     @property
     def q_range(self) -> float:
         """What a row's range is divided by to give its scale: qmax + 1/2 (full) or qmax for symmetric int grids,
-        qmax - qmin for asymmetric ones."""
+        qmax - qmin for asymmetric ones. The signed grid has no single divisor (`range_qparams` takes the row's max
+        over qmax and its min over qmin): asking it for one is a bug."""
         if not self.symmetric:
             return float(self.qmax - self.qmin)
+        if self.sym_range == "signed":
+            raise ValueError("sym_range=signed divides a row's max by qmax and its min by qmin: it has no q_range")
         return float(self.qmax) if self.sym_range == "qmax" else self.qmax + 0.5
+
+    def signed_scale(self, lo: Any, hi: Any) -> Any:
+        """The signed grid's scale for tensors of row minima and maxima: the smallest that puts neither hi above
+        qmax nor lo below qmin, max(hi / qmax, lo / qmin), before any clamp or rounding to a scale dtype."""
+        return (hi.clamp_min(0) / self.qmax).maximum(lo.clamp_max(0) / self.qmin)
 
     @property
     def clips(self) -> bool:
@@ -105,6 +115,10 @@ class TensorSpec:
             self._check_fp4(where, kind)
         if self.format != "int" and not self.symmetric:
             raise SpecError(f"{where}: format {self.format} is symmetric; set symmetric=true")
+        if self.sym_range == "signed" and (kind != "weight" or self.format != "int" or not self.symmetric):
+            # Activation and kv scales are computed on the fly by the runtime's kernels, from absmax alone.
+            raise SpecError(f"{where}.sym_range=signed: only symmetric int weights take the signed grid; use "
+                            f"sym_range={default_sym_range(kind, self.format, self.symmetric)}")
         if self.sym_range == "qmax" and (kind == "activation" or self.format != "int" or not self.symmetric):
             # The integer runtime quantizes activations on the full range only (its kernels take no divisor).
             raise SpecError(f"{where}.sym_range={self.sym_range}: only symmetric int weights and kv take the qmax "
@@ -179,10 +193,14 @@ class TensorSpec:
 
 
 def default_sym_range(kind: str, fmt: str = "int", symmetric: bool = True) -> str:
-    """The grid a symmetric int spec takes when it names none: the full signed range, but the KV cache keeps qmax
-    (it is quantized on the fly; a negative absmax on the full range sits on a rounding tie that one ulp of
-    difference between a cached and a full forward, or the runtime and fake quant, rounds either way)."""
-    return "qmax" if kind == "kv" and fmt == "int" and symmetric else "full"
+    """The grid a symmetric int spec takes when it names none. Weights: signed, the tightest scale that clips
+    nothing, which beat both absmax grids in every RTN the bundled model was scored at (w4 per channel, w4g64, w4g32,
+    w3g64; docs/BENCHMARKS.md). Activations: the full signed range (the runtime's kernels compute it). The KV cache
+    keeps qmax (it is quantized on the fly; a negative absmax on the full range sits on a rounding tie that one ulp
+    of difference between a cached and a full forward, or the runtime and fake quant, rounds either way)."""
+    if fmt != "int" or not symmetric:
+        return "full"
+    return {"weight": "signed", "kv": "qmax"}.get(kind, "full")
 
 
 def prefix_kind(prefix: str) -> str:

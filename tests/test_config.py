@@ -30,7 +30,7 @@ def test_every_recipe_loads(recipe):
 
 def test_scheme_expands_and_later_keys_refine_it():
     cfg = load_config(ROOT / "configs/llm_qat/w4a8kv8.yaml", ["quant.weight.bits=3", "quant.kv.bits=4"])
-    assert cfg.quant.weight == TensorSpec(bits=3, symmetric=True, granularity="channel", sym_range="full")
+    assert cfg.quant.weight == TensorSpec(bits=3, symmetric=True, granularity="channel", sym_range="signed")
     assert cfg.quant.activation == TensorSpec(bits=8, symmetric=False, granularity="token", sym_range="full")
     assert cfg.quant.kv.bits == 4 and cfg.quant.kv.granularity == "token"
     assert cfg.quant.scheme is None  # expanded: the explicit specs are the record

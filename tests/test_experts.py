@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers as tf
 from helpers import HAVE_TRITON
-from helpers.quant_ref import ref_codes, ref_codes_taking_ties, ref_dequant, ref_minmax, ref_weight_rows
+from helpers.quant_ref import ref_codes, ref_dequant, ref_minmax, ref_weight_rows
 from torch import nn
 
 from qat.apply import quantize_model
@@ -35,14 +35,13 @@ def tiny(family: str) -> nn.Module:
     return tf.AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def ref_fake_quant_w(w: torch.Tensor, bits: int, group: int | None, taken: torch.Tensor) -> torch.Tensor:
-    """float64 symmetric minmax fake quant of one expert's (out, in) weight, per channel or per group; at a row's
-    negative absmax (qmin + 1/2 steps, a tie on the full signed range) the code `taken` (the module's) has."""
+def ref_fake_quant_w(w: torch.Tensor, bits: int, group: int | None) -> torch.Tensor:
+    """float64 symmetric minmax fake quant of one expert's (out, in) weight, per channel or per group, on the
+    weights' default grid (signed: no row's extreme sits on a rounding tie)."""
     gran = "group" if group else "channel"
     rows = ref_weight_rows(w, gran, group)
-    s, _ = ref_minmax(rows, bits, True)
-    codes = ref_codes_taking_ties(rows, s, bits, (ref_weight_rows(taken.detach().double(), gran, group) / s).round())
-    return ref_dequant(codes, s, None).reshape(w.shape)
+    s, _ = ref_minmax(rows, bits, True, "signed")
+    return ref_dequant(ref_codes(rows, s, None, bits, True), s, None).reshape(w.shape)
 
 
 def ref_fake_quant_a(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -58,9 +57,9 @@ def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def ref_experts(module, x, index, routing, w_up, w_down, bits, group, act_bits):
     """The experts' output, token by token and slot by slot, from float64 (E, out, in) weights."""
     lay = module.expert_layout
-    taken_up, taken_down = module.quantized_weight("gate_up_proj"), module.quantized_weight("down_proj")
-    wq_up = torch.stack([ste(w, ref_fake_quant_w(w, bits, group, t)) for w, t in zip(w_up, taken_up)])
-    wq_down = torch.stack([ste(w, ref_fake_quant_w(w, bits, group, t)) for w, t in zip(w_down, taken_down)])
+    assert all(q.spec.sym_range == "signed" for q in module.weight_quantizers.values())
+    wq_up = torch.stack([ste(w, ref_fake_quant_w(w, bits, group)) for w in w_up])
+    wq_down = torch.stack([ste(w, ref_fake_quant_w(w, bits, group)) for w in w_down])
     out = []
     for t in range(x.shape[0]):
         xt = x[t : t + 1]

@@ -119,7 +119,9 @@ def test_int8_activation_runtime_matches_fake_quant_within_bf16_rounding(tiny_mo
     # Integer accumulation vs a bf16 matmul: the gap is bf16 rounding, the size of bf16-vs-fp32 itself.
     err = (got - ref).abs().max().item()
     assert err <= 2 * (ref - fp32).abs().max().item() + 1e-3, err
-    assert err < 0.05 * ref.abs().max().item()
+    # An absolute sanity bound. kv4 turns one-ulp differences into whole codes: there bf16 against fp32 alone moves
+    # the logits by 8-14% of the largest (w4g32a8kv4 on this model, each weight grid), so its bound is wider.
+    assert err < (0.1 if "kv4" in scheme else 0.05) * ref.abs().max().item()
 
 
 @pytest.mark.parametrize("kv,bits", [("w4g32a8kv8", 8), pytest.param("w4g32a8kv4", 4, marks=pytest.mark.lane)])

@@ -17,10 +17,10 @@ from helpers.quant_ref import kernel_and_reference, kernel_mismatch
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _spec(bits: int, symmetric: bool):
+def _spec(bits: int, symmetric: bool, grid: str = "full"):
     from qat.spec import TensorSpec
 
-    return TensorSpec(bits=bits, symmetric=symmetric, granularity="channel")
+    return TensorSpec(bits=bits, symmetric=symmetric, granularity="channel", sym_range=grid if symmetric else None)
 
 
 def _sample(shape: tuple[int, int], dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> torch.Tensor:
@@ -41,15 +41,19 @@ def _sample(shape: tuple[int, int], dtype: torch.dtype, seed: int = 0, device: s
     return x.to(dtype).to(device)
 
 
-def _compare(x: torch.Tensor, bits: int, symmetric: bool, scale_dtype) -> str:
+def _compare(x: torch.Tensor, bits: int, symmetric: bool, scale_dtype, grid: str = "full") -> str:
     """'' when kernel and reference agree, else a description of the mismatch."""
     from qat.kernels import fused_fake_quant_rows
     from qat.quantizers import fake_quant
 
-    ref = fake_quant(x, _spec(bits, symmetric), scale_dtype, use_kernel=False)
-    out = fused_fake_quant_rows(x, bits, symmetric, scale_dtype)
+    ref = fake_quant(x, _spec(bits, symmetric, grid), scale_dtype, use_kernel=False)
+    out = fused_fake_quant_rows(x, bits, symmetric, scale_dtype, grid)
     return kernel_mismatch(out, ref, f"shape={tuple(x.shape)} {x.dtype} bits={bits} sym={symmetric} "
-                           f"scale_dtype={scale_dtype}")
+                           f"grid={grid} scale_dtype={scale_dtype}")
+
+
+# Every grid of the kernel: asymmetric, and the three symmetric ones (signed is the weights' default).
+GRIDS = ((False, "full"), (True, "full"), (True, "signed"), (True, "qmax"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,9 +68,9 @@ def _check_matrix() -> list[str]:
         for dtype in DTYPES:
             x = _sample(shape, dtype, seed=i)
             for bits in (2, 3, 4, 8):
-                for symmetric in (True, False):
+                for symmetric, grid in GRIDS:
                     for scale_dtype in (None, torch.bfloat16):
-                        errors.append(_compare(x, bits, symmetric, scale_dtype))
+                        errors.append(_compare(x, bits, symmetric, scale_dtype, grid))
     return [e for e in errors if e]
 
 
@@ -90,20 +94,20 @@ def _check_edges() -> list[str]:
     errors.append(_compare(base.t(), 4, True, torch.bfloat16))
     errors.append(_compare(base[:, ::2], 8, False, None))
     # fp16 scales: an all-zero row has a scale of 1e-8, which is 0 in fp16, so the reference gives NaN.
-    for sym in (True, False):
-        errors.append(_compare(_sample((6, 100), torch.float16, seed=7), 4, sym, torch.float16))
+    for sym, grid in GRIDS:
+        errors.append(_compare(_sample((6, 100), torch.float16, seed=7), 4, sym, torch.float16, grid))
     # Rows with inf / NaN come out all NaN as in the reference; other rows are unaffected.
     x = _sample((4, 50), torch.float32, seed=8)
     x[0, 3], x[2, 5], x[3, 7] = float("nan"), float("inf"), -float("inf")
-    for sym in (True, False):
-        errors.append(_compare(x, 4, sym, None))
-        errors.append(_compare(x.bfloat16(), 8, sym, torch.bfloat16))
+    for sym, grid in GRIDS:
+        errors.append(_compare(x, 4, sym, None, grid))
+        errors.append(_compare(x.bfloat16(), 8, sym, torch.bfloat16, grid))
     # Ties: values on exact half steps of the grid (round half to even).
     x = (torch.arange(-40, 41, dtype=torch.float32) / 2).reshape(1, -1)  # absmax 20 -> scale 20/7 (w4)
     x = torch.cat([x, (torch.arange(-127, 128, dtype=torch.float32)[:81] + 0.5).reshape(1, -1)])
     for bits in (4, 8):
-        for sym in (True, False):
-            errors.append(_compare(x, bits, sym, None))
+        for sym, grid in GRIDS:
+            errors.append(_compare(x, bits, sym, None, grid))
     # Shapes and bits the kernel leaves to the reference.
     if fused_fake_quant_rows(torch.ones(2, 40000), 4, True, None) is not None:
         errors.append("rows longer than 32768 should return None")

@@ -209,10 +209,11 @@ def test_experts_are_frozen_on_the_grid_and_reload(family, method, tmp_path):
     assert algorithm == method.split("+")[-1]
     for param in ("gate_up_proj", "down_proj"):
         assert torch.equal(mod.quantized_weight(param), mod.canonical(param))
-    if method == "rtn":  # each expert row's scale is its own absmax / 7.5 (symmetric int4, the full signed range)
+    if method == "rtn":  # each expert row's scale is max(its max / 7, its min / -8) (int4, the signed grid)
         raw = fp.model.layers[1].mlp.experts.down_proj.detach().transpose(1, 2).double()
-        assert torch.allclose(mod.weight_quantizers["down_proj"].scale.reshape(4, -1).double(),
-                              raw.abs().amax(-1) / 7.5, rtol=1e-7, atol=0)
+        want = torch.maximum(raw.amax(-1) / 7, raw.amin(-1) / -8)
+        assert torch.allclose(mod.weight_quantizers["down_proj"].scale.reshape(4, -1).double(), want, rtol=1e-7,
+                              atol=0)
     x = ids(2, seed=3)
     model.save_pretrained(tmp_path / "q")
     with torch.no_grad():

@@ -59,17 +59,20 @@ WEIGHT_LAYOUTS = [
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("symmetric, grid", [(True, None), (True, "full"), (True, "qmax"), (False, None)],
+                         ids=["sym", "sym-full", "sym-qmax", "asym"])
 @pytest.mark.parametrize("granularity, group, shape", WEIGHT_LAYOUTS)
-def test_weight_int_minmax_matches_float64(bits, symmetric, granularity, group, shape):
-    spec = TensorSpec(bits=bits, symmetric=symmetric, granularity=granularity, group_size=group).check("weight")
+def test_weight_int_minmax_matches_float64(bits, symmetric, grid, granularity, group, shape):
+    spec = TensorSpec(bits=bits, symmetric=symmetric, granularity=granularity, group_size=group,
+                      sym_range=grid).check("weight")
+    assert spec.sym_range == (grid or ("signed" if symmetric else "full"))  # the weights' default: signed
     w = rand_weight(shape, bits, symmetric, granularity, group)
     q = WeightQuantizer(spec, w)
     out = q(w)
     assert out.dtype == torch.float32 and out.shape == w.shape
 
     rows = ref_weight_rows(w.to(F64), granularity, group)
-    s, z = ref_minmax(rows, bits, symmetric)
+    s, z = ref_minmax(rows, bits, symmetric, spec.sym_range)
     codes, scale, zero = q.quantize(w)
     n_groups = 1 if granularity != "group" else shape[1] // group
     assert codes.shape == w.shape and codes.dtype == torch.int32
@@ -114,7 +117,7 @@ def test_weight_percentile_matches_float64(bits, symmetric, percentile, granular
     w = rand_weight(shape, "pct", bits, symmetric, percentile, granularity)
     q = WeightQuantizer(spec, w)
     rows = ref_weight_rows(w.to(F64), granularity, group)
-    s, z = ref_percentile(rows, bits, symmetric, percentile)
+    s, z = ref_percentile(rows, bits, symmetric, percentile, spec.sym_range)
     codes, scale, zero = q.quantize(w)
     torch.testing.assert_close(scale.reshape(-1, 1).double(), s, rtol=1e-6, atol=0)
     if z is not None:
@@ -142,7 +145,7 @@ def test_weight_mse_matches_float64(bits, symmetric, granularity, group, shape):
     lo, hi = rows.amin(-1, keepdim=True), rows.amax(-1, keepdim=True)
     cands, errs = [], []
     for i in range(21):  # shrink factors 1.0, 0.975, ..., 0.5; error sum |x - Q(x)|^2.4
-        s_i, z_i = ref_range(lo * (1 - 0.5 * i / 20), hi * (1 - 0.5 * i / 20), bits, symmetric)
+        s_i, z_i = ref_range(lo * (1 - 0.5 * i / 20), hi * (1 - 0.5 * i / 20), bits, symmetric, spec.sym_range)
         deq = ref_dequant(ref_codes(rows, s_i, z_i, bits, symmetric), s_i, z_i)
         cands.append((s_i, z_i))
         errs.append((deq - rows).abs().pow(2.4).sum(-1, keepdim=True))
@@ -178,9 +181,10 @@ def test_weight_lwc_forward_matches_float64(symmetric, granularity, group):
             q.clip_lo.copy_(torch.rand(q.clip_lo.shape, generator=g) * 4 - 1)
     rows = ref_weight_rows(w.to(F64), granularity, group)
     a_hi = torch.sigmoid(q.clip_hi.detach().double())
-    if symmetric:
-        hi = a_hi * rows.abs().amax(-1, keepdim=True)
-        s, z = ref_range(-hi, hi, 4, True)
+    if symmetric:  # the signed grid's scale is linear in the row's (min, max): the clip factor scales it
+        assert spec.sym_range == "signed"
+        s, z = ref_range(rows.amin(-1, keepdim=True), rows.amax(-1, keepdim=True), 4, True, "signed")
+        s = a_hi * s
     else:
         a_lo = torch.sigmoid(q.clip_lo.detach().double())
         s, z = ref_range(a_lo * rows.amin(-1, keepdim=True), a_hi * rows.amax(-1, keepdim=True), 4, False)

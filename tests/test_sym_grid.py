@@ -1,6 +1,7 @@
-"""The symmetric integer grid over the full signed range, against compressed-tensors' own reference code: the same
-scale (absmax over half the code span, 7.5 at 4 bits), the same levels and codes, the same RTN weight bit for bit,
-and an exported folder that compressed-tensors decompresses to our weights, the code -8 included."""
+"""The symmetric integer grids. `full` against compressed-tensors' own reference code: the same scale (absmax over
+half the code span, 7.5 at 4 bits), the same levels and codes, the same RTN weight bit for bit. `signed` (the
+weights' default) against its float64 definition, max(max / qmax, min / qmin): the smallest scale that clips
+neither end. Exported folders of both that compressed-tensors decompresses to our weights, the code -8 included."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def _args(bits, group):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [None, 32])
 def test_scale_and_levels_match_compressed_tensors_in_float64(bits, group):
-    spec = TensorSpec(bits=bits, granularity="group" if group else "channel", group_size=group).check("weight")
+    spec = TensorSpec(bits=bits, granularity="group" if group else "channel", group_size=group,
+                      sym_range="full").check("weight")
     args = _args(bits, group)
     lo, hi = calculate_range(args, torch.device("cpu"))
     assert (spec.qmin, spec.qmax) == (int(lo), int(hi)) == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
@@ -64,7 +66,8 @@ def test_scale_and_levels_match_compressed_tensors_in_float64(bits, group):
 @pytest.mark.parametrize("bits,group", [(4, 64), (4, None), (8, None)])
 def test_rtn_weight_equals_compressed_tensors_fake_quant(bits, group):
     """distqat's RTN weight is compressed-tensors' (llm-compressor's RTN) bit for bit in fp32."""
-    spec = TensorSpec(bits=bits, granularity="group" if group else "channel", group_size=group).check("weight")
+    spec = TensorSpec(bits=bits, granularity="group" if group else "channel", group_size=group,
+                      sym_range="full").check("weight")
     w = _weight((24, 128), 7 + bits).float()
     ours = WeightQuantizer(spec, w)(w)
     args = _args(bits, group)
@@ -77,9 +80,12 @@ def test_rtn_weight_equals_compressed_tensors_fake_quant(bits, group):
     assert not torch.equal(old(w), ref)  # the qmax grid is another grid
 
 
-def test_export_keeps_the_full_range_and_compressed_tensors_decompresses_it(tmp_path):
+@pytest.mark.parametrize("grid", ["signed", "full"])
+def test_export_keeps_the_grid_and_compressed_tensors_decompresses_it(tmp_path, grid):
     model = tiny_llama()
-    quantize_model(model, "w4g32")
+    spec = parse("w4g32")
+    spec.weight.sym_range = grid
+    quantize_model(model, spec.check())
     codes = [m.weight_quantizer.quantize(m.weight)[0] for m in model.modules() if isinstance(m, QuantLinear)
              and m.weight_quantizer is not None]
     assert any(int(c.min()) == -8 for c in codes) and all(int(c.max()) <= 7 for c in codes)
@@ -98,13 +104,60 @@ def test_old_records_keep_the_qmax_grid():
         del old[kind]["sym_range"]
     spec = QuantSpec.from_dict(old)
     assert (spec.weight.sym_range, spec.kv.sym_range, spec.activation.sym_range) == ("qmax", "qmax", "full")
-    assert spec.weight.q_range == 7.0 and parse("w4g64").weight.q_range == 7.5
+    assert spec.weight.q_range == 7.0
+    assert TensorSpec(bits=4, sym_range="full").check("weight").q_range == 7.5
     assert spec.name == "w4g64a8kv8"  # an old record keeps its name (the grid is not part of one)
     new = parse("w4g64a8symkv8")
-    assert (new.weight.sym_range, new.activation.sym_range, new.kv.sym_range) == ("full", "full", "qmax")
+    assert (new.weight.sym_range, new.activation.sym_range, new.kv.sym_range) == ("signed", "full", "qmax")
+    assert QuantSpec.from_dict(new.to_dict()).weight.sym_range == "signed"  # a new record keeps its grid
     assert TensorSpec(bits=8, granularity="token").check("kv").q_range == 127.0  # a kv spec naming no grid
     assert TensorSpec(bits=8, granularity="token").check("activation").q_range == 127.5
     assert parse("w4g64a8symkv8").name == "w4g64a8symkv8"  # the defaults keep their short names
     assert legacy_sym_range({"sym_range": "full"}, "weight") == {"sym_range": "full"}
     with pytest.raises(ValueError, match="sym_range=qmax"):
         TensorSpec(bits=8, granularity="token", sym_range="qmax").check("activation")
+
+    with pytest.raises(ValueError, match="only symmetric int weights take the signed grid"):
+        TensorSpec(bits=8, granularity="token", sym_range="signed").check("kv")
+    with pytest.raises(ValueError, match="it has no q_range"):
+        _ = parse("w4").weight.q_range
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [None, 16])
+def test_signed_scale_is_the_smallest_that_clips_neither_end(bits, group):
+    spec = TensorSpec(bits=bits, granularity="group" if group else "channel", group_size=group).check("weight")
+    assert spec.sym_range == "signed"  # the weights' default
+    w = _weight((12, 64), bits)
+    w[1::3, 2] = 0.45  # rows whose absmax is positive
+    rows = weight_rows(w, spec)
+    ours, zero = minmax_qparams(rows, spec)
+    assert zero is None
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    ref = torch.maximum(rows.amax(-1, keepdim=True) / qmax, rows.amin(-1, keepdim=True) / qmin)
+    # fp32 division of the fp32 extremes, correctly rounded: within an fp32 ulp of the float64 scale
+    torch.testing.assert_close(ours.double(), ref, rtol=2.0**-23, atol=0)
+    codes = quantize_codes(rows.float(), ours, None, spec)
+    # No row is clipped: every value is within half a step of its code, the extreme side lands on its end code.
+    err = (codes.double() * ours.double() - rows).abs() / ours.double()
+    assert float(err.max()) <= 0.5 + 1e-4
+    neg = rows.amin(-1).abs() * qmax > rows.amax(-1) * -qmin  # rows the min decides
+    assert torch.equal(codes.amin(-1)[neg], torch.full_like(codes.amin(-1)[neg], qmin))
+    assert torch.equal(codes.amax(-1)[~neg], torch.full_like(codes.amax(-1)[~neg], qmax))
+    assert bool(neg.any()) and bool((~neg).any())
+    # never coarser than qmax's grid, never finer than absmax / -qmin
+    absmax = rows.abs().amax(-1, keepdim=True)
+    assert bool((ref <= absmax / qmax).all()) and bool((ref >= absmax / -qmin).all())
+
+
+def test_signed_rtn_error_is_below_both_absmax_grids_on_outlier_rows():
+    """Where one end of a row is far out (the rows a channel's scale is set by), the signed grid's RTN error is
+    below the full range's (which clips a positive extreme by half a step) and qmax's (coarser steps)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 256, generator=g) * 0.02
+    w[:32, 0], w[32:, 0] = 0.3, -0.3
+    errs = {}
+    for grid in ("signed", "full", "qmax"):
+        spec = TensorSpec(bits=4, sym_range=grid).check("weight")
+        errs[grid] = float((WeightQuantizer(spec, w)(w).double() - w.double()).pow(2).sum())
+    assert errs["signed"] < errs["full"] and errs["signed"] < errs["qmax"]

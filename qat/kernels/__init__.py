@@ -25,14 +25,14 @@ def _kernel_runs(t: torch.Tensor, bits: int, op: str) -> bool:
 
 
 def fused_fake_quant_rows(
-    rows: torch.Tensor, bits: int, symmetric: bool, scale_dtype: Optional[torch.dtype], full_range: bool = True,
+    rows: torch.Tensor, bits: int, symmetric: bool, scale_dtype: Optional[torch.dtype], sym_range: str = "full",
 ) -> Optional[torch.Tensor]:
     """Fake-quantize each row with its min/max scale in one pass; None where no kernel applies.
 
     rows: (R, n) bf16/fp16/fp32, 1 <= n <= 32768, on CUDA (or any device in interpret mode).
     Returns a new contiguous tensor of rows' shape and dtype, bit-identical to
     `qat.quantizers.fake_quant(rows, spec, scale_dtype, use_kernel=False)` for an int min/max spec
-    with these bits, symmetry and `sym_range` (full_range: "full"); it carries no autograd graph (the caller
+    with these bits, symmetry and `sym_range` (signed, full or qmax); it carries no autograd graph (the caller
     wraps it in an STE).
     """
     if rows.dim() != 2 or rows.dtype not in _DTYPES or scale_dtype not in _SCALE_DTYPES:
@@ -44,7 +44,7 @@ def fused_fake_quant_rows(
 
     if not 1 <= rows.shape[1] <= MAX_N:
         return None
-    return fake_quant_rows(rows, bits, bool(symmetric), scale_dtype, bool(full_range))
+    return fake_quant_rows(rows, bits, bool(symmetric), scale_dtype, sym_range)
 
 
 class Fp4FakeQuant(torch.autograd.Function):

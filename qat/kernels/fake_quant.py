@@ -5,8 +5,9 @@ reduces each row to its min/max scale, quantizes and dequantizes, and stores the
 input dtype. The arithmetic mirrors `qat.quantizers` step by step so the result is bit-identical
 to `fake_quant(..., use_kernel=False)` on the same device:
 
-- scale = absmax / (qmax + 1/2) (symmetric, the full signed range; absmax / qmax for `sym_range=qmax`) or
-  (hi - lo) / (qmax - qmin) (asymmetric). torch divides a
+- scale = absmax / (qmax + 1/2) (symmetric, the full signed range; absmax / qmax for `sym_range=qmax`),
+  max(max(hi, 0) / qmax, min(lo, 0) / qmin) (`sym_range=signed`) or (hi - lo) / (qmax - qmin) (asymmetric). torch
+  divides a
   tensor by a Python number as `x * (1 / b)` on CUDA but as a true division on CPU, so the kernel
   does the same (`RECIP`), then clamps at EPS and rounds the scale to the storage dtype.
 - y = x / scale is an IEEE (round-to-nearest) division (`tl.div_rn`, not Triton's default
@@ -115,14 +116,25 @@ def _fake_quant_tile(
     x, q_range, inv_q_range,
     QMIN: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, SCALE_DTYPE: tl.constexpr,
     RECIP: tl.constexpr, EMULATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    SIGNED: tl.constexpr, INV_QMIN: tl.constexpr,
 ):
     """An fp32 [BLOCK_R, BLOCK_N] tile fake-quantized row by row with min/max scales (padding must hold 0),
-    in fp32; what this module's kernel and qat.kernels.norm_quant's share."""
+    in fp32; what this module's kernel and qat.kernels.norm_quant's share. SIGNED (symmetric only): the signed
+    grid's scale, q_range = qmax and INV_QMIN the fp32 1 / qmin."""
     # max |x| as the max of the bit patterns with the sign cleared: NaN (above +inf) propagates as in
     # torch.amax, where a float max would skip it (on GPU). A row with inf or NaN comes out all NaN.
     absmax = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 1).to(tl.float32, bitcast=True)
     if SYMMETRIC:
-        if RECIP:
+        if SIGNED:
+            lo = tl.minimum(tl.min(x, 1), 0.0)
+            hi = tl.maximum(tl.max(x, 1), 0.0)
+            if RECIP:
+                up, down = hi * inv_q_range, lo * INV_QMIN
+            else:
+                up, down = tl.div_rn(hi, tl.zeros_like(hi) + q_range), tl.div_rn(lo, tl.zeros_like(lo) + QMIN)
+            scale = tl.maximum(up, down, propagate_nan=tl.PropagateNan.ALL)
+            scale = tl.where(absmax == absmax, scale, absmax)  # a NaN row: NaN, as torch's amax gives
+        elif RECIP:
             scale = absmax * inv_q_range
         else:
             scale = tl.div_rn(absmax, tl.zeros_like(absmax) + q_range)
@@ -156,13 +168,13 @@ def _fake_quant_rows_kernel(
     QMIN: tl.constexpr, QMAX: tl.constexpr,
     SYMMETRIC: tl.constexpr, SCALE_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
     RECIP: tl.constexpr, EMULATE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SIGNED: tl.constexpr, INV_QMIN: tl.constexpr,
 ):
     rows, cols, mask, offs = _row_tile(R, N, BLOCK_R, BLOCK_N)
     # Padding loads 0, which changes neither max|x| nor min(min(x), 0) / max(max(x), 0).
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     out = _fake_quant_tile(x, q_range, inv_q_range, QMIN, QMAX, SYMMETRIC, SCALE_DTYPE, RECIP, EMULATE,
-                           BLOCK_R, BLOCK_N)
+                           BLOCK_R, BLOCK_N, SIGNED, INV_QMIN)
     if EMULATE and OUT_DTYPE == 1:  # round to nearest even here, store the top half of the bits
         out = (round_bf16(out).to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     elif EMULATE and OUT_DTYPE == 2:
@@ -181,11 +193,12 @@ def reciprocal(q: float) -> float:
 
 
 @functools.lru_cache(maxsize=4096)
-def int_grid(bits: int, symmetric: bool, full_range: bool = True) -> tuple[int, int, float]:
+def int_grid(bits: int, symmetric: bool, sym_range: str = "full") -> tuple[int, int, float]:
     """(qmin, qmax, the scale divisor): `TensorSpec.q_range` — qmax + 1/2 for symmetric grids over the full signed
-    range (qmax with full_range False), qmax - qmin for asymmetric ones."""
-    spec = TensorSpec(bits=bits, symmetric=symmetric, sym_range="full" if full_range or not symmetric else "qmax")
-    return spec.qmin, spec.qmax, spec.q_range
+    range, qmax for `qmax`, qmax - qmin for asymmetric ones; the signed grid divides its max by qmax (its min by
+    qmin, which the kernel takes as a constant)."""
+    spec = TensorSpec(bits=bits, symmetric=symmetric, sym_range=sym_range if symmetric else "full")
+    return spec.qmin, spec.qmax, float(spec.qmax) if spec.sym_range == "signed" else spec.q_range
 
 
 def launch_config(R: int, n: int) -> tuple[int, int, int]:
@@ -205,7 +218,7 @@ def launch_config(R: int, n: int) -> tuple[int, int, int]:
 
 
 def fake_quant_rows(
-    rows: torch.Tensor, bits: int, symmetric: bool, scale_dtype: Optional[torch.dtype], full_range: bool = True,
+    rows: torch.Tensor, bits: int, symmetric: bool, scale_dtype: Optional[torch.dtype], sym_range: str = "full",
 ) -> torch.Tensor:
     """Launch the kernel on a 2-D (R, n) tensor with 1 <= n <= MAX_N; the caller checks support."""
     x = rows.detach().contiguous()
@@ -213,14 +226,15 @@ def fake_quant_rows(
     R, n = x.shape
     if R == 0:
         return out
-    qmin, qmax, q_range = int_grid(bits, symmetric, full_range)
+    qmin, qmax, q_range = int_grid(bits, symmetric, sym_range)
     block_r, block_n, warps = launch_config(R, n)
     grid = (triton.cdiv(R, block_r),)
     args = dict(
         QMIN=float(qmin), QMAX=float(qmax), SYMMETRIC=bool(symmetric),
         SCALE_DTYPE=_DTYPE_CODES[scale_dtype], OUT_DTYPE=_DTYPE_CODES[x.dtype],
         RECIP=on_cuda(x), EMULATE=INTERPRETED,
-        BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
+        BLOCK_R=block_r, BLOCK_N=block_n, SIGNED=bool(symmetric and sym_range == "signed"),
+        INV_QMIN=reciprocal(float(qmin)) if qmin else 0.0, num_warps=warps,
     )
     with launch_device(x):
         _fake_quant_rows_kernel[grid](x, out, R, n, float(q_range), reciprocal(q_range), **args)

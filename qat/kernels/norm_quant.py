@@ -57,7 +57,8 @@ def _rms_norm_quant_kernel(
         _store(y_ptr, offs, y, mask, Y_DTYPE, EMULATE)
     y = round_to(y, Q_DTYPE, EMULATE)  # the consumers' x.to(autocast dtype)
     # qat.kernels.fake_quant's tile, with fp32 scales (activations).
-    out = _fake_quant_tile(y, q_range, inv_q_range, QMIN, QMAX, SYMMETRIC, 0, RECIP, EMULATE, BLOCK_R, BLOCK_N)
+    out = _fake_quant_tile(y, q_range, inv_q_range, QMIN, QMAX, SYMMETRIC, 0, RECIP, EMULATE, BLOCK_R, BLOCK_N,
+                           False, 0.0)  # activations: never the signed grid
     _store(out_ptr, offs, round_to(out, Q_DTYPE, EMULATE), mask, Q_DTYPE, EMULATE)
 
 

@@ -72,28 +72,32 @@ def ref_act_rows(x: torch.Tensor, granularity: str) -> torch.Tensor:
     return x.reshape(1, -1) if granularity == "tensor" else x.reshape(-1, x.shape[-1])
 
 
-def ref_range(lo, hi, bits, symmetric, full=True):
-    """float64 (scale, zero) mapping [lo, hi] (per row) onto the integer grid. Symmetric: absmax over half the code
-    span, (qmax - qmin) / 2 (compressed-tensors' and torchao's symmetric scale), or over qmax when not `full`."""
+def ref_range(lo, hi, bits, symmetric, grid="full"):
+    """float64 (scale, zero) mapping [lo, hi] (per row) onto the integer grid. Symmetric, by `grid` (sym_range):
+    full, absmax over half the code span, (qmax - qmin) / 2 (compressed-tensors' and torchao's symmetric scale);
+    qmax, absmax over qmax; signed, the larger of hi / qmax and lo / qmin."""
     qmin, qmax = ref_grid(bits, symmetric)
+    if symmetric and grid == "signed":
+        return torch.maximum(hi.clamp(min=0) / qmax, lo.clamp(max=0) / qmin).clamp_min(1e-8), None
     if symmetric:
-        return (torch.maximum(lo.abs(), hi.abs()) / ((qmax - qmin) / 2 if full else qmax)).clamp_min(1e-8), None
+        top = (qmax - qmin) / 2 if grid == "full" else qmax
+        return (torch.maximum(lo.abs(), hi.abs()) / top).clamp_min(1e-8), None
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     s = ((hi - lo) / (qmax - qmin)).clamp_min(1e-8)
     return s, torch.round(-lo / s).clamp(qmin, qmax)
 
 
-def ref_minmax(rows, bits, symmetric):
-    return ref_range(rows.amin(-1, keepdim=True), rows.amax(-1, keepdim=True), bits, symmetric)
+def ref_minmax(rows, bits, symmetric, grid="full"):
+    return ref_range(rows.amin(-1, keepdim=True), rows.amax(-1, keepdim=True), bits, symmetric, grid)
 
 
-def ref_percentile(rows, bits, symmetric, p):
+def ref_percentile(rows, bits, symmetric, p, grid="full"):
     """Nearest-rank percentile per row: the ceil(p/100 * n)-th smallest (of |x| when symmetric)."""
     n = rows.shape[-1]
     k = min(n, max(1, math.ceil(p / 100.0 * n)))
     if symmetric:
         hi = rows.abs().sort(-1).values[:, k - 1 : k]
-        return ref_range(-hi, hi, bits, symmetric)
+        return ref_range(-hi, hi, bits, symmetric, grid)
     srt = rows.sort(-1).values
     return ref_range(srt[:, n - k : n - k + 1], srt[:, k - 1 : k], bits, symmetric)
 
