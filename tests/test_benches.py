@@ -103,3 +103,16 @@ def test_hessian_bench_times_both_forms_and_they_agree(capsys):
     for r in rows:
         assert float(r[3]) > 0 and float(r[4]) > 0 and r[5].strip().endswith("x")
         assert float(r[6]) == 0.0  # each block multiplies the same columns as the full product
+
+
+def test_grids_bench_table_marks_the_best_grid_and_refuses_activation_schemes(capsys):
+    from bench import grids
+
+    rows = [{"scheme": "FP", "grid": "", "ppl": 18.0}, {"scheme": "w4", "grid": "signed", "ppl": 36.0},
+            {"scheme": "w4", "grid": "full", "ppl": 40.0}, {"scheme": "w4", "grid": "qmax", "ppl": 37.5}]
+    lines = grids.table(rows).splitlines()
+    assert lines[2] == "| FP |  | 18.000 |  |"
+    assert lines[3] == "| w4 | signed | **36.000** | 0.900x |"
+    assert lines[4] == "| w4 | full | 40.000 | 1.000x |" and lines[5] == "| w4 | qmax | 37.500 | 0.938x |"
+    assert grids.main(["--schemes", "w4a8"]) == 2
+    assert "weight-only symmetric int" in capsys.readouterr().err
