@@ -172,3 +172,15 @@ def test_down_inputs_that_would_not_fit_are_not_kept(monkeypatch):
     handle.remove()
     reuse.final_pass()
     assert reuse.down_in == [] and "mlp" not in reuse.patches
+
+
+def test_a_layer_whose_mlp_has_another_name_keeps_only_the_attention():
+    layer = tiny_llama().model.layers[0]
+    layer.feed_forward = layer.mlp
+    del layer.mlp
+    reuse = BlockReuse(layer, n_batches=1)
+    reuse.rounded(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"])
+    assert reuse.active and reuse.keep_down_inputs(["mlp.down_proj"]) is None
+    reuse.final_pass()
+    assert list(reuse.patches) == ["attn"]
+    reuse.close()

@@ -66,7 +66,7 @@ class BlockReuse:
 
     def __init__(self, layer: nn.Module, n_batches: int) -> None:
         self.attn: nn.Module = layer.self_attn
-        self.mlp: nn.Module = layer.mlp
+        self.mlp: Optional[nn.Module] = getattr(layer, "mlp", None)  # a layout may name its MLP otherwise
         self.n = n_batches
         self.kept: list[Any] = [None] * n_batches
         self.down_in: list[torch.Tensor] = []
@@ -100,7 +100,7 @@ class BlockReuse:
     def keep_down_inputs(self, names: list[str]) -> Optional[torch.utils.hooks.RemovableHandle]:
         """Before the collect of the group `names`: when it is down_proj alone, keep its input per batch (a hook
         to remove after the collect), unless they would not fit."""
-        if names != ["mlp.down_proj"] or not self.active:
+        if names != ["mlp.down_proj"] or not self.active or self.mlp is None:
             return None
 
         def hook(m: nn.Module, args: tuple) -> None:
