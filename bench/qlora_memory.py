@@ -219,9 +219,10 @@ def main(argv=None) -> int:
         args.variants = [v for v in args.variants if not v.startswith("bnb-")]
     for shape in args.shapes:
         for variant in args.variants:
-            cmd = [sys.executable, __file__, "--worker", variant, shape, "--batch", str(args.batch), "--seq",
-                   str(args.seq), "--steps", str(args.steps), "--rank", str(args.rank), "--dtype", args.dtype]
-            r = subprocess.run(cmd, capture_output=True, text=True)
+            # -m from this checkout's root: the worker imports this tree's qat, not whichever one is installed
+            cmd = [sys.executable, "-m", "bench.qlora_memory", "--worker", variant, shape, "--batch", str(args.batch),
+                   "--seq", str(args.seq), "--steps", str(args.steps), "--rank", str(args.rank), "--dtype", args.dtype]
+            r = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
             if r.returncode:
                 print(r.stderr[-3000:], file=sys.stderr)
                 return 1

@@ -17,7 +17,8 @@ from qat.qlora.base import fingerprint
 from qat.qlora.config import LoRAConfig
 from qat.quantizers import NF4_LEVELS, weight_rows
 from qat.runtime.pack import pack_int32, unpack_int32
-from qat.runtime.packed import PackedLinear, nf4_levels, weight_bytes_ratio
+from qat.runtime.packed import PackedLinear, decode_packed, nf4_levels, weight_bytes_ratio
+from qat.spec import parse
 from trainer.models import enable_checkpointing
 
 SCHEMES = ["w4g32", "w4g32asym", "w4", "w8g32asym", "w3g32", "w4a8", "wnf4g32"]
@@ -261,3 +262,34 @@ def test_nf4_levels_decode_each_packed_index_exactly(k, dtype):
     codes = torch.randint(0, 16, (5, k), dtype=torch.int32)
     got = nf4_levels(pack_int32(codes, 4), k, dtype)
     assert got.dtype == dtype and torch.equal(got, NF4_LEVELS.to(dtype)[codes.long()])
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("k", [64, 40, 7])
+@pytest.mark.parametrize("kind", ["raw", "centered"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_decode_packed_gives_each_code_exactly(bits, k, kind, dtype):
+    """The 16-bit table lookup against the codes themselves (3 bits straddle bytes: the shift path), including
+    widths that end inside a 16-bit chunk."""
+    torch.manual_seed(bits * 100 + k)
+    codes = torch.randint(0, 1 << bits, (6, k), dtype=torch.int32)
+    got = decode_packed(pack_int32(codes, bits), bits, k, dtype, kind)
+    want = (codes - (1 << (bits - 1)) if kind == "centered" else codes).to(dtype)
+    assert got.shape == (6, k) and got.dtype == dtype and got.is_contiguous() and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("scheme", ["w4g32", "w4g32asym", "w2g32asym", "w8g32", "wnf4g32"])
+def test_dequantized_tiles_equal_codes_times_scales_in_float64(scheme):
+    """Every tile of the packed weight (forward's rows, backward's columns) is (code - zero) * scale, or the NF4
+    level times the scale, rounded once from float64."""
+    torch.manual_seed(1)
+    q = QuantLinear(96, 40, bias=False, weight_spec=parse(scheme).weight)
+    m = PackedLinear.from_quant_linear(q)
+    codes, scale, zero = q.weight_quantizer.quantize(q.weight.detach())
+    g = m.group_size
+    levels = NF4_LEVELS.double()[codes.long()] if m.nf4 else codes.double() - (
+        zero.double().repeat_interleave(g, 1) if zero is not None else 0)
+    want = (levels * scale.double().repeat_interleave(g, 1)).float()
+    torch.testing.assert_close(m.dequantized_weight(torch.float32), want, rtol=0, atol=0)
+    assert torch.equal(m.dequantized_weight(torch.float32, rows=slice(8, 24)), want[8:24])
+    assert torch.equal(m.dequantized_weight(torch.float32, cols=(32, 96)), want[:, 32:96])

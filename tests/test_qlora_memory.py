@@ -17,6 +17,7 @@ from qat.qlora.base import pack_model
 from qat.runtime import packed
 from qat.runtime.packed import PackedLinear
 from qat.spec import parse
+from trainer import losses
 from trainer.config import load_config
 from trainer.losses import CHUNKED_CE, chunked_next_token_ce, next_token_ce
 from trainer.models import enable_checkpointing
@@ -224,3 +225,16 @@ def test_packed_linear_in_tiles_computes_what_the_whole_weight_computes(scheme, 
     tol = {"rtol": 2e-6, "atol": 2e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, **tol)
+
+
+@pytest.mark.parametrize("vocab", [1 << 10, 1 << 17])
+def test_chunked_ce_chunks_hold_enough_rows_at_a_large_vocabulary(vocab, monkeypatch):
+    """CE_CHUNK_ELEMENTS logits a chunk, but never fewer than CE_MIN_ROWS rows: at 128k a 16 MB chunk is 32 rows,
+    and each chunk reads the whole head twice."""
+    seen = []
+    apply = losses._LinearCrossEntropy.apply
+    monkeypatch.setattr(losses._LinearCrossEntropy, "apply", lambda *a: seen.append(a[4]) or apply(*a))
+    head = torch.nn.Linear(4, vocab, bias=False)
+    losses.chunked_next_token_ce(torch.randn(1, 3, 4), head, torch.randint(0, vocab, (1, 3)))
+    assert seen == [max(losses.CE_MIN_ROWS, losses.CE_CHUNK_ELEMENTS // vocab)]
+    assert seen[0] == (losses.CE_MIN_ROWS if vocab > 1 << 15 else losses.CE_CHUNK_ELEMENTS // vocab)

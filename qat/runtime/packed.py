@@ -75,17 +75,44 @@ def _nonpersistent(module: nn.Module, name: str) -> None:
 
 
 
+_TABLES: dict[tuple, torch.Tensor] = {}  # decode tables by (kind, bits, dtype, device): at most 2 MB each
+
+
+def _decode_table(kind: str, bits: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(65536, 16 // bits) values of the codes in each 16-bit unsigned chunk of a packed stream, lowest bits first:
+    NF4 levels ("nf4"), codes less 2**(bits - 1) ("centered") or the codes as they are ("raw")."""
+    key = (kind, bits, dtype, device)
+    if key not in _TABLES:
+        chunk = torch.arange(1 << 16, device=device)
+        codes = torch.stack([(chunk >> (bits * j)) & ((1 << bits) - 1) for j in range(16 // bits)], dim=-1)
+        if kind == "nf4":
+            _TABLES[key] = NF4_LEVELS.to(device, dtype)[codes]
+        else:
+            _TABLES[key] = (codes - (1 << (bits - 1)) if kind == "centered" else codes).to(dtype)
+    return _TABLES[key]
+
+
+def decode_packed(qweight: torch.Tensor, bits: int, k: int, dtype: torch.dtype, kind: str = "raw") -> torch.Tensor:
+    """(rows, k) values of packed 1/2/4-bit codes in `dtype` (see _decode_table for `kind`), a new tensor.
+
+    On a little-endian host the words' 16-bit halves are the code stream in order, so one lookup per half decodes
+    16 // bits codes: a single pass that writes the values, where shifting, masking, widening and centring took
+    four (this runs three times a training step under checkpointing; issue 30 measured 2-5x the time)."""
+    rows = qweight.shape[0]
+    if sys.byteorder != "little" or bits not in (1, 2, 4):
+        codes = unpack_int32(qweight, bits, k).long()
+        if kind == "nf4":
+            return NF4_LEVELS.to(qweight.device, dtype)[codes]
+        return (codes - (1 << (bits - 1)) if kind == "centered" else codes).to(dtype)
+    chunks = qweight.contiguous().view(torch.uint16).to(torch.int32)
+    values = F.embedding(chunks, _decode_table(kind, bits, dtype, qweight.device)).view(rows, -1)
+    return values if values.shape[1] == k else values[:, :k].contiguous()
+
+
 def nf4_levels(qweight: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """The NF4 levels of packed indices, (rows, k) in `dtype`. On a little-endian host each byte of the int32 words
-    holds two indices (low nibble first), so one lookup in a 256 x 2 table of level pairs decodes both: half the
-    gathers and no unpacked index tensor (this runs three times a step under checkpointing)."""
-    if sys.byteorder != "little":
-        return NF4_LEVELS.to(qweight.device, dtype)[unpack_int32(qweight, 4, k).long()]
-    levels = NF4_LEVELS.to(qweight.device, dtype)
-    byte = torch.arange(256, device=qweight.device)
-    pairs = torch.stack([levels[byte & 15], levels[byte >> 4]], dim=-1)  # (256, 2)
-    b = qweight.contiguous().view(torch.uint8)
-    return F.embedding(b.to(torch.int32), pairs).reshape(b.shape[0], -1)[:, :k]
+    """The NF4 levels of packed indices, (rows, k) in `dtype`."""
+    return decode_packed(qweight, 4, k, dtype, "nf4")
+
 
 class PackedLinear(IntLinear):
     """A frozen linear stored as integer codes (or NF4 indices) and dequantized on the fly; trainable inputs.
@@ -221,7 +248,7 @@ class PackedLinear(IntLinear):
         n, g = qweight.shape[0], self.group_size
         wide = torch.float64 if self.compute_dtype == torch.float64 else torch.float32
         if self.nf4:
-            w = nf4_levels(qweight, k, wide).reshape(n, -1, g) * scale.to(wide).unsqueeze(-1)
+            w = nf4_levels(qweight, k, wide).reshape(n, -1, g).mul_(scale.to(wide).unsqueeze(-1))
         elif (wide == torch.float32 and offset is None and ops.kernels_enabled()
               and device_path(qweight, "int_linear")):
             # The runtime's dequantization (its Triton kernel on the device path): the numbers below, bit for bit.
@@ -233,14 +260,15 @@ class PackedLinear(IntLinear):
             # at half the memory traffic (this runs twice per step on CPU).
             work = dtype if offset is None and scale.dtype == dtype else wide
             if self.bits == 8:
-                c, center = qweight, zero
+                w = qweight.to(work).reshape(n, -1, g)
+                center = zero
             else:
-                c = unpack_int32(qweight, self.bits, k)
-                center = zero if zero is not None else torch.full((1, 1), 1 << (self.bits - 1))
-            w = c.to(work).reshape(n, -1, g)
+                # the codes less 2**(bits - 1) straight from the table when symmetric; in place from there on
+                w = decode_packed(qweight, self.bits, k, work, "raw" if zero is not None else "centered")
+                w, center = w.reshape(n, -1, g), zero
             if center is not None:
-                w = w - center.to(w.device, work).unsqueeze(-1)
-            w = w * scale.to(work).unsqueeze(-1)
+                w = w.sub_(center.to(w.device, work).unsqueeze(-1))
+            w = w.mul_(scale.to(work).unsqueeze(-1))
         if offset is not None:
             w = w + offset.to(wide).unsqueeze(-1)
         return w.reshape(n, k).to(dtype)
