@@ -75,37 +75,37 @@ def _nonpersistent(module: nn.Module, name: str) -> None:
 
 
 
-_TABLES: dict[tuple, torch.Tensor] = {}  # decode tables by (kind, bits, dtype, device): at most 2 MB each
+_TABLES: dict[tuple, torch.Tensor] = {}  # by (kind, bits, dtype, device): 1 MB for 4-bit codes in fp32
+
+
+def _code_values(codes: torch.Tensor, kind: str, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Unsigned codes as values: NF4 levels ("nf4"), codes less 2**(bits - 1) ("centered") or as they are ("raw")."""
+    if kind == "nf4":
+        return NF4_LEVELS.to(codes.device, dtype)[codes.long()]
+    return (codes.long() - (1 << (bits - 1)) if kind == "centered" else codes).to(dtype)
 
 
 def _decode_table(kind: str, bits: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(65536, 16 // bits) values of the codes in each 16-bit unsigned chunk of a packed stream, lowest bits first:
-    NF4 levels ("nf4"), codes less 2**(bits - 1) ("centered") or the codes as they are ("raw")."""
+    """(65536, 16 // bits) values (`_code_values`) of the codes in each 16-bit unsigned chunk of a packed stream,
+    lowest bits first."""
     key = (kind, bits, dtype, device)
     if key not in _TABLES:
         chunk = torch.arange(1 << 16, device=device)
         codes = torch.stack([(chunk >> (bits * j)) & ((1 << bits) - 1) for j in range(16 // bits)], dim=-1)
-        if kind == "nf4":
-            _TABLES[key] = NF4_LEVELS.to(device, dtype)[codes]
-        else:
-            _TABLES[key] = (codes - (1 << (bits - 1)) if kind == "centered" else codes).to(dtype)
+        _TABLES[key] = _code_values(codes, kind, bits, dtype)
     return _TABLES[key]
 
 
 def decode_packed(qweight: torch.Tensor, bits: int, k: int, dtype: torch.dtype, kind: str = "raw") -> torch.Tensor:
-    """(rows, k) values of packed 1/2/4-bit codes in `dtype` (see _decode_table for `kind`), a new tensor.
+    """(rows, k) values (`_code_values`) of packed codes in `dtype`, a new tensor.
 
-    On a little-endian host the words' 16-bit halves are the code stream in order, so one lookup per half decodes
-    16 // bits codes: a single pass that writes the values, where shifting, masking, widening and centring took
-    four (this runs three times a training step under checkpointing; issue 30 measured 2-5x the time)."""
-    rows = qweight.shape[0]
+    On a little-endian host the words' 16-bit halves are the code stream in order, so for 1/2/4-bit codes one
+    lookup per half decodes 16 // bits codes: a single pass that writes the values, where shifting, masking,
+    widening and centring took four (this runs three times a training step under checkpointing)."""
     if sys.byteorder != "little" or bits not in (1, 2, 4):
-        codes = unpack_int32(qweight, bits, k).long()
-        if kind == "nf4":
-            return NF4_LEVELS.to(qweight.device, dtype)[codes]
-        return (codes - (1 << (bits - 1)) if kind == "centered" else codes).to(dtype)
+        return _code_values(unpack_int32(qweight, bits, k), kind, bits, dtype)
     chunks = qweight.contiguous().view(torch.uint16).to(torch.int32)
-    values = F.embedding(chunks, _decode_table(kind, bits, dtype, qweight.device)).view(rows, -1)
+    values = F.embedding(chunks, _decode_table(kind, bits, dtype, qweight.device)).view(qweight.shape[0], -1)
     return values if values.shape[1] == k else values[:, :k].contiguous()
 
 
@@ -257,7 +257,7 @@ class PackedLinear(IntLinear):
             # (code - zero) * scale with the codes widened once. The integers (|code - zero| <= 255) are exact in
             # every float dtype, and a product of two bf16/fp16 values is exact in fp32, so computing in the
             # scales' own dtype rounds once, as fake quant's fp32 product cast to that dtype does: the same bits
-            # at half the memory traffic (this runs twice per step on CPU).
+            # at half the memory traffic (this runs three times a step under checkpointing).
             work = dtype if offset is None and scale.dtype == dtype else wide
             if self.bits == 8:
                 w = qweight.to(work).reshape(n, -1, g)
