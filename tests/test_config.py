@@ -10,7 +10,7 @@ from trainer.config import ConfigError, RunConfig, load_config, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))
-TOP_RECIPES = [p for p in RECIPES if p.parent.name in ("configs", "llm_qat")]
+TOP_RECIPES = [p for p in RECIPES if p.parent.name in ("configs", "llm_qat", "w4a4")]
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -26,6 +26,25 @@ def test_every_recipe_loads(recipe):
     assert isinstance(cfg, RunConfig)
     assert isinstance(cfg.quant, QuantSpec)
     assert cfg.model.name_or_path in ("bundled:smollm2-135m", "bundled:smollm2-135m-moe")
+
+
+@pytest.mark.parametrize("scheme, start, online, lr, steps, samples", [
+    ("mxfp4", "rotate+gptq", ["down", "qk"], 2e-4, 165, 576),
+    ("nvfp4", "gptq", [], 3e-4, 165, 576),
+    ("w4a4kv4", "rotate+gptq", ["down", "qk"], 2e-4, 55, 192),
+])
+def test_w4a4_recipes_are_the_measured_runs(scheme, start, online, lr, steps, samples):
+    # docs/ACCURACY.md's 4-bit activation rows ran these settings on the default job's sizes and windows.
+    cfg = load_config(ROOT / f"configs/w4a4/{scheme}.yaml")
+    default = load_config(ROOT / "configs/default.yaml")
+    assert cfg.quant.name == scheme and cfg.train.start.method == start
+    assert cfg.ptq.rotate.online == online
+    assert (cfg.train.peak_lr, cfg.train.max_steps, cfg.generate.n_samples) == (lr, steps, samples)
+    for keep in ("micro_batch_size", "warmup_steps", "lr_relative", "quantizer_lr"):
+        assert getattr(cfg.train, keep) == getattr(default.train, keep), keep
+    for section, keep in ("data", "seq_len"), ("ptq", "n_samples"), ("ptq", "seq_len"):
+        assert getattr(getattr(cfg, section), keep) == getattr(getattr(default, section), keep), (section, keep)
+    assert cfg.eval == default.eval
 
 
 def test_scheme_expands_and_later_keys_refine_it():
